@@ -1,0 +1,201 @@
+//! Base stage: a Debian rootfs tarball from `mmdebstrap`, cached by its inputs.
+//!
+//! One base per (suite, variant, components, package set, SOURCE_DATE_EPOCH): roles whose
+//! merged recipes ask for the same packages share one cached tarball.
+
+use crate::recipe::Recipe;
+use crate::tools::{self, MMDEBSTRAP};
+use crate::util;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Inputs that fully determine the base tarball (modulo the apt archive's contents).
+#[derive(Debug, Clone, Serialize)]
+pub struct BaseSpec {
+    pub suite: String,
+    pub variant: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+    pub components: Vec<String>,
+    /// Sorted, de-duplicated.
+    pub packages: Vec<String>,
+    pub source_date_epoch: i64,
+}
+
+impl BaseSpec {
+    pub fn new(recipe: &Recipe, source_date_epoch: i64) -> Self {
+        let packages: BTreeSet<String> = recipe.debian.packages.iter().cloned().collect();
+        BaseSpec {
+            suite: recipe.debian.suite.clone(),
+            variant: recipe.debian.variant.clone(),
+            mirror: recipe.debian.mirror.clone(),
+            components: recipe.debian.components.clone(),
+            packages: packages.into_iter().collect(),
+            source_date_epoch,
+        }
+    }
+
+    /// Machine-independent key of the recipe-level inputs (part of the build id).
+    pub fn key(&self) -> String {
+        let json = serde_json::to_vec(&("kiln.base/1", self)).expect("serialisable");
+        util::sha256_hex(&json)
+    }
+
+    /// Cache key: the spec plus what on this host changes mmdebstrap's output (its version and
+    /// the apt sources it falls back to when the recipe names no mirror).
+    pub fn cache_key(&self) -> Result<String> {
+        let mut h = String::new();
+        h.push_str(&self.key());
+        h.push('\n');
+        h.push_str(&mmdebstrap_version()?);
+        if self.mirror.is_none() {
+            h.push('\n');
+            h.push_str(&host_apt_sources());
+        }
+        Ok(util::sha256_hex(h.as_bytes()))
+    }
+}
+
+fn mmdebstrap_version() -> Result<String> {
+    let out = tools::run(MMDEBSTRAP.command()?.arg("--version"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The host's apt source definitions, concatenated in a fixed order.
+fn host_apt_sources() -> String {
+    let mut files: Vec<PathBuf> = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(rd) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        more.sort();
+        files.extend(more);
+    }
+    files
+        .iter()
+        .filter_map(|f| fs::read_to_string(f).ok())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A built (or cached) base.
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub spec: BaseSpec,
+    pub cache_key: String,
+    pub dir: PathBuf,
+    /// `rootfs.tar` as written by mmdebstrap.
+    pub tar: PathBuf,
+    /// Whether it came from the cache.
+    pub cached: bool,
+}
+
+/// Returns the cached base for `spec`, building it with mmdebstrap if absent.
+pub fn ensure(spec: &BaseSpec, cache_dir: &Path) -> Result<Base> {
+    let cache_key = spec.cache_key()?;
+    let dir = cache_dir.join("base").join(&cache_key);
+    let tar = dir.join("rootfs.tar");
+    if tar.is_file() && dir.join("spec.json").is_file() {
+        return Ok(Base {
+            spec: spec.clone(),
+            cache_key,
+            dir,
+            tar,
+            cached: true,
+        });
+    }
+    let parent = cache_dir.join("base");
+    fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-base-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
+    let tmp_tar = tmp.path().join("rootfs.tar");
+    let mut cmd = MMDEBSTRAP.command()?;
+    cmd.env("SOURCE_DATE_EPOCH", spec.source_date_epoch.to_string())
+        .env("LC_ALL", "C.UTF-8")
+        .arg(format!("--variant={}", spec.variant))
+        .arg("--format=tar")
+        .arg(format!("--components={}", spec.components.join(",")));
+    if !spec.packages.is_empty() {
+        cmd.arg(format!("--include={}", spec.packages.join(",")));
+    }
+    cmd.arg(&spec.suite).arg(&tmp_tar);
+    if let Some(m) = &spec.mirror {
+        cmd.arg(m);
+    }
+    tools::run(&mut cmd).context("base stage: mmdebstrap failed (check the package names and that `apt-get update` works on this host)")?;
+    util::sync_path(&tmp_tar)?;
+    let spec_json = serde_json::to_vec_pretty(spec)?;
+    util::write_atomic(&tmp.path().join("spec.json"), &spec_json)?;
+    let tmp_path = tmp.keep();
+    if dir.exists() {
+        // A concurrent build won the race; keep theirs.
+        fs::remove_dir_all(&tmp_path).ok();
+    } else {
+        fs::rename(&tmp_path, &dir).with_context(|| format!("moving base into {}", dir.display()))?;
+        util::sync_path(&parent)?;
+    }
+    Ok(Base {
+        spec: spec.clone(),
+        cache_key,
+        dir,
+        tar,
+        cached: false,
+    })
+}
+
+/// An installed Debian package as recorded in `/var/lib/dpkg/status`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// Parses dpkg's status file, keeping installed packages, sorted by name.
+pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
+    let mut out = Vec::new();
+    for para in text.split("\n\n") {
+        let field = |name: &str| {
+            para.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+                .map(|v| v.trim().to_string())
+        };
+        let (Some(name), Some(version), Some(status)) = (field("Package"), field("Version"), field("Status")) else {
+            continue;
+        };
+        if !status.ends_with(" installed") {
+            continue;
+        }
+        out.push(Package {
+            name,
+            version,
+            architecture: field("Architecture").unwrap_or_default(),
+            source: field("Source"),
+        });
+    }
+    out.sort();
+    out
+}
+
+/// Reads one regular file out of a tar by its path (leading `./` ignored).
+pub fn read_tar_file(tar_path: &Path, want: &str) -> Result<Vec<u8>> {
+    let f = fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
+    let mut ar = tar::Archive::new(f);
+    let want = want.trim_start_matches('/');
+    for e in ar.entries().with_context(|| format!("reading {}", tar_path.display()))? {
+        let mut e = e?;
+        let p = e.path()?.to_string_lossy().trim_start_matches("./").to_string();
+        if p == want {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v)?;
+            return Ok(v);
+        }
+    }
+    bail!("{want} not found in {}", tar_path.display())
+}

@@ -1,0 +1,318 @@
+//! `kiln build`: runs the stages in order for one role and moves the finished build into place.
+
+use crate::base::{self, BaseSpec};
+use crate::compose::{self, ComposeInput};
+use crate::emit::{self, disk};
+use crate::recipe::Project;
+use crate::resolve::{self, Resolved};
+use crate::util;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where builds go and how.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub out_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// Rebuild even if `out/<role>/<build-id>/` exists.
+    pub force: bool,
+}
+
+/// What a role build did.
+#[derive(Debug, Serialize)]
+pub struct BuildReport {
+    pub role: String,
+    pub build_id: String,
+    pub dir: PathBuf,
+    /// The build already existed and was left as is.
+    pub up_to_date: bool,
+    pub base_cached: bool,
+    /// Seconds per stage.
+    pub timings: Vec<(String, f64)>,
+    pub artifacts: Vec<emit::Artifact>,
+}
+
+/// Names of the artifacts every role build emits (besides SHA256SUMS).
+pub const ARTIFACTS: &[&str] = &[
+    "disk.qcow2",
+    "disk.raw",
+    "initrd.img",
+    "manifest.json",
+    "packages.json",
+    "packages.txt",
+    "root.squashfs",
+    "rootfs.tar.zst",
+    "vmlinuz",
+];
+
+struct Stages {
+    bar: ProgressBar,
+    timings: Vec<(String, f64)>,
+    started: Instant,
+    role: String,
+}
+
+impl Stages {
+    fn new(role: &str) -> Self {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {msg}")
+                .expect("valid template"),
+        );
+        bar.set_prefix(role.to_string());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Stages {
+            bar,
+            timings: Vec::new(),
+            started: Instant::now(),
+            role: role.into(),
+        }
+    }
+    fn stage<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.bar.set_message(name.to_string());
+        let t = Instant::now();
+        let r = f().with_context(|| format!("{} stage failed for role {}", name, self.role));
+        let secs = t.elapsed().as_secs_f64();
+        tracing::info!(role = %self.role, stage = name, seconds = format!("{secs:.1}"), "stage done");
+        self.timings.push((name.to_string(), (secs * 10.0).round() / 10.0));
+        r
+    }
+    fn finish(self, msg: String) -> Vec<(String, f64)> {
+        self.bar.finish_and_clear();
+        tracing::info!(role = %self.role, seconds = format!("{:.1}", self.started.elapsed().as_secs_f64()), "{msg}");
+        self.timings
+    }
+}
+
+/// Takes the `out/` lock for the duration of a build (concurrent kiln runs wait).
+fn lock_out(out_dir: &Path) -> Result<fs::File> {
+    fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let p = out_dir.join(".kiln.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))?;
+    f.lock().with_context(|| format!("locking {}", p.display()))?;
+    Ok(f)
+}
+
+/// Removes staging directories a killed build left behind (we hold the lock, so none is live).
+fn clean_stale(dir: &Path) -> Result<()> {
+    let Ok(rd) = fs::read_dir(dir) else { return Ok(()) };
+    for e in rd {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let p = e.path();
+            tracing::info!(path = %p.display(), "removing leftovers of an interrupted build");
+            if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            }
+            .with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds one role.
+pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<BuildReport> {
+    let resolved = resolve::resolve(project, role)?;
+    let _lock = lock_out(&opts.out_dir)?;
+    clean_stale(&opts.out_dir.join("cache").join("base"))?;
+    clean_stale(&opts.cache_dir.join("base"))?;
+    let role_dir = opts.out_dir.join(role);
+    fs::create_dir_all(&role_dir).with_context(|| format!("creating {}", role_dir.display()))?;
+    clean_stale(&role_dir)?;
+    let final_dir = role_dir.join(&resolved.build_id);
+    if final_dir.join("SHA256SUMS").is_file() && !opts.force {
+        point_latest(&role_dir, &resolved.build_id)?;
+        return Ok(BuildReport {
+            role: role.into(),
+            build_id: resolved.build_id.clone(),
+            dir: final_dir.clone(),
+            up_to_date: true,
+            base_cached: true,
+            timings: vec![],
+            artifacts: read_sums(&final_dir)?,
+        });
+    }
+
+    let mut st = Stages::new(role);
+    let spec = BaseSpec::new(&resolved.recipe, project.cluster.section.source_date_epoch);
+    let base = st.stage("base", || base::ensure(&spec, &opts.cache_dir))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(&role_dir)
+        .with_context(|| format!("creating a staging dir in {}", role_dir.display()))?;
+    let sd = staging.path();
+    let tar_path = sd.join(".rootfs.tar");
+    let composed = st.stage("compose", || {
+        compose::compose(
+            &ComposeInput {
+                project,
+                recipe: &resolved.recipe,
+                build_id: &resolved.build_id,
+                overlays: &resolved.overlays,
+                base_tar: &base.tar,
+            },
+            &tar_path,
+        )
+    })?;
+    let sde = project.cluster.section.source_date_epoch;
+    st.stage("rootfs.tar.zst", || emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst")))?;
+    st.stage("root.squashfs", || emit::squashfs_from_tar(&tar_path, &sd.join("root.squashfs"), sde))?;
+    fs::remove_file(&tar_path).with_context(|| format!("removing {}", tar_path.display()))?;
+
+    let packages = base::parse_dpkg_status(&composed.dpkg_status);
+    let layout = disk_layout(&resolved);
+    let cmdline = kernel_cmdline(&resolved, &disk::guid_to_string(&layout.root_guid));
+    st.stage("kernel", || {
+        fs::write(sd.join("vmlinuz"), &composed.vmlinuz)?;
+        fs::write(sd.join("initrd.img"), &composed.initrd)?;
+        let txt: String = packages.iter().map(|p| format!("{} {} {}\n", p.name, p.version, p.architecture)).collect();
+        fs::write(sd.join("packages.txt"), txt)?;
+        let json = serde_json::to_string_pretty(&serde_json::json!({
+            "schema": "kiln.packages/1",
+            "suite": resolved.recipe.debian.suite,
+            "packages": packages,
+        }))? + "\n";
+        fs::write(sd.join("packages.json"), json)?;
+        Ok(())
+    })?;
+    let disk_info = st.stage("disk.raw", || {
+        let files = esp_files(&resolved, &composed, &cmdline);
+        disk::write_disk(&sd.join("disk.raw"), &layout, &files, &sd.join("root.squashfs"), sde)
+    })?;
+    st.stage("disk.qcow2", || emit::qcow2_from_raw(&sd.join("disk.raw"), &sd.join("disk.qcow2")))?;
+
+    st.stage("manifest", || {
+        let names: Vec<&str> = ARTIFACTS.iter().copied().filter(|n| *n != "manifest.json").collect();
+        let artifacts = emit::hash_artifacts(sd, &names)?;
+        let manifest = serde_json::json!({
+            "schema": "kiln.manifest/1",
+            "build_id": resolved.build_id,
+            "role": role,
+            "cluster": project.cluster.section.name,
+            "kiln_version": env!("CARGO_PKG_VERSION"),
+            "source_date_epoch": sde,
+            "contains_secrets": false,
+            "kernel": { "version": composed.kernel_version, "cmdline": cmdline },
+            "base": { "key": resolved.base_key, "spec": resolved.base, "packages": packages.len() },
+            "disk": {
+                "size": disk_info.size_bytes,
+                "disk_guid": disk::guid_to_string(&layout.disk_guid),
+                "esp_partuuid": disk::guid_to_string(&layout.esp_guid),
+                "root_partuuid": disk::guid_to_string(&layout.root_guid),
+            },
+            "inputs": resolved,
+            "artifacts": artifacts,
+        });
+        fs::write(sd.join("manifest.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;
+        let all = emit::hash_artifacts(sd, ARTIFACTS)?;
+        fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all))?;
+        for n in ARTIFACTS.iter().chain(["SHA256SUMS"].iter()) {
+            util::sync_path(&sd.join(n))?;
+        }
+        Ok(())
+    })?;
+
+    // Publish: rename the complete staging dir into place, then move `latest`.
+    let staged = staging.keep();
+    if final_dir.exists() {
+        let old = role_dir.join(format!(".tmp-old-{}", resolved.build_id));
+        fs::rename(&final_dir, &old).with_context(|| format!("moving aside {}", final_dir.display()))?;
+        fs::rename(&staged, &final_dir).with_context(|| format!("publishing {}", final_dir.display()))?;
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else if let Err(e) = fs::rename(&staged, &final_dir) {
+        fs::remove_dir_all(&staged).ok();
+        return Err(e).with_context(|| format!("publishing {}", final_dir.display()));
+    }
+    util::sync_path(&role_dir)?;
+    point_latest(&role_dir, &resolved.build_id)?;
+    let artifacts = read_sums(&final_dir)?;
+    let timings = st.finish(format!("built {role} {}", resolved.build_id));
+    Ok(BuildReport {
+        role: role.into(),
+        build_id: resolved.build_id.clone(),
+        dir: final_dir,
+        up_to_date: false,
+        base_cached: base.cached,
+        timings,
+        artifacts,
+    })
+}
+
+/// Partition GUIDs derived from the build id: stable across rebuilds, distinct per build.
+pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
+    let seed = r.build_id.as_bytes();
+    disk::DiskLayout {
+        disk_guid: disk::guid_from_seed(seed, "disk"),
+        esp_guid: disk::guid_from_seed(seed, "esp"),
+        root_guid: disk::guid_from_seed(seed, "root"),
+        esp_size_mib: r.recipe.boot.esp_size_mib,
+        esp_label: "KILN-ESP".into(),
+        esp_volume_id: u32::from_be_bytes(disk::guid_from_seed(seed, "esp-volume-id")[..4].try_into().expect("4 bytes")),
+        root_partition_name: "kiln-root".into(),
+    }
+}
+
+/// Kernel command line for booting the disk: live-boot mounts the squashfs partition as the
+/// read-only lower layer with a tmpfs overlay (`plainroot`).
+pub fn kernel_cmdline(r: &Resolved, root_partuuid: &str) -> String {
+    let mut args = vec!["boot=live".to_string(), "plainroot".into(), format!("root=PARTUUID={root_partuuid}")];
+    args.extend(r.recipe.boot.cmdline.iter().cloned());
+    args.join(" ")
+}
+
+fn esp_files(r: &Resolved, c: &compose::Composed, cmdline: &str) -> Vec<disk::EspFile> {
+    let b = |path: &str, data: Vec<u8>| disk::EspFile {
+        path: path.into(),
+        source: disk::EspSource::Bytes(data),
+    };
+    let entry = format!(
+        "title kiln {} {} ({})\nlinux /kiln/vmlinuz\ninitrd /kiln/initrd.img\noptions {}\n",
+        r.cluster.section.name,
+        r.role,
+        &r.build_id[..12],
+        cmdline
+    );
+    vec![
+        b("EFI/BOOT/BOOTX64.EFI", c.bootloader_efi.clone()),
+        b("kiln/initrd.img", c.initrd.clone()),
+        b("kiln/vmlinuz", c.vmlinuz.clone()),
+        b("loader/entries/kiln.conf", entry.into_bytes()),
+        b("loader/loader.conf", b"default kiln.conf\ntimeout 0\neditor no\n".to_vec()),
+    ]
+}
+
+fn point_latest(role_dir: &Path, build_id: &str) -> Result<()> {
+    let tmp = role_dir.join(".tmp-latest");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(build_id, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    fs::rename(&tmp, role_dir.join("latest")).with_context(|| format!("updating {}/latest", role_dir.display()))?;
+    Ok(())
+}
+
+/// Reads `SHA256SUMS` of a finished build back into artifacts (sizes from the files).
+pub fn read_sums(dir: &Path) -> Result<Vec<emit::Artifact>> {
+    let p = dir.join("SHA256SUMS");
+    let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    text.lines()
+        .map(|l| {
+            let (sha, name) = l.split_once("  ").with_context(|| format!("{}: malformed line {l:?}", p.display()))?;
+            let size = fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0);
+            Ok(emit::Artifact {
+                name: name.to_string(),
+                sha256: sha.to_string(),
+                size,
+            })
+        })
+        .collect()
+}

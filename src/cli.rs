@@ -1,0 +1,75 @@
+//! Command-line interface (clap derive). Doc comments are the help text.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// kiln — reproducible per-role OS images for k3s clusters.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, long_about = None)]
+pub struct Cli {
+    /// Project directory (holds recipes/, overlays/, keys/, out/).
+    #[arg(long, global = true, default_value = ".", env = "KILN_DIR")]
+    pub dir: PathBuf,
+    /// Output directory [default: <dir>/out].
+    #[arg(long, global = true, env = "KILN_OUT")]
+    pub out: Option<PathBuf>,
+    /// More logging (-v info, -vv debug: every external command).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build role images into out/<role>/<build-id>/.
+    Build(BuildArgs),
+    /// Print a role's merged recipe and build id without building.
+    Inspect(InspectArgs),
+    /// Check the host tools kiln needs.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Role to build (repeatable) [default: every role that has a recipe].
+    #[arg(long = "role", short = 'r')]
+    pub roles: Vec<String>,
+    /// Cache directory [default: <out>/cache].
+    #[arg(long, env = "KILN_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Rebuild even if the build id already exists in out/.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Role to inspect.
+    #[arg(long, short = 'r')]
+    pub role: String,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

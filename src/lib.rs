@@ -1,0 +1,125 @@
+//! kiln: a git repo of recipes → reproducible per-role OS images for k3s clusters.
+//!
+//! One module per pipeline stage; data flows one way:
+//! [`recipe`] → [`resolve`] → [`base`] → [`compose`] → [`emit`], driven by [`build`].
+
+pub mod base;
+pub mod build;
+pub mod cli;
+pub mod compose;
+pub mod emit;
+pub mod recipe;
+pub mod resolve;
+pub mod tools;
+pub mod util;
+
+use anyhow::{bail, Result};
+use cli::{Cli, Command};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Process exit status for user errors in recipes/inventory/overlays.
+pub const EXIT_USER_ERROR: i32 = 2;
+
+/// Maps an error to an exit status: 2 for recipe/user errors, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if err.chain().any(|e| e.downcast_ref::<recipe::RecipeError>().is_some()) {
+        EXIT_USER_ERROR
+    } else {
+        1
+    }
+}
+
+fn out_dir(cli: &Cli) -> PathBuf {
+    cli.out.clone().unwrap_or_else(|| cli.dir.join("out"))
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Build(a) => {
+            let project = recipe::load_project(&cli.dir)?;
+            let out = out_dir(&cli);
+            let opts = build::BuildOptions {
+                cache_dir: a.cache_dir.clone().unwrap_or_else(|| out.join("cache")),
+                out_dir: out,
+                force: a.force,
+            };
+            let roles: Vec<String> = if a.roles.is_empty() {
+                recipe::ROLES
+                    .iter()
+                    .filter(|r| project.recipes_dir().join(format!("{r}.toml")).is_file())
+                    .map(|r| r.to_string())
+                    .collect()
+            } else {
+                a.roles.clone()
+            };
+            // Validate every requested role before building any.
+            for r in &roles {
+                resolve::resolve(&project, r)?;
+            }
+            let mut reports = Vec::new();
+            for r in &roles {
+                let rep = build::build_role(&project, r, &opts)?;
+                if !a.json {
+                    let state = if rep.up_to_date { "up to date" } else { "built" };
+                    println!("{} {state}: {}", rep.role, rep.dir.display());
+                }
+                reports.push(rep);
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            }
+            Ok(())
+        }
+        Command::Inspect(a) => {
+            let project = recipe::load_project(&cli.dir)?;
+            let r = resolve::resolve(&project, &a.role)?;
+            if a.json {
+                let v = serde_json::json!({ "build_id": r.build_id, "inputs": r });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let mut o = std::io::stdout().lock();
+                writeln!(o, "role:      {}", r.role)?;
+                writeln!(o, "build id:  {}", r.build_id)?;
+                writeln!(o, "base key:  {}", r.base_key)?;
+                writeln!(o, "chain:     {}", r.recipe.chain.join(" → "))?;
+                writeln!(o, "suite:     {} ({})", r.recipe.debian.suite, r.recipe.debian.variant)?;
+                writeln!(o, "components: {}", r.recipe.debian.components.join(" "))?;
+                writeln!(o, "packages:  {}", r.recipe.debian.packages.join(" "))?;
+                writeln!(o, "enable:    {}", r.recipe.systemd.enable.join(" "))?;
+                writeln!(o, "cmdline:   {}", r.recipe.boot.cmdline.join(" "))?;
+                writeln!(o, "overlays:")?;
+                for f in &r.overlays {
+                    writeln!(o, "  /{} ← overlays/{} ({}, {:o}{})", f.image_path, f.source, f.kind, f.mode, if f.template { ", template" } else { "" })?;
+                }
+                writeln!(o, "recipe (merged):\n{}", serde_json::to_string_pretty(&r.recipe)?)?;
+            }
+            Ok(())
+        }
+        Command::Doctor(a) => {
+            let st = tools::status();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                let mut o = std::io::stdout().lock();
+                for s in &st {
+                    let state = match &s.path {
+                        Some(p) => format!("found   {}", p.display()),
+                        None => format!("MISSING apt-get install {}", s.tool.package),
+                    };
+                    writeln!(o, "{:<20} {:<48} {}", s.tool.name, state, s.tool.purpose)?;
+                }
+                for (f, pkg) in [(tools::OVMF_CODE, "ovmf")] {
+                    let state = if std::path::Path::new(f).is_file() { format!("found   {f}") } else { format!("MISSING apt-get install {pkg}") };
+                    writeln!(o, "{:<20} {:<48} {}", "OVMF firmware", state, "boot tests (UEFI)")?;
+                }
+            }
+            let missing: Vec<&str> = st.iter().filter(|s| s.path.is_none() && s.tool.required_for_build).map(|s| s.tool.package).collect();
+            if !missing.is_empty() {
+                bail!("missing tools needed by `kiln build`; install them with: apt-get install {}", missing.join(" "));
+            }
+            Ok(())
+        }
+    }
+}
