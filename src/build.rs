@@ -264,9 +264,10 @@ pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
 }
 
 /// Kernel command line for booting the disk: live-boot mounts the squashfs partition as the
-/// read-only lower layer with a tmpfs overlay (`plainroot`).
+/// read-only lower layer with a tmpfs overlay (`plainroot`). live-boot takes `root=` verbatim
+/// (no `PARTUUID=` resolution), so the udev by-partuuid path is given.
 pub fn kernel_cmdline(r: &Resolved, root_partuuid: &str) -> String {
-    let mut args = vec!["boot=live".to_string(), "plainroot".into(), format!("root=PARTUUID={root_partuuid}")];
+    let mut args = vec!["boot=live".to_string(), "plainroot".into(), format!("root=/dev/disk/by-partuuid/{root_partuuid}")];
     args.extend(r.recipe.boot.cmdline.iter().cloned());
     args.join(" ")
 }
