@@ -135,7 +135,8 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path) -> Result<Base> {
         // A concurrent build won the race; keep theirs.
         fs::remove_dir_all(&tmp_path).ok();
     } else {
-        fs::rename(&tmp_path, &dir).with_context(|| format!("moving base into {}", dir.display()))?;
+        fs::rename(&tmp_path, &dir)
+            .with_context(|| format!("moving base into {}", dir.display()))?;
         util::sync_path(&parent)?;
     }
     Ok(Base {
@@ -166,7 +167,9 @@ pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
                 .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
                 .map(|v| v.trim().to_string())
         };
-        let (Some(name), Some(version), Some(status)) = (field("Package"), field("Version"), field("Status")) else {
+        let (Some(name), Some(version), Some(status)) =
+            (field("Package"), field("Version"), field("Status"))
+        else {
             continue;
         };
         if !status.ends_with(" installed") {
@@ -188,9 +191,16 @@ pub fn read_tar_file(tar_path: &Path, want: &str) -> Result<Vec<u8>> {
     let f = fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
     let mut ar = tar::Archive::new(f);
     let want = want.trim_start_matches('/');
-    for e in ar.entries().with_context(|| format!("reading {}", tar_path.display()))? {
+    for e in ar
+        .entries()
+        .with_context(|| format!("reading {}", tar_path.display()))?
+    {
         let mut e = e?;
-        let p = e.path()?.to_string_lossy().trim_start_matches("./").to_string();
+        let p = e
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
         if p == want {
             let mut v = Vec::new();
             e.read_to_end(&mut v)?;

@@ -78,7 +78,8 @@ impl Stages {
         let r = f().with_context(|| format!("{} stage failed for role {}", name, self.role));
         let secs = t.elapsed().as_secs_f64();
         tracing::info!(role = %self.role, stage = name, seconds = format!("{secs:.1}"), "stage done");
-        self.timings.push((name.to_string(), (secs * 10.0).round() / 10.0));
+        self.timings
+            .push((name.to_string(), (secs * 10.0).round() / 10.0));
         r
     }
     fn finish(self, msg: String) -> Vec<(String, f64)> {
@@ -98,13 +99,16 @@ fn lock_out(out_dir: &Path) -> Result<fs::File> {
         .write(true)
         .open(&p)
         .with_context(|| format!("opening {}", p.display()))?;
-    f.lock().with_context(|| format!("locking {}", p.display()))?;
+    f.lock()
+        .with_context(|| format!("locking {}", p.display()))?;
     Ok(f)
 }
 
 /// Removes staging directories a killed build left behind (we hold the lock, so none is live).
 fn clean_stale(dir: &Path) -> Result<()> {
-    let Ok(rd) = fs::read_dir(dir) else { return Ok(()) };
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Ok(());
+    };
     for e in rd {
         let e = e?;
         if e.file_name().to_string_lossy().starts_with(".tmp-") {
@@ -166,8 +170,12 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
         )
     })?;
     let sde = project.cluster.section.source_date_epoch;
-    st.stage("rootfs.tar.zst", || emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst")))?;
-    st.stage("root.squashfs", || emit::squashfs_from_tar(&tar_path, &sd.join("root.squashfs"), sde))?;
+    st.stage("rootfs.tar.zst", || {
+        emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"))
+    })?;
+    st.stage("root.squashfs", || {
+        emit::squashfs_from_tar(&tar_path, &sd.join("root.squashfs"), sde)
+    })?;
     fs::remove_file(&tar_path).with_context(|| format!("removing {}", tar_path.display()))?;
 
     let packages = base::parse_dpkg_status(&composed.dpkg_status);
@@ -176,7 +184,10 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     st.stage("kernel", || {
         fs::write(sd.join("vmlinuz"), &composed.vmlinuz)?;
         fs::write(sd.join("initrd.img"), &composed.initrd)?;
-        let txt: String = packages.iter().map(|p| format!("{} {} {}\n", p.name, p.version, p.architecture)).collect();
+        let txt: String = packages
+            .iter()
+            .map(|p| format!("{} {} {}\n", p.name, p.version, p.architecture))
+            .collect();
         fs::write(sd.join("packages.txt"), txt)?;
         let json = serde_json::to_string_pretty(&serde_json::json!({
             "schema": "kiln.packages/1",
@@ -188,12 +199,24 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     })?;
     let disk_info = st.stage("disk.raw", || {
         let files = esp_files(&resolved, &composed, &cmdline);
-        disk::write_disk(&sd.join("disk.raw"), &layout, &files, &sd.join("root.squashfs"), sde)
+        disk::write_disk(
+            &sd.join("disk.raw"),
+            &layout,
+            &files,
+            &sd.join("root.squashfs"),
+            sde,
+        )
     })?;
-    st.stage("disk.qcow2", || emit::qcow2_from_raw(&sd.join("disk.raw"), &sd.join("disk.qcow2")))?;
+    st.stage("disk.qcow2", || {
+        emit::qcow2_from_raw(&sd.join("disk.raw"), &sd.join("disk.qcow2"))
+    })?;
 
     st.stage("manifest", || {
-        let names: Vec<&str> = ARTIFACTS.iter().copied().filter(|n| *n != "manifest.json").collect();
+        let names: Vec<&str> = ARTIFACTS
+            .iter()
+            .copied()
+            .filter(|n| *n != "manifest.json")
+            .collect();
         let artifacts = emit::hash_artifacts(sd, &names)?;
         let manifest = serde_json::json!({
             "schema": "kiln.manifest/1",
@@ -214,7 +237,10 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
             "inputs": resolved,
             "artifacts": artifacts,
         });
-        fs::write(sd.join("manifest.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;
+        fs::write(
+            sd.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest)? + "\n",
+        )?;
         let all = emit::hash_artifacts(sd, ARTIFACTS)?;
         fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all))?;
         for n in ARTIFACTS.iter().chain(["SHA256SUMS"].iter()) {
@@ -227,8 +253,10 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     let staged = staging.keep();
     if final_dir.exists() {
         let old = role_dir.join(format!(".tmp-old-{}", resolved.build_id));
-        fs::rename(&final_dir, &old).with_context(|| format!("moving aside {}", final_dir.display()))?;
-        fs::rename(&staged, &final_dir).with_context(|| format!("publishing {}", final_dir.display()))?;
+        fs::rename(&final_dir, &old)
+            .with_context(|| format!("moving aside {}", final_dir.display()))?;
+        fs::rename(&staged, &final_dir)
+            .with_context(|| format!("publishing {}", final_dir.display()))?;
         fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     } else if let Err(e) = fs::rename(&staged, &final_dir) {
         fs::remove_dir_all(&staged).ok();
@@ -258,7 +286,11 @@ pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
         root_guid: disk::guid_from_seed(seed, "root"),
         esp_size_mib: r.recipe.boot.esp_size_mib,
         esp_label: "KILN-ESP".into(),
-        esp_volume_id: u32::from_be_bytes(disk::guid_from_seed(seed, "esp-volume-id")[..4].try_into().expect("4 bytes")),
+        esp_volume_id: u32::from_be_bytes(
+            disk::guid_from_seed(seed, "esp-volume-id")[..4]
+                .try_into()
+                .expect("4 bytes"),
+        ),
         root_partition_name: "kiln-root".into(),
     }
 }
@@ -267,7 +299,11 @@ pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
 /// read-only lower layer with a tmpfs overlay (`plainroot`). live-boot takes `root=` verbatim
 /// (no `PARTUUID=` resolution), so the udev by-partuuid path is given.
 pub fn kernel_cmdline(r: &Resolved, root_partuuid: &str) -> String {
-    let mut args = vec!["boot=live".to_string(), "plainroot".into(), format!("root=/dev/disk/by-partuuid/{root_partuuid}")];
+    let mut args = vec![
+        "boot=live".to_string(),
+        "plainroot".into(),
+        format!("root=/dev/disk/by-partuuid/{root_partuuid}"),
+    ];
     args.extend(r.recipe.boot.cmdline.iter().cloned());
     args.join(" ")
 }
@@ -289,15 +325,20 @@ fn esp_files(r: &Resolved, c: &compose::Composed, cmdline: &str) -> Vec<disk::Es
         b("kiln/initrd.img", c.initrd.clone()),
         b("kiln/vmlinuz", c.vmlinuz.clone()),
         b("loader/entries/kiln.conf", entry.into_bytes()),
-        b("loader/loader.conf", b"default kiln.conf\ntimeout 0\neditor no\n".to_vec()),
+        b(
+            "loader/loader.conf",
+            b"default kiln.conf\ntimeout 0\neditor no\n".to_vec(),
+        ),
     ]
 }
 
 fn point_latest(role_dir: &Path, build_id: &str) -> Result<()> {
     let tmp = role_dir.join(".tmp-latest");
     let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(build_id, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    fs::rename(&tmp, role_dir.join("latest")).with_context(|| format!("updating {}/latest", role_dir.display()))?;
+    std::os::unix::fs::symlink(build_id, &tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    fs::rename(&tmp, role_dir.join("latest"))
+        .with_context(|| format!("updating {}/latest", role_dir.display()))?;
     Ok(())
 }
 
@@ -307,7 +348,9 @@ pub fn read_sums(dir: &Path) -> Result<Vec<emit::Artifact>> {
     let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     text.lines()
         .map(|l| {
-            let (sha, name) = l.split_once("  ").with_context(|| format!("{}: malformed line {l:?}", p.display()))?;
+            let (sha, name) = l
+                .split_once("  ")
+                .with_context(|| format!("{}: malformed line {l:?}", p.display()))?;
             let size = fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0);
             Ok(emit::Artifact {
                 name: name.to_string(),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use walkdir::WalkDir;
 
 /// One file of an overlay tree, as found in the project.
@@ -51,17 +51,31 @@ pub fn scan_overlays(project: &Project, role: &str) -> Result<Vec<OverlayFile>> 
                 continue;
             }
             let source = format!("{layer}/{rel_str}");
-            let meta = fs::symlink_metadata(e.path()).with_context(|| format!("reading {}", e.path().display()))?;
+            let meta = fs::symlink_metadata(e.path())
+                .with_context(|| format!("reading {}", e.path().display()))?;
             let ft = meta.file_type();
             let (kind, mode, sha, template, image_path) = if ft.is_symlink() {
-                let t = fs::read_link(e.path()).with_context(|| format!("reading link {}", e.path().display()))?;
-                let t = t.to_str().with_context(|| format!("{}: link target is not UTF-8", e.path().display()))?;
-                ("symlink", 0o777, util::sha256_hex(t.as_bytes()), false, rel_str.clone())
+                let t = fs::read_link(e.path())
+                    .with_context(|| format!("reading link {}", e.path().display()))?;
+                let t = t
+                    .to_str()
+                    .with_context(|| format!("{}: link target is not UTF-8", e.path().display()))?;
+                (
+                    "symlink",
+                    0o777,
+                    util::sha256_hex(t.as_bytes()),
+                    false,
+                    rel_str.clone(),
+                )
             } else if ft.is_dir() {
                 ("dir", 0o755, String::new(), false, rel_str.clone())
             } else if ft.is_file() {
                 use std::os::unix::fs::PermissionsExt;
-                let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
+                let mode = if meta.permissions().mode() & 0o111 != 0 {
+                    0o755
+                } else {
+                    0o644
+                };
                 let (sha, _) = util::sha256_file(e.path())?;
                 match rel_str.strip_suffix(".tera") {
                     Some(p) => ("file", mode, sha, true, p.to_string()),
@@ -93,6 +107,26 @@ pub fn scan_overlays(project: &Project, role: &str) -> Result<Vec<OverlayFile>> 
     Ok(out.into_values().collect())
 }
 
+/// Parses every `*.tera` overlay so that syntax errors stop the build before anything is written.
+pub fn check_templates(project: &Project, overlays: &[OverlayFile]) -> Result<()> {
+    for o in overlays.iter().filter(|o| o.template) {
+        let src = project.overlays_dir().join(&o.source);
+        let text = fs::read_to_string(&src).map_err(|e| RecipeError {
+            file: src.clone(),
+            key: "(template)".into(),
+            problem: format!("cannot read as UTF-8 text: {e}"),
+            fix: "save it as UTF-8 or drop the .tera suffix".into(),
+        })?;
+        tera::Tera::default().add_raw_template(&o.source, &text).map_err(|e| RecipeError {
+            file: src.clone(),
+            key: "(template)".into(),
+            problem: format!("template syntax error: {}", tera_error_chain(&e)),
+            fix: "fix the tera syntax (https://keats.github.io/tera/docs/), or drop the .tera suffix to copy the file verbatim".into(),
+        })?;
+    }
+    Ok(())
+}
+
 /// Values templates (`*.tera`) see.
 #[derive(Debug, Serialize)]
 pub struct TemplateContext<'a> {
@@ -120,8 +154,15 @@ pub struct BuildContext<'a> {
 #[derive(Debug, Clone)]
 enum Upper {
     Dir,
-    File { data: Vec<u8>, mode: u32, origin: String },
-    Symlink { target: String, origin: String },
+    File {
+        data: Vec<u8>,
+        mode: u32,
+        origin: String,
+    },
+    Symlink {
+        target: String,
+        origin: String,
+    },
 }
 
 /// What the base holds at a path.
@@ -146,7 +187,11 @@ pub struct Composed {
 }
 
 pub const BOOTLOADER_PATH: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
-const UNIT_DIRS: &[&str] = &["etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system"];
+const UNIT_DIRS: &[&str] = &[
+    "etc/systemd/system",
+    "usr/lib/systemd/system",
+    "lib/systemd/system",
+];
 
 fn norm(p: &Path) -> String {
     let s = p.to_string_lossy();
@@ -174,9 +219,13 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
     let mut entries = 0u64;
 
     // 1. Base entries, minus the ones the upper layer replaces.
-    let f = fs::File::open(input.base_tar).with_context(|| format!("opening {}", input.base_tar.display()))?;
+    let f = fs::File::open(input.base_tar)
+        .with_context(|| format!("opening {}", input.base_tar.display()))?;
     let mut ar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
-    for e in ar.entries().with_context(|| format!("reading {}", input.base_tar.display()))? {
+    for e in ar
+        .entries()
+        .with_context(|| format!("reading {}", input.base_tar.display()))?
+    {
         let mut e = e.with_context(|| format!("reading {}", input.base_tar.display()))?;
         let path = e.path()?.into_owned();
         let key = norm(&path);
@@ -191,7 +240,9 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
         if let Some(exts) = e.pax_extensions()? {
             for ext in exts {
                 let ext = ext?;
-                let k = ext.key().map_err(|_| anyhow::anyhow!("non-UTF-8 PAX key in {}", path.display()))?;
+                let k = ext
+                    .key()
+                    .map_err(|_| anyhow::anyhow!("non-UTF-8 PAX key in {}", path.display()))?;
                 if !keep_pax_key(k) {
                     continue;
                 }
@@ -246,7 +297,9 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
     }
     let mut w = builder.into_inner().context("finishing the root tarball")?;
     w.flush()?;
-    w.get_ref().sync_all().with_context(|| format!("syncing {}", out.display()))?;
+    w.get_ref()
+        .sync_all()
+        .with_context(|| format!("syncing {}", out.display()))?;
 
     Ok(Composed {
         kernel_version: scan.kernel_version,
@@ -277,7 +330,10 @@ fn scan_base(tar_path: &Path, recipe: &Recipe) -> Result<BaseScan> {
     let mut initrds: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut bootloader = None;
     let mut dpkg_status = None;
-    for e in ar.entries().with_context(|| format!("reading {}", tar_path.display()))? {
+    for e in ar
+        .entries()
+        .with_context(|| format!("reading {}", tar_path.display()))?
+    {
         let mut e = e?;
         let key = norm(&e.path()?);
         let kind = match e.header().entry_type() {
@@ -285,7 +341,9 @@ fn scan_base(tar_path: &Path, recipe: &Recipe) -> Result<BaseScan> {
             tar::EntryType::Regular | tar::EntryType::Continuous => BaseKind::File,
             tar::EntryType::Link => BaseKind::File,
             tar::EntryType::Symlink => BaseKind::Symlink(
-                e.link_name()?.map(|l| l.to_string_lossy().into_owned()).unwrap_or_default(),
+                e.link_name()?
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             ),
             _ => BaseKind::Other,
         };
@@ -307,7 +365,9 @@ fn scan_base(tar_path: &Path, recipe: &Recipe) -> Result<BaseScan> {
             } else if let Some((dir, name)) = key.rsplit_once('/') {
                 if UNIT_DIRS.contains(&dir) && is_unit_file(name) {
                     let text = String::from_utf8_lossy(&grab()?).into_owned();
-                    units.entry(name.to_string()).or_insert((dir.to_string(), text));
+                    units
+                        .entry(name.to_string())
+                        .or_insert((dir.to_string(), text));
                 }
             }
         }
@@ -323,7 +383,9 @@ fn scan_base(tar_path: &Path, recipe: &Recipe) -> Result<BaseScan> {
     let Some(bootloader) = bootloader else {
         bail!("the base has no /{BOOTLOADER_PATH}: add \"systemd-boot-efi\" to debian.packages in {base_toml}");
     };
-    if !index.contains_key("usr/lib/live/boot/9990-main.sh") && !index.contains_key("lib/live/boot/9990-main.sh") {
+    if !index.contains_key("usr/lib/live/boot/9990-main.sh")
+        && !index.contains_key("lib/live/boot/9990-main.sh")
+    {
         bail!("the base has no live-boot (needed to boot the squashfs root from disk and over PXE): add \"live-boot\" to debian.packages in {base_toml}");
     }
     let _ = recipe;
@@ -344,15 +406,32 @@ fn scan_base(tar_path: &Path, recipe: &Recipe) -> Result<BaseScan> {
 /// file capabilities (`security.capability`) and other `security.`/`user.`/`trusted.` xattrs stay.
 fn keep_pax_key(k: &str) -> bool {
     match k.strip_prefix("SCHILY.xattr.") {
-        Some(x) => x.starts_with("security.") || x.starts_with("user.") || x.starts_with("trusted."),
-        None => !matches!(k, "path" | "linkpath" | "mtime" | "atime" | "ctime" | "size") && !k.starts_with("SCHILY.acl."),
+        Some(x) => {
+            x.starts_with("security.") || x.starts_with("user.") || x.starts_with("trusted.")
+        }
+        None => {
+            !matches!(
+                k,
+                "path" | "linkpath" | "mtime" | "atime" | "ctime" | "size"
+            ) && !k.starts_with("SCHILY.acl.")
+        }
     }
 }
 
 fn is_unit_file(name: &str) -> bool {
-    [".service", ".socket", ".target", ".timer", ".path", ".mount", ".automount", ".swap", ".slice"]
-        .iter()
-        .any(|s| name.ends_with(s))
+    [
+        ".service",
+        ".socket",
+        ".target",
+        ".timer",
+        ".path",
+        ".mount",
+        ".automount",
+        ".swap",
+        ".slice",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
 }
 
 /// The unit kiln bakes into every image: it prints the boot marker on the console.
@@ -386,7 +465,12 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
         role: RoleContext {
             name: &recipe.role,
             description: &recipe.description,
-            nodes: project.cluster.nodes.iter().filter(|n| n.role == recipe.role).collect(),
+            nodes: project
+                .cluster
+                .nodes
+                .iter()
+                .filter(|n| n.role == recipe.role)
+                .collect(),
         },
         build: BuildContext {
             id: input.build_id,
@@ -423,7 +507,11 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
                 } else {
                     raw
                 };
-                Upper::File { data, mode: o.mode, origin }
+                Upper::File {
+                    data,
+                    mode: o.mode,
+                    origin,
+                }
             }
         };
         upper.insert(o.image_path.clone(), u);
@@ -436,7 +524,10 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
         origin: "kiln (generated)".into(),
     };
     let c = &project.cluster.section;
-    upper.insert("etc/hostname".into(), gen(format!("{}-{}\n", c.name, recipe.role)));
+    upper.insert(
+        "etc/hostname".into(),
+        gen(format!("{}-{}\n", c.name, recipe.role)),
+    );
     upper.insert("etc/machine-id".into(), gen(String::new()));
     let build_json = serde_json::to_string_pretty(&serde_json::json!({
         "build_id": input.build_id,
@@ -447,7 +538,10 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
         "kiln_version": env!("CARGO_PKG_VERSION"),
     }))? + "\n";
     upper.insert("etc/kiln/build.json".into(), gen(build_json));
-    upper.insert("etc/systemd/system/kiln-booted.service".into(), gen(marker_unit(&recipe.role, input.build_id)));
+    upper.insert(
+        "etc/systemd/system/kiln-booted.service".into(),
+        gen(marker_unit(&recipe.role, input.build_id)),
+    );
 
     // systemd enable/mask, resolved against the upper layer first, then the base.
     let mut to_enable: Vec<String> = recipe.systemd.enable.clone();
@@ -467,11 +561,18 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
         let found = UNIT_DIRS.iter().find_map(|dir| {
             let p = format!("{dir}/{template}");
             match upper.get(&p) {
-                Some(Upper::File { data, .. }) => Some((format!("/{dir}/{template}"), String::from_utf8_lossy(data).into_owned())),
+                Some(Upper::File { data, .. }) => Some((
+                    format!("/{dir}/{template}"),
+                    String::from_utf8_lossy(data).into_owned(),
+                )),
                 _ => None,
             }
         });
-        let found = found.or_else(|| scan.units.get(&template).map(|(dir, text)| (format!("/{dir}/{template}"), text.clone())));
+        let found = found.or_else(|| {
+            scan.units
+                .get(&template)
+                .map(|(dir, text)| (format!("/{dir}/{template}"), text.clone()))
+        });
         let Some((unit_path, text)) = found else {
             return Err(RecipeError {
                 file: project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
@@ -481,9 +582,17 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
             }
             .into());
         };
-        let unit_path = unit_path.replacen("/lib/systemd/system/", "/usr/lib/systemd/system/", usize::from(unit_path.starts_with("/lib/")));
+        let unit_path = unit_path.replacen(
+            "/lib/systemd/system/",
+            "/usr/lib/systemd/system/",
+            usize::from(unit_path.starts_with("/lib/")),
+        );
         let install = parse_install(&text);
-        if install.wanted_by.is_empty() && install.required_by.is_empty() && install.alias.is_empty() && install.also.is_empty() {
+        if install.wanted_by.is_empty()
+            && install.required_by.is_empty()
+            && install.alias.is_empty()
+            && install.also.is_empty()
+        {
             return Err(RecipeError {
                 file: project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
                 key: "systemd.enable".into(),
@@ -493,18 +602,42 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
             .into());
         }
         for t in &install.wanted_by {
-            upper.insert(format!("etc/systemd/system/{t}.wants/{unit}"), Upper::Symlink { target: unit_path.clone(), origin: "systemd.enable".into() });
+            upper.insert(
+                format!("etc/systemd/system/{t}.wants/{unit}"),
+                Upper::Symlink {
+                    target: unit_path.clone(),
+                    origin: "systemd.enable".into(),
+                },
+            );
         }
         for t in &install.required_by {
-            upper.insert(format!("etc/systemd/system/{t}.requires/{unit}"), Upper::Symlink { target: unit_path.clone(), origin: "systemd.enable".into() });
+            upper.insert(
+                format!("etc/systemd/system/{t}.requires/{unit}"),
+                Upper::Symlink {
+                    target: unit_path.clone(),
+                    origin: "systemd.enable".into(),
+                },
+            );
         }
         for a in &install.alias {
-            upper.insert(format!("etc/systemd/system/{a}"), Upper::Symlink { target: unit_path.clone(), origin: "systemd.enable".into() });
+            upper.insert(
+                format!("etc/systemd/system/{a}"),
+                Upper::Symlink {
+                    target: unit_path.clone(),
+                    origin: "systemd.enable".into(),
+                },
+            );
         }
         to_enable.extend(install.also.iter().cloned());
     }
     for m in &recipe.systemd.mask {
-        upper.insert(format!("etc/systemd/system/{m}"), Upper::Symlink { target: "/dev/null".into(), origin: "systemd.mask".into() });
+        upper.insert(
+            format!("etc/systemd/system/{m}"),
+            Upper::Symlink {
+                target: "/dev/null".into(),
+                origin: "systemd.mask".into(),
+            },
+        );
     }
 
     // Parent directories, and conflicts with the base's file types.
@@ -582,7 +715,9 @@ pub fn parse_install(text: &str) -> Install {
         if !in_install || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
         let list = match k.trim() {
             "WantedBy" => &mut inst.wanted_by,
             "RequiredBy" => &mut inst.required_by,
@@ -593,11 +728,6 @@ pub fn parse_install(text: &str) -> Install {
         list.extend(v.split_whitespace().map(str::to_string));
     }
     inst
-}
-
-/// Path of the overlays directory for error messages.
-pub fn overlays_root(project: &Project) -> PathBuf {
-    project.overlays_dir()
 }
 
 #[cfg(test)]

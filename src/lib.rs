@@ -8,6 +8,7 @@ pub mod build;
 pub mod cli;
 pub mod compose;
 pub mod emit;
+pub mod qemu;
 pub mod recipe;
 pub mod resolve;
 pub mod tools;
@@ -23,7 +24,10 @@ pub const EXIT_USER_ERROR: i32 = 2;
 
 /// Maps an error to an exit status: 2 for recipe/user errors, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err.chain().any(|e| e.downcast_ref::<recipe::RecipeError>().is_some()) {
+    if err
+        .chain()
+        .any(|e| e.downcast_ref::<recipe::RecipeError>().is_some())
+    {
         EXIT_USER_ERROR
     } else {
         1
@@ -62,7 +66,11 @@ pub fn run(cli: Cli) -> Result<()> {
             for r in &roles {
                 let rep = build::build_role(&project, r, &opts)?;
                 if !a.json {
-                    let state = if rep.up_to_date { "up to date" } else { "built" };
+                    let state = if rep.up_to_date {
+                        "up to date"
+                    } else {
+                        "built"
+                    };
                     println!("{} {state}: {}", rep.role, rep.dir.display());
                 }
                 reports.push(rep);
@@ -84,16 +92,32 @@ pub fn run(cli: Cli) -> Result<()> {
                 writeln!(o, "build id:  {}", r.build_id)?;
                 writeln!(o, "base key:  {}", r.base_key)?;
                 writeln!(o, "chain:     {}", r.recipe.chain.join(" → "))?;
-                writeln!(o, "suite:     {} ({})", r.recipe.debian.suite, r.recipe.debian.variant)?;
+                writeln!(
+                    o,
+                    "suite:     {} ({})",
+                    r.recipe.debian.suite, r.recipe.debian.variant
+                )?;
                 writeln!(o, "components: {}", r.recipe.debian.components.join(" "))?;
                 writeln!(o, "packages:  {}", r.recipe.debian.packages.join(" "))?;
                 writeln!(o, "enable:    {}", r.recipe.systemd.enable.join(" "))?;
                 writeln!(o, "cmdline:   {}", r.recipe.boot.cmdline.join(" "))?;
                 writeln!(o, "overlays:")?;
                 for f in &r.overlays {
-                    writeln!(o, "  /{} ← overlays/{} ({}, {:o}{})", f.image_path, f.source, f.kind, f.mode, if f.template { ", template" } else { "" })?;
+                    writeln!(
+                        o,
+                        "  /{} ← overlays/{} ({}, {:o}{})",
+                        f.image_path,
+                        f.source,
+                        f.kind,
+                        f.mode,
+                        if f.template { ", template" } else { "" }
+                    )?;
                 }
-                writeln!(o, "recipe (merged):\n{}", serde_json::to_string_pretty(&r.recipe)?)?;
+                writeln!(
+                    o,
+                    "recipe (merged):\n{}",
+                    serde_json::to_string_pretty(&r.recipe)?
+                )?;
             }
             Ok(())
         }
@@ -110,14 +134,23 @@ pub fn run(cli: Cli) -> Result<()> {
                     };
                     writeln!(o, "{:<20} {:<48} {}", s.tool.name, state, s.tool.purpose)?;
                 }
-                for (f, pkg) in [(tools::OVMF_CODE, "ovmf")] {
-                    let state = if std::path::Path::new(f).is_file() { format!("found   {f}") } else { format!("MISSING apt-get install {pkg}") };
-                    writeln!(o, "{:<20} {:<48} {}", "OVMF firmware", state, "boot tests (UEFI)")?;
-                }
+                let state = if std::path::Path::new(tools::OVMF_CODE).is_file() {
+                    format!("found   {}", tools::OVMF_CODE)
+                } else {
+                    "MISSING apt-get install ovmf".to_string()
+                };
+                writeln!(o, "{:<20} {state:<48} boot tests (UEFI firmware)", "OVMF")?;
             }
-            let missing: Vec<&str> = st.iter().filter(|s| s.path.is_none() && s.tool.required_for_build).map(|s| s.tool.package).collect();
+            let missing: Vec<&str> = st
+                .iter()
+                .filter(|s| s.path.is_none() && s.tool.required_for_build)
+                .map(|s| s.tool.package)
+                .collect();
             if !missing.is_empty() {
-                bail!("missing tools needed by `kiln build`; install them with: apt-get install {}", missing.join(" "));
+                bail!(
+                    "missing tools needed by `kiln build`; install them with: apt-get install {}",
+                    missing.join(" ")
+                );
             }
             Ok(())
         }

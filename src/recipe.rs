@@ -19,7 +19,12 @@ pub struct RecipeError {
     pub fix: String,
 }
 
-fn err(file: &Path, key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> RecipeError {
+fn err(
+    file: &Path,
+    key: impl Into<String>,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> RecipeError {
     RecipeError {
         file: file.to_path_buf(),
         key: key.into(),
@@ -252,7 +257,8 @@ fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -260,7 +266,11 @@ fn is_dns_label(s: &str) -> bool {
 /// Normalises a MAC (`AA-BB-CC-DD-EE-FF`, `aa:bb:...`) to `aa:bb:cc:dd:ee:ff`.
 pub fn normalize_mac(mac: &str) -> Option<String> {
     let parts: Vec<&str> = mac.split([':', '-']).collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit())) {
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
         return None;
     }
     Some(parts.join(":").to_ascii_lowercase())
@@ -269,18 +279,40 @@ pub fn normalize_mac(mac: &str) -> Option<String> {
 fn validate_cluster(root: &Path, path: &Path, file: ClusterFile) -> Result<Cluster> {
     let c = file.cluster;
     if !is_dns_label(&c.name) {
-        return Err(err(path, "cluster.name", format!("{:?} is not a valid name", c.name), "use lower-case letters, digits and '-', at most 63 characters"));
+        return Err(err(
+            path,
+            "cluster.name",
+            format!("{:?} is not a valid name", c.name),
+            "use lower-case letters, digits and '-', at most 63 characters",
+        ));
     }
     if c.source_date_epoch < MIN_SOURCE_DATE_EPOCH {
         return Err(err(path, "cluster.source_date_epoch", format!("{} is before 1980-01-01", c.source_date_epoch), format!("use a Unix time >= {MIN_SOURCE_DATE_EPOCH}, e.g. the date of your last commit: `git log -1 --format=%ct`")));
     }
-    if c.suite.is_empty() || !c.suite.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(err(path, "cluster.suite", format!("{:?} is not a Debian suite name", c.suite), "use a suite such as \"bookworm\""));
+    if c.suite.is_empty()
+        || !c
+            .suite
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(err(
+            path,
+            "cluster.suite",
+            format!("{:?} is not a Debian suite name", c.suite),
+            "use a suite such as \"bookworm\"",
+        ));
     }
     if let Some(ep) = &c.api_endpoint {
-        let bad = ep.is_empty() || ep.contains(['/', ' ']) || (ep.contains(':') && ep.parse::<IpAddr>().is_err());
+        let bad = ep.is_empty()
+            || ep.contains(['/', ' '])
+            || (ep.contains(':') && ep.parse::<IpAddr>().is_err());
         if bad {
-            return Err(err(path, "cluster.api_endpoint", format!("{ep:?} is not a host name or IP address"), "give an IP (\"10.0.0.10\") or a DNS name, without scheme or port"));
+            return Err(err(
+                path,
+                "cluster.api_endpoint",
+                format!("{ep:?} is not a host name or IP address"),
+                "give an IP (\"10.0.0.10\") or a DNS name, without scheme or port",
+            ));
         }
     }
     let mut nodes = Vec::with_capacity(file.nodes.len());
@@ -289,24 +321,58 @@ fn validate_cluster(root: &Path, path: &Path, file: ClusterFile) -> Result<Clust
     for (i, mut n) in file.nodes.into_iter().enumerate() {
         let key = |k: &str| format!("nodes[{i}].{k}");
         if !is_dns_label(&n.hostname) {
-            return Err(err(path, key("hostname"), format!("{:?} is not a valid host name", n.hostname), "use lower-case letters, digits and '-', at most 63 characters"));
+            return Err(err(
+                path,
+                key("hostname"),
+                format!("{:?} is not a valid host name", n.hostname),
+                "use lower-case letters, digits and '-', at most 63 characters",
+            ));
         }
         if !hostnames.insert(n.hostname.clone()) {
-            return Err(err(path, key("hostname"), format!("{:?} appears twice in the inventory", n.hostname), "give every node a unique hostname"));
+            return Err(err(
+                path,
+                key("hostname"),
+                format!("{:?} appears twice in the inventory", n.hostname),
+                "give every node a unique hostname",
+            ));
         }
         let mac = normalize_mac(&n.mac).ok_or_else(|| {
-            err(path, key("mac"), format!("{:?} is not a MAC address", n.mac), "write six hex byte pairs separated by ':' like \"52:54:00:12:34:56\"")
+            err(
+                path,
+                key("mac"),
+                format!("{:?} is not a MAC address", n.mac),
+                "write six hex byte pairs separated by ':' like \"52:54:00:12:34:56\"",
+            )
         })?;
         if let Some(other) = macs.insert(mac.clone(), n.hostname.clone()) {
-            return Err(err(path, key("mac"), format!("{mac} is already used by node {other:?}"), "every node needs its own boot NIC MAC"));
+            return Err(err(
+                path,
+                key("mac"),
+                format!("{mac} is already used by node {other:?}"),
+                "every node needs its own boot NIC MAC",
+            ));
         }
         n.mac = mac;
         if !ROLES.contains(&n.role.as_str()) {
-            return Err(err(path, key("role"), format!("unknown role {:?}", n.role), format!("use one of {}", ROLES.join(", "))));
+            return Err(err(
+                path,
+                key("role"),
+                format!("unknown role {:?}", n.role),
+                format!("use one of {}", ROLES.join(", ")),
+            ));
         }
         let role_file = root.join("recipes").join(format!("{}.toml", n.role));
         if !role_file.is_file() {
-            return Err(err(path, key("role"), format!("role {:?} has no recipe file {}", n.role, role_file.display()), format!("create recipes/{}.toml with `inherits = \"base\"`", n.role)));
+            return Err(err(
+                path,
+                key("role"),
+                format!(
+                    "role {:?} has no recipe file {}",
+                    n.role,
+                    role_file.display()
+                ),
+                format!("create recipes/{}.toml with `inherits = \"base\"`", n.role),
+            ));
         }
         if n.address != "dhcp" {
             let ok = n
@@ -315,20 +381,43 @@ fn validate_cluster(root: &Path, path: &Path, file: ClusterFile) -> Result<Clust
                 .and_then(|(ip, len)| Some((ip.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?)))
                 .is_some_and(|(ip, len)| len <= if ip.is_ipv4() { 32 } else { 128 });
             if !ok {
-                return Err(err(path, key("address"), format!("{:?} is neither \"dhcp\" nor an address in CIDR form", n.address), "write \"dhcp\" or e.g. \"10.0.0.11/24\""));
+                return Err(err(
+                    path,
+                    key("address"),
+                    format!(
+                        "{:?} is neither \"dhcp\" nor an address in CIDR form",
+                        n.address
+                    ),
+                    "write \"dhcp\" or e.g. \"10.0.0.11/24\"",
+                ));
             }
         }
         if let Some(gw) = &n.gateway {
             if gw.parse::<IpAddr>().is_err() {
-                return Err(err(path, key("gateway"), format!("{gw:?} is not an IP address"), "write e.g. \"10.0.0.1\""));
+                return Err(err(
+                    path,
+                    key("gateway"),
+                    format!("{gw:?} is not an IP address"),
+                    "write e.g. \"10.0.0.1\"",
+                ));
             }
             if n.address == "dhcp" {
-                return Err(err(path, key("gateway"), "a gateway is set but the address is dhcp", "remove gateway, or give a static address"));
+                return Err(err(
+                    path,
+                    key("gateway"),
+                    "a gateway is set but the address is dhcp",
+                    "remove gateway, or give a static address",
+                ));
             }
         }
         for (j, d) in n.dns.iter().enumerate() {
             if d.parse::<IpAddr>().is_err() {
-                return Err(err(path, format!("nodes[{i}].dns[{j}]"), format!("{d:?} is not an IP address"), "list DNS servers as IPs, e.g. [\"10.0.0.1\"]"));
+                return Err(err(
+                    path,
+                    format!("nodes[{i}].dns[{j}]"),
+                    format!("{d:?} is not an IP address"),
+                    "list DNS servers as IPs, e.g. [\"10.0.0.1\"]",
+                ));
             }
         }
         nodes.push(n);
@@ -341,7 +430,12 @@ fn validate_cluster(root: &Path, path: &Path, file: ClusterFile) -> Result<Clust
 pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
     let cluster_file = project.recipes_dir().join("cluster.toml");
     if !ROLES.contains(&role) {
-        return Err(err(&cluster_file, "--role", format!("unknown role {role:?}"), format!("use one of {}", ROLES.join(", "))));
+        return Err(err(
+            &cluster_file,
+            "--role",
+            format!("unknown role {role:?}"),
+            format!("use one of {}", ROLES.join(", ")),
+        ));
     }
     // Walk the chain child → root.
     let mut chain: Vec<(String, PathBuf, RecipeFile)> = Vec::new();
@@ -350,14 +444,24 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
         let path = project.recipes_dir().join(format!("{name}.toml"));
         if chain.iter().any(|(n, _, _)| *n == name) {
             let from = &chain.last().map(|c| c.1.clone()).unwrap_or_default();
-            return Err(err(from, "inherits", format!("inheritance cycle through {name:?}"), "make the chain end at a recipe without `inherits` (base)"));
+            return Err(err(
+                from,
+                "inherits",
+                format!("inheritance cycle through {name:?}"),
+                "make the chain end at a recipe without `inherits` (base)",
+            ));
         }
         if !path.is_file() {
             let (file, key) = match chain.last() {
                 Some((_, p, _)) => (p.clone(), "inherits"),
                 None => (cluster_file.clone(), "--role"),
             };
-            return Err(err(&file, key, format!("recipe {name:?} not found at {}", path.display()), format!("create recipes/{name}.toml or fix the name")));
+            return Err(err(
+                &file,
+                key,
+                format!("recipe {name:?} not found at {}", path.display()),
+                format!("create recipes/{name}.toml or fix the name"),
+            ));
         }
         let file: RecipeFile = parse_toml(&path)?;
         let parent = file.inherits.clone();
@@ -390,17 +494,32 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
         }
         for (i, p) in f.debian.packages.iter().enumerate() {
             if !is_package_name(p) {
-                return Err(err(path, format!("debian.packages[{i}]"), format!("{p:?} is not a Debian package name"), "use a package name like \"openssh-server\" (optionally \"name=version\")"));
+                return Err(err(
+                    path,
+                    format!("debian.packages[{i}]"),
+                    format!("{p:?} is not a Debian package name"),
+                    "use a package name like \"openssh-server\" (optionally \"name=version\")",
+                ));
             }
         }
         for (i, u) in f.systemd.enable.iter().chain(&f.systemd.mask).enumerate() {
             if !is_unit_name(u) {
-                return Err(err(path, format!("systemd.enable/mask[{i}]"), format!("{u:?} is not a systemd unit name"), "write the full unit name, e.g. \"systemd-networkd.service\""));
+                return Err(err(
+                    path,
+                    format!("systemd.enable/mask[{i}]"),
+                    format!("{u:?} is not a systemd unit name"),
+                    "write the full unit name, e.g. \"systemd-networkd.service\"",
+                ));
             }
         }
         if let Some(s) = f.boot.esp_size_mib {
             if s != 0 && !(64..=4096).contains(&s) {
-                return Err(err(path, "boot.esp_size_mib", format!("{s} MiB is out of range"), "use 0 (fit to content) or 64..4096"));
+                return Err(err(
+                    path,
+                    "boot.esp_size_mib",
+                    format!("{s} MiB is out of range"),
+                    "use 0 (fit to content) or 64..4096",
+                ));
             }
             esp_size_mib = Some(s);
         }
@@ -414,10 +533,26 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
         components.push("main".into());
     }
     let variant = variant.unwrap_or_else(|| "minbase".into());
-    const VARIANTS: &[&str] = &["extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important", "debootstrap", "standard"];
+    const VARIANTS: &[&str] = &[
+        "extract",
+        "custom",
+        "essential",
+        "apt",
+        "required",
+        "minbase",
+        "buildd",
+        "important",
+        "debootstrap",
+        "standard",
+    ];
     if !VARIANTS.contains(&variant.as_str()) {
         let path = &chain.last().expect("chain has the role").1;
-        return Err(err(path, "debian.variant", format!("unknown mmdebstrap variant {variant:?}"), format!("use one of {}", VARIANTS.join(", "))));
+        return Err(err(
+            path,
+            "debian.variant",
+            format!("unknown mmdebstrap variant {variant:?}"),
+            format!("use one of {}", VARIANTS.join(", ")),
+        ));
     }
     Ok(Recipe {
         role: role.to_string(),
@@ -449,12 +584,28 @@ fn merge_list(into: &mut Vec<String>, add: &[String]) {
 fn is_package_name(p: &str) -> bool {
     let name = p.split_once('=').map(|(n, _)| n).unwrap_or(p);
     name.len() >= 2
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.:".contains(&b))
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.:".contains(&b))
 }
 
 fn is_unit_name(u: &str) -> bool {
-    const SUFFIXES: &[&str] = &[".service", ".socket", ".target", ".timer", ".path", ".mount", ".automount", ".swap", ".slice"];
+    const SUFFIXES: &[&str] = &[
+        ".service",
+        ".socket",
+        ".target",
+        ".timer",
+        ".path",
+        ".mount",
+        ".automount",
+        ".swap",
+        ".slice",
+    ];
     SUFFIXES.iter().any(|s| u.ends_with(s) && u.len() > s.len())
-        && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@:\\".contains(&b))
+        && u.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@:\\".contains(&b))
 }

@@ -39,6 +39,7 @@ impl Resolved {
 pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let recipe = recipe::load_role(project, role)?;
     let overlays = compose::scan_overlays(project, role)?;
+    compose::check_templates(project, &overlays)?;
     let base = BaseSpec::new(&recipe, project.cluster.section.source_date_epoch);
     let mut r = Resolved {
         schema: SCHEMA,

@@ -19,7 +19,9 @@ pub const ZSTD_LEVEL: i32 = 3;
 pub const SQUASHFS_ZSTD_LEVEL: u32 = 9;
 
 fn jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// `rootfs.tar.zst` from the composed tar.
@@ -50,7 +52,10 @@ pub fn squashfs_from_tar(tar: &Path, out: &Path, source_date_epoch: i64) -> Resu
         .args(["--comp-extra", &format!("level={SQUASHFS_ZSTD_LEVEL}")])
         .args(["--num-jobs", &jobs().to_string()])
         .args(["--block-size", "1048576"])
-        .args(["--defaults", &format!("uid=0,gid=0,mode=0755,mtime={source_date_epoch}")])
+        .args([
+            "--defaults",
+            &format!("uid=0,gid=0,mode=0755,mtime={source_date_epoch}"),
+        ])
         .arg(out)
         .stdin(Stdio::from(input));
     let line = format!("{cmd:?}");
@@ -71,7 +76,16 @@ pub fn qcow2_from_raw(raw: &Path, out: &Path) -> Result<()> {
     tools::run(
         QEMU_IMG
             .command()?
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1"])
+            .args([
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "compat=1.1",
+            ])
             .arg(raw)
             .arg(out),
     )?;
@@ -107,5 +121,7 @@ pub fn hash_artifacts(dir: &Path, names: &[&str]) -> Result<Vec<Artifact>> {
 pub fn sha256sums(artifacts: &[Artifact]) -> String {
     let mut v: Vec<&Artifact> = artifacts.iter().collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
-    v.iter().map(|a| format!("{}  {}\n", a.sha256, a.name)).collect()
+    v.iter()
+        .map(|a| format!("{}  {}\n", a.sha256, a.name))
+        .collect()
 }

@@ -1,0 +1,374 @@
+//! Recipe loading, merging, build ids and the rejection of bad input (fast; no root needed).
+
+mod common;
+use common::*;
+use std::fs;
+
+/// Runs `kiln build --role worker` on a broken project and checks: exit 2, the message names
+/// the file, the key and a fix, and nothing was written to out/.
+fn rejects(dir: &std::path::Path, file: &str, key: &str) -> String {
+    let o = kiln(dir, &["build", "--role", "worker"]);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2, got {:?}; stderr:\n{err}",
+        o.status
+    );
+    assert!(
+        err.contains(file),
+        "error does not name the file {file}:\n{err}"
+    );
+    assert!(
+        err.contains(key),
+        "error does not name the key {key}:\n{err}"
+    );
+    assert!(err.contains("fix:"), "error gives no fix:\n{err}");
+    assert!(!dir.join("out").exists(), "a rejected build wrote out/");
+    err
+}
+
+#[test]
+fn unknown_key_in_role_recipe() {
+    let d = project_copy();
+    edit(d.path(), "recipes/base.toml", "packages = [", "pakages = [");
+    let e = rejects(d.path(), "recipes/base.toml", "pakages");
+    assert!(e.contains("unknown field"), "{e}");
+    assert!(e.contains("line "), "{e}");
+}
+
+#[test]
+fn unknown_role_in_inventory() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "role = \"worker\"",
+        "role = \"wroker\"",
+    );
+    let e = rejects(d.path(), "recipes/cluster.toml", "nodes[1].role");
+    assert!(
+        e.contains("wroker") && e.contains("master, worker, gpu, storage"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_role_on_command_line() {
+    let d = project_copy();
+    let o = kiln(d.path(), &["build", "--role", "router"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("--role") && e.contains("router") && e.contains("fix:"),
+        "{e}"
+    );
+    assert!(!d.path().join("out").exists());
+}
+
+#[test]
+fn bad_mac() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "52:54:00:00:00:21",
+        "52:54:00:00:21",
+    );
+    let e = rejects(d.path(), "recipes/cluster.toml", "nodes[1].mac");
+    assert!(e.contains("52:54:00:00:21"), "{e}");
+}
+
+#[test]
+fn duplicate_mac() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "52:54:00:00:00:22",
+        "52-54-00-00-00-21",
+    );
+    let e = rejects(d.path(), "recipes/cluster.toml", "nodes[2].mac");
+    assert!(e.contains("worker-1"), "{e}");
+}
+
+#[test]
+fn duplicate_hostname() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "hostname = \"worker-2\"",
+        "hostname = \"worker-1\"",
+    );
+    rejects(d.path(), "recipes/cluster.toml", "nodes[2].hostname");
+}
+
+#[test]
+fn missing_role_file() {
+    let d = project_copy();
+    fs::remove_file(d.path().join("recipes/worker.toml")).unwrap();
+    let e = rejects(d.path(), "recipes/cluster.toml", "nodes[1].role");
+    assert!(e.contains("worker.toml"), "{e}");
+}
+
+#[test]
+fn missing_cluster_file() {
+    let d = project_copy();
+    fs::remove_file(d.path().join("recipes/cluster.toml")).unwrap();
+    rejects(d.path(), "recipes/cluster.toml", "(file)");
+}
+
+#[test]
+fn bad_static_address() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "10.0.0.11/24",
+        "10.0.0.11",
+    );
+    rejects(d.path(), "recipes/cluster.toml", "nodes[0].address");
+}
+
+#[test]
+fn wrong_value_type() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "source_date_epoch = 1700000000",
+        "source_date_epoch = \"yesterday\"",
+    );
+    rejects(d.path(), "recipes/cluster.toml", "line 5");
+}
+
+#[test]
+fn epoch_before_1980() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "source_date_epoch = 1700000000",
+        "source_date_epoch = 0",
+    );
+    rejects(
+        d.path(),
+        "recipes/cluster.toml",
+        "cluster.source_date_epoch",
+    );
+}
+
+#[test]
+fn inheritance_cycle() {
+    let d = project_copy();
+    fs::write(
+        d.path().join("recipes/base.toml"),
+        "inherits = \"worker\"\n",
+    )
+    .unwrap();
+    let e = rejects(d.path(), "recipes/", "inherits");
+    assert!(e.contains("cycle"), "{e}");
+}
+
+#[test]
+fn inherits_missing_recipe() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/worker.toml",
+        "inherits = \"base\"",
+        "inherits = \"bsae\"",
+    );
+    let e = rejects(d.path(), "recipes/worker.toml", "inherits");
+    assert!(e.contains("bsae"), "{e}");
+}
+
+#[test]
+fn bad_package_name() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/base.toml",
+        "\"procps\",",
+        "\"Procps Ng\",",
+    );
+    rejects(d.path(), "recipes/base.toml", "debian.packages[10]");
+}
+
+#[test]
+fn bad_unit_name() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/base.toml",
+        "\"systemd-resolved.service\"]",
+        "\"systemd-resolved\"]",
+    );
+    rejects(d.path(), "recipes/base.toml", "systemd.enable");
+}
+
+#[test]
+fn template_syntax_error() {
+    let d = project_copy();
+    fs::write(
+        d.path().join("overlays/worker/broken.conf.tera"),
+        "{{ role.name ",
+    )
+    .unwrap();
+    let e = rejects(d.path(), "overlays/worker/broken.conf.tera", "(template)");
+    assert!(e.contains("syntax"), "{e}");
+}
+
+#[test]
+fn valid_project_inspects() {
+    let d = project_copy();
+    let o = kiln(d.path(), &["inspect", "--role", "gpu", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = v["build_id"].as_str().unwrap();
+    assert_eq!(id.len(), 64);
+    let r = &v["inputs"]["recipe"];
+    assert_eq!(r["chain"], serde_json::json!(["base", "gpu"]));
+    // Lists merge: base's component first, the role's appended.
+    assert_eq!(
+        r["debian"]["components"],
+        serde_json::json!(["main", "non-free", "non-free-firmware"])
+    );
+    // Scalars inherit/override.
+    assert_eq!(r["debian"]["variant"], "minbase");
+    assert_eq!(r["description"], "k3s agent with NVIDIA GPUs");
+    assert!(r["debian"]["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "linux-image-amd64"));
+}
+
+#[test]
+fn scalar_override_and_list_merge() {
+    let d = project_copy();
+    fs::write(
+        d.path().join("recipes/storage.toml"),
+        "inherits = \"base\"\ndescription = \"s\"\n[debian]\nvariant = \"important\"\npackages = [\"open-iscsi\", \"systemd\"]\n[boot]\ncmdline = [\"quiet\"]\n",
+    )
+    .unwrap();
+    let o = kiln(d.path(), &["inspect", "--role", "storage", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["inputs"]["recipe"];
+    assert_eq!(r["debian"]["variant"], "important");
+    let pk: Vec<&str> = r["debian"]["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(pk.last(), Some(&"open-iscsi"));
+    assert_eq!(
+        pk.iter().filter(|p| **p == "systemd").count(),
+        1,
+        "duplicates dropped"
+    );
+    assert_eq!(
+        r["boot"]["cmdline"],
+        serde_json::json!(["console=tty0", "console=ttyS0,115200n8", "quiet"])
+    );
+}
+
+fn build_id(dir: &std::path::Path, role: &str) -> String {
+    let o = kiln(dir, &["inspect", "--role", role, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["build_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn build_id_is_location_independent_and_input_sensitive() {
+    let a = project_copy();
+    let b = project_copy();
+    let id = build_id(a.path(), "worker");
+    assert_eq!(
+        id,
+        build_id(b.path(), "worker"),
+        "same inputs in another directory → same id"
+    );
+    assert_ne!(id, build_id(a.path(), "master"), "roles differ");
+
+    // An overlay edit changes the id of the roles it reaches.
+    fs::write(b.path().join("overlays/worker/extra.txt"), "x").unwrap();
+    assert_ne!(id, build_id(b.path(), "worker"));
+    assert_eq!(
+        build_id(a.path(), "master"),
+        build_id(b.path(), "master"),
+        "worker overlay does not touch master"
+    );
+
+    // A mode change (exec bit) changes it too.
+    let c = project_copy();
+    use std::os::unix::fs::PermissionsExt;
+    let f = c.path().join("overlays/common/etc/motd.tera");
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_ne!(id, build_id(c.path(), "worker"));
+
+    // Comments and key order in TOML do not change it (the canonical merged recipe is hashed).
+    let e = project_copy();
+    let p = e.path().join("recipes/worker.toml");
+    let s = fs::read_to_string(&p).unwrap();
+    fs::write(
+        &p,
+        format!(
+            "# a comment\n{}",
+            s.lines().rev().collect::<Vec<_>>().join("\n")
+        ),
+    )
+    .unwrap();
+    assert_eq!(id, build_id(e.path(), "worker"));
+}
+
+/// A fixed project has a fixed id: catches accidental host state, paths or map order in the hash.
+#[test]
+fn build_id_golden() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path().join("recipes");
+    fs::create_dir_all(&r).unwrap();
+    fs::write(r.join("cluster.toml"), "[cluster]\nname = \"golden\"\nsource_date_epoch = 1700000000\nsuite = \"bookworm\"\n\n[[nodes]]\nhostname = \"w1\"\nmac = \"AA-BB-CC-00-11-22\"\nrole = \"worker\"\n").unwrap();
+    fs::write(r.join("base.toml"), "[debian]\npackages = [\"systemd\"]\n").unwrap();
+    fs::write(r.join("worker.toml"), "inherits = \"base\"\n").unwrap();
+    fs::create_dir_all(d.path().join("overlays/common/etc")).unwrap();
+    fs::write(d.path().join("overlays/common/etc/issue"), "golden\n").unwrap();
+    let o = kiln(d.path(), &["inspect", "--role", "worker", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["inputs"]["cluster"]["nodes"][0]["mac"], "aa:bb:cc:00:11:22",
+        "MAC normalised"
+    );
+    // Update deliberately (and note it in the changelog) when the build-id schema changes.
+    assert_eq!(
+        v["build_id"].as_str().unwrap(),
+        GOLDEN_ID,
+        "build id of the golden project changed"
+    );
+}
+
+const GOLDEN_ID: &str = "5839a3daf0e695bde8e50ca0e200eb19a4b5d700a9ab1e273967db4622df6e36";
+
+#[test]
+fn doctor_lists_tools() {
+    let d = project_copy();
+    let o = kiln(d.path(), &["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for t in ["mmdebstrap", "tar2sqfs", "qemu-img", "qemu-system-x86_64"] {
+        assert!(names.contains(&t), "{t} missing from doctor");
+    }
+    for t in v.as_array().unwrap() {
+        assert!(!t["package"].as_str().unwrap().is_empty());
+    }
+}
