@@ -252,6 +252,16 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
         let mut header = e.header().clone();
         let mtime = header.mtime()?.min(sde as u64);
         header.set_mtime(mtime);
+        if key.is_empty() {
+            // The root directory: the tar writer drops "." components from paths, so the
+            // entry is written with its name set by hand (tar2sqfs takes it as the root inode).
+            header.as_old_mut().name = [0; 100];
+            header.as_old_mut().name[..2].copy_from_slice(b"./");
+            header.set_cksum();
+            builder.append(&header, std::io::empty())?;
+            entries += 1;
+            continue;
+        }
         let link = e.link_name()?.map(|l| l.into_owned());
         if !pax.is_empty() {
             builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the host tools kiln needs (Debian 12) and builds kiln. Run as root (or with sudo).
+set -euo pipefail
+cd "$(dirname "$0")"
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+PACKAGES=(
+  mmdebstrap arch-test        # base stage
+  squashfs-tools-ng           # tar2sqfs: root.squashfs from the composed tar
+  squashfs-tools              # unsquashfs: read-back in tests
+  qemu-utils                  # qemu-img: disk.qcow2
+  qemu-system-x86 ovmf        # boot tests (TCG, UEFI)
+  fdisk mtools                # GPT / FAT read-back in tests
+  ca-certificates
+)
+if ! $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"
+fi
+command -v qemu-img >/dev/null || { echo "setup: qemu-img missing after install" >&2; exit 1; }
+cargo build --release --locked
