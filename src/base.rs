@@ -93,7 +93,7 @@ pub struct Base {
 }
 
 /// Returns the cached base for `spec`, building it with mmdebstrap if absent.
-pub fn ensure(spec: &BaseSpec, cache_dir: &Path) -> Result<Base> {
+pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> {
     let cache_key = spec.cache_key()?;
     let dir = cache_dir.join("base").join(&cache_key);
     let tar = dir.join("rootfs.tar");
@@ -105,6 +105,14 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path) -> Result<Base> {
             tar,
             cached: true,
         });
+    }
+    if offline {
+        bail!(
+            "--offline: the base for suite {} ({} packages) is not in the cache {}; run one build online first (or copy out/cache/ from a machine that did)",
+            spec.suite,
+            spec.packages.len(),
+            dir.display()
+        );
     }
     let parent = cache_dir.join("base");
     fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;

@@ -6,9 +6,11 @@ use crate::emit::{self, disk};
 use crate::recipe::Project;
 use crate::resolve::{self, Resolved};
 use crate::util;
+use crate::{fetch, k3s, lock};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,6 +22,10 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     /// Rebuild even if `out/<role>/<build-id>/` exists.
     pub force: bool,
+    /// Use only cached artifacts and bases; never touch the network.
+    pub offline: bool,
+    /// Fail instead of changing kiln.lock.
+    pub locked: bool,
 }
 
 /// What a role build did.
@@ -149,8 +155,43 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     }
 
     let mut st = Stages::new(role);
+    let (fetched, locked_artifacts) =
+        st.stage("fetch", || fetch_stage(project, &resolved, opts))?;
+    let token = if resolved.recipe.k3s.mode != "none" {
+        Some(resolve::read_token(project)?)
+    } else {
+        None
+    };
     let spec = BaseSpec::new(&resolved.recipe, project.cluster.section.source_date_epoch);
-    let base = st.stage("base", || base::ensure(&spec, &opts.cache_dir))?;
+    let base = st.stage("base", || {
+        base::ensure(&spec, &opts.cache_dir, opts.offline)
+    })?;
+    let status = base::read_tar_file(&base.tar, "var/lib/dpkg/status")?;
+    let base_packages = base::parse_dpkg_status(&String::from_utf8_lossy(&status));
+    lock::apply(
+        &project.root,
+        &lock::Lock {
+            version: 1,
+            artifacts: locked_artifacts,
+            bases: [(
+                resolved.base_key.clone(),
+                lock::LockedBase {
+                    suite: spec.suite.clone(),
+                    packages: base_packages
+                        .iter()
+                        .map(|p| format!("{} {} {}", p.name, p.version, p.architecture))
+                        .collect(),
+                },
+            )]
+            .into(),
+        },
+        opts.locked,
+    )?;
+    let k3s_layer = match &token {
+        Some(t) => k3s::layer(project, &resolved.recipe, &fetched, t)?,
+        None => k3s::Layer::default(),
+    };
+    let contains_secrets = k3s_layer.contains_secrets;
     let staging = tempfile::Builder::new()
         .prefix(".tmp-")
         .tempdir_in(&role_dir)
@@ -165,6 +206,8 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
                 build_id: &resolved.build_id,
                 overlays: &resolved.overlays,
                 base_tar: &base.tar,
+                extra: k3s_layer.entries.clone(),
+                extra_enable: k3s_layer.enable.clone(),
             },
             &tar_path,
         )
@@ -225,7 +268,8 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
             "cluster": project.cluster.section.name,
             "kiln_version": env!("CARGO_PKG_VERSION"),
             "source_date_epoch": sde,
-            "contains_secrets": false,
+            "contains_secrets": contains_secrets,
+            "secrets": resolved.secrets,
             "kernel": { "version": composed.kernel_version, "cmdline": cmdline },
             "base": { "key": resolved.base_key, "spec": resolved.base, "packages": packages.len() },
             "disk": {
@@ -248,6 +292,10 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
         }
         Ok(())
     })?;
+
+    if contains_secrets {
+        restrict_permissions(sd)?;
+    }
 
     // Publish: rename the complete staging dir into place, then move `latest`.
     let staged = staging.keep();
@@ -275,6 +323,73 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
         timings,
         artifacts,
     })
+}
+
+/// Images that carry key material are readable by their owner only (dir 0700, files 0600).
+fn restrict_permissions(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", p.display()))?;
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", dir.display()))
+}
+
+/// Downloads (or finds in the cache) every pinned artifact the role needs.
+fn fetch_stage(
+    project: &Project,
+    r: &Resolved,
+    opts: &BuildOptions,
+) -> Result<(k3s::Fetched, BTreeMap<String, lock::LockedArtifact>)> {
+    let mut out = k3s::Fetched::default();
+    let mut locked = BTreeMap::new();
+    if r.recipe.k3s.mode == "none" {
+        return Ok((out, locked));
+    }
+    let k = project
+        .cluster
+        .k3s
+        .as_ref()
+        .context("[k3s] missing in cluster.toml")?;
+    let fetcher = fetch::Fetcher::new(&opts.cache_dir).offline(opts.offline);
+    let mut get =
+        |name: &str, url: &str, sha256: &str, size: Option<u64>| -> Result<std::path::PathBuf> {
+            let a = fetch::Artifact {
+                name: name.into(),
+                url: url.into(),
+                sha256: sha256.into(),
+                size,
+            };
+            let p = fetcher.fetch(&a)?;
+            let len = fs::metadata(&p)?.len();
+            locked.insert(
+                name.to_string(),
+                lock::LockedArtifact {
+                    url: url.into(),
+                    sha256: sha256.into(),
+                    size: len,
+                },
+            );
+            Ok(p)
+        };
+    out.binary = get("k3s", &k.binary.url, &k.binary.sha256, k.binary.size)?;
+    if let Some(a) = &k.airgap_images {
+        let p = get("k3s-airgap-images", &a.url, &a.sha256, a.size)?;
+        let name = a
+            .url
+            .rsplit('/')
+            .next()
+            .unwrap_or("k3s-airgap-images.tar")
+            .to_string();
+        out.airgap = Some((name, p));
+    }
+    for c in &r.recipe.k3s.charts {
+        let p = get(&format!("chart-{}", c.name), &c.url, &c.sha256, None)?;
+        out.charts.insert(c.name.clone(), p);
+    }
+    Ok((out, locked))
 }
 
 /// Partition GUIDs derived from the build id: stable across rebuilds, distinct per build.

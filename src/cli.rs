@@ -41,6 +41,12 @@ pub struct BuildArgs {
     /// Rebuild even if the build id already exists in out/.
     #[arg(long)]
     pub force: bool,
+    /// Never use the network: artifacts and bases must be in the cache.
+    #[arg(long)]
+    pub offline: bool,
+    /// Fail if kiln.lock would change (CI: prove the recorded inputs were used).
+    #[arg(long)]
+    pub locked: bool,
     /// Print a JSON report on stdout.
     #[arg(long)]
     pub json: bool,

@@ -8,6 +8,9 @@ pub mod build;
 pub mod cli;
 pub mod compose;
 pub mod emit;
+pub mod fetch;
+pub mod k3s;
+pub mod lock;
 pub mod qemu;
 pub mod recipe;
 pub mod resolve;
@@ -48,6 +51,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 cache_dir: a.cache_dir.clone().unwrap_or_else(|| out.join("cache")),
                 out_dir: out,
                 force: a.force,
+                offline: a.offline,
+                locked: a.locked,
             };
             let roles: Vec<String> = if a.roles.is_empty() {
                 recipe::ROLES

@@ -15,7 +15,13 @@ use std::time::{Duration, Instant};
 /// A qemu command that boots `disk` (qcow2 or raw, opened read-only via `snapshot=on`) under
 /// UEFI (OVMF) with TCG, the serial console on stdout and user-mode networking.
 /// `vars` is a scratch copy of the OVMF variable store.
-pub fn uefi_disk_command(disk: &Path, vars: &Path, memory_mib: u32) -> Result<Command> {
+/// `mac` sets the NIC's MAC (e.g. an inventory node's, so the image takes that node's identity).
+pub fn uefi_disk_command(
+    disk: &Path,
+    vars: &Path,
+    memory_mib: u32,
+    mac: Option<&str>,
+) -> Result<Command> {
     if !Path::new(OVMF_CODE).is_file() {
         bail!("UEFI firmware {OVMF_CODE} not found; install it with `apt-get install ovmf`");
     }
@@ -51,12 +57,11 @@ pub fn uefi_disk_command(disk: &Path, vars: &Path, memory_mib: u32) -> Result<Co
                 disk.display()
             ),
         ])
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0",
-        ]);
+        .args(["-netdev", "user,id=n0", "-device"]);
+    match mac {
+        Some(m) => cmd.arg(format!("virtio-net-pci,netdev=n0,mac={m}")),
+        None => cmd.arg("virtio-net-pci,netdev=n0"),
+    };
     Ok(cmd)
 }
 

@@ -54,6 +54,46 @@ pub struct RecipeFile {
     pub boot: BootFile,
     #[serde(default)]
     pub systemd: SystemdFile,
+    #[serde(default)]
+    pub k3s: K3sRoleFile,
+}
+
+/// `[k3s]` of a role recipe: how this role runs k3s.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K3sRoleFile {
+    /// `server` (control plane) or `agent`; absent = no k3s on this role.
+    pub mode: Option<String>,
+    /// `--node-label` values applied at first registration.
+    #[serde(default)]
+    pub node_labels: Vec<String>,
+    /// `--node-taint` values applied at first registration.
+    #[serde(default)]
+    pub node_taints: Vec<String>,
+    /// Kubernetes manifests (paths relative to recipes/) auto-deployed by servers.
+    #[serde(default)]
+    pub manifests: Vec<String>,
+    /// Helm charts embedded offline as HelmChart resources (servers only).
+    #[serde(default)]
+    pub charts: Vec<ChartFile>,
+}
+
+/// A pinned helm chart `.tgz`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChartFile {
+    pub name: String,
+    pub url: String,
+    pub sha256: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Values file (path relative to recipes/), rendered into `valuesContent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "kube-system".into()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,7 +136,55 @@ pub struct SystemdFile {
 struct ClusterFile {
     cluster: ClusterSection,
     #[serde(default)]
+    k3s: Option<K3sCluster>,
+    #[serde(default)]
     nodes: Vec<Node>,
+}
+
+/// A file kiln downloads, pinned by sha256.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pinned {
+    pub url: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// `[k3s]` of cluster.toml: what must match on every node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct K3sCluster {
+    /// Release, e.g. `v1.34.2+k3s1` (documentation; the pins below are what is used).
+    pub version: String,
+    /// The `k3s` binary of the release.
+    pub binary: Pinned,
+    /// `k3s-airgap-images-amd64.tar.zst` (or .tar/.tar.gz) of the same release; optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub airgap_images: Option<Pinned>,
+    /// Components servers do not deploy (`--disable`), e.g. `["traefik"]`.
+    #[serde(default)]
+    pub disable: Vec<String>,
+    /// Extra SANs on the API server certificate (the API endpoint is always added).
+    #[serde(default)]
+    pub tls_san: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
+    /// `registries.yaml` (path relative to recipes/), installed as /etc/rancher/k3s/registries.yaml.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registries: Option<String>,
+    /// The cluster already exists: no server uses `cluster-init`; all join the API endpoint.
+    /// Set this once the first master is up, so that reflashing it rejoins instead of founding
+    /// a new cluster.
+    #[serde(default)]
+    pub bootstrapped: bool,
+    /// `write-kubeconfig-mode` on servers (default "0600").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_kubeconfig_mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -147,7 +235,28 @@ fn dhcp() -> String {
 pub struct Cluster {
     #[serde(flatten)]
     pub section: ClusterSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k3s: Option<K3sCluster>,
     pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// `https://host:6443` that agents and joining servers talk to: the API endpoint, or the
+    /// first master's static address.
+    pub fn server_url(&self) -> Option<String> {
+        let host = self.section.api_endpoint.clone().or_else(|| {
+            self.nodes
+                .iter()
+                .find(|n| n.role == "master")
+                .and_then(|n| n.address.split_once('/').map(|(ip, _)| ip.to_string()))
+        })?;
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        Some(format!("https://{host}:6443"))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -159,6 +268,17 @@ pub struct Recipe {
     pub debian: Debian,
     pub boot: Boot,
     pub systemd: Systemd,
+    pub k3s: K3sRole,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct K3sRole {
+    /// `server`, `agent` or `none`.
+    pub mode: String,
+    pub node_labels: Vec<String>,
+    pub node_taints: Vec<String>,
+    pub manifests: Vec<String>,
+    pub charts: Vec<ChartFile>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -422,7 +542,102 @@ fn validate_cluster(root: &Path, path: &Path, file: ClusterFile) -> Result<Clust
         }
         nodes.push(n);
     }
-    Ok(Cluster { section: c, nodes })
+    if let Some(k) = &file.k3s {
+        validate_pinned(path, "k3s.binary", &k.binary)?;
+        if let Some(a) = &k.airgap_images {
+            validate_pinned(path, "k3s.airgap_images", a)?;
+            const EXT: &[&str] = &[
+                ".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".tar.lz4", ".tar.bz2",
+            ];
+            if !EXT.iter().any(|e| a.url.ends_with(e)) {
+                return Err(err(
+                    path,
+                    "k3s.airgap_images.url",
+                    format!("{:?} does not end in an extension k3s imports", a.url),
+                    format!("k3s reads {} from its images directory", EXT.join(" ")),
+                ));
+            }
+        }
+        for (key, v) in [
+            ("k3s.cluster_cidr", &k.cluster_cidr),
+            ("k3s.service_cidr", &k.service_cidr),
+        ] {
+            if let Some(v) = v {
+                let ok = v.split(',').all(|c| {
+                    c.split_once('/').is_some_and(|(ip, l)| {
+                        ip.parse::<IpAddr>().is_ok() && l.parse::<u8>().is_ok()
+                    })
+                });
+                if !ok {
+                    return Err(err(
+                        path,
+                        key,
+                        format!("{v:?} is not a CIDR (or comma-separated dual-stack pair)"),
+                        "write e.g. \"10.42.0.0/16\"",
+                    ));
+                }
+            }
+        }
+        if let Some(m) = &k.write_kubeconfig_mode {
+            if m.len() != 4 || !m.starts_with('0') || !m.bytes().all(|b| (b'0'..=b'7').contains(&b))
+            {
+                return Err(err(
+                    path,
+                    "k3s.write_kubeconfig_mode",
+                    format!("{m:?} is not an octal file mode"),
+                    "write e.g. \"0600\" or \"0644\"",
+                ));
+            }
+        }
+        if let Some(r) = &k.registries {
+            let rp = root.join("recipes").join(r);
+            if !rp.is_file() {
+                return Err(err(
+                    path,
+                    "k3s.registries",
+                    format!("{} does not exist", rp.display()),
+                    "give a path relative to recipes/, e.g. \"registries.yaml\"",
+                ));
+            }
+        }
+        let masters = nodes.iter().filter(|n| n.role == "master").count();
+        if masters > 1 && masters % 2 == 0 {
+            tracing::warn!("{}: {masters} masters: embedded etcd wants an odd number of servers to keep quorum", path.display());
+        }
+    }
+    Ok(Cluster {
+        section: c,
+        k3s: file.k3s,
+        nodes,
+    })
+}
+
+fn validate_pinned(path: &Path, key: &str, p: &Pinned) -> Result<()> {
+    if !(p.url.starts_with("https://")
+        || p.url.starts_with("http://")
+        || p.url.starts_with("file://"))
+    {
+        return Err(err(
+            path,
+            format!("{key}.url"),
+            format!("{:?} is not an http(s):// or file:// URL", p.url),
+            "give the full download URL of the release asset",
+        ));
+    }
+    if p.sha256.len() != 64
+        || !p
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(err(
+            path,
+            format!("{key}.sha256"),
+            format!("{:?} is not a sha256 (64 lower-case hex digits)", p.sha256),
+            "copy the digest from the release's sha256sum file",
+        ));
+    }
+    Ok(())
 }
 
 /// Loads `recipes/<role>.toml`, follows `inherits` to the root and merges:
@@ -482,7 +697,97 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
     let mut esp_size_mib = None;
     let mut enable = Vec::new();
     let mut mask = Vec::new();
+    let mut k3s_mode: Option<(String, PathBuf)> = None;
+    let mut node_labels = Vec::new();
+    let mut node_taints = Vec::new();
+    let mut manifests: Vec<String> = Vec::new();
+    let mut charts: Vec<ChartFile> = Vec::new();
     for (_, path, f) in &chain {
+        if let Some(m) = &f.k3s.mode {
+            if !matches!(m.as_str(), "server" | "agent" | "none") {
+                return Err(err(
+                    path,
+                    "k3s.mode",
+                    format!("unknown k3s mode {m:?}"),
+                    "use \"server\", \"agent\" or \"none\"",
+                ));
+            }
+            k3s_mode = Some((m.clone(), path.clone()));
+        }
+        for (i, m) in f.k3s.manifests.iter().enumerate() {
+            let mp = project.recipes_dir().join(m);
+            if m.starts_with('/') || m.contains("..") || !mp.is_file() {
+                return Err(err(
+                    path,
+                    format!("k3s.manifests[{i}]"),
+                    format!("{m:?} is not a file under recipes/"),
+                    "give a path relative to recipes/, e.g. \"manifests/metallb.yaml\"",
+                ));
+            }
+            if !manifests.contains(m) {
+                manifests.push(m.clone());
+            }
+        }
+        for (i, c) in f.k3s.charts.iter().enumerate() {
+            let key = format!("k3s.charts[{i}]");
+            if !is_dns_label(&c.name) || !is_dns_label(&c.namespace) {
+                return Err(err(
+                    path,
+                    key,
+                    format!(
+                        "chart name {:?} / namespace {:?} must be DNS labels",
+                        c.name, c.namespace
+                    ),
+                    "use lower-case letters, digits and '-'",
+                ));
+            }
+            validate_pinned(
+                path,
+                &key,
+                &Pinned {
+                    url: c.url.clone(),
+                    sha256: c.sha256.clone(),
+                    size: None,
+                },
+            )?;
+            if let Some(v) = &c.values {
+                if !project.recipes_dir().join(v).is_file() {
+                    return Err(err(
+                        path,
+                        format!("{key}.values"),
+                        format!("{v:?} is not a file under recipes/"),
+                        "give a path relative to recipes/",
+                    ));
+                }
+            }
+            charts.retain(|x| x.name != c.name);
+            charts.push(c.clone());
+        }
+        for (i, l) in f.k3s.node_labels.iter().enumerate() {
+            if !l.contains('=') || l.contains(char::is_whitespace) {
+                return Err(err(
+                    path,
+                    format!("k3s.node_labels[{i}]"),
+                    format!("{l:?} is not key=value"),
+                    "write e.g. \"node.longhorn.io/create-default-disk=true\"",
+                ));
+            }
+        }
+        for (i, t) in f.k3s.node_taints.iter().enumerate() {
+            let ok = t.split_once(':').is_some_and(|(_, eff)| {
+                matches!(eff, "NoSchedule" | "PreferNoSchedule" | "NoExecute")
+            });
+            if !ok || t.contains(char::is_whitespace) {
+                return Err(err(
+                    path,
+                    format!("k3s.node_taints[{i}]"),
+                    format!("{t:?} is not key[=value]:Effect"),
+                    "write e.g. \"nvidia.com/gpu=present:NoSchedule\"",
+                ));
+            }
+        }
+        merge_list(&mut node_labels, &f.k3s.node_labels);
+        merge_list(&mut node_taints, &f.k3s.node_taints);
         if let Some(d) = &f.description {
             description = d.clone();
         }
@@ -554,6 +859,43 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
             format!("use one of {}", VARIANTS.join(", ")),
         ));
     }
+    let mode = k3s_mode
+        .as_ref()
+        .map(|m| m.0.clone())
+        .unwrap_or_else(|| "none".into());
+    let role_path = chain.last().expect("chain has the role").1.clone();
+    if mode != "none" {
+        let from = k3s_mode
+            .as_ref()
+            .map(|m| m.1.clone())
+            .unwrap_or(role_path.clone());
+        if project.cluster.k3s.is_none() {
+            return Err(err(
+                &cluster_file,
+                "k3s",
+                format!(
+                    "role {role:?} runs k3s ({}) but cluster.toml has no [k3s] section",
+                    from.display()
+                ),
+                "add [k3s] with version and the pinned binary (see docs/recipes.md)",
+            ));
+        }
+        let masters = project
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| n.role == "master")
+            .count();
+        let needs_url = mode == "agent"
+            || masters > 1
+            || project.cluster.k3s.as_ref().is_some_and(|k| k.bootstrapped);
+        if needs_url && project.cluster.server_url().is_none() {
+            return Err(err(&cluster_file, "cluster.api_endpoint", format!("role {role:?} must join a server, but there is no API endpoint: no cluster.api_endpoint and the first master has no static address"), "set cluster.api_endpoint (a VIP or the first master's IP)"));
+        }
+    }
+    if mode != "server" && (!manifests.is_empty() || !charts.is_empty()) {
+        return Err(err(&role_path, "k3s.manifests", format!("role {role:?} is not a k3s server, and only servers auto-deploy manifests and charts"), "move the manifests/charts to recipes/master.toml"));
+    }
     Ok(Recipe {
         role: role.to_string(),
         chain: chain.iter().map(|c| c.0.clone()).collect(),
@@ -570,6 +912,13 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
             esp_size_mib: esp_size_mib.unwrap_or(0),
         },
         systemd: Systemd { enable, mask },
+        k3s: K3sRole {
+            mode,
+            node_labels,
+            node_taints,
+            manifests,
+            charts,
+        },
     })
 }
 

@@ -8,6 +8,43 @@ use crate::compose::{self, OverlayFile};
 use crate::recipe::{self, Cluster, Project, Recipe};
 use anyhow::Result;
 use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The k3s cluster token, made by `kiln keys init`.
+pub fn token_path(project: &Project) -> PathBuf {
+    project.root.join("keys").join("k3s-token")
+}
+
+/// Domain-separated sha256 of a high-entropy secret. It identifies the secret's version in the
+/// build id and the manifest; it cannot be inverted for a random 256-bit token.
+pub fn secret_fingerprint(name: &str, secret: &[u8]) -> String {
+    let mut v = format!("kiln-secret-fingerprint/v1\0{name}\0").into_bytes();
+    v.extend_from_slice(secret);
+    crate::util::sha256_hex(&v)
+}
+
+/// Reads the k3s token for a role that runs k3s.
+pub fn read_token(project: &Project) -> Result<String> {
+    let p = token_path(project);
+    let t = std::fs::read_to_string(&p).map_err(|e| recipe::RecipeError {
+        file: p.clone(),
+        key: "(k3s token)".into(),
+        problem: format!("cannot read the cluster token: {e}"),
+        fix: "run `kiln keys init` (or put a random secret in keys/k3s-token, mode 0600)".into(),
+    })?;
+    let t = t.trim().to_string();
+    if t.len() < 16 || t.contains(char::is_whitespace) {
+        return Err(recipe::RecipeError {
+            file: p,
+            key: "(k3s token)".into(),
+            problem: "the token is shorter than 16 characters or contains whitespace".into(),
+            fix: "run `kiln keys init --force` to make a new one".into(),
+        }
+        .into());
+    }
+    Ok(t)
+}
 
 /// Version of the build-id schema; bump when the meaning of the inputs changes.
 pub const SCHEMA: &str = "kiln.build-id/1";
@@ -23,6 +60,11 @@ pub struct Resolved {
     pub base: BaseSpec,
     pub base_key: String,
     pub overlays: Vec<OverlayFile>,
+    /// Files the recipe references (manifests, chart values, registries): path under recipes/ → sha256.
+    pub files: BTreeMap<String, String>,
+    /// Secrets baked into the image, by fingerprint only (see [`secret_fingerprint`]): a new
+    /// token gives a new build id without the token itself entering the hashed inputs.
+    pub secrets: BTreeMap<String, String>,
     /// sha256 of `canonical_json()` — the build id.
     #[serde(skip)]
     pub build_id: String,
@@ -41,6 +83,39 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let overlays = compose::scan_overlays(project, role)?;
     compose::check_templates(project, &overlays)?;
     let base = BaseSpec::new(&recipe, project.cluster.section.source_date_epoch);
+    let mut files = BTreeMap::new();
+    let mut referenced: Vec<String> = recipe.k3s.manifests.clone();
+    referenced.extend(recipe.k3s.charts.iter().filter_map(|c| c.values.clone()));
+    let mut secrets = BTreeMap::new();
+    if recipe.k3s.mode != "none" {
+        if let Some(r) = project
+            .cluster
+            .k3s
+            .as_ref()
+            .and_then(|k| k.registries.clone())
+        {
+            referenced.push(r);
+        }
+        let token = read_token(project)?;
+        secrets.insert(
+            "k3s-token".to_string(),
+            secret_fingerprint("k3s-token", token.as_bytes()),
+        );
+    }
+    for m in &recipe.k3s.manifests {
+        let p = project.recipes_dir().join(m);
+        let text = std::fs::read_to_string(&p).map_err(|e| recipe::RecipeError {
+            file: p.clone(),
+            key: "(manifest)".into(),
+            problem: format!("cannot read as text: {e}"),
+            fix: "save it as UTF-8 YAML".into(),
+        })?;
+        crate::k3s::validate_manifest(&p, &text)?;
+    }
+    for f in referenced {
+        let (sha, _) = crate::util::sha256_file(&project.recipes_dir().join(&f))?;
+        files.insert(f, sha);
+    }
     let mut r = Resolved {
         schema: SCHEMA,
         kiln_version: env!("CARGO_PKG_VERSION"),
@@ -50,6 +125,8 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
         cluster: project.cluster.clone(),
         base,
         overlays,
+        files,
+        secrets,
         build_id: String::new(),
     };
     r.build_id = crate::util::sha256_hex(r.canonical_json().as_bytes());

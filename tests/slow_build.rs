@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 struct Built {
+    ids: BTreeMap<String, String>,
     project: PathBuf,
     out: PathBuf,
     dir: PathBuf,
@@ -40,16 +41,30 @@ fn missing_build_capability() -> Option<String> {
     None
 }
 
-fn run_build(project: &Path, out: &Path, cache: &Path) -> std::process::Output {
+fn run_build(project: &Path, out: &Path, cache: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["--dir"])
         .arg(project)
         .arg("--out")
         .arg(out)
-        .args(["build", "--role", "worker", "--json", "--cache-dir"])
+        .args(["build", "--json", "--cache-dir"])
         .arg(cache)
+        .args(args)
         .output()
         .expect("run kiln")
+}
+
+/// Roles the shared build makes (worker and master share one base; storage has its own).
+const ROLES: &[&str] = &["--role", "worker", "--role", "master", "--role", "storage"];
+
+/// A project copy whose k3s pins point at the stand-in served over HTTP by this process.
+fn standin_project(root: &Path) -> PathBuf {
+    static URL: OnceLock<String> = OnceLock::new();
+    let url = URL.get_or_init(|| serve(standin_files()).0);
+    let project = root.join("project");
+    populate(&project);
+    pin_standin(&project, url);
+    project
 }
 
 /// The shared first build (cached base).
@@ -61,21 +76,37 @@ fn built() -> &'static Built {
             .tempdir()
             .unwrap()
             .keep();
-        let project = root.join("project");
-        copy_tree(&repo_root().join("recipes"), &project.join("recipes"));
-        copy_tree(&repo_root().join("overlays"), &project.join("overlays"));
+        let project = standin_project(&root);
         let out = root.join("out");
-        let o = run_build(&project, &out, &cache_dir());
+        let o = run_build(&project, &out, &cache_dir(), ROLES);
         assert!(o.status.success(), "build failed:\n{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let build_id = v[0]["build_id"].as_str().unwrap().to_string();
+        let ids: BTreeMap<String, String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["role"].as_str().unwrap().to_string(),
+                    r["build_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let build_id = ids["worker"].clone();
         Built {
             dir: out.join("worker").join(&build_id),
             project,
             out,
             build_id,
+            ids,
         }
     })
+}
+
+impl Built {
+    fn role_dir(&self, role: &str) -> PathBuf {
+        self.out.join(role).join(&self.ids[role])
+    }
 }
 
 const ARTIFACTS: &[&str] = &[
@@ -247,19 +278,14 @@ fn slow_build_image_contents() {
     let f = fs::File::open(b.dir.join("rootfs.tar.zst")).unwrap();
     let mut ar = tar::Archive::new(zstd::Decoder::new(f).unwrap());
     let mut seen = 0;
-    let mut first = true;
+    let mut roots = 0;
     for e in ar.entries().unwrap() {
-        if first {
-            let e = e.unwrap();
-            assert_eq!(
-                &e.header().as_old().name[..3],
-                b"./\0",
-                "the root directory entry comes first"
-            );
-            first = false;
+        let e = e.unwrap();
+        if &e.header().as_old().name[..3] == b"./\0" {
+            roots += 1;
+            assert_eq!(e.header().mode().unwrap(), 0o755);
             continue;
         }
-        let e = e.unwrap();
         let p = e.path().unwrap().to_string_lossy().into_owned();
         if p == "etc/kiln/build.json" || p == "etc/hostname" {
             assert_eq!(e.header().mtime().unwrap(), 1_700_000_000);
@@ -268,6 +294,7 @@ fn slow_build_image_contents() {
         }
     }
     assert_eq!(seen, 2);
+    assert_eq!(roots, 1, "exactly one root directory entry");
 
     // GPT read back by sfdisk: ESP + Linux root, root partition = root.squashfs bytes.
     if which("sfdisk") {
@@ -343,32 +370,41 @@ fn slow_build_reproducible_with_fresh_cache() {
         .prefix("kiln-repro-")
         .tempdir()
         .unwrap();
-    let project = root.path().join("project");
-    copy_tree(&b.project.join("recipes"), &project.join("recipes"));
-    copy_tree(&b.project.join("overlays"), &project.join("overlays"));
+    let project = standin_project(root.path());
     let out = root.path().join("out");
-    let o = run_build(&project, &out, &root.path().join("fresh-cache"));
+    let o = run_build(
+        &project,
+        &out,
+        &root.path().join("fresh-cache"),
+        &["--role", "worker", "--role", "master"],
+    );
     assert!(o.status.success(), "second build failed:\n{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         v[0]["base_cached"], false,
         "the second build must not reuse the cache"
     );
-    let dir2 = out.join("worker").join(&b.build_id);
-    assert!(dir2.is_dir(), "same inputs must give the same build id");
-    let sums1 = fs::read_to_string(b.dir.join("SHA256SUMS")).unwrap();
-    let sums2 = fs::read_to_string(dir2.join("SHA256SUMS")).unwrap();
-    let mut differ = Vec::new();
-    for a in ARTIFACTS {
-        if fs::read(b.dir.join(a)).unwrap() != fs::read(dir2.join(a)).unwrap() {
-            differ.push(*a);
+    for role in ["worker", "master"] {
+        let dir1 = b.role_dir(role);
+        let dir2 = out.join(role).join(&b.ids[role]);
+        assert!(
+            dir2.is_dir(),
+            "same inputs must give the same build id ({role})"
+        );
+        let sums1 = fs::read_to_string(dir1.join("SHA256SUMS")).unwrap();
+        let sums2 = fs::read_to_string(dir2.join("SHA256SUMS")).unwrap();
+        let mut differ = Vec::new();
+        for a in ARTIFACTS {
+            if fs::read(dir1.join(a)).unwrap() != fs::read(dir2.join(a)).unwrap() {
+                differ.push(*a);
+            }
         }
+        assert!(
+            differ.is_empty(),
+            "{role}: artifacts differ between two builds: {differ:?}\n{sums1}\n{sums2}"
+        );
+        assert_eq!(sums1, sums2);
     }
-    assert!(
-        differ.is_empty(),
-        "artifacts differ between two builds: {differ:?}\n{sums1}\n{sums2}"
-    );
-    assert_eq!(sums1, sums2);
 }
 
 #[test]
@@ -384,9 +420,13 @@ fn slow_boot_uefi_disk_prints_marker() {
     }
     let b = built();
     let tmp = tempfile::tempdir().unwrap();
-    let cmd =
-        kiln::qemu::uefi_disk_command(&b.dir.join("disk.qcow2"), &tmp.path().join("vars.fd"), 2048)
-            .unwrap();
+    let cmd = kiln::qemu::uefi_disk_command(
+        &b.dir.join("disk.qcow2"),
+        &tmp.path().join("vars.fd"),
+        2048,
+        None,
+    )
+    .unwrap();
     let marker = format!("kiln: booted role=worker build={}", b.build_id);
     let log = b.out.join("boot-uefi.log");
     let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(900), &log)
@@ -400,5 +440,258 @@ fn slow_boot_uefi_disk_prints_marker() {
         booted.line.contains("hostname=homelab-worker"),
         "{}",
         booted.line
+    );
+}
+
+/// Readable dump of what kiln placed for k3s and identity: mode, owner, size, and the content
+/// of the small text files (never of the token).
+fn kiln_layer_dump(dir: &Path) -> String {
+    let f = fs::File::open(dir.join("rootfs.tar.zst")).unwrap();
+    let mut ar = tar::Archive::new(zstd::Decoder::new(f).unwrap());
+    let mut out = BTreeMap::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let p = e.path().unwrap().to_string_lossy().into_owned();
+        let interesting = p.starts_with("etc/rancher")
+            || p.starts_with("usr/local/bin")
+            || p.starts_with("var/lib/rancher")
+            || p.starts_with("var/lib/longhorn")
+            || p.starts_with("etc/kiln/k3s-nodes")
+            || p == "etc/kiln/inventory.tsv"
+            || p == "etc/kiln/role"
+            || p.starts_with("usr/lib/kiln")
+            || p.starts_with("etc/modules-load.d")
+            || p == "etc/multipath.conf"
+            || (p.starts_with("etc/systemd/system")
+                && (p.contains("k3s") || p.contains("kiln-identify") || p.contains("iscsid")));
+        if !interesting {
+            continue;
+        }
+        let h = e.header().clone();
+        let mut line = format!(
+            "{:o} {}:{} {:?}",
+            h.mode().unwrap(),
+            h.uid().unwrap(),
+            h.gid().unwrap(),
+            h.entry_type()
+        );
+        if let Some(t) = e.link_name().unwrap() {
+            line.push_str(&format!(" -> {}", t.display()));
+        } else if h.entry_type().is_file() {
+            let mut data = Vec::new();
+            use std::io::Read;
+            e.read_to_end(&mut data).unwrap();
+            line.push_str(&format!(
+                " {} bytes sha256={}",
+                data.len(),
+                &sha256_hex(&data)[..16]
+            ));
+            let textual = p.ends_with(".yaml")
+                || p.ends_with(".service")
+                || p.ends_with(".conf")
+                || p.ends_with(".tsv")
+                || p == "etc/kiln/role";
+            if textual && !p.ends_with("/token") {
+                for l in String::from_utf8_lossy(&data).lines() {
+                    line.push_str(&format!("\n    | {l}"));
+                }
+            }
+        }
+        out.insert(p, line);
+    }
+    out.iter().map(|(p, l)| format!("{p}: {l}\n")).collect()
+}
+
+/// Golden snapshot of the k3s/identity layer per role (KILN_UPDATE_GOLDEN=1 rewrites them).
+#[test]
+fn slow_k3s_layout_golden() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_k3s_layout_golden", &r);
+    }
+    let b = built();
+    let mut failures = Vec::new();
+    for role in ["master", "worker", "storage"] {
+        let dump = kiln_layer_dump(&b.role_dir(role));
+        let golden = repo_root().join(format!("tests/golden/{role}-layer.txt"));
+        if std::env::var_os("KILN_UPDATE_GOLDEN").is_some() {
+            fs::create_dir_all(golden.parent().unwrap()).unwrap();
+            fs::write(&golden, &dump).unwrap();
+            continue;
+        }
+        let want = fs::read_to_string(&golden).unwrap_or_default();
+        if want != dump {
+            let got = golden.with_extension("got");
+            fs::write(&got, &dump).unwrap();
+            failures.push(format!(
+                "{role}: differs from {} (got: {})",
+                golden.display(),
+                got.display()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\nrerun with KILN_UPDATE_GOLDEN=1 after checking the diff",
+        failures.join("\n")
+    );
+    // Key facts, independent of the snapshot:
+    let m = kiln_layer_dump(&b.role_dir("master"));
+    assert!(m.contains("usr/local/bin/k3s: 755 0:0 Regular"));
+    assert!(m.contains("usr/local/bin/kubectl: 777 0:0 Symlink -> /usr/local/bin/k3s"));
+    assert!(m.contains("etc/rancher/k3s/token: 600 0:0 Regular"));
+    assert!(m.contains("etc/systemd/system/multi-user.target.wants/k3s.service: 777 0:0 Symlink -> /etc/systemd/system/k3s.service"));
+    assert!(
+        m.contains("| cluster-init: true"),
+        "first master founds the cluster"
+    );
+    assert!(m.contains("etc/kiln/k3s-nodes/master-1.yaml"));
+    assert!(m.contains("var/lib/rancher/k3s/server/manifests/nvidia-runtimeclass.yaml"));
+    let w = kiln_layer_dump(&b.role_dir("worker"));
+    assert!(w.contains("etc/systemd/system/multi-user.target.wants/k3s-agent.service"));
+    assert!(w.contains("| server: \"https://10.0.0.10:6443\""));
+    assert!(!w.contains("server/manifests"), "agents carry no manifests");
+    assert!(
+        w.contains("etc/kiln/k3s-nodes/worker-1.yaml")
+            && w.contains("etc/kiln/k3s-nodes/worker-2.yaml")
+    );
+    let s = kiln_layer_dump(&b.role_dir("storage"));
+    assert!(s.contains("node.longhorn.io/create-default-disk=true"));
+    assert!(s.contains("etc/modules-load.d/longhorn.conf"));
+    assert!(s.contains("iscsid"), "iscsid enabled");
+    assert!(s.contains("var/lib/longhorn: 755 0:0 Directory"));
+    // Secrets: images with the token are marked and private.
+    for role in ["master", "worker", "storage"] {
+        let m: serde_json::Value =
+            serde_json::from_slice(&fs::read(b.role_dir(role).join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(m["contains_secrets"], true, "{role}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(b.role_dir(role).join("disk.raw"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+}
+
+#[test]
+fn slow_offline_rebuild_and_locked() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_offline_rebuild_and_locked", &r);
+    }
+    let b = built();
+    // The lock records the artifacts and the base packages.
+    let lock = fs::read_to_string(b.project.join("kiln.lock")).unwrap();
+    assert!(
+        lock.contains("[artifacts.k3s]") && lock.contains("systemd "),
+        "{lock}"
+    );
+    // Offline rebuild from the cache (network is not touched: the pins point at a dead port).
+    let root = tempfile::tempdir().unwrap();
+    let project = root.path().join("project");
+    copy_tree(&b.project, &project);
+    pin_standin(&project, "http://127.0.0.1:9");
+    let out = root.path().join("out");
+    let o = run_build(
+        &project,
+        &out,
+        &cache_dir(),
+        &["--role", "worker", "--offline"],
+    );
+    assert!(
+        o.status.success(),
+        "offline rebuild failed:\n{}",
+        stderr(&o)
+    );
+    // Same content, different URL → different build id is expected only if URLs enter it; compare bytes of the image tree.
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let dir = out.join("worker").join(v[0]["build_id"].as_str().unwrap());
+    assert!(dir.join("SHA256SUMS").is_file());
+    // --locked with unchanged inputs passes; a lock that disagrees fails and names the change.
+    let o = run_build(
+        &b.project,
+        &root.path().join("out2"),
+        &cache_dir(),
+        &["--role", "worker", "--locked"],
+    );
+    assert!(
+        o.status.success(),
+        "--locked with the same inputs failed:\n{}",
+        stderr(&o)
+    );
+    let lp = b.project.join("kiln.lock");
+    let tampered = root.path().join("kiln.lock");
+    fs::copy(&lp, &tampered).unwrap();
+    let text = fs::read_to_string(&lp).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("\"systemd "))
+        .unwrap()
+        .to_string();
+    fs::write(&lp, text.replace(&line, "    \"systemd 0.0-old amd64\",")).unwrap();
+    let o = run_build(
+        &b.project,
+        &root.path().join("out3"),
+        &cache_dir(),
+        &["--role", "worker", "--locked", "--force"],
+    );
+    fs::copy(&tampered, &lp).unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("--locked") && e.contains("systemd 0.0-old"),
+        "{e}"
+    );
+}
+
+#[test]
+fn slow_boot_master_starts_k3s() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_boot_master_starts_k3s", &r);
+    }
+    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+        return skip(
+            "slow_boot_master_starts_k3s",
+            "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
+        );
+    }
+    let b = built();
+    let tmp = tempfile::tempdir().unwrap();
+    // master-1's MAC from the inventory: the image takes master-1's identity and founds the cluster.
+    let cmd = kiln::qemu::uefi_disk_command(
+        &b.role_dir("master").join("disk.qcow2"),
+        &tmp.path().join("vars.fd"),
+        2048,
+        Some("52:54:00:00:00:11"),
+    )
+    .unwrap();
+    let log = b.out.join("boot-master.log");
+    let booted = kiln::qemu::wait_for_marker(
+        cmd,
+        "kiln-k3s-standin: argv=[server]",
+        Duration::from_secs(900),
+        &log,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "k3s started after {:.0}s: {}",
+        booted.elapsed.as_secs_f64(),
+        booted.line
+    );
+    let l = &booted.line;
+    assert!(l.contains("token=present"), "{l}");
+    assert!(l.contains("images=[k3s-airgap-images-amd64.tar.zst"), "{l}");
+    assert!(
+        l.contains("cluster-init: true") && l.contains("node-name: \"master-1\""),
+        "{l}"
+    );
+    assert!(l.contains("token-file: \"/etc/rancher/k3s/token\""), "{l}");
+    let console = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        console.contains("kiln-identify: this is master-1"),
+        "identity not taken"
     );
 }

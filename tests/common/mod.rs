@@ -9,12 +9,118 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Copies the repository's recipes/ and overlays/ into a fresh temp project.
+/// A fixed test token (never a real secret).
+pub const TEST_TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// Copies the repository's recipes/ and overlays/ into a fresh temp project, with a test token.
 pub fn project_copy() -> tempfile::TempDir {
     let d = tempfile::tempdir().expect("tempdir");
-    copy_tree(&repo_root().join("recipes"), &d.path().join("recipes"));
-    copy_tree(&repo_root().join("overlays"), &d.path().join("overlays"));
+    populate(d.path());
     d
+}
+
+/// Fills `dir` with the repository's recipes/ and overlays/ and a test k3s token.
+pub fn populate(dir: &Path) {
+    copy_tree(&repo_root().join("recipes"), &dir.join("recipes"));
+    copy_tree(&repo_root().join("overlays"), &dir.join("overlays"));
+    fs::create_dir_all(dir.join("keys")).unwrap();
+    let t = dir.join("keys/k3s-token");
+    fs::write(&t, format!("{TEST_TOKEN}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&t, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// The stand-in k3s release files shipped in tests/standin/ (name → bytes).
+pub fn standin_files() -> Vec<(String, Vec<u8>)> {
+    ["k3s", "k3s-airgap-images-amd64.tar.zst"]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                fs::read(repo_root().join("tests/standin").join(n)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Serves `files` at `http://127.0.0.1:<port>/<name>` from a background thread for the rest
+/// of the process; returns the base URL. Each request is logged into the returned counter.
+pub fn serve(
+    files: Vec<(String, Vec<u8>)>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = r.read_line(&mut first);
+            loop {
+                let mut l = String::new();
+                if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+                    break;
+                }
+            }
+            let path = first
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .trim_start_matches('/')
+                .to_string();
+            match files.iter().find(|(n, _)| *n == path) {
+                Some((_, b)) => {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        b.len()
+                    );
+                    let _ = c.write_all(b);
+                }
+                None => {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                }
+            }
+        }
+    });
+    (format!("http://127.0.0.1:{port}"), hits)
+}
+
+/// Points the project's k3s pins at the stand-in files served at `base_url`.
+pub fn pin_standin(dir: &Path, base_url: &str) {
+    let p = dir.join("recipes/cluster.toml");
+    let s = fs::read_to_string(&p).unwrap();
+    let files = standin_files();
+    let mut out = String::new();
+    for line in s.lines() {
+        if line.starts_with("binary = ") {
+            out.push_str(&format!(
+                "binary = {{ url = \"{base_url}/k3s\", sha256 = \"{}\" }}\n",
+                sha256_hex(&files[0].1)
+            ));
+        } else if line.starts_with("airgap_images = ") {
+            out.push_str(&format!(
+                "airgap_images = {{ url = \"{base_url}/k3s-airgap-images-amd64.tar.zst\", sha256 = \"{}\" }}\n",
+                sha256_hex(&files[1].1)
+            ));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    fs::write(&p, out).unwrap();
 }
 
 pub fn copy_tree(from: &Path, to: &Path) {

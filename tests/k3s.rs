@@ -1,0 +1,314 @@
+//! k3s inputs: per-node configs, fetch errors, secret inputs, manifest checks (fast; no root).
+
+mod common;
+use common::*;
+use std::fs;
+
+fn add_master2(dir: &std::path::Path) {
+    let p = dir.join("recipes/cluster.toml");
+    let mut s = fs::read_to_string(&p).unwrap();
+    s.push_str("\n[[nodes]]\nhostname = \"master-2\"\nmac = \"52:54:00:00:00:12\"\nrole = \"master\"\naddress = \"10.0.0.12/24\"\n");
+    fs::write(&p, s).unwrap();
+}
+
+#[test]
+fn two_masters_one_worker_get_distinct_configs() {
+    let d = project_copy();
+    add_master2(d.path());
+    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let k = project.cluster.k3s.clone().unwrap();
+    let master = kiln::recipe::load_role(&project, "master").unwrap();
+    let worker = kiln::recipe::load_role(&project, "worker").unwrap();
+    let m = kiln::k3s::node_configs(&project.cluster, &k, &master);
+    assert_eq!(m.keys().collect::<Vec<_>>(), ["master-1", "master-2"]);
+    assert!(
+        m["master-1"].contains("cluster-init: true\n"),
+        "{}",
+        m["master-1"]
+    );
+    assert!(!m["master-1"].contains("server:"));
+    assert!(
+        m["master-2"].contains("server: \"https://10.0.0.10:6443\"\n"),
+        "{}",
+        m["master-2"]
+    );
+    assert!(!m["master-2"].contains("cluster-init"));
+    assert!(m["master-2"].contains("node-ip: \"10.0.0.12\"\n"));
+    let rc = kiln::k3s::role_config(&project.cluster, &k, &master);
+    for want in [
+        "token-file: \"/etc/rancher/k3s/token\"",
+        "tls-san:\n  - \"10.0.0.10\"\n  - \"k3s.lab.internal\"",
+        "disable:\n  - \"traefik\"",
+        "write-kubeconfig-mode: \"0600\"",
+        "node-label:\n  - \"kiln.dev/role=master\"",
+    ] {
+        assert!(rc.contains(want), "master config lacks {want:?}:\n{rc}");
+    }
+    assert!(
+        !rc.contains("server:"),
+        "server roles join per node, not in the role config"
+    );
+    let wc = kiln::k3s::role_config(&project.cluster, &k, &worker);
+    assert!(wc.contains("server: \"https://10.0.0.10:6443\"\n"), "{wc}");
+    assert!(
+        !wc.contains("tls-san") && !wc.contains("disable"),
+        "server-only keys on an agent:\n{wc}"
+    );
+    let w = kiln::k3s::node_configs(&project.cluster, &k, &worker);
+    assert_eq!(w.keys().collect::<Vec<_>>(), ["worker-1", "worker-2"]);
+    assert!(
+        w["worker-1"].contains("node-name: \"worker-1\"") && !w["worker-1"].contains("node-ip")
+    );
+    // Every generated file is YAML with the expected keys.
+    for text in m.values().chain(w.values()).chain([&rc, &wc]) {
+        let v: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+        assert!(v.as_mapping().is_some());
+    }
+
+    // Once bootstrapped, the first master joins too (reflashing it must not found a new cluster).
+    let mut k2 = k.clone();
+    k2.bootstrapped = true;
+    let m2 = kiln::k3s::node_configs(&project.cluster, &k2, &master);
+    assert!(m2["master-1"].contains("server: \"https://10.0.0.10:6443\""));
+    assert!(!m2["master-1"].contains("cluster-init"));
+}
+
+#[test]
+fn gpu_and_storage_roles_carry_labels_and_taints() {
+    let d = project_copy();
+    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let k = project.cluster.k3s.clone().unwrap();
+    let gpu = kiln::recipe::load_role(&project, "gpu").unwrap();
+    let c = kiln::k3s::role_config(&project.cluster, &k, &gpu);
+    assert!(
+        c.contains("  - \"nvidia.com/gpu.present=true\"")
+            && c.contains("node-taint:\n  - \"nvidia.com/gpu=present:NoSchedule\""),
+        "{c}"
+    );
+    assert!(gpu.debian.packages.contains(&"nvidia-driver".to_string()));
+    assert!(gpu.debian.components.contains(&"non-free".to_string()));
+    let st = kiln::recipe::load_role(&project, "storage").unwrap();
+    let c = kiln::k3s::role_config(&project.cluster, &k, &st);
+    assert!(c.contains("node.longhorn.io/create-default-disk=true"));
+    for p in ["open-iscsi", "nfs-common", "cryptsetup", "dmsetup"] {
+        assert!(st.debian.packages.contains(&p.to_string()), "{p}");
+    }
+    assert!(st.systemd.enable.contains(&"iscsid.service".to_string()));
+    assert_eq!(kiln::k3s::unit_name("server"), "k3s.service");
+    assert_eq!(kiln::k3s::unit_name("agent"), "k3s-agent.service");
+    let u = kiln::k3s::unit("agent");
+    for l in [
+        "Type=notify",
+        "Delegate=yes",
+        "KillMode=process",
+        "Restart=always",
+        "RestartSec=5s",
+        "ExecStartPre=-/sbin/modprobe br_netfilter",
+        "ExecStartPre=-/sbin/modprobe overlay",
+        "LimitNOFILE=1048576",
+        "TasksMax=infinity",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "WantedBy=multi-user.target",
+        "ExecStart=/usr/local/bin/k3s agent",
+    ] {
+        assert!(u.lines().any(|x| x == l), "unit lacks {l}");
+    }
+}
+
+#[test]
+fn digest_mismatch_is_rejected_and_not_kept() {
+    let d = project_copy();
+    let mut files = standin_files();
+    files[0].1.extend_from_slice(b"# tampered\n");
+    let (url, _) = serve(files);
+    pin_standin(d.path(), &url); // pins the genuine digest, serves different bytes
+    let cache = d.path().join("cache");
+    let o = kiln(
+        d.path(),
+        &[
+            "build",
+            "--role",
+            "worker",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("sha256 mismatch") && e.contains("/k3s"), "{e}");
+    let kept: Vec<_> = walkdir::WalkDir::new(cache.join("sha256"))
+        .min_depth(1)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .collect();
+    assert!(kept.is_empty(), "the bad download was kept: {kept:?}");
+    let builds: Vec<_> = fs::read_dir(d.path().join("out/worker"))
+        .map(|r| r.count())
+        .into_iter()
+        .collect();
+    assert!(
+        builds.iter().all(|n| *n == 0),
+        "something was published in out/worker"
+    );
+}
+
+#[test]
+fn offline_cache_miss_is_a_clear_error() {
+    let d = project_copy();
+    let cache = d.path().join("cache");
+    let o = kiln(
+        d.path(),
+        &[
+            "build",
+            "--role",
+            "worker",
+            "--offline",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("offline") && e.contains("k3s") && e.contains("15811d34187e03fe"),
+        "{e}"
+    );
+}
+
+#[test]
+fn standin_download_is_cached_and_served_once() {
+    let d = project_copy();
+    let (url, hits) = serve(standin_files());
+    pin_standin(d.path(), &url);
+    let cache = d.path().join("cache");
+    let p = kiln::recipe::load_project(d.path()).unwrap();
+    let k = p.cluster.k3s.unwrap();
+    let f = kiln::fetch::Fetcher::new(&cache).quiet(true);
+    let a = kiln::fetch::Artifact {
+        name: "k3s".into(),
+        url: k.binary.url.clone(),
+        sha256: k.binary.sha256.clone(),
+        size: None,
+    };
+    let path = f.fetch(&a).unwrap();
+    assert_eq!(path, cache.join("sha256").join(&k.binary.sha256));
+    assert_eq!(fs::read(&path).unwrap(), standin_files()[0].1);
+    let n = hits.load(std::sync::atomic::Ordering::SeqCst);
+    f.fetch(&a).unwrap();
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        n,
+        "a cache hit must not touch the network"
+    );
+}
+
+#[test]
+fn missing_token_is_a_user_error() {
+    let d = project_copy();
+    fs::remove_file(d.path().join("keys/k3s-token")).unwrap();
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("keys/k3s-token") && e.contains("kiln keys init"),
+        "{e}"
+    );
+    assert!(!d.path().join("out").exists());
+}
+
+#[test]
+fn token_changes_build_id_but_is_not_in_inputs() {
+    let d = project_copy();
+    let id = |d: &std::path::Path| -> (String, String) {
+        let o = kiln(d, &["inspect", "--role", "worker", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["build_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            stdout(&o),
+        )
+    };
+    let (a, json) = id(d.path());
+    assert!(
+        !json.contains(TEST_TOKEN),
+        "the token leaked into the inputs"
+    );
+    fs::write(
+        d.path().join("keys/k3s-token"),
+        "ffffffffffffffffffffffffffffffff\n",
+    )
+    .unwrap();
+    let (b, _) = id(d.path());
+    assert_ne!(a, b);
+}
+
+#[test]
+fn manifests_only_on_servers_and_validated() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/worker.toml",
+        "mode = \"agent\"",
+        "mode = \"agent\"\nmanifests = [\"manifests/nvidia-runtimeclass.yaml\"]",
+    );
+    let o = kiln(d.path(), &["build", "--role", "worker"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("recipes/worker.toml")
+            && e.contains("k3s.manifests")
+            && e.contains("master.toml"),
+        "{e}"
+    );
+
+    let d = project_copy();
+    fs::write(
+        d.path().join("recipes/manifests/nvidia-runtimeclass.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  labels: {}\n",
+    )
+    .unwrap();
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("nvidia-runtimeclass.yaml") && e.contains("metadata.name"),
+        "{e}"
+    );
+    assert!(!d.path().join("out").exists());
+
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "sha256 = \"15811d34",
+        "sha256 = \"XX811d34",
+    );
+    let o = kiln(d.path(), &["inspect", "--role", "worker"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("k3s.binary.sha256"), "{e}");
+}
+
+#[test]
+fn helm_chart_embeds_archive() {
+    let y = kiln::k3s::helm_chart(
+        "metallb",
+        "metallb-system",
+        b"\x1f\x8bfake-tgz",
+        Some("speaker:\n  enabled: true"),
+    );
+    let v: serde_yaml::Value = serde_yaml::from_str(&y).unwrap();
+    assert_eq!(v["apiVersion"], "helm.cattle.io/v1");
+    assert_eq!(v["kind"], "HelmChart");
+    assert_eq!(v["spec"]["targetNamespace"], "metallb-system");
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["spec"]["chartContent"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, b"\x1f\x8bfake-tgz");
+    assert_eq!(v["spec"]["valuesContent"], "speaker:\n  enabled: true");
+}
