@@ -20,3 +20,5 @@ if ! $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev
 fi
 command -v qemu-img >/dev/null || { echo "setup: qemu-img missing after install" >&2; exit 1; }
 cargo build --release --locked
+# The cluster's keys (SSH, image signing, sealed-secrets controller, k3s token), once.
+if [ ! -e keys/k3s-token ]; then ./target/release/kiln keys init; fi

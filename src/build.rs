@@ -134,6 +134,10 @@ fn clean_stale(dir: &Path) -> Result<()> {
 /// Builds one role.
 pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<BuildReport> {
     let resolved = resolve::resolve(project, role)?;
+    let keys_dir = project.root.join("keys");
+    if keys_dir.is_dir() {
+        crate::keys::check_private_permissions(&keys_dir)?;
+    }
     let _lock = lock_out(&opts.out_dir)?;
     clean_stale(&opts.out_dir.join("cache").join("base"))?;
     clean_stale(&opts.cache_dir.join("base"))?;
@@ -384,6 +388,12 @@ fn fetch_stage(
             .unwrap_or("k3s-airgap-images.tar")
             .to_string();
         out.airgap = Some((name, p));
+    }
+    if let (Some(ss), "server") = (&project.cluster.sealed_secrets, r.recipe.k3s.mode.as_str()) {
+        if let Some(c) = &ss.chart {
+            out.sealed_secrets_chart =
+                Some(get("sealed-secrets-chart", &c.url, &c.sha256, c.size)?);
+        }
     }
     for c in &r.recipe.k3s.charts {
         let p = get(&format!("chart-{}", c.name), &c.url, &c.sha256, None)?;

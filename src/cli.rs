@@ -28,6 +28,53 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check the host tools kiln needs.
     Doctor(DoctorArgs),
+    /// Create or show the cluster's keys in keys/.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Seal a Kubernetes Secret into a SealedSecret (kubeseal-compatible).
+    Seal(SealArgs),
+    /// Decrypt a SealedSecret with the controller's private key (round trips, debugging).
+    Unseal(UnsealArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate SSH, image-signing and sealed-secrets keys and the k3s token.
+    Init {
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print fingerprints (never secrets).
+    Show {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SealArgs {
+    /// Secret manifest (YAML or JSON); `-` or absent reads stdin.
+    pub input: Option<PathBuf>,
+    /// Controller certificate to seal against [default: keys/sealed-secrets.crt].
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// strict | namespace-wide | cluster-wide [default: from the Secret's annotations, else strict].
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Write here (atomically) instead of stdout.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    /// SealedSecret manifest; `-` or absent reads stdin.
+    pub input: Option<PathBuf>,
+    /// Controller private key [default: keys/sealed-secrets.key].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -639,10 +639,28 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
         "etc/systemd/system/kiln-booted.service".into(),
         gen(marker_unit(&recipe.role, input.build_id)),
     );
+    upper.insert("etc/kiln/role".into(), gen(format!("{}\n", recipe.role)));
+    upper.insert(
+        "etc/kiln/inventory.tsv".into(),
+        gen(inventory_tsv(&project.cluster)),
+    );
+    upper.insert(
+        "usr/lib/kiln/kiln-identify".into(),
+        Upper::file(IDENTIFY_SCRIPT, 0o755, "kiln (generated)"),
+    );
+    upper.insert(
+        "etc/systemd/system/kiln-identify.service".into(),
+        gen(IDENTIFY_UNIT.to_string()),
+    );
+    for (p, e) in &input.extra {
+        upper.insert(p.clone(), e.clone());
+    }
 
     // systemd enable/mask, resolved against the upper layer first, then the base.
     let mut to_enable: Vec<String> = recipe.systemd.enable.clone();
     to_enable.push("kiln-booted.service".into());
+    to_enable.push("kiln-identify.service".into());
+    to_enable.extend(input.extra_enable.iter().cloned());
     let mut done = BTreeSet::new();
     while let Some(unit) = to_enable.pop() {
         if !done.insert(unit.clone()) {

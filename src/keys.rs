@@ -40,6 +40,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_cert::builder::{Builder, CertificateBuilder, Profile};
+use x509_cert::der::referenced::OwnedToRef as _;
 use x509_cert::der::{Decode, Encode, EncodePem};
 use x509_cert::ext::pkix::{BasicConstraints, KeyUsage, KeyUsages, SubjectKeyIdentifier};
 use x509_cert::name::Name;
@@ -288,10 +289,14 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
         .to_openssh()
         .context("encoding the SSH public key")?;
 
-    // Signing: Ed25519 PKCS#8 PEM + raw public key in base64.
+    // Signing: Ed25519 PKCS#8 v1 PEM (no embedded public key: the v2 form that ed25519-dalek
+    // writes by default is rejected by OpenSSL 3.0 and Python `cryptography`) + raw public key.
     let signing = ed25519_dalek::SigningKey::generate(&mut OsRng);
     let signing_private = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(
-        &signing,
+        &ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: signing.to_bytes(),
+            public_key: None,
+        },
         ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF,
     )
     .context("encoding the signing key as PKCS#8")?;
@@ -389,8 +394,6 @@ fn self_signed_cert(key: &RsaPrivateKey, now: SystemTime) -> Result<String> {
     cert.to_pem(LineEnding::LF)
         .context("encoding the certificate as PEM")
 }
-
-use x509_cert::der::referenced::OwnedToRef as _;
 
 /// Writes `bytes` to `path` atomically with `mode`: temp file in the same directory (created
 /// 0600), content written, mode set, fsynced, then renamed over `path`.
@@ -673,7 +676,10 @@ fn describe_cert(bytes: &[u8]) -> Result<(String, String)> {
 
 fn describe_token(bytes: &[u8]) -> Result<(String, String)> {
     let n = utf8(bytes)?.trim().chars().count();
-    Ok(("k3s cluster token".to_string(), format!("present ({n} chars)")))
+    Ok((
+        "k3s cluster token".to_string(),
+        format!("present ({n} chars)"),
+    ))
 }
 
 #[cfg(test)]
@@ -718,6 +724,10 @@ mod tests {
         assert!(token.trim().chars().all(|c| c.is_ascii_hexdigit()));
         let signing_pub = fs::read_to_string(&p.signing_public).unwrap();
         assert_eq!(signing_pub.trim().len(), 44);
+        // PKCS#8 v1 (48 bytes of DER, no embedded public key) for OpenSSL/Python interop.
+        let signing_pem = fs::read_to_string(&p.signing_private).unwrap();
+        let (label, der) = x509_cert::der::pem::decode_vec(signing_pem.as_bytes()).unwrap();
+        assert_eq!((label, der.len()), ("PRIVATE KEY", 48));
         assert!(fs::read_to_string(&p.sealed_secrets_key)
             .unwrap()
             .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
@@ -816,9 +826,10 @@ mod tests {
         assert_eq!(sign.fingerprint, get("signing_ed25519.pub").fingerprint);
         let cert = get("sealed-secrets.crt");
         assert_eq!(cert.fingerprint.len(), 32 * 3 - 1);
-        assert!(cert.fingerprint.chars().all(|c| c == ':'
-            || c.is_ascii_digit()
-            || c.is_ascii_uppercase()));
+        assert!(cert
+            .fingerprint
+            .chars()
+            .all(|c| c == ':' || c.is_ascii_digit() || c.is_ascii_uppercase()));
         assert!(!cert.kind.contains("DOES NOT MATCH"), "{cert:?}");
         assert!(get("sealed-secrets.key").fingerprint.starts_with("SHA256:"));
         assert_eq!(get("k3s-token").fingerprint, "present (64 chars)");
@@ -829,7 +840,10 @@ mod tests {
         assert!(!json.contains(token.trim()));
         for f in p.private_files() {
             let body = fs::read_to_string(f).unwrap();
-            for line in body.lines().filter(|l| l.len() > 20 && !l.starts_with("-----")) {
+            for line in body
+                .lines()
+                .filter(|l| l.len() > 20 && !l.starts_with("-----"))
+            {
                 assert!(!json.contains(line), "{} leaked", f.display());
             }
         }

@@ -10,14 +10,16 @@ pub mod compose;
 pub mod emit;
 pub mod fetch;
 pub mod k3s;
+pub mod keys;
 pub mod lock;
 pub mod qemu;
 pub mod recipe;
 pub mod resolve;
+pub mod seal;
 pub mod tools;
 pub mod util;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use cli::{Cli, Command};
 use std::io::Write;
 use std::path::PathBuf;
@@ -27,13 +29,28 @@ pub const EXIT_USER_ERROR: i32 = 2;
 
 /// Maps an error to an exit status: 2 for recipe/user errors, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err
-        .chain()
-        .any(|e| e.downcast_ref::<recipe::RecipeError>().is_some())
-    {
+    if err.chain().any(|e| {
+        e.downcast_ref::<recipe::RecipeError>().is_some()
+            || e.downcast_ref::<keys::KeysError>().is_some()
+            || e.downcast_ref::<seal::SealError>().is_some()
+    }) {
         EXIT_USER_ERROR
     } else {
         1
+    }
+}
+
+fn read_input(p: Option<&std::path::Path>) -> Result<String> {
+    match p {
+        Some(p) if p != std::path::Path::new("-") => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        }
+        _ => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading stdin")?;
+            Ok(s)
+        }
     }
 }
 
@@ -124,6 +141,62 @@ pub fn run(cli: Cli) -> Result<()> {
                     serde_json::to_string_pretty(&r.recipe)?
                 )?;
             }
+            Ok(())
+        }
+        Command::Keys(cli::KeysCommand::Init { force }) => {
+            let name = recipe::load_project(&cli.dir)
+                .map(|p| p.cluster.section.name)
+                .unwrap_or_else(|_| "kiln".into());
+            let written = keys::init(&cli.dir.join("keys"), &name, *force)?;
+            for w in written {
+                println!("wrote {}", w.display());
+            }
+            Ok(())
+        }
+        Command::Keys(cli::KeysCommand::Show { json }) => {
+            let info = keys::show(&cli.dir.join("keys"))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                for k in info {
+                    println!("{:<24} {:<34} {}", k.name, k.kind, k.fingerprint);
+                }
+            }
+            Ok(())
+        }
+        Command::Seal(a) => {
+            let input = read_input(a.input.as_deref())?;
+            let cert_path = a
+                .cert
+                .clone()
+                .unwrap_or_else(|| cli.dir.join("keys/sealed-secrets.crt"));
+            let cert = std::fs::read_to_string(&cert_path).with_context(|| {
+                format!(
+                    "reading the controller certificate {} (run `kiln keys init`, or pass --cert)",
+                    cert_path.display()
+                )
+            })?;
+            let scope = a
+                .scope
+                .as_deref()
+                .map(str::parse::<seal::Scope>)
+                .transpose()?;
+            let out = seal::seal(&input, &cert, scope)?;
+            match &a.output {
+                Some(p) => util::write_atomic(p, out.as_bytes())?,
+                None => print!("{out}"),
+            }
+            Ok(())
+        }
+        Command::Unseal(a) => {
+            let input = read_input(a.input.as_deref())?;
+            let key_path = a
+                .key
+                .clone()
+                .unwrap_or_else(|| cli.dir.join("keys/sealed-secrets.key"));
+            let key = std::fs::read_to_string(&key_path)
+                .with_context(|| format!("reading the controller key {}", key_path.display()))?;
+            print!("{}", seal::unseal(&input, &key)?);
             Ok(())
         }
         Command::Doctor(a) => {

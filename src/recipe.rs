@@ -138,7 +138,35 @@ struct ClusterFile {
     #[serde(default)]
     k3s: Option<K3sCluster>,
     #[serde(default)]
+    sealed_secrets: Option<SealedSecretsConfig>,
+    #[serde(default)]
     nodes: Vec<Node>,
+}
+
+/// `[sealed_secrets]` of cluster.toml: the controller masters deploy, its restored key
+/// (from keys/), and the SealedSecrets they auto-deploy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedSecretsConfig {
+    /// Pinned chart archive (.tgz), embedded offline; without it the HelmChart names
+    /// `chart_repo` + `chart_version` and the cluster downloads the chart at first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chart: Option<Pinned>,
+    #[serde(default = "default_ss_repo")]
+    pub chart_repo: String,
+    #[serde(default = "default_ss_version")]
+    pub chart_version: String,
+    /// SealedSecret manifests (paths relative to recipes/), auto-deployed by masters.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+fn default_ss_repo() -> String {
+    "https://bitnami-labs.github.io/sealed-secrets".into()
+}
+
+fn default_ss_version() -> String {
+    "2.17.2".into()
 }
 
 /// A file kiln downloads, pinned by sha256.
@@ -237,6 +265,8 @@ pub struct Cluster {
     pub section: ClusterSection,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k3s: Option<K3sCluster>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed_secrets: Option<SealedSecretsConfig>,
     pub nodes: Vec<Node>,
 }
 
@@ -605,9 +635,20 @@ fn validate_cluster(root: &Path, path: &Path, file: ClusterFile) -> Result<Clust
             tracing::warn!("{}: {masters} masters: embedded etcd wants an odd number of servers to keep quorum", path.display());
         }
     }
+    if let Some(ss) = &file.sealed_secrets {
+        if let Some(c) = &ss.chart {
+            validate_pinned(path, "sealed_secrets.chart", c)?;
+        }
+        for (i, f) in ss.secrets.iter().enumerate() {
+            if f.starts_with('/') || f.contains("..") || !root.join("recipes").join(f).is_file() {
+                return Err(err(path, format!("sealed_secrets.secrets[{i}]"), format!("{f:?} is not a file under recipes/"), "give a path relative to recipes/, e.g. \"secrets/db.yaml\" (made with `kiln seal`)"));
+            }
+        }
+    }
     Ok(Cluster {
         section: c,
         k3s: file.k3s,
+        sealed_secrets: file.sealed_secrets,
         nodes,
     })
 }

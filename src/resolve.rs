@@ -97,6 +97,30 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
             referenced.push(r);
         }
         let token = read_token(project)?;
+        if let (Some(ss), "server") = (&project.cluster.sealed_secrets, recipe.k3s.mode.as_str()) {
+            let (_, key_p) = crate::k3s::sealing_key_paths(project);
+            let key = std::fs::read(&key_p).map_err(|e| recipe::RecipeError {
+                file: key_p.clone(),
+                key: "(sealed-secrets key)".into(),
+                problem: format!("cannot read the controller key: {e}"),
+                fix: "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml".into(),
+            })?;
+            secrets.insert(
+                "sealed-secrets-key".to_string(),
+                secret_fingerprint("sealed-secrets-key", &key),
+            );
+            for f in &ss.secrets {
+                let p = project.recipes_dir().join(f);
+                let text = std::fs::read_to_string(&p).map_err(|e| recipe::RecipeError {
+                    file: p.clone(),
+                    key: "(sealed secret)".into(),
+                    problem: format!("cannot read: {e}"),
+                    fix: "make it with `kiln seal`".into(),
+                })?;
+                crate::k3s::validate_sealed(&p, &text)?;
+                referenced.push(f.clone());
+            }
+        }
         secrets.insert(
             "k3s-token".to_string(),
             secret_fingerprint("k3s-token", token.as_bytes()),

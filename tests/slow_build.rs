@@ -64,8 +64,25 @@ fn standin_project(root: &Path) -> PathBuf {
     let project = root.join("project");
     populate(&project);
     pin_standin(&project, url);
+    // One SealedSecret for the masters, sealed once per test process so every copy is identical.
+    static SEALED: OnceLock<String> = OnceLock::new();
+    let sealed = SEALED.get_or_init(|| {
+        let cert = fs::read_to_string(test_keys().join("sealed-secrets.crt")).unwrap();
+        kiln::seal::seal(TEST_SECRET, &cert, None).unwrap()
+    });
+    fs::create_dir_all(project.join("recipes/secrets")).unwrap();
+    fs::write(project.join("recipes/secrets/db.yaml"), sealed).unwrap();
+    edit(
+        &project,
+        "recipes/cluster.toml",
+        "secrets = []",
+        "secrets = [\"secrets/db.yaml\"]",
+    );
     project
 }
+
+/// A plain Secret whose value must never appear in any image.
+const TEST_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  namespace: apps\nstringData:\n  password: kiln-test-plaintext-password-4711\n";
 
 /// The shared first build (cached base).
 fn built() -> &'static Built {
@@ -158,7 +175,10 @@ fn slow_build_layout_and_manifest() {
     let m: serde_json::Value =
         serde_json::from_slice(&fs::read(b.dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["build_id"], b.build_id.as_str());
-    assert_eq!(m["contains_secrets"], false);
+    assert_eq!(
+        m["contains_secrets"], true,
+        "the worker carries the k3s token"
+    );
     let listed: BTreeMap<String, (String, u64)> = m["artifacts"]
         .as_array()
         .unwrap()
@@ -486,6 +506,21 @@ fn kiln_layer_dump(dir: &Path) -> String {
                 data.len(),
                 &sha256_hex(&data)[..16]
             ));
+            let private = h.mode().unwrap() & 0o077 == 0;
+            if private || p.contains("/sealed-") {
+                // Key material and ciphertext vary per test run: placement and mode only.
+                out.insert(
+                    p,
+                    format!(
+                        "{:o} {}:{} {:?} (content not shown)",
+                        h.mode().unwrap(),
+                        h.uid().unwrap(),
+                        h.gid().unwrap(),
+                        h.entry_type()
+                    ),
+                );
+                continue;
+            }
             let textual = p.ends_with(".yaml")
                 || p.ends_with(".service")
                 || p.ends_with(".conf")
@@ -521,6 +556,7 @@ fn slow_k3s_layout_golden() {
         let want = fs::read_to_string(&golden).unwrap_or_default();
         if want != dump {
             let got = golden.with_extension("got");
+            fs::create_dir_all(golden.parent().unwrap()).unwrap();
             fs::write(&got, &dump).unwrap();
             failures.push(format!(
                 "{role}: differs from {} (got: {})",
@@ -558,7 +594,25 @@ fn slow_k3s_layout_golden() {
     assert!(s.contains("node.longhorn.io/create-default-disk=true"));
     assert!(s.contains("etc/modules-load.d/longhorn.conf"));
     assert!(s.contains("iscsid"), "iscsid enabled");
-    assert!(s.contains("var/lib/longhorn: 755 0:0 Directory"));
+    assert!(s.contains("var/lib/longhorn/: 755 0:0 Directory"));
+    // Sealed secrets: the master has the controller, its restored key (0600) and the SealedSecret.
+    assert!(
+        m.contains("var/lib/rancher/k3s/server/manifests/kiln-sealed-secrets-controller.yaml: 644")
+    );
+    assert!(
+        m.contains("| kind: HelmChart")
+            && m.contains("fullnameOverride: sealed-secrets-controller")
+    );
+    assert!(m.contains("var/lib/rancher/k3s/server/manifests/kiln-sealed-secrets-key.yaml: 600 0:0 Regular (content not shown)"));
+    assert!(m.contains(
+        "var/lib/rancher/k3s/server/manifests/sealed-db.yaml: 644 0:0 Regular (content not shown)"
+    ));
+    for d in [&w, &s] {
+        assert!(
+            !d.contains("sealed-secrets") && !d.contains("sealed-db"),
+            "agents carry no sealed-secrets material"
+        );
+    }
     // Secrets: images with the token are marked and private.
     for role in ["master", "worker", "storage"] {
         let m: serde_json::Value =
@@ -693,5 +747,75 @@ fn slow_boot_master_starts_k3s() {
     assert!(
         console.contains("kiln-identify: this is master-1"),
         "identity not taken"
+    );
+}
+
+/// Reads every regular file of an image's rootfs and reports which needles occur where.
+fn scan_image(dir: &Path, needles: &[(&str, Vec<u8>)]) -> Vec<String> {
+    let f = fs::File::open(dir.join("rootfs.tar.zst")).unwrap();
+    let mut ar = tar::Archive::new(zstd::Decoder::new(f).unwrap());
+    let mut hits = Vec::new();
+    let mut buf = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        buf.clear();
+        use std::io::Read;
+        e.read_to_end(&mut buf).unwrap();
+        for (name, n) in needles {
+            if buf.windows(n.len()).any(|w| w == n.as_slice()) {
+                hits.push(format!("{name} in {}", e.path().unwrap().display()));
+            }
+        }
+    }
+    hits
+}
+
+/// No private key and no plaintext secret appears in any file of a worker image; the master
+/// holds the controller key (only in its 0600 Secret) and ciphertext, never the plaintext.
+#[test]
+fn slow_secret_hygiene_scan() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_secret_hygiene_scan", &r);
+    }
+    let b = built();
+    let keys = b.project.join("keys");
+    let body = |file: &str| -> Vec<u8> {
+        // A line from the middle of the PEM body: present wherever the key is copied verbatim.
+        let t = fs::read_to_string(keys.join(file)).unwrap();
+        let lines: Vec<&str> = t
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 40)
+            .collect();
+        lines[lines.len() / 2].as_bytes().to_vec()
+    };
+    use base64::Engine;
+    let key_pem = fs::read(keys.join("sealed-secrets.key")).unwrap();
+    let key_b64 = base64::engine::general_purpose::STANDARD
+        .encode(&key_pem)
+        .as_bytes()[..60]
+        .to_vec();
+    let needles = vec![
+        ("sealed-secrets.key (PEM)", body("sealed-secrets.key")),
+        ("sealed-secrets.key (base64)", key_b64),
+        ("signing_ed25519.pem", body("signing_ed25519.pem")),
+        ("ssh_ed25519", body("ssh_ed25519")),
+        (
+            "plaintext secret",
+            b"kiln-test-plaintext-password-4711".to_vec(),
+        ),
+    ];
+    let worker = scan_image(&b.role_dir("worker"), &needles);
+    assert!(
+        worker.is_empty(),
+        "secret material in the worker image: {worker:?}"
+    );
+    let master = scan_image(&b.role_dir("master"), &needles);
+    assert_eq!(
+        master,
+        vec!["sealed-secrets.key (base64) in var/lib/rancher/k3s/server/manifests/kiln-sealed-secrets-key.yaml".to_string()],
+        "the master holds the controller key only in its restored Secret, never the plaintext"
     );
 }

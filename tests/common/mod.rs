@@ -23,11 +23,27 @@ pub fn project_copy() -> tempfile::TempDir {
 pub fn populate(dir: &Path) {
     copy_tree(&repo_root().join("recipes"), &dir.join("recipes"));
     copy_tree(&repo_root().join("overlays"), &dir.join("overlays"));
-    fs::create_dir_all(dir.join("keys")).unwrap();
+    copy_tree(test_keys(), &dir.join("keys"));
     let t = dir.join("keys/k3s-token");
     fs::write(&t, format!("{TEST_TOKEN}\n")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&t, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// One set of keys made by `kiln::keys` (RSA-2048 to keep tests fast), shared by every project
+/// copy of this test process.
+pub fn test_keys() -> &'static Path {
+    static K: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    K.get_or_init(|| {
+        let d = tempfile::Builder::new()
+            .prefix("kiln-test-keys-")
+            .tempdir()
+            .unwrap()
+            .keep()
+            .join("keys");
+        kiln::keys::init_with_rsa_bits(&d, "homelab", false, 2048).unwrap();
+        d
+    })
 }
 
 /// The stand-in k3s release files shipped in tests/standin/ (name → bytes).
@@ -134,7 +150,7 @@ pub fn copy_tree(from: &Path, to: &Path) {
         } else if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(e.path()).unwrap(), &dst).unwrap();
         } else {
-            fs::copy(e.path(), &dst).unwrap();
+            fs::copy(e.path(), &dst).unwrap(); // copies the permission bits too
         }
     }
 }
