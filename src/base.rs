@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Inputs that fully determine the base tarball (modulo the apt archive's contents).
@@ -192,28 +191,4 @@ pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
     }
     out.sort();
     out
-}
-
-/// Reads one regular file out of a tar by its path (leading `./` ignored).
-pub fn read_tar_file(tar_path: &Path, want: &str) -> Result<Vec<u8>> {
-    let f = fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
-    let mut ar = tar::Archive::new(f);
-    let want = want.trim_start_matches('/');
-    for e in ar
-        .entries()
-        .with_context(|| format!("reading {}", tar_path.display()))?
-    {
-        let mut e = e?;
-        let p = e
-            .path()?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_string();
-        if p == want {
-            let mut v = Vec::new();
-            e.read_to_end(&mut v)?;
-            return Ok(v);
-        }
-    }
-    bail!("{want} not found in {}", tar_path.display())
 }

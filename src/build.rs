@@ -139,7 +139,6 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
         crate::keys::check_private_permissions(&keys_dir)?;
     }
     let _lock = lock_out(&opts.out_dir)?;
-    clean_stale(&opts.out_dir.join("cache").join("base"))?;
     clean_stale(&opts.cache_dir.join("base"))?;
     let role_dir = opts.out_dir.join(role);
     fs::create_dir_all(&role_dir).with_context(|| format!("creating {}", role_dir.display()))?;
@@ -170,27 +169,6 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     let base = st.stage("base", || {
         base::ensure(&spec, &opts.cache_dir, opts.offline)
     })?;
-    let status = base::read_tar_file(&base.tar, "var/lib/dpkg/status")?;
-    let base_packages = base::parse_dpkg_status(&String::from_utf8_lossy(&status));
-    lock::apply(
-        &project.root,
-        &lock::Lock {
-            version: 1,
-            artifacts: locked_artifacts,
-            bases: [(
-                resolved.base_key.clone(),
-                lock::LockedBase {
-                    suite: spec.suite.clone(),
-                    packages: base_packages
-                        .iter()
-                        .map(|p| format!("{} {} {}", p.name, p.version, p.architecture))
-                        .collect(),
-                },
-            )]
-            .into(),
-        },
-        opts.locked,
-    )?;
     let k3s_layer = match &token {
         Some(t) => k3s::layer(project, &resolved.recipe, &fetched, t)?,
         None => k3s::Layer::default(),
@@ -210,12 +188,34 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
                 build_id: &resolved.build_id,
                 overlays: &resolved.overlays,
                 base_tar: &base.tar,
-                extra: k3s_layer.entries.clone(),
-                extra_enable: k3s_layer.enable.clone(),
+                extra: k3s_layer.entries,
+                extra_enable: k3s_layer.enable,
             },
             &tar_path,
         )
     })?;
+    let packages = base::parse_dpkg_status(&composed.dpkg_status);
+    let package_lines: Vec<String> = packages
+        .iter()
+        .map(|p| format!("{} {} {}", p.name, p.version, p.architecture))
+        .collect();
+    // Before any artifact is emitted: record (or, with --locked, check) artifacts and packages.
+    lock::apply(
+        &project.root,
+        &lock::Lock {
+            version: 1,
+            artifacts: locked_artifacts,
+            bases: [(
+                resolved.base_key.clone(),
+                lock::LockedBase {
+                    suite: spec.suite.clone(),
+                    packages: package_lines.clone(),
+                },
+            )]
+            .into(),
+        },
+        opts.locked,
+    )?;
     let sde = project.cluster.section.source_date_epoch;
     st.stage("rootfs.tar.zst", || {
         emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"))
@@ -225,16 +225,12 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     })?;
     fs::remove_file(&tar_path).with_context(|| format!("removing {}", tar_path.display()))?;
 
-    let packages = base::parse_dpkg_status(&composed.dpkg_status);
     let layout = disk_layout(&resolved);
     let cmdline = kernel_cmdline(&resolved, &disk::guid_to_string(&layout.root_guid));
     st.stage("kernel", || {
         fs::write(sd.join("vmlinuz"), &composed.vmlinuz)?;
         fs::write(sd.join("initrd.img"), &composed.initrd)?;
-        let txt: String = packages
-            .iter()
-            .map(|p| format!("{} {} {}\n", p.name, p.version, p.architecture))
-            .collect();
+        let txt: String = package_lines.iter().map(|l| format!("{l}\n")).collect();
         fs::write(sd.join("packages.txt"), txt)?;
         let json = serde_json::to_string_pretty(&serde_json::json!({
             "schema": "kiln.packages/1",

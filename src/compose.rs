@@ -239,7 +239,7 @@ pub struct ComposeInput<'a> {
 /// Writes the composed root tarball to `out` and returns what emit needs.
 pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
     let sde = input.project.cluster.section.source_date_epoch;
-    let scan = scan_base(input.base_tar, input.recipe)?;
+    let scan = scan_base(input.base_tar)?;
     let upper = build_upper(input, &scan)?;
 
     let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
@@ -370,7 +370,7 @@ struct BaseScan {
     dpkg_status: String,
 }
 
-fn scan_base(tar_path: &Path, recipe: &Recipe) -> Result<BaseScan> {
+fn scan_base(tar_path: &Path) -> Result<BaseScan> {
     let f = fs::File::open(tar_path).with_context(|| format!("opening {}", tar_path.display()))?;
     let mut ar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
     let mut index = BTreeMap::new();
@@ -437,7 +437,6 @@ fn scan_base(tar_path: &Path, recipe: &Recipe) -> Result<BaseScan> {
     {
         bail!("the base has no live-boot (needed to boot the squashfs root from disk and over PXE): add \"live-boot\" to debian.packages in {base_toml}");
     }
-    let _ = recipe;
     Ok(BaseScan {
         index,
         units,
