@@ -9,7 +9,6 @@ PACKAGES=(
   mmdebstrap arch-test        # base stage
   squashfs-tools-ng           # tar2sqfs: root.squashfs from the composed tar
   squashfs-tools              # unsquashfs: read-back in tests
-  qemu-utils                  # qemu-img: disk.qcow2
   qemu-system-x86 ovmf        # boot tests (TCG, UEFI)
   fdisk mtools                # GPT / FAT read-back in tests
   ca-certificates
@@ -18,6 +17,8 @@ if ! $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"
 fi
+# qemu-img (disk.qcow2) after qemu-system-x86, which may replace a qemu-utils from outside apt.
+command -v qemu-img >/dev/null || $SUDO apt-get install -y -qq --no-install-recommends qemu-utils
 command -v qemu-img >/dev/null || { echo "setup: qemu-img missing after install" >&2; exit 1; }
 cargo build --release --locked
 # The cluster's keys (SSH, image signing, sealed-secrets controller, k3s token), once.
