@@ -258,12 +258,8 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
         let mut e = e.with_context(|| format!("reading {}", input.base_tar.display()))?;
         let path = e.path()?.into_owned();
         let key = norm(&path);
-        if key.is_empty() {
-            // "./" itself
-        } else if let Some(u) = upper.get(&key) {
-            if !matches!(u, Upper::Dir) {
-                continue;
-            }
+        if upper.get(&key).is_some_and(|u| !matches!(u, Upper::Dir)) {
+            continue; // replaced by the upper layer
         }
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
         if let Some(exts) = e.pax_extensions()? {
@@ -467,19 +463,9 @@ fn keep_pax_key(k: &str) -> bool {
 }
 
 fn is_unit_file(name: &str) -> bool {
-    [
-        ".service",
-        ".socket",
-        ".target",
-        ".timer",
-        ".path",
-        ".mount",
-        ".automount",
-        ".swap",
-        ".slice",
-    ]
-    .iter()
-    .any(|s| name.ends_with(s))
+    crate::recipe::UNIT_SUFFIXES
+        .iter()
+        .any(|s| name.ends_with(s))
 }
 
 /// `/etc/kiln/inventory.tsv`: one line per node, tab-separated:

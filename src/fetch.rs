@@ -267,8 +267,11 @@ impl Fetcher {
                 Err(AttemptError::Retry(e)) => {
                     if attempt >= attempts {
                         return Err(e.context(format!(
-                            "fetching {} from {url} failed after {attempt} attempt(s)",
-                            a.name
+                            "fetching {} from {url} failed after {attempt} attempt(s); if this machine cannot reach it, \
+                             set {MIRROR_ENV}=<base URL of a mirror>, or copy the file (sha256 {}) to {} and build with --offline",
+                            a.name,
+                            a.sha256,
+                            self.cached_path(&a.sha256).display()
                         )));
                     }
                     let delay = backoff_delay(self.backoff_base, attempt - 1);

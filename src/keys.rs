@@ -34,7 +34,6 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -252,11 +251,11 @@ pub fn init_with_rsa_bits(
         (&paths.k3s_token, &m.k3s_token, 0o600),
     ];
     for (path, content, mode) in files {
-        write_with_mode(path, content.as_bytes(), mode)?;
+        crate::util::write_atomic_mode(path, content.as_bytes(), mode)?;
         written.push(path.to_path_buf());
     }
     if paths.gitignore.symlink_metadata().is_err() {
-        write_with_mode(&paths.gitignore, GITIGNORE.as_bytes(), 0o644)?;
+        crate::util::write_atomic_mode(&paths.gitignore, GITIGNORE.as_bytes(), 0o644)?;
         written.push(paths.gitignore.clone());
     }
     sync_dir(keys_dir)?;
@@ -393,35 +392,6 @@ fn self_signed_cert(key: &RsaPrivateKey, now: SystemTime) -> Result<String> {
         .context("signing the certificate")?;
     cert.to_pem(LineEnding::LF)
         .context("encoding the certificate as PEM")
-}
-
-/// Writes `bytes` to `path` atomically with `mode`: temp file in the same directory (created
-/// 0600), content written, mode set, fsynced, then renamed over `path`.
-fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(fs::Permissions::from_mode(0o600))
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    // Explicit chmod: the create mode is subject to the umask.
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of a temp file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("syncing {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

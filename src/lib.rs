@@ -123,6 +123,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 writeln!(o, "packages:  {}", r.recipe.debian.packages.join(" "))?;
                 writeln!(o, "enable:    {}", r.recipe.systemd.enable.join(" "))?;
                 writeln!(o, "cmdline:   {}", r.recipe.boot.cmdline.join(" "))?;
+                writeln!(
+                    o,
+                    "k3s:       {} {}{}",
+                    r.recipe.k3s.mode,
+                    r.recipe.k3s.node_labels.join(" "),
+                    if r.recipe.k3s.node_taints.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" taints: {}", r.recipe.k3s.node_taints.join(" "))
+                    }
+                )?;
+                writeln!(
+                    o,
+                    "secrets:   {}",
+                    r.secrets.keys().cloned().collect::<Vec<_>>().join(" ")
+                )?;
                 writeln!(o, "overlays:")?;
                 for f in &r.overlays {
                     writeln!(

@@ -983,19 +983,23 @@ fn is_package_name(p: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.:".contains(&b))
 }
 
+/// File name suffixes of systemd unit types.
+pub const UNIT_SUFFIXES: &[&str] = &[
+    ".service",
+    ".socket",
+    ".target",
+    ".timer",
+    ".path",
+    ".mount",
+    ".automount",
+    ".swap",
+    ".slice",
+];
+
 fn is_unit_name(u: &str) -> bool {
-    const SUFFIXES: &[&str] = &[
-        ".service",
-        ".socket",
-        ".target",
-        ".timer",
-        ".path",
-        ".mount",
-        ".automount",
-        ".swap",
-        ".slice",
-    ];
-    SUFFIXES.iter().any(|s| u.ends_with(s) && u.len() > s.len())
+    UNIT_SUFFIXES
+        .iter()
+        .any(|s| u.ends_with(s) && u.len() > s.len())
         && u.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.@:\\".contains(&b))
 }

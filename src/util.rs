@@ -30,18 +30,34 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), total))
 }
 
-/// Writes `bytes` to `path` through a temp file in the same directory, fsynced, then renamed.
+/// Writes `bytes` to `path` through a temp file in the same directory, fsynced, then renamed;
+/// the file ends up 0644.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// Like [`write_atomic`] with an explicit `mode`. The temp file is 0600 from creation until the
+/// content is written and the final mode set, so private content is never readable by others.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
+        .permissions(fs::Permissions::from_mode(0o600))
         .tempfile_in(dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    // Explicit chmod: the create mode is subject to the umask.
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of a temp file in {}", dir.display()))?;
     tmp.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
