@@ -261,6 +261,9 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
         if upper.get(&key).is_some_and(|u| !matches!(u, Upper::Dir)) {
             continue; // replaced by the upper layer
         }
+        if removed(&input.recipe.debian.remove, &key) {
+            continue; // debian.remove
+        }
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
         if let Some(exts) = e.pax_extensions()? {
             for ext in exts {
@@ -441,6 +444,13 @@ fn scan_base(tar_path: &Path) -> Result<BaseScan> {
         initrd,
         bootloader,
         dpkg_status: dpkg_status.unwrap_or_default(),
+    })
+}
+
+/// Whether `key` is one of the `debian.remove` paths or under one of them.
+fn removed(remove: &[String], key: &str) -> bool {
+    remove.iter().any(|r| {
+        key == r || (key.starts_with(r.as_str()) && key.as_bytes().get(r.len()) == Some(&b'/'))
     })
 }
 
@@ -835,6 +845,20 @@ pub fn parse_install(text: &str) -> Install {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removed_paths_match_files_and_subtrees_only() {
+        let r = vec![
+            "var/lib/dkms/mok.key".to_string(),
+            "usr/share/doc".to_string(),
+        ];
+        assert!(removed(&r, "var/lib/dkms/mok.key"));
+        assert!(!removed(&r, "var/lib/dkms/mok.key.pub"));
+        assert!(!removed(&r, "var/lib/dkms"));
+        assert!(removed(&r, "usr/share/doc"));
+        assert!(removed(&r, "usr/share/doc/systemd/copyright"));
+        assert!(!removed(&r, "usr/share/doc-base/x"));
+    }
 
     #[test]
     fn install_section_parsed() {

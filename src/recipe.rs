@@ -107,6 +107,10 @@ pub struct DebianFile {
     pub components: Vec<String>,
     #[serde(default)]
     pub packages: Vec<String>,
+    /// Paths the packages install that must not be in the image (a file, or a directory and
+    /// everything under it), e.g. a private key a postinst generated.
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -319,6 +323,8 @@ pub struct Debian {
     pub mirror: Option<String>,
     pub components: Vec<String>,
     pub packages: Vec<String>,
+    /// Normalised (no leading `/`) paths dropped from the base.
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -734,6 +740,7 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
     let mut mirror = None;
     let mut components = Vec::new();
     let mut packages = Vec::new();
+    let mut remove: Vec<String> = Vec::new();
     let mut cmdline = Vec::new();
     let mut esp_size_mib = None;
     let mut enable = Vec::new();
@@ -871,6 +878,18 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
         }
         merge_list(&mut components, &f.debian.components);
         merge_list(&mut packages, &f.debian.packages);
+        for (i, r) in f.debian.remove.iter().enumerate() {
+            let n = r.trim_start_matches('/').trim_end_matches('/').to_string();
+            if n.is_empty() || n.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                return Err(err(
+                    path,
+                    format!("debian.remove[{i}]"),
+                    format!("{r:?} is not a clean absolute path"),
+                    "write e.g. \"/var/lib/dkms/mok.key\"",
+                ));
+            }
+            merge_list(&mut remove, &[n]);
+        }
         merge_list(&mut cmdline, &f.boot.cmdline);
         merge_list(&mut enable, &f.systemd.enable);
         merge_list(&mut mask, &f.systemd.mask);
@@ -947,6 +966,7 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
             mirror,
             components,
             packages,
+            remove,
         },
         boot: Boot {
             cmdline,

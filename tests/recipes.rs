@@ -352,7 +352,7 @@ fn build_id_golden() {
     );
 }
 
-const GOLDEN_ID: &str = "b0805c74606cb6771a07529fa885814d1f8ba7951daa0c48e01c89140fedcf55";
+const GOLDEN_ID: &str = "542d868230ff16ff3cef8ed541a8872beba427e3f985c36af44ee8a8954e4edf";
 
 #[test]
 fn doctor_lists_tools() {
