@@ -131,9 +131,13 @@ fn clean_stale(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds one role.
-pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<BuildReport> {
-    let resolved = resolve::resolve(project, role)?;
+/// Builds one role from its resolved inputs (see [`resolve::resolve`]).
+pub fn build_role(
+    project: &Project,
+    resolved: &Resolved,
+    opts: &BuildOptions,
+) -> Result<BuildReport> {
+    let role = resolved.role.as_str();
     let keys_dir = project.root.join("keys");
     if keys_dir.is_dir() {
         crate::keys::check_private_permissions(&keys_dir)?;
@@ -158,8 +162,7 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     }
 
     let mut st = Stages::new(role);
-    let (fetched, locked_artifacts) =
-        st.stage("fetch", || fetch_stage(project, &resolved, opts))?;
+    let (fetched, locked_artifacts) = st.stage("fetch", || fetch_stage(project, resolved, opts))?;
     let token = if resolved.recipe.k3s.mode != "none" {
         Some(resolve::read_token(project)?)
     } else {
@@ -225,8 +228,8 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
     })?;
     fs::remove_file(&tar_path).with_context(|| format!("removing {}", tar_path.display()))?;
 
-    let layout = disk_layout(&resolved);
-    let cmdline = kernel_cmdline(&resolved, &disk::guid_to_string(&layout.root_guid));
+    let layout = disk_layout(resolved);
+    let cmdline = kernel_cmdline(resolved, &disk::guid_to_string(&layout.root_guid));
     st.stage("kernel", || {
         fs::write(sd.join("vmlinuz"), &composed.vmlinuz)?;
         fs::write(sd.join("initrd.img"), &composed.initrd)?;
@@ -241,7 +244,7 @@ pub fn build_role(project: &Project, role: &str, opts: &BuildOptions) -> Result<
         Ok(())
     })?;
     let disk_info = st.stage("disk.raw", || {
-        let files = esp_files(&resolved, &composed, &cmdline);
+        let files = esp_files(resolved, &composed, &cmdline);
         disk::write_disk(
             &sd.join("disk.raw"),
             &layout,

@@ -425,7 +425,7 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
             let p = project.recipes_dir().join(m);
             let text =
                 fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            validate_manifest(&p, &text)?;
+            // validated by resolve::resolve, which every build runs first
             let name = std::path::Path::new(m)
                 .file_name()
                 .expect("file")
@@ -472,7 +472,7 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
                 let p = project.recipes_dir().join(f);
                 let text =
                     fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                validate_sealed(&p, &text)?;
+                // validated by resolve::resolve
                 let name = std::path::Path::new(f)
                     .file_name()
                     .expect("file")

@@ -81,11 +81,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 a.roles.clone()
             };
             // Validate every requested role before building any.
-            for r in &roles {
-                resolve::resolve(&project, r)?;
-            }
+            let resolved = roles
+                .iter()
+                .map(|r| resolve::resolve(&project, r))
+                .collect::<Result<Vec<_>>>()?;
             let mut reports = Vec::new();
-            for r in &roles {
+            for r in &resolved {
                 let rep = build::build_role(&project, r, &opts)?;
                 if !a.json {
                     let state = if rep.up_to_date {

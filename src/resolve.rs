@@ -24,6 +24,19 @@ pub fn secret_fingerprint(name: &str, secret: &[u8]) -> String {
     crate::util::sha256_hex(&v)
 }
 
+/// Reads a text file a recipe references; failure is a user error naming the file.
+fn read_text(p: &std::path::Path, key: &str, fix: &str) -> Result<String> {
+    std::fs::read_to_string(p).map_err(|e| {
+        recipe::RecipeError {
+            file: p.to_path_buf(),
+            key: key.into(),
+            problem: format!("cannot read as text: {e}"),
+            fix: fix.into(),
+        }
+        .into()
+    })
+}
+
 /// Reads the k3s token for a role that runs k3s.
 pub fn read_token(project: &Project) -> Result<String> {
     let p = token_path(project);
@@ -111,12 +124,7 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
             );
             for f in &ss.secrets {
                 let p = project.recipes_dir().join(f);
-                let text = std::fs::read_to_string(&p).map_err(|e| recipe::RecipeError {
-                    file: p.clone(),
-                    key: "(sealed secret)".into(),
-                    problem: format!("cannot read: {e}"),
-                    fix: "make it with `kiln seal`".into(),
-                })?;
+                let text = read_text(&p, "(sealed secret)", "make it with `kiln seal`")?;
                 crate::k3s::validate_sealed(&p, &text)?;
                 referenced.push(f.clone());
             }
@@ -128,12 +136,7 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     }
     for m in &recipe.k3s.manifests {
         let p = project.recipes_dir().join(m);
-        let text = std::fs::read_to_string(&p).map_err(|e| recipe::RecipeError {
-            file: p.clone(),
-            key: "(manifest)".into(),
-            problem: format!("cannot read as text: {e}"),
-            fix: "save it as UTF-8 YAML".into(),
-        })?;
+        let text = read_text(&p, "(manifest)", "save it as UTF-8 YAML")?;
         crate::k3s::validate_manifest(&p, &text)?;
     }
     for f in referenced {
