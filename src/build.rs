@@ -96,7 +96,7 @@ impl Stages {
 }
 
 /// Takes the `out/` lock for the duration of a build (concurrent kiln runs wait).
-fn lock_out(out_dir: &Path) -> Result<fs::File> {
+pub(crate) fn lock_out(out_dir: &Path) -> Result<fs::File> {
     fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let p = out_dir.join(".kiln.lock");
     let f = fs::OpenOptions::new()
@@ -111,7 +111,7 @@ fn lock_out(out_dir: &Path) -> Result<fs::File> {
 }
 
 /// Removes staging directories a killed build left behind (we hold the lock, so none is live).
-fn clean_stale(dir: &Path) -> Result<()> {
+pub(crate) fn clean_stale(dir: &Path) -> Result<()> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Ok(());
     };
@@ -280,6 +280,8 @@ pub fn build_role(
                 "disk_guid": disk::guid_to_string(&layout.disk_guid),
                 "esp_partuuid": disk::guid_to_string(&layout.esp_guid),
                 "root_partuuid": disk::guid_to_string(&layout.root_guid),
+                "seed_partuuid": disk::guid_to_string(&layout.seed_guid),
+                "seed_lba": disk_info.seed,
             },
             "inputs": resolved,
             "artifacts": artifacts,
@@ -329,7 +331,7 @@ pub fn build_role(
 }
 
 /// Images that carry key material are readable by their owner only (dir 0700, files 0600).
-fn restrict_permissions(dir: &Path) -> Result<()> {
+pub(crate) fn restrict_permissions(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for e in fs::read_dir(dir)? {
         let p = e?.path();
@@ -401,6 +403,10 @@ fn fetch_stage(
     Ok((out, locked))
 }
 
+/// Size of the seed slot (partition 3) of every role disk; per-node disks put their cloud-init
+/// `CIDATA` volume there.
+pub const SEED_PARTITION_MIB: u64 = 4;
+
 /// Partition GUIDs derived from the build id: stable across rebuilds, distinct per build.
 pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
     let seed = r.build_id.as_bytes();
@@ -416,6 +422,8 @@ pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
                 .expect("4 bytes"),
         ),
         root_partition_name: "kiln-root".into(),
+        seed_size_mib: SEED_PARTITION_MIB,
+        seed_guid: disk::guid_from_seed(seed, "seed"),
     }
 }
 

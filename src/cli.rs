@@ -35,6 +35,18 @@ pub enum Command {
     Seal(SealArgs),
     /// Decrypt a SealedSecret with the controller's private key (round trips, debugging).
     Unseal(UnsealArgs),
+    /// Render inventory nodes' cloud-init seeds (what `build` puts in out/nodes/) without building.
+    Seed(SeedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// Hostnames from the inventory [default: every node].
+    pub hostnames: Vec<String>,
+    /// Write <dir>/<hostname>/{meta-data,user-data,network-config[,vendor-data]} instead of
+    /// printing them.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,10 +12,12 @@ pub mod fetch;
 pub mod k3s;
 pub mod keys;
 pub mod lock;
+pub mod node;
 pub mod qemu;
 pub mod recipe;
 pub mod resolve;
 pub mod seal;
+pub mod seed;
 pub mod tools;
 pub mod util;
 
@@ -98,8 +100,24 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 reports.push(rep);
             }
+            // Per-node outputs (seed, CIDATA volume, flashable disk) for the roles just built.
+            let pairs: Vec<(&resolve::Resolved, &build::BuildReport)> =
+                resolved.iter().zip(reports.iter()).collect();
+            let nodes = node::build_nodes(&project, &pairs, &opts)?;
+            if !a.json {
+                for n in &nodes {
+                    let state = if n.up_to_date { "up to date" } else { "built" };
+                    println!(
+                        "node {} ({}) {state}: {}",
+                        n.hostname,
+                        n.role,
+                        n.link.display()
+                    );
+                }
+            }
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
+                let v = serde_json::json!({ "roles": reports, "nodes": nodes });
+                println!("{}", serde_json::to_string_pretty(&v)?);
             }
             Ok(())
         }
@@ -214,6 +232,69 @@ pub fn run(cli: Cli) -> Result<()> {
             let key = std::fs::read_to_string(&key_path)
                 .with_context(|| format!("reading the controller key {}", key_path.display()))?;
             print!("{}", seal::unseal(&input, &key)?);
+            Ok(())
+        }
+        Command::Seed(a) => {
+            let project = recipe::load_project(&cli.dir)?;
+            let nodes: Vec<&recipe::Node> = if a.hostnames.is_empty() {
+                project.cluster.nodes.iter().collect()
+            } else {
+                a.hostnames
+                    .iter()
+                    .map(|h| {
+                        project
+                            .cluster
+                            .nodes
+                            .iter()
+                            .find(|n| &n.hostname == h)
+                            .ok_or_else(|| recipe::RecipeError {
+                                file: project.recipes_dir().join("cluster.toml"),
+                                key: "nodes".into(),
+                                problem: format!("no node with hostname {h:?} in the inventory"),
+                                fix: format!(
+                                    "use one of: {}",
+                                    project
+                                        .cluster
+                                        .nodes
+                                        .iter()
+                                        .map(|n| n.hostname.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                            })
+                    })
+                    .collect::<Result<_, _>>()?
+            };
+            let keys = seed::authorized_keys(&project)?;
+            let mut by_role = std::collections::BTreeMap::new();
+            let mut seeds = Vec::new();
+            for n in nodes {
+                if !by_role.contains_key(&n.role) {
+                    by_role.insert(n.role.clone(), resolve::resolve(&project, &n.role)?);
+                }
+                let r = &by_role[&n.role];
+                let s = seed::render(&project, n, &r.build_id, r.recipe.k3s.mode != "none", &keys)?;
+                seeds.push((n, s));
+            }
+            for (n, s) in &seeds {
+                match &a.output {
+                    Some(dir) => {
+                        let d = dir.join(&n.hostname);
+                        std::fs::create_dir_all(&d)
+                            .with_context(|| format!("creating {}", d.display()))?;
+                        for (name, bytes) in s.ordered() {
+                            util::write_atomic(&d.join(name), bytes)?;
+                        }
+                        println!("wrote {}", d.display());
+                    }
+                    None => {
+                        for (name, bytes) in s.ordered() {
+                            println!("### {} {name}", n.hostname);
+                            print!("{}", String::from_utf8_lossy(bytes));
+                        }
+                    }
+                }
+            }
             Ok(())
         }
         Command::Doctor(a) => {

@@ -87,3 +87,29 @@ pub fn copy_large(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<u64> {
         total += n as u64;
     }
 }
+
+/// Copies `src` to `dst` (created or truncated), leaving holes where `src` has all-zero
+/// 1 MiB blocks, so sparse disk images stay sparse. Returns the size.
+pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut r = fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let len = r.metadata()?.len();
+    let mut w = fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        r.read_exact(&mut buf[..n])
+            .with_context(|| format!("reading {}", src.display()))?;
+        if buf[..n].iter().all(|b| *b == 0) {
+            w.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            w.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", dst.display()))?;
+        }
+        pos += n as u64;
+    }
+    w.set_len(len)
+        .with_context(|| format!("sizing {}", dst.display()))?;
+    Ok(len)
+}

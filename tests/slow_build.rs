@@ -98,7 +98,7 @@ fn built() -> &'static Built {
         let o = run_build(&project, &out, &cache_dir(), ROLES);
         assert!(o.status.success(), "build failed:\n{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let ids: BTreeMap<String, String> = v
+        let ids: BTreeMap<String, String> = v["roles"]
             .as_array()
             .unwrap()
             .iter()

@@ -29,9 +29,15 @@ if [ "$node_role" != "$role" ]; then
   say "MAC $mac belongs to $host (role $node_role) but this image is role $role; not taking its identity"
   exit 0
 fi
-echo "$host" > /etc/hostname
-hostname "$host"
-if [ "$addr" != dhcp ]; then
+# A cloud-init seed (cidata volume, ds=nocloud on the command line) was found by
+# cloud-init's generator: the seed owns hostname and network; only pick the k3s drop-in.
+seeded=""
+[ -e /run/cloud-init/enabled ] && seeded=yes
+if [ -z "$seeded" ]; then
+  echo "$host" > /etc/hostname
+  hostname "$host"
+fi
+if [ -z "$seeded" ] && [ "$addr" != dhcp ]; then
   mkdir -p /run/systemd/network
   {
     echo "# written by kiln-identify for $host"
@@ -47,4 +53,8 @@ if [ -f "/etc/kiln/k3s-nodes/$host.yaml" ]; then
   mkdir -p /etc/rancher/k3s/config.yaml.d
   ln -sf "/etc/kiln/k3s-nodes/$host.yaml" /etc/rancher/k3s/config.yaml.d/50-kiln-node.yaml
 fi
-say "this is $host (role $node_role, MAC $mac, address $addr)"
+if [ -n "$seeded" ]; then
+  say "this is $host (role $node_role, MAC $mac); hostname and network from the cloud-init seed"
+else
+  say "this is $host (role $node_role, MAC $mac, address $addr)"
+fi

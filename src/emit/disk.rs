@@ -9,6 +9,10 @@
 //!   crate) holding the caller-supplied files,
 //! * partition 2: a Linux root (x86-64) partition whose contents are copied
 //!   verbatim from a squashfs image,
+//! * optionally partition 3: a small, empty "kiln-seed" slot (Linux data type)
+//!   that per-node disks fill with a cloud-init `CIDATA` FAT volume
+//!   ([`write_fat_volume`]), so a node disk differs from its role disk only
+//!   inside that partition,
 //! * the backup partition array and backup GPT header at the end of the disk.
 //!
 //! Every byte of the output is a pure function of the inputs: GUIDs are
@@ -62,6 +66,12 @@ pub const LINUX_ROOT_X86_64_TYPE_GUID: [u8; 16] = [
     0xE3, 0xBC, 0x68, 0x4F, 0xCD, 0xE8, 0xB1, 0x4D, 0x96, 0xE7, 0xFB, 0xCA, 0xF9, 0x84, 0xB7, 0x09,
 ];
 
+/// Linux filesystem data partition type GUID
+/// `0FC63DAF-8483-4772-8E79-3D69D8477DE4`, in on-disk (mixed-endian) byte order.
+pub const LINUX_DATA_TYPE_GUID: [u8; 16] = [
+    0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4,
+];
+
 /// A file to place on the EFI System Partition.
 #[derive(Debug, Clone)]
 pub struct EspFile {
@@ -100,6 +110,10 @@ pub struct DiskLayout {
     pub esp_volume_id: u32,
     /// GPT partition name of the root partition (at most 36 UTF-16 units).
     pub root_partition_name: String,
+    /// Size in MiB of the (empty) seed partition 3; `0` = no seed partition.
+    pub seed_size_mib: u64,
+    /// Unique partition GUID of the seed partition (on-disk byte order).
+    pub seed_guid: [u8; 16],
 }
 
 /// Geometry of an image written by [`write_disk`]. LBAs are in 512-byte
@@ -112,6 +126,8 @@ pub struct DiskInfo {
     pub esp: (u64, u64),
     /// `(first_lba, last_lba)` of the root partition (partition 2).
     pub root: (u64, u64),
+    /// `(first_lba, last_lba)` of the seed partition (partition 3), if any.
+    pub seed: Option<(u64, u64)>,
 }
 
 /// Formats 16 on-disk GPT GUID bytes as the canonical lowercase text that
@@ -198,12 +214,18 @@ pub fn write_disk(
     let esp_last = esp_first + esp_bytes / SECTOR_SIZE - 1;
     let root_first = esp_last + 1;
     let root_last = root_first + root_bytes / SECTOR_SIZE - 1;
-    let total_lbas = root_last + 1 + SECTORS_PER_MIB;
+    let seed = (layout.seed_size_mib > 0).then(|| {
+        let first = root_last + 1;
+        (first, first + layout.seed_size_mib * SECTORS_PER_MIB - 1)
+    });
+    let last_used = seed.map_or(root_last, |(_, last)| last);
+    let total_lbas = last_used + 1 + SECTORS_PER_MIB;
     let size_bytes = total_lbas * SECTOR_SIZE;
     let info = DiskInfo {
         size_bytes,
         esp: (esp_first, esp_last),
         root: (root_first, root_last),
+        seed,
     };
 
     let mut file = OpenOptions::new()
@@ -217,7 +239,7 @@ pub fn write_disk(
         .with_context(|| format!("size disk image {} to {size_bytes} bytes", out.display()))?;
 
     // Partition tables.
-    let partitions = [
+    let mut partitions = vec![
         GptPartition {
             type_guid: ESP_TYPE_GUID,
             unique_guid: layout.esp_guid,
@@ -233,6 +255,15 @@ pub fn write_disk(
             name: root_name,
         },
     ];
+    if let Some((first_lba, last_lba)) = seed {
+        partitions.push(GptPartition {
+            type_guid: LINUX_DATA_TYPE_GUID,
+            unique_guid: layout.seed_guid,
+            first_lba,
+            last_lba,
+            name: gpt_partition_name(SEED_PARTITION_NAME)?,
+        });
+    }
     write_partition_tables(&mut file, total_lbas, &layout.disk_guid, &partitions)
         .with_context(|| format!("write partition tables to {}", out.display()))?;
 
@@ -263,6 +294,84 @@ pub fn write_disk(
     file.sync_all()
         .with_context(|| format!("fsync disk image {}", out.display()))?;
     Ok(info)
+}
+
+/// GPT name of the seed partition (partition 3).
+pub const SEED_PARTITION_NAME: &str = "kiln-seed";
+
+/// Formats `[offset, offset + len)` of `file` as a FAT volume (FAT12/16 for
+/// small sizes, FAT32 when the size allows) labelled `label`, and writes
+/// `files` into it in the given order with every timestamp at `epoch`.
+/// Used for cloud-init `CIDATA` volumes, both stand-alone images and the seed
+/// partition of per-node disks.
+pub fn write_fat_volume(
+    file: &mut File,
+    offset: u64,
+    len: u64,
+    label: &str,
+    volume_id: u32,
+    files: &[EspFile],
+    epoch: i64,
+) -> Result<()> {
+    let label = fat_volume_label(label)?;
+    validate_esp_paths(files)?;
+    ensure!(
+        len % SECTOR_SIZE == 0 && len >= 64 * 1024,
+        "FAT volume of {len} bytes is too small or not a multiple of {SECTOR_SIZE}"
+    );
+    // Start from zeros so nothing of a previous content survives in the slack.
+    file.seek(SeekFrom::Start(offset))?;
+    let zeros = vec![0u8; MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(MIB);
+        file.write_all(&zeros[..n as usize])
+            .context("zero the FAT volume")?;
+        left -= n;
+    }
+    let slice = PartitionSlice::new(file, offset, len);
+    build_esp(slice, &label, volume_id, files, epoch)
+}
+
+/// Reads the GPT partition entry `index` (0-based) of a disk image written by
+/// [`write_disk`] and returns its `(first_lba, last_lba)` and GPT name, or
+/// `None` if the slot is empty. Checks the header signature and CRCs.
+pub fn read_partition(file: &mut File, index: u32) -> Result<Option<(u64, u64, String)>> {
+    ensure!(
+        index < GPT_ENTRY_COUNT,
+        "GPT has only {GPT_ENTRY_COUNT} entries"
+    );
+    let hdr = read_at(file, SECTOR_SIZE, SECTOR_SIZE as usize).context("read GPT header")?;
+    ensure!(&hdr[0..8] == b"EFI PART", "no GPT header at LBA 1");
+    let mut check = hdr[..GPT_HEADER_SIZE as usize].to_vec();
+    check[16..20].fill(0);
+    ensure!(
+        crc32fast::hash(&check) == le32(&hdr, 16),
+        "GPT header CRC mismatch"
+    );
+    let entries_lba = u64::from_le_bytes(hdr[72..80].try_into().expect("8 bytes"));
+    let entries = read_at(
+        file,
+        entries_lba * SECTOR_SIZE,
+        (GPT_ENTRY_COUNT * GPT_ENTRY_SIZE) as usize,
+    )
+    .context("read GPT entries")?;
+    ensure!(
+        crc32fast::hash(&entries) == le32(&hdr, 88),
+        "GPT partition entries CRC mismatch"
+    );
+    let e = &entries[(index * GPT_ENTRY_SIZE) as usize..((index + 1) * GPT_ENTRY_SIZE) as usize];
+    if e[0..16].iter().all(|b| *b == 0) {
+        return Ok(None);
+    }
+    let first = u64::from_le_bytes(e[32..40].try_into().expect("8 bytes"));
+    let last = u64::from_le_bytes(e[40..48].try_into().expect("8 bytes"));
+    let units: Vec<u16> = e[56..128]
+        .chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|u| *u != 0)
+        .collect();
+    Ok(Some((first, last, String::from_utf16_lossy(&units))))
 }
 
 /// Rounds `value` up to a multiple of `unit`.
@@ -1031,6 +1140,8 @@ mod tests {
             esp_label: "kiln-esp".to_string(),
             esp_volume_id: 0xDEAD_BEEF,
             root_partition_name: "kiln-root".to_string(),
+            seed_size_mib: 0,
+            seed_guid: guid_from_seed(b"build-1234", "seed"),
         }
     }
 
@@ -1279,6 +1390,80 @@ mod tests {
         let before = std::fs::read(&img).unwrap();
         fix_fat_directories(&mut slice).unwrap();
         assert!(before == std::fs::read(&img).unwrap());
+    }
+
+    #[test]
+    fn seed_partition_holds_a_cidata_volume() {
+        let fx = fixture();
+        let out = fx.dir.path().join("seeded.img");
+        let lay = DiskLayout {
+            seed_size_mib: 4,
+            ..layout()
+        };
+        let info = write_disk(&out, &lay, &fx.files, &fx.root, EPOCH).unwrap();
+        let (first, last) = info.seed.expect("seed partition");
+        assert_eq!(first, info.root.1 + 1);
+        assert_eq!((last - first + 1) * SECTOR_SIZE, 4 * MIB);
+        assert_eq!(info.size_bytes, (1 + 64 + 3 + 4 + 1) * MIB);
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&out)
+            .unwrap();
+        assert_eq!(
+            read_partition(&mut f, 2).unwrap(),
+            Some((first, last, SEED_PARTITION_NAME.to_string()))
+        );
+        assert_eq!(read_partition(&mut f, 3).unwrap(), None);
+        // The empty slot reads as zeros.
+        assert!(read_lba(&mut f, first, 8).iter().all(|b| *b == 0));
+        let files = [
+            EspFile {
+                path: "meta-data".into(),
+                source: EspSource::Bytes(b"instance-id: x\n".to_vec()),
+            },
+            EspFile {
+                path: "user-data".into(),
+                source: EspSource::Bytes(b"#cloud-config\n".to_vec()),
+            },
+        ];
+        let off = first * SECTOR_SIZE;
+        let len = 4 * MIB;
+        write_fat_volume(&mut f, off, len, "CIDATA", 7, &files, EPOCH).unwrap();
+        {
+            let fs =
+                FileSystem::new(PartitionSlice::new(&mut f, off, len), FsOptions::new()).unwrap();
+            assert_eq!(fs.volume_label().trim_end(), "CIDATA");
+            let mut s = String::new();
+            fs.root_dir()
+                .open_file("user-data")
+                .unwrap()
+                .read_to_string(&mut s)
+                .unwrap();
+            assert_eq!(s, "#cloud-config\n");
+        }
+        // The partition table is untouched and nothing outside the slot changed.
+        let again = fx.dir.path().join("again.img");
+        write_disk(&again, &lay, &fx.files, &fx.root, EPOCH).unwrap();
+        let a = std::fs::read(&out).unwrap();
+        let b = std::fs::read(&again).unwrap();
+        let (lo, hi) = (off as usize, (off + len) as usize);
+        assert_eq!(a[..lo], b[..lo]);
+        assert_eq!(a[hi..], b[hi..]);
+        if Command::new("blkid").arg("--version").output().is_ok() {
+            let vol = fx.dir.path().join("cidata.img");
+            std::fs::write(&vol, &a[lo..hi]).unwrap();
+            let o = Command::new("blkid")
+                .args(["-p", "-o", "export"])
+                .arg(&vol)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(text.contains("LABEL=CIDATA"), "blkid: {text}");
+            assert!(text.contains("TYPE=vfat"), "blkid: {text}");
+        } else {
+            println!("SKIP: blkid not installed");
+        }
     }
 
     #[test]
