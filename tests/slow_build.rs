@@ -326,7 +326,7 @@ fn slow_build_image_contents() {
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let parts = v["partitiontable"]["partitions"].as_array().unwrap();
-        assert_eq!(parts.len(), 2);
+        assert_eq!(parts.len(), 3, "ESP, root, seed slot");
         assert_eq!(
             parts[0]["type"].as_str().unwrap().to_lowercase(),
             "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
@@ -401,7 +401,7 @@ fn slow_build_reproducible_with_fresh_cache() {
     assert!(o.status.success(), "second build failed:\n{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
-        v[0]["base_cached"], false,
+        v["roles"][0]["base_cached"], false,
         "the second build must not reuse the cache"
     );
     for role in ["worker", "master"] {
@@ -424,6 +424,28 @@ fn slow_build_reproducible_with_fresh_cache() {
             "{role}: artifacts differ between two builds: {differ:?}\n{sums1}\n{sums2}"
         );
         assert_eq!(sums1, sums2);
+    }
+    // Per-node outputs (seed, CIDATA volume, node disks, signature) are bit-identical too.
+    for host in ["master-1", "worker-1", "worker-2"] {
+        let n1 = b.out.join("nodes").join(host);
+        let n2 = out.join("nodes").join(host);
+        assert_eq!(
+            fs::read_link(&n1).unwrap(),
+            fs::read_link(&n2).unwrap(),
+            "{host}: same node id"
+        );
+        let mut names: Vec<String> = fs::read_dir(&n1)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert!(names.contains(&"disk.raw".to_string()), "{names:?}");
+        for n in &names {
+            assert!(
+                fs::read(n1.join(n)).unwrap() == fs::read(n2.join(n)).unwrap(),
+                "{host}/{n} differs between two builds"
+            );
+        }
     }
 }
 
@@ -457,7 +479,7 @@ fn slow_boot_uefi_disk_prints_marker() {
         booted.line
     );
     assert!(
-        booted.line.contains("hostname=homelab-worker"),
+        booted.line.contains("hostname=homelab-worker seed=none"),
         "{}",
         booted.line
     );
@@ -817,5 +839,160 @@ fn slow_secret_hygiene_scan() {
         master,
         vec!["sealed-secrets.key (base64) in var/lib/rancher/k3s/server/manifests/kiln-sealed-secrets-key.yaml".to_string()],
         "the master holds the controller key only in its restored Secret, never the plaintext"
+    );
+}
+
+/// Per-node outputs of the shared build: seed files, CIDATA volume, a node disk that differs
+/// from its role disk only inside the seed partition, checksums.
+#[test]
+fn slow_node_outputs() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_node_outputs", &r);
+    }
+    let b = built();
+    for (host, role) in [
+        ("master-1", "master"),
+        ("worker-1", "worker"),
+        ("worker-2", "worker"),
+    ] {
+        let link = b.out.join("nodes").join(host);
+        let target = fs::read_link(&link).unwrap();
+        assert!(
+            target
+                .to_string_lossy()
+                .starts_with(&format!("by-id/{host}-")),
+            "{target:?}"
+        );
+        let dir = link.canonicalize().unwrap();
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "SHA256SUMS",
+                "SHA256SUMS.sig",
+                "cidata.iso",
+                "cidata.img",
+                "disk.qcow2",
+                "disk.raw",
+                "meta-data",
+                "network-config",
+                "node.json",
+                "user-data"
+            ]
+            .map(String::from)
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>(),
+            "{host}"
+        );
+        let o = Command::new("sha256sum")
+            .args(["--check", "--strict", "SHA256SUMS"])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{host}: {}", stdout(&o));
+        let node: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("node.json")).unwrap()).unwrap();
+        assert_eq!(node["hostname"], host);
+        assert_eq!(node["role"], role);
+        assert_eq!(node["role_build_id"], b.ids[role].as_str());
+        let iid = node["instance_id"].as_str().unwrap();
+        assert_eq!(iid, kiln::seed::instance_id(&b.ids[role], host));
+        let meta = fs::read_to_string(dir.join("meta-data")).unwrap();
+        assert!(meta.contains(&format!("instance-id: {iid}\n")), "{meta}");
+        assert!(
+            meta.contains(&format!("local-hostname: {host}\n")),
+            "{meta}"
+        );
+
+        // The node disk = the role disk with the CIDATA volume in partition 3, nothing else.
+        let role_disk = fs::read(b.role_dir(role).join("disk.raw")).unwrap();
+        let node_disk = fs::read(dir.join("disk.raw")).unwrap();
+        assert_eq!(role_disk.len(), node_disk.len());
+        let mut f = fs::File::open(dir.join("disk.raw")).unwrap();
+        let (first, last, name) = kiln::emit::disk::read_partition(&mut f, 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(name, "kiln-seed");
+        let (lo, hi) = ((first * 512) as usize, ((last + 1) * 512) as usize);
+        assert!(
+            role_disk[..lo] == node_disk[..lo],
+            "{host}: differs before the seed"
+        );
+        assert!(
+            role_disk[hi..] == node_disk[hi..],
+            "{host}: differs after the seed"
+        );
+        assert!(
+            role_disk[lo..hi].iter().all(|x| *x == 0),
+            "role seed slot is empty"
+        );
+        let cidata = fs::read(dir.join("cidata.img")).unwrap();
+        assert!(
+            node_disk[lo..hi] == cidata[..],
+            "{host}: partition 3 = cidata.img"
+        );
+        if which("mtype") {
+            let o = Command::new("mtype")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .arg("-i")
+                .arg(format!("{}@@{lo}", dir.join("disk.raw").display()))
+                .arg("::user-data")
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert_eq!(o.stdout, fs::read(dir.join("user-data")).unwrap());
+        }
+    }
+}
+
+/// A node disk booted on a machine whose MAC is NOT in the inventory still becomes that node:
+/// the name can only come from cloud-init reading the seed partition (kiln-identify names
+/// nodes by MAC).
+#[test]
+fn slow_boot_node_disk_cloud_init_sets_hostname() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_boot_node_disk_cloud_init_sets_hostname", &r);
+    }
+    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+        return skip(
+            "slow_boot_node_disk_cloud_init_sets_hostname",
+            "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
+        );
+    }
+    let b = built();
+    let dir = b.out.join("nodes/worker-2").canonicalize().unwrap();
+    let node: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("node.json")).unwrap()).unwrap();
+    let iid = node["instance_id"].as_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cmd = kiln::qemu::uefi_disk_command(
+        &dir.join("disk.qcow2"),
+        &tmp.path().join("vars.fd"),
+        2048,
+        Some("52:54:00:99:99:99"),
+    )
+    .unwrap();
+    let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
+    let log = b.out.join("boot-node-worker-2.log");
+    let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "node disk booted in {:.0}s: {}",
+        booted.elapsed.as_secs_f64(),
+        booted.line
+    );
+    assert!(
+        booted
+            .line
+            .contains(&format!("hostname=worker-2 seed={iid}")),
+        "cloud-init did not apply the seed: {}\n(console: {})",
+        booted.line,
+        log.display()
     );
 }

@@ -316,7 +316,7 @@ pub fn write_fat_volume(
     let label = fat_volume_label(label)?;
     validate_esp_paths(files)?;
     ensure!(
-        len % SECTOR_SIZE == 0 && len >= 64 * 1024,
+        len.is_multiple_of(SECTOR_SIZE) && len >= 64 * 1024,
         "FAT volume of {len} bytes is too small or not a multiple of {SECTOR_SIZE}"
     );
     // Start from zeros so nothing of a previous content survives in the slack.
