@@ -388,11 +388,13 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
             Upper::file(cfg, 0o644, o),
         );
     }
-    l.entries.insert(
-        TOKEN.into(),
-        Upper::file(format!("{token}\n"), 0o600, "keys/k3s-token"),
-    );
-    l.contains_secrets = true;
+    if k.token_delivery == crate::recipe::TokenDelivery::Image {
+        l.entries.insert(
+            TOKEN.into(),
+            Upper::file(format!("{token}\n"), 0o600, "keys/k3s-token"),
+        );
+        l.contains_secrets = true;
+    }
     if let Some(r) = &k.registries {
         let p = project.recipes_dir().join(r);
         let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;

@@ -282,8 +282,9 @@ pub fn run(cli: Cli) -> Result<()> {
                         let d = dir.join(&n.hostname);
                         std::fs::create_dir_all(&d)
                             .with_context(|| format!("creating {}", d.display()))?;
+                        let mode = if s.contains_secrets { 0o600 } else { 0o644 };
                         for (name, bytes) in s.ordered() {
-                            util::write_atomic(&d.join(name), bytes)?;
+                            util::write_atomic_mode(&d.join(name), bytes, mode)?;
                         }
                         println!("wrote {}", d.display());
                     }

@@ -120,7 +120,8 @@ fn build_node(
             .with_context(|| format!("reading {}/manifest.json", rep.dir.display()))?,
     )
     .context("parsing the role manifest")?;
-    let contains_secrets = manifest["contains_secrets"].as_bool().unwrap_or(true);
+    let contains_secrets =
+        manifest["contains_secrets"].as_bool().unwrap_or(true) || s.contains_secrets;
 
     let _lock = build::lock_out(&opts.out_dir)?;
     let nodes = nodes_dir(&opts.out_dir);

@@ -183,6 +183,17 @@ pub struct Pinned {
     pub size: Option<u64>,
 }
 
+/// How the k3s token reaches a node (`[k3s] token_delivery`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDelivery {
+    /// Baked into the role image at /etc/rancher/k3s/token.
+    #[default]
+    Image,
+    /// Written by cloud-init from the node's seed (`write_files`).
+    Seed,
+}
+
 /// `[k3s]` of cluster.toml: what must match on every node.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +225,11 @@ pub struct K3sCluster {
     /// a new cluster.
     #[serde(default)]
     pub bootstrapped: bool,
+    /// Where nodes get the cluster token: `image` (baked into every role image, 0600) or
+    /// `seed` (only in each node's cloud-init seed: role images then carry no token and can be
+    /// shared; a node booted without its seed cannot join).
+    #[serde(default)]
+    pub token_delivery: TokenDelivery,
     /// `write-kubeconfig-mode` on servers (default "0600").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_kubeconfig_mode: Option<String>,

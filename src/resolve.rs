@@ -129,10 +129,18 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
                 referenced.push(f.clone());
             }
         }
-        secrets.insert(
-            "k3s-token".to_string(),
-            secret_fingerprint("k3s-token", token.as_bytes()),
-        );
+        // The token is part of the image only when it is baked (else it is in the node seeds).
+        if project
+            .cluster
+            .k3s
+            .as_ref()
+            .is_some_and(|k| k.token_delivery == recipe::TokenDelivery::Image)
+        {
+            secrets.insert(
+                "k3s-token".to_string(),
+                secret_fingerprint("k3s-token", token.as_bytes()),
+            );
+        }
     }
     for m in &recipe.k3s.manifests {
         let p = project.recipes_dir().join(m);

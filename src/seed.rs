@@ -28,6 +28,8 @@ pub struct Seed {
     pub files: BTreeMap<String, String>,
     /// Where each file's template came from (`overlays/…` or `built-in`).
     pub sources: BTreeMap<String, String>,
+    /// The seed carries the k3s token (`token_delivery = "seed"`): keep it private.
+    pub contains_secrets: bool,
 }
 
 impl Seed {
@@ -58,6 +60,8 @@ struct Ctx<'a> {
     ssh_authorized_keys: Vec<String>,
     /// Whether the role runs k3s (the seed links the node's k3s drop-in).
     k3s: bool,
+    /// The cluster token, only with `[k3s] token_delivery = "seed"` (written by cloud-init).
+    k3s_token: Option<&'a str>,
 }
 
 /// The node as templates see it: every field present (`gateway`/`disk` may be null, `dns`
@@ -136,6 +140,12 @@ pub fn render(
     authorized_keys: &[String],
 ) -> Result<Seed> {
     let iid = instance_id(build_id, &node.hostname);
+    let token = match &project.cluster.k3s {
+        Some(kc) if k3s && kc.token_delivery == crate::recipe::TokenDelivery::Seed => {
+            Some(crate::resolve::read_token(project)?)
+        }
+        _ => None,
+    };
     let ctx = Ctx {
         cluster: &project.cluster,
         node: NodeCtx {
@@ -161,6 +171,7 @@ pub fn render(
         },
         ssh_authorized_keys: authorized_keys.to_vec(),
         k3s,
+        k3s_token: token.as_deref(),
     };
     let tctx = tera::Context::from_serialize(&ctx).context("building the seed template context")?;
     let mut files = BTreeMap::new();
@@ -194,10 +205,25 @@ pub fn render(
         files.insert(file.to_string(), rendered);
         sources.insert(file.to_string(), source);
     }
+    if let Some(t) = &token {
+        if !files.values().any(|f| f.contains(t.as_str())) {
+            return Err(RecipeError {
+                file: project.recipes_dir().join("cluster.toml"),
+                key: "k3s.token_delivery".into(),
+                problem: format!(
+                    "token_delivery = \"seed\" but the seed of {} does not contain the token (an overridden user-data template dropped it)",
+                    node.hostname
+                ),
+                fix: "write it in user-data with write_files from {{ k3s_token }} (see the built-in template), or set token_delivery = \"image\"".into(),
+            }
+            .into());
+        }
+    }
     Ok(Seed {
         instance_id: iid,
         files,
         sources,
+        contains_secrets: token.is_some(),
     })
 }
 

@@ -301,3 +301,70 @@ fn cidata_volume_reads_back_with_mtools_and_blkid() {
         skip("cidata_volume_reads_back", "mtools and blkid not installed");
     }
 }
+
+#[test]
+fn token_delivery_seed_moves_the_token_from_the_image_to_the_seed() {
+    let d = project();
+    let id = |d: &Path| {
+        let p = kiln::recipe::load_project(d).unwrap();
+        kiln::resolve::resolve(&p, "worker").unwrap().build_id
+    };
+    let token2 = "f".repeat(64);
+    // Baked (default): the token is an input of the role image.
+    let baked = id(d.path());
+    let tok = d.path().join("keys/k3s-token");
+    let old = fs::read_to_string(&tok).unwrap();
+    fs::write(&tok, format!("{token2}\n")).unwrap();
+    assert_ne!(baked, id(d.path()), "baked token must change the build id");
+    fs::write(&tok, &old).unwrap();
+
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "bootstrapped = false",
+        "bootstrapped = false\ntoken_delivery = \"seed\"",
+    );
+    let seeded = id(d.path());
+    fs::write(&tok, format!("{token2}\n")).unwrap();
+    assert_eq!(
+        seeded,
+        id(d.path()),
+        "a token in the seed is not an image input"
+    );
+
+    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let worker = kiln::recipe::load_role(&project, "worker").unwrap();
+    let fetched = kiln::k3s::Fetched {
+        binary: repo_root().join("tests/standin/k3s"),
+        ..Default::default()
+    };
+    let layer = kiln::k3s::layer(&project, &worker, &fetched, &token2).unwrap();
+    assert!(!layer.entries.contains_key(kiln::k3s::TOKEN), "token baked");
+    assert!(!layer.contains_secrets);
+
+    let out = d.path().join("seeds");
+    let o = kiln(d.path(), &["seed", "worker-1", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = out.join("worker-1/user-data");
+    let ud: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    let wf = &ud["write_files"][0];
+    assert_eq!(wf["path"], "/etc/rancher/k3s/token");
+    assert_eq!(wf["permissions"], "0600");
+    assert_eq!(wf["content"], token2.as_str());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // A user-data override that drops the token is refused.
+    fs::create_dir_all(d.path().join("overlays/seed")).unwrap();
+    fs::write(
+        d.path().join("overlays/seed/user-data.tera"),
+        "#cloud-config\nhostname: {{ node.hostname }}\n",
+    )
+    .unwrap();
+    let o = kiln(d.path(), &["seed", "worker-1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("k3s.token_delivery"), "{}", stderr(&o));
+}

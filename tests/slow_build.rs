@@ -996,3 +996,57 @@ fn slow_boot_node_disk_cloud_init_sets_hostname() {
         log.display()
     );
 }
+
+/// `kiln verify` accepts the signed role and node builds; `kiln flash` writes a node disk to a
+/// file and reads it back; a tampered image is refused before anything is written.
+#[test]
+fn slow_verify_and_flash_node() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_verify_and_flash_node", &r);
+    }
+    let b = built();
+    let run = |out: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--dir")
+            .arg(&b.project)
+            .arg("--out")
+            .arg(out)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for dir in [b.role_dir("worker"), b.out.join("nodes/worker-1")] {
+        let o = run(&b.out, &["verify", dir.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "verify {}: {}",
+            dir.display(),
+            stderr(&o)
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("worker-1.img");
+    let o = run(&b.out, &["flash", "worker-1", target.to_str().unwrap()]);
+    assert!(o.status.success(), "flash: {}", stderr(&o));
+    let want = fs::read(b.out.join("nodes/worker-1/disk.raw")).unwrap();
+    assert!(fs::read(&target).unwrap() == want, "flashed bytes differ");
+
+    // A copy of the node outputs with one byte of the disk changed: refused, target untouched.
+    let fake_out = tmp.path().join("out");
+    let src = b.out.join("nodes/worker-1").canonicalize().unwrap();
+    let dst = fake_out.join("nodes/by-id").join(src.file_name().unwrap());
+    copy_tree(&src, &dst);
+    std::os::unix::fs::symlink(
+        format!("by-id/{}", src.file_name().unwrap().to_string_lossy()),
+        fake_out.join("nodes/worker-1"),
+    )
+    .unwrap();
+    let mut disk = fs::read(dst.join("disk.raw")).unwrap();
+    disk[4096] ^= 0xff;
+    fs::write(dst.join("disk.raw"), disk).unwrap();
+    let target2 = tmp.path().join("tampered.img");
+    let o = run(&fake_out, &["flash", "worker-1", target2.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("disk.raw"), "{}", stderr(&o));
+    assert!(!target2.exists(), "nothing may be written");
+}
