@@ -83,7 +83,25 @@ pub fn build_nodes(
                 .with_context(|| format!("building node {}", node.hostname))?,
         );
     }
+    prune_departed(project, &opts.out_dir)?;
     Ok(reports)
+}
+
+/// Removes the outputs of nodes that left the inventory (their link and builds), so
+/// `out/nodes/` never offers a disk for a machine the cluster no longer has.
+fn prune_departed(project: &Project, out_dir: &Path) -> Result<()> {
+    let nodes = nodes_dir(out_dir);
+    for host in list(out_dir) {
+        if project.cluster.nodes.iter().any(|n| n.hostname == host) {
+            continue;
+        }
+        let _lock = build::lock_out(out_dir)?;
+        tracing::info!(node = %host, "removing outputs of a node no longer in the inventory");
+        fs::remove_file(nodes.join(&host))
+            .with_context(|| format!("removing {}", nodes.join(&host).display()))?;
+        gc(&nodes.join("by-id"), &host, "")?;
+    }
+    Ok(())
 }
 
 /// Content address of a node build.
