@@ -88,11 +88,10 @@ const TEST_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n
 fn built() -> &'static Built {
     static B: OnceLock<Built> = OnceLock::new();
     B.get_or_init(|| {
-        let root = tempfile::Builder::new()
-            .prefix("kiln-slow-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        // Kept after the run for inspection (boot logs, images); replaced by the next run.
+        let root = repo_root().join("target/kiln-slow-out");
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
         let project = standin_project(&root);
         let out = root.join("out");
         let o = run_build(&project, &out, &cache_dir(), ROLES);
@@ -684,7 +683,9 @@ fn slow_offline_rebuild_and_locked() {
     );
     // Same content, different URL → different build id is expected only if URLs enter it; compare bytes of the image tree.
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let dir = out.join("worker").join(v[0]["build_id"].as_str().unwrap());
+    let dir = out
+        .join("worker")
+        .join(v["roles"][0]["build_id"].as_str().unwrap());
     assert!(dir.join("SHA256SUMS").is_file());
     // --locked with unchanged inputs passes; a lock that disagrees fails and names the change.
     let o = run_build(
