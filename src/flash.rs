@@ -38,6 +38,8 @@ pub const IMAGE: &str = "disk.raw";
 pub const NODES_DIR: &str = "nodes";
 /// Granularity of hole detection when writing an image file.
 pub const SPARSE_BLOCK: usize = 4096;
+/// A block device is flushed after every this many bytes written.
+pub const SYNC_EVERY: u64 = 64 << 20;
 /// Bytes zeroed at the end of a device larger than the image.
 pub const TAIL_WIPE: u64 = 1 << 20;
 
@@ -451,6 +453,38 @@ fn block_size(f: &File, path: &Path) -> Result<u64> {
     Ok(size)
 }
 
+/// Opens a block device with `O_EXCL`, which the kernel refuses (EBUSY) while the device is
+/// mounted, used as swap, or claimed by another device or program.
+fn open_exclusive(dev: &Path, write: bool, given: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_EXCL)
+        .open(dev)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                anyhow::Error::from(FlashError::TargetBusy {
+                    path: given.to_path_buf(),
+                    reasons: vec![
+                        "the kernel refuses exclusive access (mounted, swap, or claimed by \
+                         another device or program)"
+                            .to_string(),
+                    ],
+                })
+            } else {
+                anyhow::Error::from(e).context(format!(
+                    "opening {} {} (are you root, or in the disk group?)",
+                    dev.display(),
+                    if write {
+                        "for writing"
+                    } else {
+                        "to read its size"
+                    }
+                ))
+            }
+        })
+}
+
 /// Looks at `path` without writing: what it is, how large, and whether it may be written.
 /// `image` is the source image's metadata (a target that is the image itself is refused).
 pub fn inspect_target(path: &Path, image: &fs::Metadata, hostname: &str) -> Result<Target> {
@@ -536,12 +570,17 @@ pub fn inspect_target(path: &Path, image: &fs::Metadata, hostname: &str) -> Resu
     }
 
     let bd = block_dev(dev_split(md.rdev()))?;
-    let f = File::open(&resolved).with_context(|| {
-        format!(
-            "opening {} to read its size (are you root, or in the disk group?)",
-            resolved.display()
-        )
-    })?;
+    let reasons = block_users(&bd)?;
+    if !reasons.is_empty() {
+        return Err(FlashError::TargetBusy {
+            path: path.to_path_buf(),
+            reasons,
+        }
+        .into());
+    }
+    // An exclusive open fails while the kernel has the device claimed (what the checks above
+    // may miss, e.g. another program flashing it), so a dry run sees what the write will see.
+    let f = open_exclusive(&resolved, false, path)?;
     let size = block_size(&f, &resolved)?;
     drop(f);
     if size < image.len() {
@@ -549,14 +588,6 @@ pub fn inspect_target(path: &Path, image: &fs::Metadata, hostname: &str) -> Resu
             path: path.to_path_buf(),
             size,
             image_size: image.len(),
-        }
-        .into());
-    }
-    let reasons = block_users(&bd)?;
-    if !reasons.is_empty() {
-        return Err(FlashError::TargetBusy {
-            path: path.to_path_buf(),
-            reasons,
         }
         .into());
     }
@@ -712,7 +743,7 @@ pub fn flash_command(out_dir: &Path, a: &crate::cli::FlashArgs, key_path: &Path)
             r.sha256
         ),
         format!(
-            "target:    {} ({}{size})",
+            "target:    {}: {}{size}",
             r.target.path.display(),
             r.target.description
         ),
@@ -799,28 +830,7 @@ fn write_device(
     opts: &FlashOptions,
 ) -> Result<u64> {
     let dev = &target.resolved;
-    // O_EXCL on a block device: the kernel refuses it while the device is mounted or claimed.
-    let mut out = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_EXCL)
-        .open(dev)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EBUSY) {
-                anyhow::Error::from(FlashError::TargetBusy {
-                    path: target.path.clone(),
-                    reasons: vec![
-                        "the kernel refuses exclusive access (mounted, swap, or claimed by \
-                         another device)"
-                            .to_string(),
-                    ],
-                })
-            } else {
-                anyhow::Error::from(e).context(format!(
-                    "opening {} for writing (are you root, or in the disk group?)",
-                    dev.display()
-                ))
-            }
-        })?;
+    let mut out = open_exclusive(dev, true, &target.path)?;
     let bar = sign::byte_bar(
         image_size,
         format!("writing {}", target.path.display()),
@@ -837,6 +847,12 @@ fn write_device(
             .with_context(|| format!("writing {} at byte {total}", dev.display()))?;
         total += n as u64;
         bar.inc(n as u64);
+        // Flush as we go: the bar then shows the device's speed, not the page cache's, and
+        // the final fsync does not stall for minutes on a slow stick.
+        if total.is_multiple_of(SYNC_EVERY) {
+            out.sync_data()
+                .with_context(|| format!("flushing {} (fdatasync)", dev.display()))?;
+        }
     }
     bar.finish_and_clear();
     if total != image_size {

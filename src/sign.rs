@@ -481,8 +481,7 @@ pub fn byte_bar(len: u64, msg: impl Into<String>, visible: bool) -> ProgressBar 
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
-            "{msg:<24} [{bar:32}] {binary_bytes:>10}/{binary_total_bytes:<10} \
-             {binary_bytes_per_sec:>12} eta {eta}",
+            "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
         )
         .expect("valid progress template")
         .progress_chars("=> "),
