@@ -148,7 +148,10 @@ pub fn build_role(
     fs::create_dir_all(&role_dir).with_context(|| format!("creating {}", role_dir.display()))?;
     clean_stale(&role_dir)?;
     let final_dir = role_dir.join(&resolved.build_id);
-    if final_dir.join("SHA256SUMS").is_file() && !opts.force {
+    if final_dir.join("SHA256SUMS").is_file()
+        && final_dir.join("SHA256SUMS.sig").is_file()
+        && !opts.force
+    {
         point_latest(&role_dir, &resolved.build_id)?;
         return Ok(BuildReport {
             role: role.into(),
@@ -292,7 +295,8 @@ pub fn build_role(
         )?;
         let all = emit::hash_artifacts(sd, ARTIFACTS)?;
         fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all))?;
-        for n in ARTIFACTS.iter().chain(["SHA256SUMS"].iter()) {
+        crate::sign::sign_dir(sd, &crate::sign::load_signing_key(&keys_dir)?)?;
+        for n in ARTIFACTS.iter().chain(["SHA256SUMS", "SHA256SUMS.sig"].iter()) {
             util::sync_path(&sd.join(n))?;
         }
         Ok(())

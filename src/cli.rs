@@ -5,7 +5,16 @@ use std::path::PathBuf;
 
 /// kiln — reproducible per-role OS images for k3s clusters.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about, long_about = None)]
+#[command(
+    name = "kiln",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 ok; 1 failure; 2 user error (bad recipe, inventory or overlay, \
+                  key files, unknown node, unsafe flash target; nothing written); 3 verification \
+                  failed (bad or missing signature, wrong key, a file changed, missing or not \
+                  covered by SHA256SUMS)."
+)]
 pub struct Cli {
     /// Project directory (holds recipes/, overlays/, keys/, out/).
     #[arg(long, global = true, default_value = ".", env = "KILN_DIR")]
@@ -37,6 +46,12 @@ pub enum Command {
     Unseal(UnsealArgs),
     /// Render inventory nodes' cloud-init seeds (what `build` puts in out/nodes/) without building.
     Seed(SeedArgs),
+    /// Check a signed output directory: SHA256SUMS.sig, then every file's sha256
+    /// (exit status 3 when anything fails).
+    Verify(VerifyArgs),
+    /// Write a node's signed disk image (<out>/nodes/<HOSTNAME>/disk.raw) to a block device or
+    /// an image file, after checking its signature; reads it back to confirm.
+    Flash(FlashArgs),
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +105,42 @@ pub struct UnsealArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Directory holding SHA256SUMS and SHA256SUMS.sig (a build or node output directory).
+    #[arg(value_name = "DIR")]
+    pub path: PathBuf,
+    /// Trusted public key: signing_ed25519.pub (base64) or an `ssh-ed25519 AAAA…` line
+    /// [default: <dir>/keys/signing_ed25519.pub, with the global --dir].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FlashArgs {
+    /// Node host name: its image is <out>/nodes/<HOSTNAME>/disk.raw.
+    pub hostname: String,
+    /// Block device (/dev/sdX, /dev/nvme0n1, /dev/disk/by-id/…) or image file (created if
+    /// missing, written sparse).
+    pub target: PathBuf,
+    /// Check the signature, the image and the target; print what would be written; write
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Trusted public key [default: <dir>/keys/signing_ed25519.pub].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Do not ask before overwriting a block device (required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct BuildArgs {
     /// Role to build (repeatable) [default: every role that has a recipe].
     #[arg(long = "role", short = 'r')]
@@ -136,5 +187,15 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn positional_args_do_not_shadow_global_dir() {
+        let c = Cli::try_parse_from(["kiln", "--dir", "/p", "verify", "/d"]).unwrap();
+        assert_eq!(c.dir, PathBuf::from("/p"));
+        let Command::Verify(v) = c.command else {
+            panic!()
+        };
+        assert_eq!(v.path, PathBuf::from("/d"));
     }
 }

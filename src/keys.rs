@@ -193,6 +193,10 @@ pub struct KeyInfo {
     /// controller logs); certificate: SHA-256 of the DER, `AA:BB:…`; token: `present (64 chars)`;
     /// `missing` when the file does not exist.
     pub fingerprint: String,
+    /// Signing public key only: the `allowed_signers` line (`kiln ssh-ed25519 AAAA…`) for
+    /// checking `SHA256SUMS.sig` with `ssh-keygen -Y verify` (see `sign`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_signers: Option<String>,
 }
 
 /// Generated key material, all in memory, before anything is written.
@@ -288,18 +292,8 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
         .to_openssh()
         .context("encoding the SSH public key")?;
 
-    // Signing: Ed25519 PKCS#8 v1 PEM (no embedded public key: the v2 form that ed25519-dalek
-    // writes by default is rejected by OpenSSL 3.0 and Python `cryptography`) + raw public key.
     let signing = ed25519_dalek::SigningKey::generate(&mut OsRng);
-    let signing_private = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(
-        &ed25519_dalek::pkcs8::KeypairBytes {
-            secret_key: signing.to_bytes(),
-            public_key: None,
-        },
-        ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF,
-    )
-    .context("encoding the signing key as PKCS#8")?;
-    let signing_public_b64 = b64(signing.verifying_key().as_bytes());
+    let (signing_private, signing_public_b64) = encode_signing_key(&signing)?;
 
     // Sealed secrets: RSA key + self-signed certificate.
     let rsa = RsaPrivateKey::new(&mut OsRng, rsa_bits)
@@ -316,12 +310,31 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
     Ok(Material {
         ssh_private: ssh_private.to_string(),
         ssh_public_line: format!("{ssh_public_line}\n"),
-        signing_private: signing_private.to_string(),
-        signing_public_b64: format!("{signing_public_b64}\n"),
+        signing_private,
+        signing_public_b64,
         rsa_private: rsa_private.to_string(),
         cert_pem,
         k3s_token: format!("{}\n", hex::encode(token)),
     })
+}
+
+/// The contents of `signing_ed25519.pem` and `signing_ed25519.pub` for `key`: Ed25519 PKCS#8 v1
+/// PEM (no embedded public key: the v2 form that ed25519-dalek writes by default is rejected by
+/// OpenSSL 3.0 and Python `cryptography`) and the raw public key in base64, each ending in a
+/// newline.
+pub fn encode_signing_key(key: &ed25519_dalek::SigningKey) -> Result<(String, String)> {
+    let pem = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(
+        &ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: key.to_bytes(),
+            public_key: None,
+        },
+        ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF,
+    )
+    .context("encoding the signing key as PKCS#8")?;
+    Ok((
+        pem.to_string(),
+        format!("{}\n", b64(key.verifying_key().as_bytes())),
+    ))
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -448,12 +461,17 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
             Ok(bytes) => {
                 let (kind, fingerprint) =
                     describe(&bytes).with_context(|| format!("reading {}", path.display()))?;
+                let allowed_signers = (path == paths.signing_public.as_path())
+                    .then(|| crate::sign::parse_verifying_key(utf8(&bytes).ok()?.trim()).ok())
+                    .flatten()
+                    .map(|k| crate::sign::allowed_signers_line(&k));
                 KeyInfo {
                     name,
                     path: path.to_path_buf(),
                     kind,
                     present: true,
                     fingerprint,
+                    allowed_signers,
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeyInfo {
@@ -462,6 +480,7 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
                 kind: "missing (run `kiln keys init`)".to_string(),
                 present: false,
                 fingerprint: "missing".to_string(),
+                allowed_signers: None,
             },
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };

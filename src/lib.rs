@@ -9,6 +9,7 @@ pub mod cli;
 pub mod compose;
 pub mod emit;
 pub mod fetch;
+pub mod flash;
 pub mod k3s;
 pub mod keys;
 pub mod lock;
@@ -18,6 +19,7 @@ pub mod recipe;
 pub mod resolve;
 pub mod seal;
 pub mod seed;
+pub mod sign;
 pub mod tools;
 pub mod util;
 
@@ -26,15 +28,26 @@ use cli::{Cli, Command};
 use std::io::Write;
 use std::path::PathBuf;
 
-/// Process exit status for user errors in recipes/inventory/overlays.
+/// Process exit status for user errors in recipes/inventory/overlays, key files, and unsafe or
+/// unknown flash targets.
 pub const EXIT_USER_ERROR: i32 = 2;
+/// Process exit status when a signature or a signed file fails verification
+/// ([`sign::VerifyError`]).
+pub const EXIT_VERIFY_FAILED: i32 = 3;
 
-/// Maps an error to an exit status: 2 for recipe/user errors, 1 otherwise.
+/// Maps an error to an exit status: 3 for verification failures ([`sign::VerifyError`]), 2 for
+/// recipe/user errors, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err.chain().any(|e| {
+    if err
+        .chain()
+        .any(|e| e.downcast_ref::<sign::VerifyError>().is_some())
+    {
+        EXIT_VERIFY_FAILED
+    } else if err.chain().any(|e| {
         e.downcast_ref::<recipe::RecipeError>().is_some()
             || e.downcast_ref::<keys::KeysError>().is_some()
             || e.downcast_ref::<seal::SealError>().is_some()
+            || e.downcast_ref::<flash::FlashError>().is_some()
     }) {
         EXIT_USER_ERROR
     } else {
@@ -82,6 +95,8 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 a.roles.clone()
             };
+            // Every output is signed: fail now, not after the first role, if the key is missing.
+            sign::load_signing_key(&cli.dir.join("keys"))?;
             // Validate every requested role before building any.
             let resolved = roles
                 .iter()
@@ -193,8 +208,11 @@ pub fn run(cli: Cli) -> Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                for k in info {
+                for k in &info {
                     println!("{:<24} {:<34} {}", k.name, k.kind, k.fingerprint);
+                }
+                if let Some(line) = info.iter().find_map(|k| k.allowed_signers.as_deref()) {
+                    println!("allowed_signers: {line}");
                 }
             }
             Ok(())
@@ -297,6 +315,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Verify(a) => {
+            let key = a
+                .key
+                .clone()
+                .unwrap_or_else(|| cli.dir.join("keys").join(sign::VERIFYING_KEY));
+            sign::verify_command(&a.path, &key, a.json)
+        }
+        Command::Flash(a) => {
+            let key = a
+                .key
+                .clone()
+                .unwrap_or_else(|| cli.dir.join("keys").join(sign::VERIFYING_KEY));
+            flash::flash_command(&out_dir(&cli), a, &key)
         }
         Command::Doctor(a) => {
             let st = tools::status();

@@ -149,7 +149,7 @@ fn build_node(
     let name = format!("{}-{}", node.hostname, &id[..16]);
     let final_dir = by_id.join(&name);
     let link = nodes.join(&node.hostname);
-    let done = final_dir.join("SHA256SUMS").is_file();
+    let done = final_dir.join("SHA256SUMS").is_file() && final_dir.join("SHA256SUMS.sig").is_file();
     if done && !opts.force {
         point_link(&nodes, &node.hostname, &name)?;
         gc(&by_id, &node.hostname, &name)?;
@@ -211,8 +211,8 @@ fn build_node(
     names.push("node.json");
     let all = emit::hash_artifacts(sd, &names)?;
     fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all)).context("writing SHA256SUMS")?;
-    // SIGN-HOOK
-    for n in names.iter().chain(["SHA256SUMS"].iter()) {
+    crate::sign::sign_dir(sd, &crate::sign::load_signing_key(&project.root.join("keys"))?)?;
+    for n in names.iter().chain(["SHA256SUMS", "SHA256SUMS.sig"].iter()) {
         util::sync_path(&sd.join(n))?;
     }
     if contains_secrets {
