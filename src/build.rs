@@ -296,7 +296,10 @@ pub fn build_role(
         let all = emit::hash_artifacts(sd, ARTIFACTS)?;
         fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all))?;
         crate::sign::sign_dir(sd, &crate::sign::load_signing_key(&keys_dir)?)?;
-        for n in ARTIFACTS.iter().chain(["SHA256SUMS", "SHA256SUMS.sig"].iter()) {
+        for n in ARTIFACTS
+            .iter()
+            .chain(["SHA256SUMS", "SHA256SUMS.sig"].iter())
+        {
             util::sync_path(&sd.join(n))?;
         }
         Ok(())

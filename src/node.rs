@@ -20,7 +20,13 @@ use std::path::{Path, PathBuf};
 
 /// Files of a node build (besides SHA256SUMS and SHA256SUMS.sig); seed files are added as
 /// present.
-pub const ARTIFACTS: &[&str] = &["cidata.img", "disk.qcow2", "disk.raw", "node.json"];
+pub const ARTIFACTS: &[&str] = &[
+    "cidata.img",
+    "cidata.iso",
+    "disk.qcow2",
+    "disk.raw",
+    "node.json",
+];
 
 /// Volume label of the seed volume (cloud-init accepts `cidata` or `CIDATA`; FAT labels are
 /// upper case).
@@ -177,6 +183,7 @@ fn build_node(
     seed::write_files(s, sd)?;
     let cidata = sd.join("cidata.img");
     write_cidata(&cidata, s, sde)?;
+    write_cidata_iso(&sd.join("cidata.iso"), s, sde)?;
 
     // The flashable disk: the role disk with the CIDATA volume in its seed partition.
     let disk_path = sd.join("disk.raw");
@@ -211,7 +218,10 @@ fn build_node(
     names.push("node.json");
     let all = emit::hash_artifacts(sd, &names)?;
     fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all)).context("writing SHA256SUMS")?;
-    crate::sign::sign_dir(sd, &crate::sign::load_signing_key(&project.root.join("keys"))?)?;
+    crate::sign::sign_dir(
+        sd,
+        &crate::sign::load_signing_key(&project.root.join("keys"))?,
+    )?;
     for n in names.iter().chain(["SHA256SUMS", "SHA256SUMS.sig"].iter()) {
         util::sync_path(&sd.join(n))?;
     }
@@ -277,6 +287,21 @@ pub fn write_cidata(path: &Path, s: &Seed, epoch: i64) -> Result<()> {
     f.sync_all()
         .with_context(|| format!("fsync {}", path.display()))?;
     Ok(())
+}
+
+/// Writes the seed as an ISO 9660 volume labelled `cidata` (Rock Ridge + Joliet names), for a
+/// virtual CD-ROM or any tool that expects `cloud-localds`/`genisoimage -V cidata` output.
+pub fn write_cidata_iso(path: &Path, s: &Seed, epoch: i64) -> Result<()> {
+    let files: Vec<emit::iso9660::IsoFile> = s
+        .ordered()
+        .into_iter()
+        .map(|(n, b)| emit::iso9660::IsoFile {
+            name: n.into(),
+            data: b.to_vec(),
+        })
+        .collect();
+    emit::iso9660::write_iso(path, "cidata", &files, epoch)
+        .with_context(|| format!("writing the seed ISO {}", path.display()))
 }
 
 /// Copies the CIDATA volume into partition 3 (`kiln-seed`) of a disk image.

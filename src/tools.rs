@@ -64,6 +64,36 @@ pub const MTOOLS: Tool = Tool {
     purpose: "tests: read back the FAT ESP without loop devices",
     required_for_build: false,
 };
+pub const ISOINFO: Tool = Tool {
+    name: "isoinfo",
+    package: "genisoimage",
+    purpose: "tests: read back the cidata seed ISO (Rock Ridge, Joliet, data)",
+    required_for_build: false,
+};
+pub const GENISOIMAGE: Tool = Tool {
+    name: "genisoimage",
+    package: "genisoimage",
+    purpose: "tests: reference writer the seed ISO is compared with",
+    required_for_build: false,
+};
+pub const XORRISO: Tool = Tool {
+    name: "xorriso",
+    package: "xorriso",
+    purpose: "tests: second reader of the seed ISO",
+    required_for_build: false,
+};
+pub const SEVENZIP: Tool = Tool {
+    name: "7z",
+    package: "p7zip-full",
+    purpose: "tests: third reader of the seed ISO (Joliet)",
+    required_for_build: false,
+};
+pub const BLKID: Tool = Tool {
+    name: "blkid",
+    package: "util-linux",
+    purpose: "tests: the label and type cloud-init finds the seed ISO by",
+    required_for_build: false,
+};
 
 /// Every host tool kiln knows about, in the order `kiln doctor` prints them.
 pub const ALL: &[Tool] = &[
@@ -74,6 +104,11 @@ pub const ALL: &[Tool] = &[
     QEMU_SYSTEM,
     SFDISK,
     MTOOLS,
+    ISOINFO,
+    GENISOIMAGE,
+    XORRISO,
+    SEVENZIP,
+    BLKID,
 ];
 
 /// UEFI firmware used by boot tests (file, not a binary in PATH).

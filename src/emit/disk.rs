@@ -765,7 +765,7 @@ fn fat_date_time(epoch: i64) -> fatfs::DateTime {
 
 /// Proleptic Gregorian (year, month, day) for a day count relative to
 /// 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097); // [0, 146096]

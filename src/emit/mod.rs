@@ -2,6 +2,7 @@
 //! `out/<role>/<build-id>/` only once complete.
 
 pub mod disk;
+pub mod iso9660;
 
 use crate::tools::{self, QEMU_IMG, TAR2SQFS};
 use crate::util;
