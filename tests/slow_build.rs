@@ -127,6 +127,7 @@ impl Built {
 
 const ARTIFACTS: &[&str] = &[
     "SHA256SUMS",
+    "SHA256SUMS.sig",
     "disk.qcow2",
     "disk.raw",
     "initrd.img",
@@ -194,7 +195,7 @@ fn slow_build_layout_and_manifest() {
         .collect();
     for a in ARTIFACTS
         .iter()
-        .filter(|a| !matches!(**a, "SHA256SUMS" | "manifest.json"))
+        .filter(|a| !matches!(**a, "SHA256SUMS" | "SHA256SUMS.sig" | "manifest.json"))
     {
         let (sha, size) = &listed[*a];
         assert_eq!(
