@@ -1052,3 +1052,51 @@ fn slow_verify_and_flash_node() {
     assert!(stderr(&o).contains("disk.raw"), "{}", stderr(&o));
     assert!(!target2.exists(), "nothing may be written");
 }
+
+/// The seed ISO works as a cloud-init datasource too: the plain role disk plus worker-1's
+/// `cidata.iso` as a CD-ROM, on a machine with a foreign MAC, comes up as worker-1.
+#[test]
+fn slow_boot_role_disk_with_seed_iso() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_boot_role_disk_with_seed_iso", &r);
+    }
+    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+        return skip(
+            "slow_boot_role_disk_with_seed_iso",
+            "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
+        );
+    }
+    let b = built();
+    let node = b.out.join("nodes/worker-1").canonicalize().unwrap();
+    let iid = kiln::seed::instance_id(&b.ids["worker"], "worker-1");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = kiln::qemu::uefi_disk_command(
+        &b.role_dir("worker").join("disk.qcow2"),
+        &tmp.path().join("vars.fd"),
+        2048,
+        Some("52:54:00:99:99:98"),
+    )
+    .unwrap();
+    cmd.args([
+        "-drive",
+        &format!(
+            "file={},media=cdrom,readonly=on,if=ide",
+            node.join("cidata.iso").display()
+        ),
+    ]);
+    let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
+    let log = b.out.join("boot-seed-iso.log");
+    let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "role disk + seed ISO booted in {:.0}s: {}",
+        booted.elapsed.as_secs_f64(),
+        booted.line
+    );
+    assert!(
+        booted.line.contains(&format!("hostname=worker-1 seed={iid}")),
+        "cloud-init did not apply the ISO seed: {}\n(console: {})",
+        booted.line,
+        log.display()
+    );
+}
