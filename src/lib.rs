@@ -102,6 +102,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|r| resolve::resolve(&project, r))
                 .collect::<Result<Vec<_>>>()?;
+            // Render and check every node's seed before building anything.
+            let planned = node::plan(&project, &resolved)?;
             let mut reports = Vec::new();
             for r in &resolved {
                 let rep = build::build_role(&project, r, &opts)?;
@@ -116,9 +118,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 reports.push(rep);
             }
             // Per-node outputs (seed, CIDATA volume, flashable disk) for the roles just built.
-            let pairs: Vec<(&resolve::Resolved, &build::BuildReport)> =
-                resolved.iter().zip(reports.iter()).collect();
-            let nodes = node::build_nodes(&project, &pairs, &opts)?;
+            let nodes = node::build_nodes(&project, &planned, &reports, &opts)?;
             if !a.json {
                 for n in &nodes {
                     let state = if n.up_to_date { "up to date" } else { "built" };

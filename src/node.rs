@@ -52,41 +52,50 @@ pub fn nodes_dir(out_dir: &Path) -> PathBuf {
     out_dir.join("nodes")
 }
 
-/// Renders every inventory node's seed for the roles just built, before any is written (a bad
-/// template fails the whole set, naming the file and node).
-pub fn render_seeds<'a>(
-    project: &Project,
-    roles: &[(&'a Resolved, &'a BuildReport)],
-) -> Result<Vec<(&'a Node, &'a Resolved, &'a BuildReport, Seed)>> {
+/// One inventory node's seed, rendered before any role is built.
+#[derive(Debug)]
+pub struct PlannedNode<'a> {
+    pub node: &'a Node,
+    pub role: &'a str,
+    pub build_id: &'a str,
+    pub seed: Seed,
+}
+
+/// Renders every inventory node's seed for the roles about to be built, before anything is
+/// built or written: a bad template fails the whole build up front, naming the file and node.
+pub fn plan<'a>(project: &Project, roles: &'a [Resolved]) -> Result<Vec<PlannedNode<'a>>> {
     let keys = seed::authorized_keys(project)?;
     let mut out = Vec::new();
-    for (r, rep) in roles {
+    for r in roles {
         for n in r.cluster.nodes.iter().filter(|n| n.role == r.role) {
-            let s = seed::render(
-                project,
-                n,
-                &rep.build_id,
-                r.recipe.k3s.mode != "none",
-                &keys,
-            )?;
-            out.push((n, *r, *rep, s));
+            let s = seed::render(project, n, &r.build_id, r.recipe.k3s.mode != "none", &keys)?;
+            out.push(PlannedNode {
+                node: n,
+                role: &r.role,
+                build_id: &r.build_id,
+                seed: s,
+            });
         }
     }
     Ok(out)
 }
 
-/// Builds the outputs of every inventory node whose role is in `roles`.
+/// Builds the outputs of the planned nodes from the finished role builds.
 pub fn build_nodes(
     project: &Project,
-    roles: &[(&Resolved, &BuildReport)],
+    planned: &[PlannedNode],
+    roles: &[BuildReport],
     opts: &BuildOptions,
 ) -> Result<Vec<NodeReport>> {
-    let seeds = render_seeds(project, roles)?;
     let mut reports = Vec::new();
-    for (node, _r, rep, s) in seeds {
+    for p in planned {
+        let rep = roles
+            .iter()
+            .find(|r| r.role == p.role && r.build_id == p.build_id)
+            .with_context(|| format!("no build of role {} for node {}", p.role, p.node.hostname))?;
         reports.push(
-            build_node(project, node, rep, &s, opts)
-                .with_context(|| format!("building node {}", node.hostname))?,
+            build_node(project, p.node, rep, &p.seed, opts)
+                .with_context(|| format!("building node {}", p.node.hostname))?,
         );
     }
     prune_departed(project, &opts.out_dir)?;

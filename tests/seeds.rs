@@ -368,3 +368,22 @@ fn token_delivery_seed_moves_the_token_from_the_image_to_the_seed() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("k3s.token_delivery"), "{}", stderr(&o));
 }
+
+#[test]
+fn build_checks_seeds_before_building_anything() {
+    let d = project();
+    fs::create_dir_all(d.path().join("overlays/seed")).unwrap();
+    fs::write(
+        d.path().join("overlays/seed/network-config.tera"),
+        "version: 2\nethernets: [oops]\n",
+    )
+    .unwrap();
+    let o = kiln(d.path(), &["build", "--role", "worker", "--offline"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("overlays/seed/network-config.tera"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.path().join("out").exists(), "nothing may be written");
+}

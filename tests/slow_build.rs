@@ -1094,7 +1094,9 @@ fn slow_boot_role_disk_with_seed_iso() {
         booted.line
     );
     assert!(
-        booted.line.contains(&format!("hostname=worker-1 seed={iid}")),
+        booted
+            .line
+            .contains(&format!("hostname=worker-1 seed={iid}")),
         "cloud-init did not apply the ISO seed: {}\n(console: {})",
         booted.line,
         log.display()
