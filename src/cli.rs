@@ -46,11 +46,16 @@ pub enum Command {
     Unseal(UnsealArgs),
     /// Render inventory nodes' cloud-init seeds (what `build` puts in out/nodes/) without building.
     Seed(SeedArgs),
-    /// Check a signed output directory: SHA256SUMS.sig, then every file's sha256
-    /// (exit status 3 when anything fails).
+    /// Check a signed output directory: SHA256SUMS.sig, then every file's sha256.
+    ///
+    /// Prints one line per file. Exit status 3 when the signature is missing, bad or made by
+    /// another key, or when a file is changed, missing or not listed in SHA256SUMS.
     Verify(VerifyArgs),
-    /// Write a node's signed disk image (<out>/nodes/<HOSTNAME>/disk.raw) to a block device or
-    /// an image file, after checking its signature; reads it back to confirm.
+    /// Write a node's verified disk image to a block device or an image file.
+    ///
+    /// The image is <out>/nodes/<HOSTNAME>/disk.raw. Its signature and sha256 are checked
+    /// before the target is touched (exit status 3 if they fail); a block device must be large
+    /// enough and not mounted, swap, or held; the target is read back after writing.
     Flash(FlashArgs),
 }
 

@@ -1101,6 +1101,18 @@ Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority
     }
 
     #[test]
+    fn holders_are_listed_from_sysfs() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(holders(d.path()).is_empty());
+        fs::create_dir_all(d.path().join("holders")).unwrap();
+        assert!(holders(d.path()).is_empty());
+        for h in ["dm-1", "dm-0"] {
+            std::os::unix::fs::symlink("/nonexistent", d.path().join("holders").join(h)).unwrap();
+        }
+        assert_eq!(holders(d.path()), ["dm-0", "dm-1"]);
+    }
+
+    #[test]
     fn unescape() {
         assert_eq!(unescape_proc("a\\040b\\134c\\01"), "a b\\c\\01");
     }

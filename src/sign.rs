@@ -543,57 +543,45 @@ pub fn verify_dir_with_progress(
     }
     let signed = verify_signature(dir, key)?;
 
-    // Sizes first, for one progress bar over all files.
-    let mut sizes = Vec::with_capacity(signed.entries.len());
+    // Stat every listed file first, for one progress bar over all of them.
+    let mut states = Vec::with_capacity(signed.entries.len());
     for (name, _) in &signed.entries {
         let p = dir.join(name);
-        sizes.push(match fs::metadata(&p) {
-            Ok(m) if m.is_file() => Some(m.len()),
-            Ok(_) => None,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        states.push(match fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(m.len()),
+            Ok(_) => Err(FileStatus::NotAFile),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FileStatus::Missing),
             Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
         });
     }
-    let bar = byte_bar(sizes.iter().flatten().sum(), "verifying", progress);
+    let total = states.iter().filter_map(|s| s.as_ref().ok()).sum();
+    let bar = byte_bar(total, "verifying", progress);
     let mut files = Vec::new();
     let mut bytes_checked = 0;
-    for ((name, expected), size) in signed.entries.iter().zip(sizes) {
-        let p = dir.join(name);
-        let status_of = |p: &Path| -> Result<Option<FileStatus>> {
-            match fs::metadata(p) {
-                Ok(m) if m.is_file() => Ok(None),
-                Ok(_) => Ok(Some(FileStatus::NotAFile)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(FileStatus::Missing)),
-                Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-            }
+    for ((name, expected), state) in signed.entries.iter().zip(states) {
+        let mut check = FileCheck {
+            name: name.clone(),
+            status: FileStatus::Ok,
+            size: None,
+            expected_sha256: expected.clone(),
+            actual_sha256: None,
         };
-        let check = match (size, status_of(&p)?) {
-            (Some(_), None) => {
+        match state {
+            Err(status) => check.status = status,
+            Ok(_) => {
+                let p = dir.join(name);
                 bar.set_message(name.clone());
                 let mut f =
                     fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?;
                 let (actual, n) = sha256_stream(&mut f, None, &bar, &p)?;
                 bytes_checked += n;
-                FileCheck {
-                    name: name.clone(),
-                    status: if &actual == expected {
-                        FileStatus::Ok
-                    } else {
-                        FileStatus::Mismatch
-                    },
-                    size: Some(n),
-                    expected_sha256: expected.clone(),
-                    actual_sha256: Some(actual),
+                if &actual != expected {
+                    check.status = FileStatus::Mismatch;
                 }
+                check.size = Some(n);
+                check.actual_sha256 = Some(actual);
             }
-            (_, status) => FileCheck {
-                name: name.clone(),
-                status: status.unwrap_or(FileStatus::Missing),
-                size: None,
-                expected_sha256: expected.clone(),
-                actual_sha256: None,
-            },
-        };
+        }
         files.push(check);
     }
     bar.finish_and_clear();
