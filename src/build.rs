@@ -310,19 +310,7 @@ pub fn build_role(
     }
 
     // Publish: rename the complete staging dir into place, then move `latest`.
-    let staged = staging.keep();
-    if final_dir.exists() {
-        let old = role_dir.join(format!(".tmp-old-{}", resolved.build_id));
-        fs::rename(&final_dir, &old)
-            .with_context(|| format!("moving aside {}", final_dir.display()))?;
-        fs::rename(&staged, &final_dir)
-            .with_context(|| format!("publishing {}", final_dir.display()))?;
-        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else if let Err(e) = fs::rename(&staged, &final_dir) {
-        fs::remove_dir_all(&staged).ok();
-        return Err(e).with_context(|| format!("publishing {}", final_dir.display()));
-    }
-    util::sync_path(&role_dir)?;
+    publish(staging, &final_dir)?;
     point_latest(&role_dir, &resolved.build_id)?;
     let artifacts = read_sums(&final_dir)?;
     let timings = st.finish(format!("built {role} {}", resolved.build_id));
@@ -335,6 +323,29 @@ pub fn build_role(
         timings,
         artifacts,
     })
+}
+
+/// Renames a complete staging dir (made in `final_dir`'s parent) to `final_dir`. A forced
+/// rebuild moves the old build aside first (`.tmp-old-*`, cleaned by [`clean_stale`] if we die
+/// in between), so readers see either the old or the new build, never a mix.
+pub(crate) fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()> {
+    let parent = final_dir.parent().context("publish target has no parent")?;
+    let staged = staging.keep();
+    if final_dir.exists() {
+        let name = final_dir
+            .file_name()
+            .context("publish target has no name")?;
+        let old = parent.join(format!(".tmp-old-{}", name.to_string_lossy()));
+        fs::rename(final_dir, &old)
+            .with_context(|| format!("moving aside {}", final_dir.display()))?;
+        fs::rename(&staged, final_dir)
+            .with_context(|| format!("publishing {}", final_dir.display()))?;
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else if let Err(e) = fs::rename(&staged, final_dir) {
+        fs::remove_dir_all(&staged).ok();
+        return Err(e).with_context(|| format!("publishing {}", final_dir.display()));
+    }
+    util::sync_path(parent)
 }
 
 /// Images that carry key material are readable by their owner only (dir 0700, files 0600).
@@ -472,13 +483,7 @@ fn esp_files(r: &Resolved, c: &compose::Composed, cmdline: &str) -> Vec<disk::Es
 }
 
 fn point_latest(role_dir: &Path, build_id: &str) -> Result<()> {
-    let tmp = role_dir.join(".tmp-latest");
-    let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(build_id, &tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    fs::rename(&tmp, role_dir.join("latest"))
-        .with_context(|| format!("updating {}/latest", role_dir.display()))?;
-    Ok(())
+    util::symlink_atomic(build_id, &role_dir.join("latest"))
 }
 
 /// Reads `SHA256SUMS` of a finished build back into artifacts (sizes from the files).

@@ -140,7 +140,6 @@ fn build_node(
     s: &Seed,
     opts: &BuildOptions,
 ) -> Result<NodeReport> {
-    let role_disk = rep.dir.join("disk.raw");
     let disk_sha = rep
         .artifacts
         .iter()
@@ -165,25 +164,56 @@ fn build_node(
     let final_dir = by_id.join(&name);
     let link = nodes.join(&node.hostname);
     let done = final_dir.join("SHA256SUMS").is_file() && final_dir.join("SHA256SUMS.sig").is_file();
-    if done && !opts.force {
-        point_link(&nodes, &node.hostname, &name)?;
-        gc(&by_id, &node.hostname, &name)?;
-        return Ok(NodeReport {
-            hostname: node.hostname.clone(),
-            role: rep.role.clone(),
-            role_build_id: rep.build_id.clone(),
-            node_id: id,
-            instance_id: s.instance_id.clone(),
-            link,
-            dir: final_dir.clone(),
-            up_to_date: true,
-            artifacts: build::read_sums(&final_dir)?,
-        });
+    let up_to_date = done && !opts.force;
+    if !up_to_date {
+        let ident = Identity {
+            id: &id,
+            disk_sha: &disk_sha,
+            contains_secrets,
+        };
+        write_node(project, node, rep, s, &ident, &final_dir)?;
     }
+    point_link(&nodes, &node.hostname, &name)?;
+    gc(&by_id, &node.hostname, &name)?;
+    Ok(NodeReport {
+        hostname: node.hostname.clone(),
+        role: rep.role.clone(),
+        role_build_id: rep.build_id.clone(),
+        node_id: id,
+        instance_id: s.instance_id.clone(),
+        link,
+        artifacts: build::read_sums(&final_dir)?,
+        dir: final_dir,
+        up_to_date,
+    })
+}
 
+/// What identifies one node build.
+struct Identity<'a> {
+    id: &'a str,
+    disk_sha: &'a str,
+    contains_secrets: bool,
+}
+
+/// Stages a node's outputs next to `final_dir` and publishes them there.
+fn write_node(
+    project: &Project,
+    node: &Node,
+    rep: &BuildReport,
+    s: &Seed,
+    ident: &Identity,
+    final_dir: &Path,
+) -> Result<()> {
+    let Identity {
+        id,
+        disk_sha,
+        contains_secrets,
+    } = *ident;
+    let by_id = final_dir.parent().context("node dir has no parent")?;
+    let role_disk = rep.dir.join("disk.raw");
     let staging = tempfile::Builder::new()
         .prefix(".tmp-")
-        .tempdir_in(&by_id)
+        .tempdir_in(by_id)
         .with_context(|| format!("creating a staging dir in {}", by_id.display()))?;
     let sd = staging.path();
     let sde = project.cluster.section.source_date_epoch;
@@ -238,32 +268,7 @@ fn build_node(
         build::restrict_permissions(sd)?;
     }
 
-    let staged = staging.keep();
-    if final_dir.exists() {
-        let old = by_id.join(format!(".tmp-old-{name}"));
-        fs::rename(&final_dir, &old)
-            .with_context(|| format!("moving aside {}", final_dir.display()))?;
-        fs::rename(&staged, &final_dir)
-            .with_context(|| format!("publishing {}", final_dir.display()))?;
-        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else if let Err(e) = fs::rename(&staged, &final_dir) {
-        fs::remove_dir_all(&staged).ok();
-        return Err(e).with_context(|| format!("publishing {}", final_dir.display()));
-    }
-    util::sync_path(&by_id)?;
-    point_link(&nodes, &node.hostname, &name)?;
-    gc(&by_id, &node.hostname, &name)?;
-    Ok(NodeReport {
-        hostname: node.hostname.clone(),
-        role: rep.role.clone(),
-        role_build_id: rep.build_id.clone(),
-        node_id: id,
-        instance_id: s.instance_id.clone(),
-        link,
-        dir: final_dir.clone(),
-        up_to_date: false,
-        artifacts: build::read_sums(&final_dir)?,
-    })
+    build::publish(staging, final_dir)
 }
 
 /// Writes the `CIDATA` FAT volume (the size of a role disk's seed partition) holding the seed.
@@ -360,12 +365,7 @@ fn point_link(nodes: &Path, hostname: &str, name: &str) -> Result<()> {
             link.display()
         );
     }
-    let tmp = nodes.join(format!(".tmp-link-{hostname}"));
-    let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(format!("by-id/{name}"), &tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    fs::rename(&tmp, &link).with_context(|| format!("updating {}", link.display()))?;
-    util::sync_path(nodes)
+    util::symlink_atomic(&format!("by-id/{name}"), &link)
 }
 
 /// Removes older builds of `hostname` (only the current one is kept).

@@ -113,3 +113,16 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
         .with_context(|| format!("sizing {}", dst.display()))?;
     Ok(len)
 }
+
+/// Points the symlink `link` at `target`, atomically: a temp link beside it (`.tmp-link-*`) is
+/// renamed over it, so readers never see it missing.
+pub fn symlink_atomic(target: &str, link: &Path) -> Result<()> {
+    let dir = link.parent().context("symlink has no parent directory")?;
+    let name = link.file_name().context("symlink has no name")?;
+    let tmp = dir.join(format!(".tmp-link-{}", name.to_string_lossy()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    fs::rename(&tmp, link).with_context(|| format!("updating {}", link.display()))?;
+    sync_path(dir)
+}
