@@ -1102,3 +1102,60 @@ fn slow_boot_role_disk_with_seed_iso() {
         log.display()
     );
 }
+
+/// The master-1 node disk on a machine with master-1's MAC: cloud-init (not kiln-identify, which
+/// steps aside when a seed is present) applies the seed's static network config — cloud-init's
+/// own device table on the console shows 10.0.0.11 on the NIC.
+#[test]
+fn slow_boot_node_disk_applies_static_network() {
+    if let Some(r) = missing_build_capability() {
+        return skip("slow_boot_node_disk_applies_static_network", &r);
+    }
+    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+        return skip(
+            "slow_boot_node_disk_applies_static_network",
+            "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
+        );
+    }
+    let b = built();
+    let dir = b.out.join("nodes/master-1").canonicalize().unwrap();
+    let iid = kiln::seed::instance_id(&b.ids["master"], "master-1");
+    let tmp = tempfile::tempdir().unwrap();
+    let cmd = kiln::qemu::uefi_disk_command(
+        &dir.join("disk.qcow2"),
+        &tmp.path().join("vars.fd"),
+        2048,
+        Some("52:54:00:00:00:11"),
+    )
+    .unwrap();
+    let marker = format!("kiln: booted role=master build={}", b.ids["master"]);
+    let log = b.out.join("boot-node-master-1.log");
+    let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "master-1 node disk booted in {:.0}s: {}",
+        booted.elapsed.as_secs_f64(),
+        booted.line
+    );
+    assert!(
+        booted
+            .line
+            .contains(&format!("hostname=master-1 seed={iid}")),
+        "{}",
+        booted.line
+    );
+    let console = String::from_utf8_lossy(&fs::read(&log).unwrap()).into_owned();
+    assert!(
+        console.contains("hostname and network from the cloud-init seed"),
+        "kiln-identify did not step aside (console: {})",
+        log.display()
+    );
+    let table = console.lines().find(|l| {
+        l.contains("ci-info:") && l.contains("52:54:00:00:00:11") && l.contains("10.0.0.11")
+    });
+    assert!(
+        table.is_some(),
+        "cloud-init's device table does not show 10.0.0.11 on the NIC (console: {})",
+        log.display()
+    );
+}
