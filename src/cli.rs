@@ -57,6 +57,88 @@ pub enum Command {
     /// before the target is touched (exit status 3 if they fail); a block device must be large
     /// enough and not mounted, swap, or held; the target is read back after writing.
     Flash(FlashArgs),
+    /// Boot bare metal over the network: ProxyDHCP, TFTP and HTTP from the signed builds.
+    ///
+    /// Machines in the inventory get their role build (kernel, initrd, root.squashfs fetched
+    /// by live-boot) and their NoCloud seed; only builds whose signature and files verify are
+    /// served. SIGHUP re-reads and re-verifies out/; SIGINT/SIGTERM stop after open transfers.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Network interface PXE clients are on: DHCP listens only there, and its IPv4 address is
+    /// the one handed out (unless --advertise).
+    #[arg(long, short = 'i')]
+    pub interface: Option<String>,
+    /// Address the HTTP and TFTP listeners bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub listen: std::net::Ipv4Addr,
+    /// Address put in DHCP replies and URLs [default: --listen, else the interface's].
+    #[arg(long)]
+    pub advertise: Option<std::net::Ipv4Addr>,
+    /// HTTP port (scripts, kernel, initrd, squashfs, seeds, /metrics, /status).
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// TFTP port (iPXE binaries).
+    #[arg(long, default_value_t = 69)]
+    pub tftp_port: u16,
+    /// DHCP mode.
+    #[arg(long, value_enum, default_value = "proxy")]
+    pub dhcp: crate::serve::DhcpMode,
+    /// DHCP port.
+    #[arg(long, default_value_t = 67)]
+    pub dhcp_port: u16,
+    /// ProxyDHCP (PXE boot server) port.
+    #[arg(long, default_value_t = 4011)]
+    pub proxy_port: u16,
+    /// Full DHCP mode: addresses to lease, `FIRST-LAST` (inventory nodes with a static address
+    /// in the subnet always get it).
+    #[arg(long, value_parser = parse_range)]
+    pub dhcp_range: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// Full DHCP mode: subnet mask.
+    #[arg(long, default_value = "255.255.255.0")]
+    pub dhcp_netmask: std::net::Ipv4Addr,
+    /// Full DHCP mode: default gateway.
+    #[arg(long)]
+    pub dhcp_router: Option<std::net::Ipv4Addr>,
+    /// Full DHCP mode: DNS server (repeatable).
+    #[arg(long)]
+    pub dhcp_dns: Vec<std::net::Ipv4Addr>,
+    /// Full DHCP mode: lease time in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub lease_secs: u64,
+    /// Role booted by MACs that are not in the inventory [default: none: they get a
+    /// "not provisioned" script].
+    #[arg(long)]
+    pub default_role: Option<String>,
+    /// Directory with iPXE binaries (undionly.kpxe, ipxe.efi, snp.efi).
+    #[arg(long, default_value = crate::serve::DEFAULT_IPXE_DIR)]
+    pub ipxe_dir: PathBuf,
+    /// Largest TFTP block size offered.
+    #[arg(long, default_value_t = crate::serve::tftp::DEFAULT_MAX_BLKSIZE)]
+    pub tftp_max_blksize: usize,
+    /// Trusted public key [default: <dir>/keys/signing_ed25519.pub].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Seconds to let open transfers finish on shutdown.
+    #[arg(long, default_value_t = 10)]
+    pub grace_secs: u64,
+    /// Print a JSON status line when listening and a summary when stopped.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_range(s: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 10.0.0.100-10.0.0.199"))?;
+    let a: std::net::Ipv4Addr = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: std::net::Ipv4Addr = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if u32::from(a) > u32::from(b) {
+        return Err(format!("{s:?}: the first address is after the last"));
+    }
+    Ok((a, b))
 }
 
 #[derive(Debug, Args)]

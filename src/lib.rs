@@ -19,6 +19,7 @@ pub mod recipe;
 pub mod resolve;
 pub mod seal;
 pub mod seed;
+pub mod serve;
 pub mod sign;
 pub mod tools;
 pub mod util;
@@ -329,6 +330,34 @@ pub fn run(cli: Cli) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| cli.dir.join("keys").join(sign::VERIFYING_KEY));
             flash::flash_command(&out_dir(&cli), a, &key)
+        }
+        Command::Serve(a) => {
+            let project = recipe::load_project(&cli.dir)?;
+            let opts = serve::ServeOptions {
+                listen: a.listen,
+                advertise: a.advertise,
+                interface: a.interface.clone(),
+                http_port: a.http_port,
+                tftp_port: a.tftp_port,
+                dhcp: a.dhcp,
+                dhcp_port: a.dhcp_port,
+                proxy_port: a.proxy_port,
+                dhcp_range: a.dhcp_range,
+                dhcp_netmask: Some(a.dhcp_netmask),
+                dhcp_router: a.dhcp_router,
+                dhcp_dns: a.dhcp_dns.clone(),
+                lease: std::time::Duration::from_secs(a.lease_secs.max(60)),
+                default_role: a.default_role.clone(),
+                ipxe_dir: a.ipxe_dir.clone(),
+                max_blksize: a.tftp_max_blksize.clamp(512, 65464),
+                key: a
+                    .key
+                    .clone()
+                    .unwrap_or_else(|| cli.dir.join("keys").join(sign::VERIFYING_KEY)),
+                json: a.json,
+                grace: std::time::Duration::from_secs(a.grace_secs),
+            };
+            serve::serve_command(&project, &out_dir(&cli), &opts)
         }
         Command::Doctor(a) => {
             let st = tools::status();
