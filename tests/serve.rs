@@ -45,7 +45,9 @@ impl Server {
 }
 
 fn bytes(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u32).wrapping_mul(2654435761).rotate_left(seed as u32) as u8).collect()
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2654435761).rotate_left(seed as u32) as u8)
+        .collect()
 }
 
 /// A project copy with a signed stand-in worker build and worker-1's signed seed.
@@ -63,7 +65,10 @@ fn fixture() -> (tempfile::TempDir, PathBuf) {
             ("vmlinuz", &bytes(300_000, 1)),
             ("initrd.img", &bytes(700_001, 2)),
             ("root.squashfs", &bytes(3_000_000, 3)),
-            ("manifest.json", serde_json::to_string(&manifest).unwrap().as_bytes()),
+            (
+                "manifest.json",
+                serde_json::to_string(&manifest).unwrap().as_bytes(),
+            ),
         ],
         &key,
     );
@@ -83,7 +88,11 @@ fn fixture() -> (tempfile::TempDir, PathBuf) {
         ],
         &key,
     );
-    std::os::unix::fs::symlink("by-id/worker-1-0123456789abcdef", out.join("nodes/worker-1")).unwrap();
+    std::os::unix::fs::symlink(
+        "by-id/worker-1-0123456789abcdef",
+        out.join("nodes/worker-1"),
+    )
+    .unwrap();
     (project, out)
 }
 
@@ -91,17 +100,42 @@ fn ipxe_dir() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     fs::write(d.path().join("undionly.kpxe"), bytes(70_001, 4)).unwrap();
     fs::write(d.path().join("ipxe.efi"), bytes(1_000_000, 5)).unwrap();
-    fs::write(d.path().parent().unwrap().join("kiln-serve-secret"), b"TOPSECRET").unwrap();
+    fs::write(
+        d.path().parent().unwrap().join("kiln-serve-secret"),
+        b"TOPSECRET",
+    )
+    .unwrap();
     d
 }
 
-fn start_with(project: tempfile::TempDir, out: PathBuf, extra: &[&str]) -> Result<Server, (i32, String)> {
+fn start_with(
+    project: tempfile::TempDir,
+    out: PathBuf,
+    extra: &[&str],
+) -> Result<Server, (i32, String)> {
     let ipxe = ipxe_dir();
     let mut child = signing::kiln()
         .arg("--dir")
         .arg(project.path())
-        .args(["serve", "--json", "--listen", "127.0.0.1", "--http-port", "0", "--tftp-port", "0"])
-        .args(["--dhcp-port", "0", "--proxy-port", "0", "--grace-secs", "2", "--ipxe-dir"])
+        .args([
+            "serve",
+            "--json",
+            "--listen",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--tftp-port",
+            "0",
+        ])
+        .args([
+            "--dhcp-port",
+            "0",
+            "--proxy-port",
+            "0",
+            "--grace-secs",
+            "2",
+            "--ipxe-dir",
+        ])
         .arg(ipxe.path())
         .args(extra)
         .env("KILN_LOG", "kiln=info")
@@ -157,7 +191,12 @@ fn boot_script_per_mac_with_seed_and_inline_network_config() {
     let script = r.text().unwrap();
     let root = format!("{base}/roles/worker/{BUILD_ID}");
     assert!(script.starts_with("#!ipxe\n"), "{script}");
-    assert!(script.contains("echo kiln: booting worker-1 role=worker build=111111111111 seed=worker-1-aaaaaaaaaaaa"), "{script}");
+    assert!(
+        script.contains(
+            "echo kiln: booting worker-1 role=worker build=111111111111 seed=worker-1-aaaaaaaaaaaa"
+        ),
+        "{script}"
+    );
     let kernel = script.lines().find(|l| l.starts_with("kernel ")).unwrap();
     let args: Vec<&str> = kernel.split(' ').collect();
     assert_eq!(args[1], format!("{root}/vmlinuz"));
@@ -166,31 +205,79 @@ fn boot_script_per_mac_with_seed_and_inline_network_config() {
     assert!(args.contains(&format!("fetch={root}/root.squashfs").as_str()));
     assert!(args.contains(&"BOOTIF=01-52-54-00-00-00-21"));
     assert!(args.contains(&"console=ttyS0,115200n8"));
-    assert!(!args.iter().any(|a| a.starts_with("root=") || *a == "plainroot"), "disk root arguments leaked: {kernel}");
-    assert!(args.contains(&format!("ds=nocloud;s={base}/nocloud/52-54-00-00-00-21/").as_str()));
-    let nc = args.iter().find_map(|a| a.strip_prefix("network-config=")).unwrap();
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("root=") || *a == "plainroot"),
+        "disk root arguments leaked: {kernel}"
+    );
+    assert!(args.contains(&format!("ds=nocloud-net;s={base}/nocloud/52-54-00-00-00-21/").as_str()));
+    let nc = args
+        .iter()
+        .find_map(|a| a.strip_prefix("network-config="))
+        .unwrap();
     use base64::Engine;
-    let nc = base64::engine::general_purpose::STANDARD.decode(nc).unwrap();
-    assert_eq!(nc, fs::read(s.out.join("nodes/worker-1/network-config")).unwrap());
+    let nc = base64::engine::general_purpose::STANDARD
+        .decode(nc)
+        .unwrap();
+    assert_eq!(
+        nc,
+        fs::read(s.out.join("nodes/worker-1/network-config")).unwrap()
+    );
     assert!(script.contains(&format!("initrd --name initrd.img {root}/initrd.img\n")));
     assert!(script.ends_with("boot\n"));
     // Every MAC notation gives the same script.
-    for m in ["52:54:00:00:00:21", "52%3A54%3A00%3A00%3A00%3A21", "52-54-00-00-00-21".to_uppercase().as_str()] {
-        assert_eq!(get(&format!("{base}/boot.ipxe?mac={m}")).text().unwrap(), script, "{m}");
+    for m in [
+        "52:54:00:00:00:21",
+        "52%3A54%3A00%3A00%3A00%3A21",
+        "52-54-00-00-00-21".to_uppercase().as_str(),
+    ] {
+        assert_eq!(
+            get(&format!("{base}/boot.ipxe?mac={m}")).text().unwrap(),
+            script,
+            "{m}"
+        );
     }
     // Without ?mac= iPXE is told to ask again with its MAC.
     let chain = get(&format!("{base}/boot.ipxe")).text().unwrap();
-    assert_eq!(chain, format!("#!ipxe\nchain {base}/boot.ipxe?mac=${{net0/mac:hexhyp}}\n"));
+    assert_eq!(
+        chain,
+        format!("#!ipxe\nchain {base}/boot.ipxe?mac=${{net0/mac:hexhyp}}\n")
+    );
     // worker-2 has no node outputs: it boots the role without a seed.
-    let w2 = get(&format!("{base}/boot.ipxe?mac=52:54:00:00:00:22")).text().unwrap();
-    assert!(w2.contains("worker-2 role=worker") && w2.contains("seed=none") && !w2.contains("ds=nocloud"), "{w2}");
+    let w2 = get(&format!("{base}/boot.ipxe?mac=52:54:00:00:00:22"))
+        .text()
+        .unwrap();
+    assert!(
+        w2.contains("worker-2 role=worker")
+            && w2.contains("seed=none")
+            && !w2.contains("ds=nocloud"),
+        "{w2}"
+    );
     // master-1 has no build at all; an unknown MAC is not in the inventory.
-    let m1 = get(&format!("{base}/boot.ipxe?mac=52:54:00:00:00:11")).text().unwrap();
-    assert!(m1.contains("not provisioned") && m1.contains("kiln build --role master") && m1.contains("exit 1"), "{m1}");
-    let unknown = get(&format!("{base}/boot.ipxe?mac=02:00:00:00:00:01")).text().unwrap();
-    assert!(unknown.contains("not in the inventory") && unknown.contains("--default-role"), "{unknown}");
-    let junk = get(&format!("{base}/boot.ipxe?mac=$%7Bnet0%7D")).text().unwrap();
-    assert!(junk.contains("not a MAC address") && !junk.contains('$'), "{junk}");
+    let m1 = get(&format!("{base}/boot.ipxe?mac=52:54:00:00:00:11"))
+        .text()
+        .unwrap();
+    assert!(
+        m1.contains("not provisioned")
+            && m1.contains("kiln build --role master")
+            && m1.contains("exit 1"),
+        "{m1}"
+    );
+    let unknown = get(&format!("{base}/boot.ipxe?mac=02:00:00:00:00:01"))
+        .text()
+        .unwrap();
+    assert!(
+        unknown.contains("not in the inventory") && unknown.contains("--default-role"),
+        "{unknown}"
+    );
+    let junk = get(&format!("{base}/boot.ipxe?mac=$%7Bnet0%7D"))
+        .text()
+        .unwrap();
+    assert!(
+        junk.contains("not a MAC address") && !junk.contains('$'),
+        "{junk}"
+    );
     let (code, summary) = s.stop();
     assert_eq!(code, 0);
     assert!(summary.contains("\"event\":\"stopped\""), "{summary}");
@@ -199,8 +286,13 @@ fn boot_script_per_mac_with_seed_and_inline_network_config() {
 #[test]
 fn default_role_boots_unknown_macs() {
     let s = start(&["--default-role", "worker"]);
-    let script = get(&format!("{}/boot.ipxe?mac=02-00-00-00-00-01", s.http())).text().unwrap();
-    assert!(script.contains("02:00:00:00:00:01 (not in the inventory) role=worker"), "{script}");
+    let script = get(&format!("{}/boot.ipxe?mac=02-00-00-00-00-01", s.http()))
+        .text()
+        .unwrap();
+    assert!(
+        script.contains("02:00:00:00:00:01 (not in the inventory) role=worker"),
+        "{script}"
+    );
     assert!(!script.contains("ds=nocloud"));
     assert!(script.contains("BOOTIF=01-02-00-00-00-00-01"));
     s.stop();
@@ -215,28 +307,56 @@ fn role_files_have_length_etag_and_ranges() {
     let c = reqwest::blocking::Client::new();
     let r = c.get(&url).send().unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-length"], want.len().to_string().as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        want.len().to_string().as_str()
+    );
     assert_eq!(r.headers()["etag"], etag.as_str());
     assert_eq!(r.headers()["accept-ranges"], "bytes");
-    assert!(r.headers()["cache-control"].to_str().unwrap().contains("immutable"));
+    assert!(r.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
     assert_eq!(r.bytes().unwrap().as_ref(), &want[..]);
-    let r = c.get(&url).header("Range", "bytes=1000-1999").send().unwrap();
+    let r = c
+        .get(&url)
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 206);
-    assert_eq!(r.headers()["content-range"], format!("bytes 1000-1999/{}", want.len()).as_str());
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 1000-1999/{}", want.len()).as_str()
+    );
     assert_eq!(r.bytes().unwrap().as_ref(), &want[1000..2000]);
     let r = c.get(&url).header("Range", "bytes=-10").send().unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), &want[want.len() - 10..]);
-    let r = c.get(&url).header("Range", format!("bytes={}-", want.len())).send().unwrap();
+    let r = c
+        .get(&url)
+        .header("Range", format!("bytes={}-", want.len()))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 416);
-    assert_eq!(r.headers()["content-range"], format!("bytes */{}", want.len()).as_str());
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes */{}", want.len()).as_str()
+    );
     let r = c.get(&url).header("If-None-Match", &etag).send().unwrap();
     assert_eq!(r.status(), 304);
     // If-Range with another validator: the whole file.
-    let r = c.get(&url).header("Range", "bytes=0-9").header("If-Range", "\"other\"").send().unwrap();
+    let r = c
+        .get(&url)
+        .header("Range", "bytes=0-9")
+        .header("If-Range", "\"other\"")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     let r = c.head(&url).send().unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-length"], want.len().to_string().as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        want.len().to_string().as_str()
+    );
     assert_eq!(r.bytes().unwrap().len(), 0);
     for bad in [
         format!("/roles/worker/{BUILD_ID}/disk.raw"),
@@ -265,7 +385,10 @@ fn role_files_have_length_etag_and_ranges() {
     let r = c.post(&url).send().unwrap();
     assert_eq!(r.status(), 405);
     let metrics = get(&format!("{}/metrics", s.http())).text().unwrap();
-    assert!(metrics.contains("kiln_http_requests_total{route=\"role_file\",code=\"206\"} "), "{metrics}");
+    assert!(
+        metrics.contains("kiln_http_requests_total{route=\"role_file\",code=\"206\"} "),
+        "{metrics}"
+    );
     assert!(metrics.contains("# TYPE kiln_http_bytes_sent_total counter"));
     assert!(metrics.contains("kiln_served_builds 1\n"), "{metrics}");
     s.stop();
@@ -277,11 +400,27 @@ fn nocloud_seeds_by_mac() {
     for f in ["meta-data", "user-data", "network-config"] {
         let r = get(&format!("{}/nocloud/52-54-00-00-00-21/{f}", s.http()));
         assert_eq!(r.status(), 200, "{f}");
-        assert_eq!(r.bytes().unwrap().as_ref(), &fs::read(s.out.join("nodes/worker-1").join(f)).unwrap()[..]);
+        assert_eq!(
+            r.bytes().unwrap().as_ref(),
+            &fs::read(s.out.join("nodes/worker-1").join(f)).unwrap()[..]
+        );
     }
-    assert_eq!(get(&format!("{}/nocloud/52-54-00-00-00-21/vendor-data", s.http())).status(), 404);
-    assert_eq!(get(&format!("{}/nocloud/52-54-00-00-00-21/node.json", s.http())).status(), 404);
-    assert_eq!(get(&format!("{}/nocloud/52-54-00-00-00-22/meta-data", s.http())).status(), 404);
+    assert_eq!(
+        get(&format!(
+            "{}/nocloud/52-54-00-00-00-21/vendor-data",
+            s.http()
+        ))
+        .status(),
+        404
+    );
+    assert_eq!(
+        get(&format!("{}/nocloud/52-54-00-00-00-21/node.json", s.http())).status(),
+        404
+    );
+    assert_eq!(
+        get(&format!("{}/nocloud/52-54-00-00-00-22/meta-data", s.http())).status(),
+        404
+    );
     let status: serde_json::Value =
         serde_json::from_str(&get(&format!("{}/status", s.http())).text().unwrap()).unwrap();
     assert_eq!(status["clients"]["127.0.0.1"], WORKER_1);
@@ -310,11 +449,25 @@ fn http_survives_traversal_and_garbage() {
         "/ipxe/..\\kiln-serve-secret",
         "/roles/../nodes/worker-1/user-data",
     ] {
-        let r = raw_http(&addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
-        assert!(r.starts_with("HTTP/1.1 404") || r.starts_with("HTTP/1.1 400"), "{path}: {r}");
-        assert!(!r.contains("TOPSECRET") && !r.contains("root:"), "{path}: {r}");
+        let r = raw_http(
+            &addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(
+            r.starts_with("HTTP/1.1 404") || r.starts_with("HTTP/1.1 400"),
+            "{path}: {r}"
+        );
+        assert!(
+            !r.contains("TOPSECRET") && !r.contains("root:"),
+            "{path}: {r}"
+        );
     }
-    for garbage in [&b"\x00\x01\x02\r\n\r\n"[..], b"GET\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", &[b'A'; 70000][..]] {
+    for garbage in [
+        &b"\x00\x01\x02\r\n\r\n"[..],
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        &[b'A'; 70000][..],
+    ] {
         let _ = raw_http(&addr, garbage);
     }
     let r = raw_http(&addr, b"GET /ipxe/undionly.kpxe HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n");
@@ -327,7 +480,10 @@ fn http_survives_traversal_and_garbage() {
 
 fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
     let mut v = vec![0, 1];
-    for s in [name, "octet"].iter().chain(opts.iter().flat_map(|(a, b)| [a, b])) {
+    for s in [name, "octet"]
+        .iter()
+        .chain(opts.iter().flat_map(|(a, b)| [a, b]))
+    {
         v.extend_from_slice(s.as_bytes());
         v.push(0);
     }
@@ -347,9 +503,15 @@ struct Got {
 
 /// A TFTP client: sends `req`, acknowledges every `window`-th block (and the last), returns the
 /// file. `drop_first_ack` skips acknowledging the first window once (to see a retransmit).
-fn tftp_get(server: SocketAddr, req: &[u8], window: usize, drop_first_ack: bool) -> Result<Got, (u16, String)> {
+fn tftp_get(
+    server: SocketAddr,
+    req: &[u8],
+    window: usize,
+    drop_first_ack: bool,
+) -> Result<Got, (u16, String)> {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     sock.send_to(req, server).unwrap();
     let mut buf = vec![0u8; 70000];
     let mut data = Vec::new();
@@ -364,7 +526,10 @@ fn tftp_get(server: SocketAddr, req: &[u8], window: usize, drop_first_ack: bool)
         let p = &buf[..n];
         match u16::from_be_bytes([p[0], p[1]]) {
             6 => {
-                let f: Vec<String> = p[2..n - 1].split(|c| *c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+                let f: Vec<String> = p[2..n - 1]
+                    .split(|c| *c == 0)
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect();
                 oack = f.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect();
                 if let Some((_, b)) = oack.iter().find(|(k, _)| k == "blksize") {
                     blksize = b.parse().unwrap();
@@ -378,7 +543,7 @@ fn tftp_get(server: SocketAddr, req: &[u8], window: usize, drop_first_ack: bool)
                 }
                 data.extend_from_slice(&p[4..]);
                 let last = n - 4 < blksize;
-                let end_of_window = (expected as usize) % window == 0;
+                let end_of_window = (expected as usize).is_multiple_of(window);
                 expected = expected.wrapping_add(1);
                 if !dropped && end_of_window {
                     dropped = true; // pretend this ACK was lost: the server must resend
@@ -390,12 +555,19 @@ fn tftp_get(server: SocketAddr, req: &[u8], window: usize, drop_first_ack: bool)
                     sock.send_to(&ack(block), from).unwrap();
                 }
                 if last {
-                    return Ok(Got { data, oack, packets });
+                    return Ok(Got {
+                        data,
+                        oack,
+                        packets,
+                    });
                 }
             }
             5 => {
                 let code = u16::from_be_bytes([p[2], p[3]]);
-                return Err((code, String::from_utf8_lossy(&p[4..n.saturating_sub(1)]).into_owned()));
+                return Err((
+                    code,
+                    String::from_utf8_lossy(&p[4..n.saturating_sub(1)]).into_owned(),
+                ));
             }
             op => panic!("unexpected opcode {op}"),
         }
@@ -411,7 +583,16 @@ fn tftp_negotiates_blksize_tsize_windowsize() {
     assert_eq!(g.data, want);
     assert!(g.oack.is_empty());
     // blksize capped at 1468, tsize = real size, windowsize 8.
-    let g = tftp_get(s.tftp(), &rrq("/ipxe.efi", &[("blksize", "9000"), ("tsize", "0"), ("windowsize", "8")]), 8, false).unwrap();
+    let g = tftp_get(
+        s.tftp(),
+        &rrq(
+            "/ipxe.efi",
+            &[("blksize", "9000"), ("tsize", "0"), ("windowsize", "8")],
+        ),
+        8,
+        false,
+    )
+    .unwrap();
     assert_eq!(g.data, want);
     let o: std::collections::BTreeMap<_, _> = g.oack.into_iter().collect();
     assert_eq!(o["blksize"], "1468");
@@ -419,16 +600,37 @@ fn tftp_negotiates_blksize_tsize_windowsize() {
     assert_eq!(o["windowsize"], "8");
     // A lost ACK: the window is sent again after the timeout and the file still arrives whole.
     let t = Instant::now();
-    let g = tftp_get(s.tftp(), &rrq("ipxe.efi", &[("blksize", "1024"), ("windowsize", "4"), ("timeout", "1")]), 4, true).unwrap();
+    let g = tftp_get(
+        s.tftp(),
+        &rrq(
+            "ipxe.efi",
+            &[("blksize", "1024"), ("windowsize", "4"), ("timeout", "1")],
+        ),
+        4,
+        true,
+    )
+    .unwrap();
     assert_eq!(g.data, want);
-    assert!(t.elapsed() >= Duration::from_millis(900), "no retransmission wait?");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "no retransmission wait?"
+    );
     assert!(g.packets > want.len() / 1024 + 2);
     // A file that is an exact multiple of the block size ends with an empty block.
     fs::write(s.ipxe.path().join("snponly.efi"), vec![7u8; 1024]).unwrap();
-    let g = tftp_get(s.tftp(), &rrq("snponly.efi", &[("blksize", "512")]), 1, false).unwrap();
+    let g = tftp_get(
+        s.tftp(),
+        &rrq("snponly.efi", &[("blksize", "512")]),
+        1,
+        false,
+    )
+    .unwrap();
     assert_eq!(g.data.len(), 1024);
     let metrics = get(&format!("{}/metrics", s.http())).text().unwrap();
-    assert!(metrics.contains("kiln_tftp_transfers_total{result=\"ok\"} 4"), "{metrics}");
+    assert!(
+        metrics.contains("kiln_tftp_transfers_total{result=\"ok\"} 4"),
+        "{metrics}"
+    );
     assert!(metrics.contains("kiln_tftp_retransmits_total"), "{metrics}");
     s.stop();
 }
@@ -439,14 +641,28 @@ fn tftp_uefi_tsize_probe_then_transfer() {
     // UEFI firmware asks for tsize, reads the OACK, aborts with error 8, then asks again.
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    sock.send_to(&rrq("undionly.kpxe", &[("tsize", "0"), ("blksize", "1468")]), s.tftp()).unwrap();
+    sock.send_to(
+        &rrq("undionly.kpxe", &[("tsize", "0"), ("blksize", "1468")]),
+        s.tftp(),
+    )
+    .unwrap();
     let mut buf = [0u8; 2048];
     let (n, from) = sock.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..2], &[0, 6]);
     assert!(String::from_utf8_lossy(&buf[..n]).contains("70001"));
-    sock.send_to(b"\x00\x05\x00\x08tsize probe\x00", from).unwrap();
-    let g = tftp_get(s.tftp(), &rrq("undionly.kpxe", &[("blksize", "1468")]), 1, false).unwrap();
-    assert_eq!(g.data, fs::read(s.ipxe.path().join("undionly.kpxe")).unwrap());
+    sock.send_to(b"\x00\x05\x00\x08tsize probe\x00", from)
+        .unwrap();
+    let g = tftp_get(
+        s.tftp(),
+        &rrq("undionly.kpxe", &[("blksize", "1468")]),
+        1,
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        g.data,
+        fs::read(s.ipxe.path().join("undionly.kpxe")).unwrap()
+    );
     s.stop();
 }
 
@@ -454,9 +670,23 @@ fn tftp_uefi_tsize_probe_then_transfer() {
 fn tftp_error_paths() {
     let s = start(&[]);
     let t = Instant::now();
-    assert_eq!(tftp_get(s.tftp(), &rrq("nope.efi", &[]), 1, false).err().unwrap().0, 1);
-    assert!(t.elapsed() < Duration::from_secs(1), "not-found must be fast");
-    for evil in ["../kiln-serve-secret", "..\\kiln-serve-secret", "/../kiln-serve-secret", "a/../../kiln-serve-secret"] {
+    assert_eq!(
+        tftp_get(s.tftp(), &rrq("nope.efi", &[]), 1, false)
+            .err()
+            .unwrap()
+            .0,
+        1
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "not-found must be fast"
+    );
+    for evil in [
+        "../kiln-serve-secret",
+        "..\\kiln-serve-secret",
+        "/../kiln-serve-secret",
+        "a/../../kiln-serve-secret",
+    ] {
         let e = tftp_get(s.tftp(), &rrq(evil, &[]), 1, false).err().unwrap();
         assert_eq!(e.0, 2, "{evil}: {e:?}");
     }
@@ -467,7 +697,13 @@ fn tftp_error_paths() {
     let mut ascii = vec![0, 1];
     ascii.extend_from_slice(b"ipxe.efi\0netascii\0");
     assert_eq!(tftp_get(s.tftp(), &ascii, 1, false).err().unwrap().0, 4);
-    for garbage in [&b"\x00\x01"[..], b"\x00\x01abc", b"\x00\x09xx\x00", b"\xff\xff\xff\xff", b"\x00\x01f\x00octet\x00blksize\x00"] {
+    for garbage in [
+        &b"\x00\x01"[..],
+        b"\x00\x01abc",
+        b"\x00\x09xx\x00",
+        b"\xff\xff\xff\xff",
+        b"\x00\x01f\x00octet\x00blksize\x00",
+    ] {
         let e = tftp_get(s.tftp(), garbage, 1, false).err().unwrap();
         assert_eq!(e.0, 4, "{garbage:?}");
     }
@@ -495,9 +731,16 @@ fn tftp_with_curl() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(fs::read(dir.path().join(name)).unwrap(), fs::read(s.ipxe.path().join("ipxe.efi")).unwrap());
+        assert_eq!(
+            fs::read(dir.path().join(name)).unwrap(),
+            fs::read(s.ipxe.path().join("ipxe.efi")).unwrap()
+        );
     }
-    let o = Command::new("curl").arg("-sS").arg(format!("tftp://{}/missing", s.tftp())).output().unwrap();
+    let o = Command::new("curl")
+        .arg("-sS")
+        .arg(format!("tftp://{}/missing", s.tftp()))
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     s.stop();
 }
@@ -519,16 +762,25 @@ fn proxy_dhcp_request_on_port_4011() {
     use dhcproto::{Decodable, Encodable};
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    sock.send_to(&m.to_vec().unwrap(), ("127.0.0.1", port.port())).unwrap();
+    sock.send_to(&m.to_vec().unwrap(), ("127.0.0.1", port.port()))
+        .unwrap();
     let mut buf = [0u8; 1500];
     let (n, _) = sock.recv_from(&mut buf).unwrap();
     let r = dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&buf[..n])).unwrap();
     assert_eq!(r.opts().msg_type(), Some(dhcproto::v4::MessageType::Ack));
     assert_eq!(r.xid(), m.xid());
-    assert_eq!(r.fname_str().unwrap().unwrap().trim_end_matches('\0'), format!("{}/boot.ipxe?mac=52-54-00-00-00-21", s.status["base_url"].as_str().unwrap()));
+    assert_eq!(
+        r.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        format!(
+            "{}/boot.ipxe?mac=52-54-00-00-00-21",
+            s.status["base_url"].as_str().unwrap()
+        )
+    );
     // Garbage does not stop it.
-    sock.send_to(&[0xde, 0xad], ("127.0.0.1", port.port())).unwrap();
-    sock.send_to(&m.to_vec().unwrap(), ("127.0.0.1", port.port())).unwrap();
+    sock.send_to(&[0xde, 0xad], ("127.0.0.1", port.port()))
+        .unwrap();
+    sock.send_to(&m.to_vec().unwrap(), ("127.0.0.1", port.port()))
+        .unwrap();
     assert!(sock.recv_from(&mut buf).is_ok());
     s.stop();
 }
@@ -544,7 +796,10 @@ fn tampered_or_unsigned_builds_are_not_served() {
     fs::write(&sq, b).unwrap();
     let (code, err) = start_with(p, out, &[]).err().expect("must refuse");
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("root.squashfs") && err.contains("does not match"), "{err}");
+    assert!(
+        err.contains("root.squashfs") && err.contains("does not match"),
+        "{err}"
+    );
 
     let (p, out) = fixture();
     fs::remove_file(out.join("nodes/worker-1/SHA256SUMS.sig")).unwrap();
@@ -553,7 +808,9 @@ fn tampered_or_unsigned_builds_are_not_served() {
     assert!(err.contains("SHA256SUMS.sig"), "{err}");
 
     let (p, out) = fixture();
-    let (code, err) = start_with(p, out, &["--default-role", "storage"]).err().expect("must refuse");
+    let (code, err) = start_with(p, out, &["--default-role", "storage"])
+        .err()
+        .expect("must refuse");
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("kiln build --role storage"), "{err}");
 }
@@ -561,7 +818,9 @@ fn tampered_or_unsigned_builds_are_not_served() {
 #[test]
 fn sighup_reloads_and_keeps_serving_on_failure() {
     let s = start(&[]);
-    let script = get(&format!("{}/boot.ipxe?mac=52:54:00:00:00:22", s.http())).text().unwrap();
+    let script = get(&format!("{}/boot.ipxe?mac=52:54:00:00:00:22", s.http()))
+        .text()
+        .unwrap();
     assert!(script.contains("seed=none"));
     // Give worker-2 signed outputs, reload: it now boots with its seed.
     let key = kiln::sign::load_signing_key(&s._project.path().join("keys")).unwrap();
@@ -575,11 +834,17 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
         ],
         &key,
     );
-    std::os::unix::fs::symlink("by-id/worker-2-0123456789abcdef", s.out.join("nodes/worker-2")).unwrap();
+    std::os::unix::fs::symlink(
+        "by-id/worker-2-0123456789abcdef",
+        s.out.join("nodes/worker-2"),
+    )
+    .unwrap();
     s.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let t = get(&format!("{}/boot.ipxe?mac=52:54:00:00:00:22", s.http())).text().unwrap();
+        let t = get(&format!("{}/boot.ipxe?mac=52:54:00:00:00:22", s.http()))
+            .text()
+            .unwrap();
         if t.contains("seed=worker-2-bbbbbbbbbbbb") {
             break;
         }
@@ -590,7 +855,9 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
     fs::write(node.join("user-data"), b"#cloud-config\nruncmd: [evil]\n").unwrap();
     s.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_secs(2));
-    let ud = get(&format!("{}/nocloud/52:54:00:00:00:22/user-data", s.http())).text().unwrap();
+    let ud = get(&format!("{}/nocloud/52:54:00:00:00:22/user-data", s.http()))
+        .text()
+        .unwrap();
     assert_eq!(ud, "#cloud-config\n");
     let (code, _) = s.stop();
     assert_eq!(code, 0);

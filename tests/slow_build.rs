@@ -1159,3 +1159,364 @@ fn slow_boot_node_disk_applies_static_network() {
         log.display()
     );
 }
+
+// --- PXE: `kiln serve` boots machines with empty disks over the network ----------------------
+
+/// Why the PXE boot tests cannot run here, if they cannot.
+fn missing_pxe_capability() -> Option<String> {
+    if let Some(r) = missing_build_capability() {
+        return Some(r);
+    }
+    for (t, pkg) in [
+        ("ip", "iproute2"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+    ] {
+        if !which(t) {
+            return Some(format!("{t} not installed (apt-get install {pkg})"));
+        }
+    }
+    for (f, pkg) in [
+        ("/usr/lib/ipxe/undionly.kpxe", "ipxe"),
+        ("/usr/lib/ipxe/qemu/pxe-e1000.rom", "ipxe-qemu"),
+        ("/usr/lib/ipxe/qemu/efi-e1000.rom", "ipxe-qemu"),
+        ("/dev/net/tun", "(kernel tun support)"),
+    ] {
+        if !Path::new(f).exists() {
+            return Some(format!("{f} missing ({pkg})"));
+        }
+    }
+    let probe = format!("kilnprobe{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+    if !ok {
+        return Some("cannot create network namespaces (`ip netns add` failed)".into());
+    }
+    None
+}
+
+/// A private LAN in network namespaces: `<ns>` holds bridge `br0` (10.231.0.1/24, where kiln
+/// serves) and the guest's tap; with `site_dhcp`, a veth leads to `<ns>d` where dnsmasq plays
+/// the site's DHCP server (10.231.0.2, range .100–.150). Everything is removed on drop.
+struct Lan {
+    ns: String,
+    dhcp_ns: Option<String>,
+    children: Vec<std::process::Child>,
+}
+
+impl Lan {
+    fn new(tag: &str, site_dhcp: bool) -> Lan {
+        let ns = format!("kiln{tag}{}", std::process::id());
+        let sh = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {}", args.join(" "));
+        };
+        sh(&["netns", "add", &ns]);
+        let mut lan = Lan {
+            ns: ns.clone(),
+            dhcp_ns: None,
+            children: vec![],
+        };
+        sh(&["-n", &ns, "link", "set", "lo", "up"]);
+        sh(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
+        sh(&["-n", &ns, "addr", "add", "10.231.0.1/24", "dev", "br0"]);
+        sh(&["-n", &ns, "link", "set", "br0", "up"]);
+        sh(&["-n", &ns, "tuntap", "add", "tap0", "mode", "tap"]);
+        sh(&["-n", &ns, "link", "set", "tap0", "master", "br0"]);
+        sh(&["-n", &ns, "link", "set", "tap0", "up"]);
+        if site_dhcp {
+            let d = format!("{ns}d");
+            sh(&["netns", "add", &d]);
+            lan.dhcp_ns = Some(d.clone());
+            sh(&["-n", &d, "link", "set", "lo", "up"]);
+            sh(&[
+                "link", "add", "kv0", "netns", &ns, "type", "veth", "peer", "name", "kv1", "netns",
+                &d,
+            ]);
+            sh(&["-n", &ns, "link", "set", "kv0", "master", "br0"]);
+            sh(&["-n", &ns, "link", "set", "kv0", "up"]);
+            sh(&["-n", &d, "addr", "add", "10.231.0.2/24", "dev", "kv1"]);
+            sh(&["-n", &d, "link", "set", "kv1", "up"]);
+        }
+        lan
+    }
+
+    fn exec(&self, ns: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]);
+        c
+    }
+
+    /// Starts `kiln serve` on br0 with `args`; returns its log path once it listens.
+    fn serve(&mut self, b: &Built, args: &[&str], log: &Path) -> serde_json::Value {
+        let mut c = self.exec(&self.ns.clone());
+        c.arg(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--dir")
+            .arg(&b.project)
+            .arg("--out")
+            .arg(&b.out)
+            .args(["serve", "--json", "--interface", "br0"])
+            .args(args)
+            .env("KILN_LOG", "kiln=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(fs::File::create(log).unwrap());
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        self.children.push(child);
+        assert!(
+            !line.is_empty(),
+            "kiln serve did not start: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        // qemu (started by wait_for_marker) is killed by it; anything left in the namespaces goes too.
+        for ns in std::iter::once(&self.ns).chain(self.dhcp_ns.iter()) {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    if let Ok(p) = pid.parse::<i32>() {
+                        unsafe { libc::kill(p, libc::SIGKILL) };
+                    }
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// An empty disk for the PXE guests (the point: nothing on it, the network is the only source).
+fn empty_disk(dir: &Path) -> PathBuf {
+    let p = dir.join("empty.raw");
+    fs::File::create(&p).unwrap().set_len(1 << 30).unwrap();
+    p
+}
+
+/// The Done-when of PXE serving: a BIOS machine with an empty disk and worker-1's MAC, on a LAN
+/// whose addresses come from another DHCP server (dnsmasq), boots the worker role diskless from
+/// `kiln serve` alone (ProxyDHCP → iPXE script → kernel/initrd → live-boot fetches
+/// root.squashfs over HTTP) and comes up as worker-1 from its NoCloud seed over HTTP.
+#[test]
+fn privileged_pxe_boot_worker_diskless() {
+    const T: &str = "privileged_pxe_boot_worker_diskless";
+    if let Some(r) = missing_pxe_capability() {
+        return skip(T, &r);
+    }
+    if !which("dnsmasq") {
+        return skip(
+            T,
+            "dnsmasq not installed (apt-get install dnsmasq-base): it plays the site's DHCP server",
+        );
+    }
+    let b = built();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lan = Lan::new("p", true);
+    let d = lan.dhcp_ns.clone().unwrap();
+    let dnsmasq = lan
+        .exec(&d)
+        .args([
+            "dnsmasq",
+            "--no-daemon",
+            "--port=0",
+            "--interface=kv1",
+            "--bind-interfaces",
+        ])
+        .args([
+            "--dhcp-range=10.231.0.100,10.231.0.150,255.255.255.0,1h",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .arg(format!(
+            "--dhcp-leasefile={}",
+            tmp.path().join("leases").display()
+        ))
+        .arg(format!(
+            "--pid-file={}",
+            tmp.path().join("dnsmasq.pid").display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(b.out.join("pxe-dnsmasq.log")).unwrap())
+        .spawn()
+        .unwrap();
+    lan.children.push(dnsmasq);
+    let serve_log = b.out.join("pxe-serve.log");
+    let status = lan.serve(b, &[], &serve_log);
+    assert_eq!(status["dhcp_mode"], "proxy");
+    assert_eq!(status["base_url"], "http://10.231.0.1:8080");
+
+    let mut qemu = lan.exec(&lan.ns.clone());
+    qemu.args([
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-m",
+        "2048",
+        "-smp",
+        "2",
+    ])
+    .args([
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-boot",
+        "n",
+    ])
+    .args([
+        "-drive",
+        &format!(
+            "file={},if=virtio,format=raw",
+            empty_disk(tmp.path()).display()
+        ),
+    ])
+    .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+    .args([
+        "-device",
+        "e1000,netdev=n0,mac=52:54:00:00:00:21,romfile=/usr/lib/ipxe/qemu/pxe-e1000.rom",
+    ]);
+    let iid = kiln::seed::instance_id(&b.ids["worker"], "worker-1");
+    let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
+    let log = b.out.join("boot-pxe-worker-1.log");
+    let booted = kiln::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(1500), &log)
+        .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
+    println!(
+        "PXE boot to the marker in {:.0}s: {}",
+        booted.elapsed.as_secs_f64(),
+        booted.line
+    );
+    assert!(
+        booted
+            .line
+            .contains(&format!("hostname=worker-1 seed={iid}")),
+        "the seed over HTTP was not applied: {} (console: {})",
+        booted.line,
+        log.display()
+    );
+    let console = String::from_utf8_lossy(&fs::read(&log).unwrap()).into_owned();
+    assert!(
+        console.contains("Filename: http://10.231.0.1:8080/boot.ipxe?mac=52-54-00-00-00-21"),
+        "iPXE did not take the ProxyDHCP offer"
+    );
+    assert!(
+        console.contains("root.squashfs' saved")
+            || console.contains("root.squashfs\" saved")
+            || console.contains("saved"),
+        "live-boot did not fetch the squashfs"
+    );
+    drop(lan); // SIGTERM: graceful stop
+    let slog = fs::read_to_string(&serve_log).unwrap();
+    for needle in [
+        "reply=\"offer\"",
+        "/nocloud/52-54-00-00-00-21/meta-data",
+        "/nocloud/52-54-00-00-00-21/user-data",
+        "root.squashfs",
+        "complete=true",
+    ] {
+        assert!(
+            slog.contains(needle),
+            "serve log lacks {needle:?}: {}",
+            serve_log.display()
+        );
+    }
+    // Addresses came from dnsmasq, never from kiln (yiaddr 0.0.0.0 in every kiln reply).
+    assert!(
+        !slog.contains("yiaddr=10."),
+        "kiln handed out an address in proxy mode"
+    );
+}
+
+/// Full DHCP mode on an isolated LAN, UEFI (OVMF with iPXE's EFI e1000 driver), a MAC that is
+/// not in the inventory and `--default-role worker`: kiln leases the address, iPXE gets the
+/// script and starts the worker kernel through the EFI stub with its initrd. The test stops
+/// once the kernel prints its command line (the diskless boot itself is the test above).
+#[test]
+fn privileged_pxe_full_dhcp_uefi_default_role() {
+    const T: &str = "privileged_pxe_full_dhcp_uefi_default_role";
+    if let Some(r) = missing_pxe_capability() {
+        return skip(T, &r);
+    }
+    if !Path::new(kiln::tools::OVMF_CODE).is_file() {
+        return skip(T, "OVMF not installed (apt-get install ovmf)");
+    }
+    let b = built();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lan = Lan::new("f", false);
+    let serve_log = b.out.join("pxe-full-serve.log");
+    let status = lan.serve(
+        b,
+        &[
+            "--dhcp",
+            "full",
+            "--dhcp-range",
+            "10.231.0.50-10.231.0.60",
+            "--default-role",
+            "worker",
+            "--http-port",
+            "8081",
+        ],
+        &serve_log,
+    );
+    assert_eq!(status["dhcp_mode"], "full");
+    let vars = tmp.path().join("vars.fd");
+    fs::copy(kiln::tools::OVMF_VARS, &vars).unwrap();
+    let mut qemu = lan.exec(&lan.ns.clone());
+    qemu.args(["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2"])
+        .args(["-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none"])
+        .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", kiln::tools::OVMF_CODE)])
+        .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", vars.display())])
+        .args(["-drive", &format!("file={},if=virtio,format=raw", empty_disk(tmp.path()).display())])
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .args(["-device", "e1000,netdev=n0,mac=52:54:00:77:00:01,romfile=/usr/lib/ipxe/qemu/efi-e1000.rom,bootindex=1"]);
+    let worker = &b.ids["worker"];
+    let marker = format!("fetch=http://10.231.0.1:8081/roles/worker/{worker}/root.squashfs");
+    let log = b.out.join("boot-pxe-uefi-default.log");
+    let booted = kiln::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(900), &log)
+        .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
+    println!(
+        "UEFI PXE kernel started in {:.0}s",
+        booted.elapsed.as_secs_f64()
+    );
+    assert!(booted.line.contains("initrd=initrd.img"), "{}", booted.line);
+    assert!(
+        !booted.line.contains("ds=nocloud"),
+        "an unknown MAC must not get a seed: {}",
+        booted.line
+    );
+    drop(lan);
+    let slog = fs::read_to_string(&serve_log).unwrap();
+    assert!(
+        slog.contains("yiaddr=10.231.0.50"),
+        "no lease from kiln in full mode: {}",
+        serve_log.display()
+    );
+    assert!(
+        slog.contains("arch=uefi-x64"),
+        "the client did not identify as UEFI x64: {}",
+        serve_log.display()
+    );
+    assert!(
+        slog.contains("boot script (default role)"),
+        "{}",
+        serve_log.display()
+    );
+}

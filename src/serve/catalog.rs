@@ -231,17 +231,17 @@ impl Catalog {
             }
         }
         for u in cat.unprovisioned.values() {
-            cat.warnings
-                .push(format!("{} ({}) cannot boot: {}", u.hostname, u.mac, u.reason));
+            cat.warnings.push(format!(
+                "{} ({}) cannot boot: {}",
+                u.hostname, u.mac, u.reason
+            ));
         }
         if let Some(role) = default_role {
-            let id = latest(out_dir, role).ok_or_else(|| {
-                crate::recipe::RecipeError {
-                    file: out_dir.join(role).join("latest"),
-                    key: "--default-role".into(),
-                    problem: format!("there is no {role} build to boot unknown machines with"),
-                    fix: format!("run `kiln build --role {role}` first, or drop --default-role"),
-                }
+            let id = latest(out_dir, role).ok_or_else(|| crate::recipe::RecipeError {
+                file: out_dir.join(role).join("latest"),
+                key: "--default-role".into(),
+                problem: format!("there is no {role} build to boot unknown machines with"),
+                fix: format!("run `kiln build --role {role}` first, or drop --default-role"),
             })?;
             cat.load_build(role, &id, &out_dir.join(role).join(&id), key)?;
             cat.default = Some((role.to_string(), id));

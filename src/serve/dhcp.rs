@@ -230,7 +230,12 @@ fn add_boot(reply: &mut Message, req: &Message, server: Ipv4Addr, boot: &BootFil
     }
 }
 
-fn reply_skeleton(req: &Message, yiaddr: Ipv4Addr, msg_type: MessageType, server: Ipv4Addr) -> Message {
+fn reply_skeleton(
+    req: &Message,
+    yiaddr: Ipv4Addr,
+    msg_type: MessageType,
+    server: Ipv4Addr,
+) -> Message {
     let mut r = Message::default();
     r.set_opcode(Opcode::BootReply)
         .set_htype(req.htype())
@@ -308,15 +313,18 @@ impl Pool {
             .map(|(_, (ip, _))| u32::from(*ip))
             .chain(self.cfg.fixed.values().map(|ip| u32::from(*ip)))
             .collect();
-        let free = (u32::from(self.cfg.start)..=u32::from(self.cfg.end)).find(|a| !taken.contains(a))?;
+        let free =
+            (u32::from(self.cfg.start)..=u32::from(self.cfg.end)).find(|a| !taken.contains(a))?;
         // Reuse an expired lease's slot.
-        self.leases.retain(|_, (ip, exp)| *exp > now || u32::from(*ip) != free);
+        self.leases
+            .retain(|_, (ip, exp)| *exp > now || u32::from(*ip) != free);
         Some(Ipv4Addr::from(free))
     }
 
     fn bind(&mut self, mac: &str, ip: Ipv4Addr, now: Instant) {
         if !self.cfg.fixed.contains_key(mac) {
-            self.leases.insert(mac.to_string(), (ip, now + self.cfg.lease));
+            self.leases
+                .insert(mac.to_string(), (ip, now + self.cfg.lease));
         }
     }
 
@@ -355,7 +363,8 @@ impl Pool {
                 let want = requested.unwrap_or(req.ciaddr());
                 let ours = self.address_for(&mac, now)?;
                 if want != ours || !self.in_subnet(want) {
-                    let mut nak = reply_skeleton(req, Ipv4Addr::UNSPECIFIED, MessageType::Nak, server);
+                    let mut nak =
+                        reply_skeleton(req, Ipv4Addr::UNSPECIFIED, MessageType::Nak, server);
                     nak.set_ciaddr(Ipv4Addr::UNSPECIFIED);
                     return Some(nak);
                 }
@@ -463,8 +472,10 @@ pub fn answer(
     let msg = match Message::decode(&mut Decoder::new(bytes)) {
         Ok(m) => m,
         Err(e) => {
-            st.metrics
-                .inc("kiln_dhcp_ignored_total", &[("reason", "malformed"), ("port", port)]);
+            st.metrics.inc(
+                "kiln_dhcp_ignored_total",
+                &[("reason", "malformed"), ("port", port)],
+            );
             tracing::debug!(target: "kiln::serve::dhcp", %from, "malformed packet: {e}");
             return None;
         }
@@ -474,13 +485,19 @@ pub fn answer(
         Ok(c) => {
             st.metrics.inc(
                 "kiln_dhcp_requests_total",
-                &[("type", msg_type_label(c.msg_type)), ("arch", &c.arch.label()), ("port", port)],
+                &[
+                    ("type", msg_type_label(c.msg_type)),
+                    ("arch", &c.arch.label()),
+                    ("port", port),
+                ],
             );
             match boot_file(c, &st.base_url, |f| st.ipxe_available(f)) {
                 Ok(b) => Some(b),
                 Err(why) => {
-                    st.metrics
-                        .inc("kiln_dhcp_ignored_total", &[("reason", "no_boot_file"), ("port", port)]);
+                    st.metrics.inc(
+                        "kiln_dhcp_ignored_total",
+                        &[("reason", "no_boot_file"), ("port", port)],
+                    );
                     tracing::warn!(target: "kiln::serve::dhcp", mac = %c.mac, arch = %c.arch.label(), "not answering: {why}");
                     None
                 }
@@ -500,8 +517,10 @@ pub fn answer(
             let c = match &pxe {
                 Ok(c) => c,
                 Err(why) => {
-                    st.metrics
-                        .inc("kiln_dhcp_ignored_total", &[("reason", why.label()), ("port", port)]);
+                    st.metrics.inc(
+                        "kiln_dhcp_ignored_total",
+                        &[("reason", why.label()), ("port", port)],
+                    );
                     return None;
                 }
             };
@@ -513,8 +532,10 @@ pub fn answer(
                 c.msg_type == MessageType::Discover
             };
             if !wanted {
-                st.metrics
-                    .inc("kiln_dhcp_ignored_total", &[("reason", "message_type"), ("port", port)]);
+                st.metrics.inc(
+                    "kiln_dhcp_ignored_total",
+                    &[("reason", "message_type"), ("port", port)],
+                );
                 return None;
             }
             Some(proxy_reply(&msg, c, server, boot.as_ref()?))
@@ -523,9 +544,14 @@ pub fn answer(
     let reply = reply?;
     let dest = reply_destination(&msg, from, proxy_port);
     let t = reply.opts().msg_type().map(msg_type_label).unwrap_or("?");
-    let arch = pxe.as_ref().map(|c| c.arch.label()).unwrap_or_else(|_| "-".into());
-    st.metrics
-        .inc("kiln_dhcp_replies_total", &[("type", t), ("arch", &arch), ("port", port)]);
+    let arch = pxe
+        .as_ref()
+        .map(|c| c.arch.label())
+        .unwrap_or_else(|_| "-".into());
+    st.metrics.inc(
+        "kiln_dhcp_replies_total",
+        &[("type", t), ("arch", &arch), ("port", port)],
+    );
     tracing::info!(
         target: "kiln::serve::dhcp",
         mac = client_mac(&msg).as_deref().unwrap_or("-"),
@@ -618,35 +644,58 @@ mod tests {
         p
     }
 
-    const GUID: &[u8] = &[0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff, 0x00];
+    const GUID: &[u8] = &[
+        0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
+        0xff, 0x00,
+    ];
 
     fn bios_discover() -> Vec<u8> {
-        raw(1, &[
-            (57, &[0x04, 0xec]),
-            (93, &[0, 0]),
-            (94, &[1, 2, 1]),
-            (97, GUID),
-            (60, b"PXEClient:Arch:00000:UNDI:002001"),
-            (55, &[1, 2, 3, 5, 6, 11, 12, 13, 15, 16, 17, 18, 43, 54, 60, 66, 67, 128, 129]),
-        ])
+        raw(
+            1,
+            &[
+                (57, &[0x04, 0xec]),
+                (93, &[0, 0]),
+                (94, &[1, 2, 1]),
+                (97, GUID),
+                (60, b"PXEClient:Arch:00000:UNDI:002001"),
+                (
+                    55,
+                    &[
+                        1, 2, 3, 5, 6, 11, 12, 13, 15, 16, 17, 18, 43, 54, 60, 66, 67, 128, 129,
+                    ],
+                ),
+            ],
+        )
     }
 
     fn uefi_discover(arch: u8) -> Vec<u8> {
-        raw(1, &[
-            (93, &[0, arch]),
-            (94, &[1, 3, 0]),
-            (97, GUID),
-            (60, format!("PXEClient:Arch:{:05}:UNDI:003000", arch).as_bytes()),
-        ])
+        raw(
+            1,
+            &[
+                (93, &[0, arch]),
+                (94, &[1, 3, 0]),
+                (97, GUID),
+                (
+                    60,
+                    format!("PXEClient:Arch:{:05}:UNDI:003000", arch).as_bytes(),
+                ),
+            ],
+        )
     }
 
     fn ipxe_discover() -> Vec<u8> {
-        raw(1, &[
-            (93, &[0, 0]),
-            (60, b"PXEClient:Arch:00000:UNDI:002001"),
-            (77, b"iPXE"),
-            (175, &[0xb1, 0x05, 0x01, 0x80, 0x86, 0x10, 0x0e, 0x13, 0x01, 0x01]),
-        ])
+        raw(
+            1,
+            &[
+                (93, &[0, 0]),
+                (60, b"PXEClient:Arch:00000:UNDI:002001"),
+                (77, b"iPXE"),
+                (
+                    175,
+                    &[0xb1, 0x05, 0x01, 0x80, 0x86, 0x10, 0x0e, 0x13, 0x01, 0x01],
+                ),
+            ],
+        )
     }
 
     fn state(files: &[&str]) -> (tempfile::TempDir, State) {
@@ -654,7 +703,11 @@ mod tests {
         for f in files {
             std::fs::write(d.path().join(f), b"ipxe").unwrap();
         }
-        let st = State::new(Catalog::default(), "http://10.0.0.1:8080".into(), d.path().to_path_buf());
+        let st = State::new(
+            Catalog::default(),
+            "http://10.0.0.1:8080".into(),
+            d.path().to_path_buf(),
+        );
         (d, st)
     }
 
@@ -670,56 +723,123 @@ mod tests {
     #[test]
     fn bios_pxe_discover_gets_undionly_by_proxy_offer() {
         let (_d, st) = state(&["undionly.kpxe", "ipxe.efi"]);
-        let (r, dest) = answer(&bios_discover(), from68(), false, &Mode::Proxy, &st, SERVER).unwrap();
+        let (r, dest) =
+            answer(&bios_discover(), from68(), false, &Mode::Proxy, &st, SERVER).unwrap();
         assert_eq!(dest, "255.255.255.255:68".parse().unwrap());
         assert_eq!(r.opcode(), Opcode::BootReply);
         assert_eq!(r.xid(), 0xdead_beef);
-        assert_eq!(r.yiaddr(), Ipv4Addr::UNSPECIFIED, "a proxy never assigns addresses");
+        assert_eq!(
+            r.yiaddr(),
+            Ipv4Addr::UNSPECIFIED,
+            "a proxy never assigns addresses"
+        );
         assert_eq!(r.siaddr(), SERVER);
         assert_eq!(&r.chaddr()[..6], &MAC);
         assert_eq!(file(&r), "undionly.kpxe");
         assert_eq!(r.opts().msg_type(), Some(MessageType::Offer));
-        assert_eq!(r.opts().get(OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(SERVER)));
-        assert_eq!(r.opts().get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec())));
-        assert_eq!(r.opts().get(OptionCode::VendorExtensions), Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255])));
-        assert_eq!(r.opts().get(OptionCode::ClientMachineIdentifier), Some(&DhcpOption::ClientMachineIdentifier(GUID.to_vec())));
-        assert!(r.opts().get(OptionCode::SubnetMask).is_none(), "no address options from a proxy");
+        assert_eq!(
+            r.opts().get(OptionCode::ServerIdentifier),
+            Some(&DhcpOption::ServerIdentifier(SERVER))
+        );
+        assert_eq!(
+            r.opts().get(OptionCode::ClassIdentifier),
+            Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+        );
+        assert_eq!(
+            r.opts().get(OptionCode::VendorExtensions),
+            Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+        );
+        assert_eq!(
+            r.opts().get(OptionCode::ClientMachineIdentifier),
+            Some(&DhcpOption::ClientMachineIdentifier(GUID.to_vec()))
+        );
+        assert!(
+            r.opts().get(OptionCode::SubnetMask).is_none(),
+            "no address options from a proxy"
+        );
         // The encoded reply decodes again and keeps the magic cookie and END.
         let bytes = r.to_vec().unwrap();
         assert_eq!(&bytes[236..240], &[99, 130, 83, 99]);
         assert_eq!(*bytes.last().unwrap(), 255);
         let back = Message::decode(&mut Decoder::new(&bytes)).unwrap();
         assert_eq!(back.opts(), r.opts());
-        assert_eq!(back.fname_str().unwrap().unwrap().trim_end_matches('\0'), "undionly.kpxe");
+        assert_eq!(
+            back.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+            "undionly.kpxe"
+        );
     }
 
     #[test]
     fn uefi_clients_get_the_efi_binary() {
         let (_d, st) = state(&["undionly.kpxe", "ipxe.efi"]);
         for arch in [7u8, 9] {
-            let (r, _) = answer(&uefi_discover(arch), from68(), false, &Mode::Proxy, &st, SERVER).unwrap();
+            let (r, _) = answer(
+                &uefi_discover(arch),
+                from68(),
+                false,
+                &Mode::Proxy,
+                &st,
+                SERVER,
+            )
+            .unwrap();
             assert_eq!(file(&r), "ipxe.efi", "arch {arch}");
         }
         // arm64 needs snp.efi, which this directory lacks: no answer rather than a wrong binary.
-        assert!(answer(&uefi_discover(11), from68(), false, &Mode::Proxy, &st, SERVER).is_none());
+        assert!(answer(
+            &uefi_discover(11),
+            from68(),
+            false,
+            &Mode::Proxy,
+            &st,
+            SERVER
+        )
+        .is_none());
         let (_d2, st2) = state(&["snp.efi"]);
-        let (r, _) = answer(&uefi_discover(11), from68(), false, &Mode::Proxy, &st2, SERVER).unwrap();
+        let (r, _) = answer(
+            &uefi_discover(11),
+            from68(),
+            false,
+            &Mode::Proxy,
+            &st2,
+            SERVER,
+        )
+        .unwrap();
         assert_eq!(file(&r), "snp.efi");
         // 32-bit UEFI has no binary at all.
-        assert!(answer(&uefi_discover(6), from68(), false, &Mode::Proxy, &st, SERVER).is_none());
+        assert!(answer(
+            &uefi_discover(6),
+            from68(),
+            false,
+            &Mode::Proxy,
+            &st,
+            SERVER
+        )
+        .is_none());
     }
 
     #[test]
     fn ipxe_gets_its_script_url_not_the_binary_again() {
         let (_d, st) = state(&["undionly.kpxe"]);
         let (r, _) = answer(&ipxe_discover(), from68(), false, &Mode::Proxy, &st, SERVER).unwrap();
-        assert_eq!(file(&r), "http://10.0.0.1:8080/boot.ipxe?mac=52-54-00-aa-bb-01");
+        assert_eq!(
+            file(&r),
+            "http://10.0.0.1:8080/boot.ipxe?mac=52-54-00-aa-bb-01"
+        );
         assert_eq!(
             r.opts().get(OptionCode::BootfileName),
-            Some(&DhcpOption::BootfileName(b"http://10.0.0.1:8080/boot.ipxe?mac=52-54-00-aa-bb-01".to_vec()))
+            Some(&DhcpOption::BootfileName(
+                b"http://10.0.0.1:8080/boot.ipxe?mac=52-54-00-aa-bb-01".to_vec()
+            ))
         );
         // Option 175 alone (no user class) also marks iPXE.
-        let p = raw(1, &[(93, &[0, 7]), (60, b"PXEClient:Arch:00007:UNDI:003016"), (175, &[0x13, 1, 1])]);
+        let p = raw(
+            1,
+            &[
+                (93, &[0, 7]),
+                (60, b"PXEClient:Arch:00007:UNDI:003016"),
+                (175, &[0x13, 1, 1]),
+            ],
+        );
         let (r, _) = answer(&p, from68(), false, &Mode::Proxy, &st, SERVER).unwrap();
         assert!(file(&r).starts_with("http://"));
     }
@@ -727,10 +847,16 @@ mod tests {
     #[test]
     fn uefi_http_boot_gets_an_http_url_as_httpclient() {
         let (_d, st) = state(&["ipxe.efi"]);
-        let p = raw(1, &[(93, &[0, 16]), (60, b"HTTPClient:Arch:00016:UNDI:003001")]);
+        let p = raw(
+            1,
+            &[(93, &[0, 16]), (60, b"HTTPClient:Arch:00016:UNDI:003001")],
+        );
         let (r, _) = answer(&p, from68(), false, &Mode::Proxy, &st, SERVER).unwrap();
         assert_eq!(file(&r), "http://10.0.0.1:8080/ipxe/ipxe.efi");
-        assert_eq!(r.opts().get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec())));
+        assert_eq!(
+            r.opts().get(OptionCode::ClassIdentifier),
+            Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
+        );
     }
 
     #[test]
@@ -742,7 +868,12 @@ mod tests {
         assert!(answer(&no_class, from68(), false, &Mode::Proxy, &st, SERVER).is_none());
         let no_arch = raw(1, &[(60, b"PXEClient")]);
         assert!(answer(&no_arch, from68(), false, &Mode::Proxy, &st, SERVER).is_none());
-        for bad in [&[][..], &[1, 1, 6][..], &bios_discover()[..250], &[0xff; 400][..]] {
+        for bad in [
+            &[][..],
+            &[1, 1, 6][..],
+            &bios_discover()[..250],
+            &[0xff; 400][..],
+        ] {
             assert!(answer(bad, from68(), false, &Mode::Proxy, &st, SERVER).is_none());
         }
         // A BOOTREPLY (another server's offer) is never answered.
@@ -756,9 +887,23 @@ mod tests {
     fn proxy_port_4011_acks_requests_unicast() {
         let (_d, st) = state(&["undionly.kpxe"]);
         // On 67, the REQUEST that follows an offer belongs to the site's server.
-        let req = raw(3, &[(93, &[0, 0]), (60, b"PXEClient:Arch:00000:UNDI:002001"), (54, &[10, 0, 0, 254])]);
+        let req = raw(
+            3,
+            &[
+                (93, &[0, 0]),
+                (60, b"PXEClient:Arch:00000:UNDI:002001"),
+                (54, &[10, 0, 0, 254]),
+            ],
+        );
         assert!(answer(&req, from68(), false, &Mode::Proxy, &st, SERVER).is_none());
-        let mut req = raw(3, &[(93, &[0, 0]), (60, b"PXEClient:Arch:00000:UNDI:002001"), (97, GUID)]);
+        let mut req = raw(
+            3,
+            &[
+                (93, &[0, 0]),
+                (60, b"PXEClient:Arch:00000:UNDI:002001"),
+                (97, GUID),
+            ],
+        );
         req[12..16].copy_from_slice(&[10, 0, 0, 57]); // ciaddr: the client has its address now
         let from: SocketAddr = "10.0.0.57:4011".parse().unwrap();
         let (r, dest) = answer(&req, from, true, &Mode::Proxy, &st, SERVER).unwrap();
@@ -767,7 +912,10 @@ mod tests {
         assert_eq!(file(&r), "undionly.kpxe");
         assert_eq!(r.yiaddr(), Ipv4Addr::UNSPECIFIED);
         // The client's IP is now known to belong to its MAC (for HTTP/TFTP logs).
-        assert_eq!(st.mac_of("10.0.0.57".parse().unwrap()).as_deref(), Some("52:54:00:aa:bb:01"));
+        assert_eq!(
+            st.mac_of("10.0.0.57".parse().unwrap()).as_deref(),
+            Some("52:54:00:aa:bb:01")
+        );
         // A DISCOVER on 4011 is not answered there.
         assert!(answer(&bios_discover(), from, true, &Mode::Proxy, &st, SERVER).is_none());
     }
@@ -798,11 +946,28 @@ mod tests {
         assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
         assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 0, 0, 100));
         assert_eq!(file(&offer), "undionly.kpxe");
-        assert_eq!(offer.opts().get(OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0))));
-        assert_eq!(offer.opts().get(OptionCode::Router), Some(&DhcpOption::Router(vec![Ipv4Addr::new(10, 0, 0, 254)])));
-        assert_eq!(offer.opts().get(OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(600)));
+        assert_eq!(
+            offer.opts().get(OptionCode::SubnetMask),
+            Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)))
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::Router),
+            Some(&DhcpOption::Router(vec![Ipv4Addr::new(10, 0, 0, 254)]))
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::AddressLeaseTime),
+            Some(&DhcpOption::AddressLeaseTime(600))
+        );
         // REQUEST for the offered address → ACK; for another → NAK.
-        let req = raw(3, &[(93, &[0, 0]), (60, b"PXEClient:Arch:00000:UNDI:002001"), (50, &[10, 0, 0, 100]), (54, &[10, 0, 0, 1])]);
+        let req = raw(
+            3,
+            &[
+                (93, &[0, 0]),
+                (60, b"PXEClient:Arch:00000:UNDI:002001"),
+                (50, &[10, 0, 0, 100]),
+                (54, &[10, 0, 0, 1]),
+            ],
+        );
         let (ack, _) = answer(&req, from68(), false, &mode, &st, SERVER).unwrap();
         assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
         assert_eq!(ack.yiaddr(), Ipv4Addr::new(10, 0, 0, 100));
@@ -810,13 +975,19 @@ mod tests {
         let (nak, _) = answer(&wrong, from68(), false, &mode, &st, SERVER).unwrap();
         assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
         // A REQUEST naming another server is that server's business.
-        let other = with_mac(raw(3, &[(50, &[10, 0, 0, 100]), (54, &[10, 0, 0, 9])]), 0x09);
+        let other = with_mac(
+            raw(3, &[(50, &[10, 0, 0, 100]), (54, &[10, 0, 0, 9])]),
+            0x09,
+        );
         assert!(answer(&other, from68(), false, &mode, &st, SERVER).is_none());
         // A non-PXE client gets an address and no boot file.
         let plain = with_mac(raw(1, &[(55, &[1, 3, 6])]), 0x02);
         let (o2, _) = answer(&plain, from68(), false, &mode, &st, SERVER).unwrap();
         assert_eq!(o2.yiaddr(), Ipv4Addr::new(10, 0, 0, 101));
-        assert!(o2.fname().map(|f| f.iter().all(|b| *b == 0)).unwrap_or(true));
+        assert!(o2
+            .fname()
+            .map(|f| f.iter().all(|b| *b == 0))
+            .unwrap_or(true));
         assert!(o2.opts().get(OptionCode::ClassIdentifier).is_none());
         // The range (two addresses) is exhausted for a third client.
         let req2 = with_mac(raw(3, &[(50, &[10, 0, 0, 101])]), 0x02);
@@ -842,7 +1013,15 @@ mod tests {
         let (_d, st) = state(&["undionly.kpxe"]);
         let mut p = bios_discover();
         p[24..28].copy_from_slice(&[10, 9, 0, 1]); // giaddr
-        let (_, dest) = answer(&p, "10.9.0.1:67".parse().unwrap(), false, &Mode::Proxy, &st, SERVER).unwrap();
+        let (_, dest) = answer(
+            &p,
+            "10.9.0.1:67".parse().unwrap(),
+            false,
+            &Mode::Proxy,
+            &st,
+            SERVER,
+        )
+        .unwrap();
         assert_eq!(dest, "10.9.0.1:67".parse().unwrap());
     }
 }

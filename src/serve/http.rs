@@ -70,11 +70,11 @@ pub async fn serve(
                                 }
                                 break;
                             }
-                            c = sd.changed(), if !stopping => {
+                            _ = sd.changed(), if !stopping => {
+                                // Shutdown (or the server gone): finish the response in
+                                // flight, then close.
                                 stopping = true;
-                                if c.is_ok() || c.is_err() {
-                                    conn.as_mut().graceful_shutdown();
-                                }
+                                conn.as_mut().graceful_shutdown();
                             }
                         }
                     }
@@ -147,8 +147,12 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
 }
 
 /// One parsed `Range: bytes=` header against a length: `Ok(None)` = whole file,
-/// `Ok(Some((start, end_inclusive)))`, `Err(())` = unsatisfiable (416).
-pub fn parse_range(h: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+/// `Ok(Some((start, end_inclusive)))`, `Err(Unsatisfiable)` (416).
+/// A `Range` that no byte of the file satisfies (answered with 416).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+pub fn parse_range(h: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(h) = h else { return Ok(None) };
     let Some(spec) = h.trim().strip_prefix("bytes=") else {
         return Ok(None); // other units: ignore (RFC 9110 14.2)
@@ -170,7 +174,7 @@ pub fn parse_range(h: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> 
         (true, false) => {
             let Some(n) = parse(b) else { return Ok(None) };
             if n == 0 || len == 0 {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             Ok(Some((len.saturating_sub(n), len - 1)))
         }
@@ -187,7 +191,7 @@ pub fn parse_range(h: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> 
                 }
             };
             if start >= len {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             Ok(Some((start, end)))
         }
@@ -229,7 +233,10 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, st: &Arc<State>) -> Re
     let head = req.method() == Method::HEAD;
     let resp = if head {
         let (parts, _) = resp.into_parts();
-        Response::from_parts(parts, Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
+        Response::from_parts(
+            parts,
+            Full::new(Bytes::new()).map_err(|n| match n {}).boxed(),
+        )
     } else {
         resp
     };
@@ -325,7 +332,10 @@ fn route_request(
                     *mac = Some(n.mac.clone());
                     match n.seed.get(*name) {
                         Some(b) => full(StatusCode::OK, "text/plain; charset=utf-8", b.clone()),
-                        None => text(StatusCode::NOT_FOUND, format!("{} has no {name}\n", n.hostname)),
+                        None => text(
+                            StatusCode::NOT_FOUND,
+                            format!("{} has no {name}\n", n.hostname),
+                        ),
                     }
                 }
                 None => text(StatusCode::NOT_FOUND, format!("no seed for {m}\n")),
@@ -379,7 +389,11 @@ fn file_response(
     let hdr = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok());
     if let (Some(tag), Some(inm)) = (&etag, hdr(header::IF_NONE_MATCH)) {
         if inm.split(',').any(|t| t.trim() == tag || t.trim() == "*") {
-            let mut r = full(StatusCode::NOT_MODIFIED, "application/octet-stream", Bytes::new());
+            let mut r = full(
+                StatusCode::NOT_MODIFIED,
+                "application/octet-stream",
+                Bytes::new(),
+            );
             r.headers_mut().remove(header::CONTENT_LENGTH);
             r.headers_mut()
                 .insert(header::ETAG, HeaderValue::from_str(tag).unwrap());
@@ -395,7 +409,7 @@ fn file_response(
     let (status, start, end) = match parse_range(range_hdr, len) {
         Ok(None) => (StatusCode::OK, 0, len),
         Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b + 1),
-        Err(()) => {
+        Err(Unsatisfiable) => {
             let mut r = text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
             r.headers_mut().insert(
                 header::CONTENT_RANGE,
@@ -530,8 +544,11 @@ impl Drop for FileBody {
             return;
         }
         let route = route_of(self.path.split('?').next().unwrap_or(""));
-        st.metrics
-            .add("kiln_http_bytes_sent_total", &[("route", route)], self.sent as f64);
+        st.metrics.add(
+            "kiln_http_bytes_sent_total",
+            &[("route", route)],
+            self.sent as f64,
+        );
         let complete = self.pos >= self.end;
         let secs = self.started.elapsed().as_secs_f64();
         tracing::info!(
@@ -559,13 +576,13 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=-10"), 100), Ok(Some((90, 99))));
         assert_eq!(parse_range(Some("bytes=-1000"), 100), Ok(Some((0, 99))));
         assert_eq!(parse_range(Some("bytes=50-1000"), 100), Ok(Some((50, 99))));
-        assert_eq!(parse_range(Some("bytes=100-"), 100), Err(()));
-        assert_eq!(parse_range(Some("bytes=-0"), 100), Err(()));
+        assert_eq!(parse_range(Some("bytes=100-"), 100), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=-0"), 100), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Ok(None));
         assert_eq!(parse_range(Some("bytes=9-1"), 100), Ok(None));
         assert_eq!(parse_range(Some("items=0-1"), 100), Ok(None));
         assert_eq!(parse_range(Some("bytes=x-1"), 100), Ok(None));
-        assert_eq!(parse_range(Some("bytes=0-"), 0), Err(()));
+        assert_eq!(parse_range(Some("bytes=0-"), 0), Err(Unsatisfiable));
     }
 
     #[test]

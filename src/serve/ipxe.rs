@@ -3,7 +3,9 @@
 //! A node's script loads the role build's kernel and initrd over HTTP and boots live-boot with
 //! `fetch=` pointing at the same build's `root.squashfs`, so the diskless root is the exact tree
 //! the disk image carries. A node with signed outputs also gets its NoCloud seed:
-//! `ds=nocloud;s=<base>/nocloud/<mac>/` (cloud-init fetches meta-data, user-data, vendor-data)
+//! `ds=nocloud-net;s=<base>/nocloud/<mac>/` (cloud-init fetches meta-data, user-data and
+//! vendor-data in its network stage; cloud-init 22.4 takes a plain `ds=nocloud` as local-only
+//! and then ignores an HTTP seed)
 //! and its network-config inline as `network-config=<base64>`, because cloud-init applies
 //! network configuration only in its local stage, before a seed over HTTP can be read.
 
@@ -30,7 +32,10 @@ pub fn kernel_args(base: &str, b: &RoleBuild, node: Option<&NodeBoot>, mac: &str
     ];
     args.extend(b.cmdline_args.iter().cloned());
     if let Some(n) = node.filter(|n| n.instance_id.is_some()) {
-        args.push(format!("ds=nocloud;s={base}/nocloud/{}/", mac_hyphen(&n.mac)));
+        args.push(format!(
+            "ds=nocloud-net;s={base}/nocloud/{}/",
+            mac_hyphen(&n.mac)
+        ));
         if let Some(nc) = n.seed.get("network-config") {
             args.push(format!(
                 "network-config={}",

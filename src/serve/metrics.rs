@@ -12,17 +12,57 @@ pub struct Metrics {
 
 /// `(name, help, type)` of every metric kiln exposes.
 const META: &[(&str, &str, &str)] = &[
-    ("kiln_dhcp_ignored_total", "DHCP packets not answered, by reason.", "counter"),
-    ("kiln_dhcp_replies_total", "DHCP replies sent, by message type and client architecture.", "counter"),
-    ("kiln_dhcp_requests_total", "DHCP packets received from PXE clients, by message type and architecture.", "counter"),
-    ("kiln_http_bytes_sent_total", "HTTP body bytes sent, by route.", "counter"),
+    (
+        "kiln_dhcp_ignored_total",
+        "DHCP packets not answered, by reason.",
+        "counter",
+    ),
+    (
+        "kiln_dhcp_replies_total",
+        "DHCP replies sent, by message type and client architecture.",
+        "counter",
+    ),
+    (
+        "kiln_dhcp_requests_total",
+        "DHCP packets received from PXE clients, by message type and architecture.",
+        "counter",
+    ),
+    (
+        "kiln_http_bytes_sent_total",
+        "HTTP body bytes sent, by route.",
+        "counter",
+    ),
     ("kiln_http_in_flight", "HTTP responses being sent.", "gauge"),
-    ("kiln_http_requests_total", "HTTP requests answered, by route and status code.", "counter"),
-    ("kiln_served_builds", "Verified role builds being served.", "gauge"),
-    ("kiln_served_nodes", "Inventory nodes that can boot.", "gauge"),
-    ("kiln_tftp_bytes_sent_total", "TFTP data bytes sent (first transmissions and retransmissions).", "counter"),
-    ("kiln_tftp_retransmits_total", "TFTP blocks sent again after a timeout or a lost-block ACK.", "counter"),
-    ("kiln_tftp_transfers_total", "TFTP transfers, by result.", "counter"),
+    (
+        "kiln_http_requests_total",
+        "HTTP requests answered, by route and status code.",
+        "counter",
+    ),
+    (
+        "kiln_served_builds",
+        "Verified role builds being served.",
+        "gauge",
+    ),
+    (
+        "kiln_served_nodes",
+        "Inventory nodes that can boot.",
+        "gauge",
+    ),
+    (
+        "kiln_tftp_bytes_sent_total",
+        "TFTP data bytes sent (first transmissions and retransmissions).",
+        "counter",
+    ),
+    (
+        "kiln_tftp_retransmits_total",
+        "TFTP blocks sent again after a timeout or a lost-block ACK.",
+        "counter",
+    ),
+    (
+        "kiln_tftp_transfers_total",
+        "TFTP transfers, by result.",
+        "counter",
+    ),
 ];
 
 impl Metrics {
@@ -46,7 +86,10 @@ impl Metrics {
     /// Sum of every series of `name`.
     pub fn total(&self, name: &str) -> f64 {
         let m = self.values.lock().unwrap_or_else(|e| e.into_inner());
-        m.iter().filter(|((n, _), _)| *n == name).map(|(_, v)| v).sum()
+        m.iter()
+            .filter(|((n, _), _)| *n == name)
+            .map(|(_, v)| v)
+            .sum()
     }
 
     /// The Prometheus text format.
@@ -94,8 +137,14 @@ mod tests {
     #[test]
     fn renders_sorted_escaped_series() {
         let m = Metrics::default();
-        m.inc("kiln_http_requests_total", &[("route", "role_file"), ("code", "200")]);
-        m.inc("kiln_http_requests_total", &[("route", "role_file"), ("code", "200")]);
+        m.inc(
+            "kiln_http_requests_total",
+            &[("route", "role_file"), ("code", "200")],
+        );
+        m.inc(
+            "kiln_http_requests_total",
+            &[("route", "role_file"), ("code", "200")],
+        );
         m.add("kiln_http_bytes_sent_total", &[("route", "a\"b")], 10.0);
         let t = m.render();
         assert!(t.contains("kiln_http_requests_total{route=\"role_file\",code=\"200\"} 2\n"));

@@ -105,7 +105,8 @@ impl State {
         let c = self.catalog();
         self.metrics
             .set("kiln_served_builds", &[], c.builds.len() as f64);
-        self.metrics.set("kiln_served_nodes", &[], c.nodes.len() as f64);
+        self.metrics
+            .set("kiln_served_nodes", &[], c.nodes.len() as f64);
     }
 
     /// Whether the iPXE directory had `name` when the server started.
@@ -305,7 +306,14 @@ async fn run(
     let http_addr = SocketAddr::new(IpAddr::V4(o.listen), o.http_port);
     let http_listener = tokio::net::TcpListener::bind(http_addr)
         .await
-        .map_err(|e| bind_error(e, "the HTTP listener", o.http_port, " (or pass --http-port)"))?;
+        .map_err(|e| {
+            bind_error(
+                e,
+                "the HTTP listener",
+                o.http_port,
+                " (or pass --http-port)",
+            )
+        })?;
     let http_bound = http_listener.local_addr()?;
     let base_url = format!("http://{advertise}:{}", http_bound.port());
     let state = Arc::new(State::new(cat, base_url.clone(), o.ipxe_dir.clone()));
@@ -318,8 +326,19 @@ async fn run(
         }
     }
 
-    let tftp_sock = udp_socket(SocketAddr::new(IpAddr::V4(o.listen), o.tftp_port), None, false)
-        .map_err(|e| bind_error(e, "the TFTP listener (UDP)", o.tftp_port, " (or pass --tftp-port)"))?;
+    let tftp_sock = udp_socket(
+        SocketAddr::new(IpAddr::V4(o.listen), o.tftp_port),
+        None,
+        false,
+    )
+    .map_err(|e| {
+        bind_error(
+            e,
+            "the TFTP listener (UDP)",
+            o.tftp_port,
+            " (or pass --tftp-port)",
+        )
+    })?;
     let tftp_sock = tokio::net::UdpSocket::from_std(tftp_sock)?;
     let tftp_bound = tftp_sock.local_addr()?;
 
@@ -340,7 +359,10 @@ async fn run(
                         let ip: Ipv4Addr = n.address.split_once('/')?.0.parse().ok()?;
                         let m = u32::from(netmask);
                         (u32::from(ip) & m == u32::from(start) & m).then(|| {
-                            (crate::recipe::normalize_mac(&n.mac).unwrap_or(n.mac.clone()), ip)
+                            (
+                                crate::recipe::normalize_mac(&n.mac).unwrap_or(n.mac.clone()),
+                                ip,
+                            )
                         })
                     })
                     .collect();
@@ -358,18 +380,43 @@ async fn run(
         });
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let s67 = udp_socket(SocketAddr::new(any, o.dhcp_port), iface, true).map_err(|e| {
-            bind_error(e, "the DHCP listener (UDP)", o.dhcp_port, " (or pass --dhcp off / --dhcp-port)")
+            bind_error(
+                e,
+                "the DHCP listener (UDP)",
+                o.dhcp_port,
+                " (or pass --dhcp off / --dhcp-port)",
+            )
         })?;
         let s67 = Arc::new(tokio::net::UdpSocket::from_std(s67)?);
         dhcp_bound = Some(s67.local_addr()?);
-        tasks.spawn(dhcp::serve(s67, false, mode.clone(), state.clone(), advertise, rx.clone()));
+        tasks.spawn(dhcp::serve(
+            s67,
+            false,
+            mode.clone(),
+            state.clone(),
+            advertise,
+            rx.clone(),
+        ));
         if o.dhcp == DhcpMode::Proxy {
-            let s4011 = udp_socket(SocketAddr::new(any, o.proxy_port), iface, true).map_err(|e| {
-                bind_error(e, "the ProxyDHCP listener (UDP)", o.proxy_port, " (or pass --proxy-port)")
-            })?;
+            let s4011 =
+                udp_socket(SocketAddr::new(any, o.proxy_port), iface, true).map_err(|e| {
+                    bind_error(
+                        e,
+                        "the ProxyDHCP listener (UDP)",
+                        o.proxy_port,
+                        " (or pass --proxy-port)",
+                    )
+                })?;
             let s4011 = Arc::new(tokio::net::UdpSocket::from_std(s4011)?);
             proxy_bound = Some(s4011.local_addr()?);
-            tasks.spawn(dhcp::serve(s4011, true, mode, state.clone(), advertise, rx.clone()));
+            tasks.spawn(dhcp::serve(
+                s4011,
+                true,
+                mode,
+                state.clone(),
+                advertise,
+                rx.clone(),
+            ));
         }
     }
     tasks.spawn(tftp::serve(
@@ -379,7 +426,12 @@ async fn run(
         o.max_blksize,
         rx.clone(),
     ));
-    tasks.spawn(http::serve(http_listener, state.clone(), rx.clone(), o.grace));
+    tasks.spawn(http::serve(
+        http_listener,
+        state.clone(),
+        rx.clone(),
+        o.grace,
+    ));
 
     let status = serde_json::json!({
         "event": "listening",
@@ -397,12 +449,14 @@ async fn run(
         println!("{}", serde_json::to_string(&status)?);
     } else {
         let cat = state.catalog();
-        println!("kiln serve: {base_url} (HTTP {http_bound}, TFTP {tftp_bound}, DHCP {})",
+        println!(
+            "kiln serve: {base_url} (HTTP {http_bound}, TFTP {tftp_bound}, DHCP {})",
             match (dhcp_bound, proxy_bound) {
                 (Some(a), Some(b)) => format!("proxy on {} and {}", a, b.port()),
                 (Some(a), None) => format!("full on {a}"),
                 _ => "off".into(),
-            });
+            }
+        );
         for n in cat.nodes.values() {
             println!(
                 "  {} {} → {} {} seed={}",
@@ -450,7 +504,10 @@ async fn run(
             }
         }
     }
-    eprintln!("kiln serve: stopping (finishing open transfers, at most {:?}) …", o.grace);
+    eprintln!(
+        "kiln serve: stopping (finishing open transfers, at most {:?}) …",
+        o.grace
+    );
     let _ = tx.send(true);
     let _ = tokio::time::timeout(o.grace + Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}
@@ -491,7 +548,10 @@ mod tests {
         assert!(safe_path(&root, "sub\\b").is_ok());
         assert!(safe_path(&root, "./sub/b").is_ok());
         assert_eq!(safe_path(&root, "../secret"), Err(PathRefusal::Outside));
-        assert_eq!(safe_path(&root, "sub/../../secret"), Err(PathRefusal::Outside));
+        assert_eq!(
+            safe_path(&root, "sub/../../secret"),
+            Err(PathRefusal::Outside)
+        );
         assert_eq!(safe_path(&root, "..\\secret"), Err(PathRefusal::Outside));
         assert_eq!(safe_path(&root, "link"), Err(PathRefusal::Outside));
         assert_eq!(safe_path(&root, "sub"), Err(PathRefusal::NotFound));

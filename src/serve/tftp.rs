@@ -89,7 +89,7 @@ fn split_strings(b: &[u8]) -> Result<Vec<String>, ParseError> {
 }
 
 fn pairs(v: &[String]) -> Result<Vec<(String, String)>, ParseError> {
-    if v.len() % 2 != 0 {
+    if !v.len().is_multiple_of(2) {
         return Err(ParseError::OptionValue(v[v.len() - 1].clone()));
     }
     Ok(v.chunks(2)
@@ -330,8 +330,13 @@ async fn transfer(
         }
     };
     if mode != "octet" {
-        st.metrics.inc("kiln_tftp_transfers_total", &[("result", "bad_mode")]);
-        fail(ERR_ILLEGAL_OP, format!("mode {mode:?} not supported: use octet")).await;
+        st.metrics
+            .inc("kiln_tftp_transfers_total", &[("result", "bad_mode")]);
+        fail(
+            ERR_ILLEGAL_OP,
+            format!("mode {mode:?} not supported: use octet"),
+        )
+        .await;
         return;
     }
     let path = match super::safe_path(root, &filename) {
@@ -341,9 +346,14 @@ async fn transfer(
                 super::PathRefusal::NotFound => (ERR_NOT_FOUND, "not_found"),
                 super::PathRefusal::Outside => (ERR_ACCESS, "refused"),
             };
-            st.metrics.inc("kiln_tftp_transfers_total", &[("result", result)]);
+            st.metrics
+                .inc("kiln_tftp_transfers_total", &[("result", result)]);
             tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, "{result}");
-            let msg = if code == ERR_NOT_FOUND { "File not found" } else { "Access violation" };
+            let msg = if code == ERR_NOT_FOUND {
+                "File not found"
+            } else {
+                "Access violation"
+            };
             fail(code, msg.into()).await;
             return;
         }
@@ -351,7 +361,8 @@ async fn transfer(
     let file = match File::open(&path) {
         Ok(f) => f,
         Err(_) => {
-            st.metrics.inc("kiln_tftp_transfers_total", &[("result", "not_found")]);
+            st.metrics
+                .inc("kiln_tftp_transfers_total", &[("result", "not_found")]);
             fail(ERR_NOT_FOUND, "File not found".into()).await;
             return;
         }
@@ -373,7 +384,8 @@ async fn transfer(
                 Ok(Ok(n)) => match parse(&rbuf[..n]) {
                     Ok(Packet::Ack { block: 0 }) => break,
                     Ok(Packet::Error { code, message }) => {
-                        st.metrics.inc("kiln_tftp_transfers_total", &[("result", "declined")]);
+                        st.metrics
+                            .inc("kiln_tftp_transfers_total", &[("result", "declined")]);
                         tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, tsize = len, "client ended after OACK (error {code}: {message})");
                         return;
                     }
@@ -383,7 +395,8 @@ async fn transfer(
                 Err(_) => {
                     tries += 1;
                     if tries > MAX_RETRIES {
-                        st.metrics.inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
+                        st.metrics
+                            .inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
                         return;
                     }
                 }
@@ -408,7 +421,8 @@ async fn transfer(
             block_buf[2..4].copy_from_slice(&(b as u16).to_be_bytes());
             if n > 0 && file.read_exact_at(&mut block_buf[4..4 + n], off).is_err() {
                 fail(ERR_NOT_DEFINED, "read error".into()).await;
-                st.metrics.inc("kiln_tftp_transfers_total", &[("result", "read_error")]);
+                st.metrics
+                    .inc("kiln_tftp_transfers_total", &[("result", "read_error")]);
                 return;
             }
             if sock.send(&block_buf[..4 + n]).await.is_err() {
@@ -433,7 +447,8 @@ async fn transfer(
                         }
                     }
                     Ok(Packet::Error { code, message }) => {
-                        st.metrics.inc("kiln_tftp_transfers_total", &[("result", "aborted")]);
+                        st.metrics
+                            .inc("kiln_tftp_transfers_total", &[("result", "aborted")]);
                         tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %filename, "client aborted (error {code}: {message})");
                         return;
                     }
@@ -458,14 +473,16 @@ async fn transfer(
                 retries += 1;
                 resend = true;
                 if retries > MAX_RETRIES {
-                    st.metrics.inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
+                    st.metrics
+                        .inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
                     tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %filename, "timed out at block {next}");
                     return;
                 }
             }
         }
     }
-    st.metrics.inc("kiln_tftp_transfers_total", &[("result", "ok")]);
+    st.metrics
+        .inc("kiln_tftp_transfers_total", &[("result", "ok")]);
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         target: "kiln::serve::tftp",
@@ -486,7 +503,9 @@ mod tests {
     use super::*;
 
     fn opts(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -501,7 +520,7 @@ mod tests {
         assert_eq!(parse(&b).unwrap(), p);
         // Option names are case-insensitive.
         let mut raw = vec![0, 1];
-        raw.extend_from_slice(b"f\0OCTET\0BLKSIZE\01024\0");
+        raw.extend_from_slice(b"f\0OCTET\0BLKSIZE\x001024\0");
         assert_eq!(
             parse(&raw).unwrap(),
             Packet::Rrq {
@@ -518,19 +537,31 @@ mod tests {
         assert_eq!(parse(&[0, 9, 0, 0]), Err(ParseError::Opcode(9)));
         assert_eq!(parse(b"\0\x01file\0oct"), Err(ParseError::Unterminated));
         assert_eq!(parse(b"\0\x01file\0"), Err(ParseError::Unterminated));
-        assert!(matches!(parse(b"\0\x01f\0octet\0blksize\0"), Err(ParseError::OptionValue(_))));
+        assert!(matches!(
+            parse(b"\0\x01f\0octet\0blksize\0"),
+            Err(ParseError::OptionValue(_))
+        ));
         assert_eq!(parse(b"\0\x01\xff\xfe\0octet\0"), Err(ParseError::Encoding));
         assert_eq!(parse(&[0, 4, 0, 7]).unwrap(), Packet::Ack { block: 7 });
         assert_eq!(
             parse(b"\0\x05\0\x08no\0").unwrap(),
-            Packet::Error { code: 8, message: "no".into() }
+            Packet::Error {
+                code: 8,
+                message: "no".into()
+            }
         );
     }
 
     #[test]
     fn negotiation_clamps_and_ignores() {
         let n = negotiate(
-            &opts(&[("blksize", "65464"), ("tsize", "0"), ("windowsize", "1000"), ("timeout", "3"), ("multicast", "")]),
+            &opts(&[
+                ("blksize", "65464"),
+                ("tsize", "0"),
+                ("windowsize", "1000"),
+                ("timeout", "3"),
+                ("multicast", ""),
+            ]),
             12345,
             DEFAULT_MAX_BLKSIZE,
         );
@@ -539,9 +570,18 @@ mod tests {
         assert_eq!(n.timeout, Duration::from_secs(3));
         assert_eq!(
             n.oack,
-            opts(&[("blksize", "1468"), ("tsize", "12345"), ("windowsize", "64"), ("timeout", "3")])
+            opts(&[
+                ("blksize", "1468"),
+                ("tsize", "12345"),
+                ("windowsize", "64"),
+                ("timeout", "3")
+            ])
         );
-        let n = negotiate(&opts(&[("blksize", "4"), ("timeout", "0"), ("windowsize", "x")]), 1, 1468);
+        let n = negotiate(
+            &opts(&[("blksize", "4"), ("timeout", "0"), ("windowsize", "x")]),
+            1,
+            1468,
+        );
         assert_eq!(n.blksize, 512);
         assert!(n.oack.is_empty());
     }
