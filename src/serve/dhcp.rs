@@ -117,6 +117,9 @@ impl Ignored {
 
 /// The Ethernet MAC of a request, normalised.
 pub fn client_mac(msg: &Message) -> Option<String> {
+    if msg.hlen() > 16 {
+        return None; // `chaddr()` would panic
+    }
     let c = msg.chaddr();
     (msg.htype() == dhcproto::v4::HType::Eth && c.len() >= 6).then(|| {
         c[..6]
@@ -470,7 +473,15 @@ pub fn answer(
 ) -> Option<(Message, SocketAddr)> {
     let port = if proxy_port { "4011" } else { "67" };
     let msg = match Message::decode(&mut Decoder::new(bytes)) {
-        Ok(m) => m,
+        // dhcproto decodes any hlen but slices chaddr (16 bytes) by it: refuse > 16 here
+        // (found by the mutation test; `Message::chaddr` would panic).
+        Ok(m) if m.hlen() <= 16 => m,
+        Ok(m) => {
+            st.metrics
+                .inc("kiln_dhcp_ignored_total", &[("reason", "malformed"), ("port", port)]);
+            tracing::debug!(target: "kiln::serve::dhcp", %from, "hlen {} > 16", m.hlen());
+            return None;
+        }
         Err(e) => {
             st.metrics.inc(
                 "kiln_dhcp_ignored_total",
@@ -876,6 +887,10 @@ mod tests {
         ] {
             assert!(answer(bad, from68(), false, &Mode::Proxy, &st, SERVER).is_none());
         }
+        // hlen beyond chaddr's 16 bytes (dhcproto would panic slicing it).
+        let mut long = bios_discover();
+        long[2] = 200;
+        assert!(answer(&long, from68(), false, &Mode::Proxy, &st, SERVER).is_none());
         // A BOOTREPLY (another server's offer) is never answered.
         let mut reply = bios_discover();
         reply[0] = 2;

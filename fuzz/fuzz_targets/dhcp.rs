@@ -1,0 +1,8 @@
+//! Any bytes on UDP 67/4011: decoding, classification and the reply path never panic, and a
+//! reply, when there is one, encodes.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    kiln::serve::fuzz_dhcp(data);
+});

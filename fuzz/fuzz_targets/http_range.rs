@@ -1,0 +1,7 @@
+//! Any `Range` header against any length: a range, when accepted, lies inside the file.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    kiln::serve::fuzz_range(data);
+});
