@@ -11,6 +11,7 @@ PACKAGES=(
   squashfs-tools              # unsquashfs: read-back in tests
   qemu-system-x86 ovmf        # boot tests (TCG, UEFI)
   fdisk mtools                # GPT / FAT read-back in tests
+  ipxe                        # kiln serve: iPXE binaries for PXE clients
   ca-certificates
 )
 if ! $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null 2>&1; then

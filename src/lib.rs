@@ -378,6 +378,24 @@ pub fn run(cli: Cli) -> Result<()> {
                     "MISSING apt-get install ovmf".to_string()
                 };
                 writeln!(o, "{:<20} {state:<48} boot tests (UEFI firmware)", "OVMF")?;
+                for (f, purpose) in [
+                    (
+                        "undionly.kpxe",
+                        "kiln serve: iPXE for BIOS PXE clients (TFTP)",
+                    ),
+                    (
+                        "ipxe.efi",
+                        "kiln serve: iPXE for UEFI x64 clients (TFTP/HTTP)",
+                    ),
+                ] {
+                    let p = std::path::Path::new(serve::DEFAULT_IPXE_DIR).join(f);
+                    let state = if p.is_file() {
+                        format!("found   {}", p.display())
+                    } else {
+                        "MISSING apt-get install ipxe".to_string()
+                    };
+                    writeln!(o, "{f:<20} {state:<48} {purpose}")?;
+                }
             }
             let missing: Vec<&str> = st
                 .iter()

@@ -477,8 +477,10 @@ pub fn answer(
         // (found by the mutation test; `Message::chaddr` would panic).
         Ok(m) if m.hlen() <= 16 => m,
         Ok(m) => {
-            st.metrics
-                .inc("kiln_dhcp_ignored_total", &[("reason", "malformed"), ("port", port)]);
+            st.metrics.inc(
+                "kiln_dhcp_ignored_total",
+                &[("reason", "malformed"), ("port", port)],
+            );
             tracing::debug!(target: "kiln::serve::dhcp", %from, "hlen {} > 16", m.hlen());
             return None;
         }
