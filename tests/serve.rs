@@ -626,9 +626,25 @@ fn tftp_negotiates_blksize_tsize_windowsize() {
     )
     .unwrap();
     assert_eq!(g.data.len(), 1024);
+    // Concurrent transfers, each on its own port, each complete.
+    let server = s.tftp();
+    let ts: Vec<_> = (0..6u16)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let w = (1 + i % 3).to_string();
+                let req = rrq("ipxe.efi", &[("blksize", "1468"), ("windowsize", &w)]);
+                tftp_get(server, &req, 1 + (i % 3) as usize, false)
+                    .unwrap()
+                    .data
+            })
+        })
+        .collect();
+    for t in ts {
+        assert_eq!(t.join().unwrap(), want);
+    }
     let metrics = get(&format!("{}/metrics", s.http())).text().unwrap();
     assert!(
-        metrics.contains("kiln_tftp_transfers_total{result=\"ok\"} 4"),
+        metrics.contains("kiln_tftp_transfers_total{result=\"ok\"} 10"),
         "{metrics}"
     );
     assert!(metrics.contains("kiln_tftp_retransmits_total"), "{metrics}");
