@@ -49,8 +49,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             || e.downcast_ref::<keys::KeysError>().is_some()
             || e.downcast_ref::<seal::SealError>().is_some()
             || e.downcast_ref::<flash::FlashError>().is_some()
-            || e
-                .downcast_ref::<proxmox::ProxmoxError>()
+            || e.downcast_ref::<proxmox::ProxmoxError>()
                 .is_some_and(proxmox::ProxmoxError::is_user_error)
     }) {
         EXIT_USER_ERROR

@@ -55,7 +55,10 @@ fn fixture() -> Fx {
     let img = image();
     signing::make_signed_dir(
         &build,
-        &[("disk.qcow2", &img), ("manifest.json", m.as_bytes())],
+        &[
+            ("disk.qcow2", img.as_slice()),
+            ("manifest.json", m.as_bytes()),
+        ],
         &key,
     );
     std::os::unix::fs::symlink(BUILD_ID, d.join("out/worker/latest")).unwrap();
@@ -73,7 +76,11 @@ fn fixture() -> Fx {
     fs::write(r.join("base.toml"), "[debian]\npackages = [\"systemd\"]\n").unwrap();
     fs::write(r.join("worker.toml"), "inherits = \"base\"\n").unwrap();
     fs::write(d.join("pve-token"), format!("{TOKEN_SECRET}\n")).unwrap();
-    write_config(d, &fake, &format!("fingerprint = \"{}\"\n", fake.fingerprint));
+    write_config(
+        d,
+        &fake,
+        &format!("fingerprint = \"{}\"\n", fake.fingerprint),
+    );
     Fx { dir, fake }
 }
 
@@ -123,11 +130,17 @@ fn sha256_hex(b: &[u8]) -> String {
 }
 
 fn image_name() -> String {
-    format!("kiln-worker-{}-{}.qcow2", &BUILD_ID[..12], sha256_hex(&image()))
+    format!(
+        "kiln-worker-{}-{}.qcow2",
+        &BUILD_ID[..12],
+        sha256_hex(&image())
+    )
 }
 
 fn s(v: &[(&str, &str)]) -> BTreeMap<String, String> {
-    v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    v.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn expected_create(vmid: u32) -> BTreeMap<String, String> {
@@ -183,7 +196,10 @@ fn import_uploads_creates_and_templates_once_with_exact_params() {
     let f = fixture();
     let (code, out, err) = f.import(&[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("template kiln-worker-5f0c2d9e8b7a created: VM 100"), "{out}");
+    assert!(
+        out.contains("template kiln-worker-5f0c2d9e8b7a created: VM 100"),
+        "{out}"
+    );
     let st = f.fake.state();
     assert_eq!(
         st.calls(),
@@ -199,7 +215,10 @@ fn import_uploads_creates_and_templates_once_with_exact_params() {
     );
     let up = &st.find("POST", "/nodes/pve1/storage/local/upload")[0];
     let u = up.upload.as_ref().unwrap();
-    assert_eq!(u.parts, ["content", "checksum-algorithm", "checksum", "filename"]);
+    assert_eq!(
+        u.parts,
+        ["content", "checksum-algorithm", "checksum", "filename"]
+    );
     assert_eq!(u.filename, image_name());
     assert_eq!(u.sha256, sha256_hex(&image()));
     assert_eq!(u.size, image().len());
@@ -218,7 +237,13 @@ fn import_uploads_creates_and_templates_once_with_exact_params() {
         .params
         .is_empty());
     // Tasks were polled until they stopped.
-    assert!(st.requests.iter().filter(|r| r.path.ends_with("/status")).count() >= 9);
+    assert!(
+        st.requests
+            .iter()
+            .filter(|r| r.path.ends_with("/status"))
+            .count()
+            >= 9
+    );
     let vm = &st.vms[&100];
     assert!(vm.template && !vm.running);
     assert_eq!(
@@ -234,7 +259,10 @@ fn rerun_is_a_noop_and_replace_rebuilds_reusing_the_upload() {
     let n = posts(&f).len();
     let (code, out, err) = f.import(&[]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("exists") && out.contains("nothing to do"), "{out}");
+    assert!(
+        out.contains("exists") && out.contains("nothing to do"),
+        "{out}"
+    );
     assert_eq!(posts(&f).len(), n, "a re-run changes nothing");
 
     let (code, out, err) = f.import(&["--replace", "--json"]);
@@ -285,7 +313,10 @@ fn failed_template_task_and_running_vm_are_cleaned_up() {
     f.fake.state().fail_task = Some(("qmtemplate".into(), "lvrename failed".into()));
     let (code, _, err) = f.import(&[]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("lvrename failed") && err.contains("removed VM 100"), "{err}");
+    assert!(
+        err.contains("lvrename failed") && err.contains("removed VM 100"),
+        "{err}"
+    );
     {
         let st = f.fake.state();
         assert!(st.vms.is_empty() && st.volumes.is_empty());
@@ -310,7 +341,10 @@ fn wrong_fingerprint_is_refused_before_any_request() {
     write_config(f.path(), &f.fake, &format!("fingerprint = \"{wrong}\"\n"));
     let (code, _, err) = f.import(&[]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains(&f.fake.fingerprint), "names the fingerprint seen: {err}");
+    assert!(
+        err.contains(&f.fake.fingerprint),
+        "names the fingerprint seen: {err}"
+    );
     assert!(err.contains("no request was sent"), "{err}");
     assert!(err.contains("proxmox.toml:fingerprint"), "{err}");
     assert!(f.fake.state().requests.is_empty());
@@ -318,7 +352,10 @@ fn wrong_fingerprint_is_refused_before_any_request() {
     // Malformed: refused before connecting.
     let (code, _, err) = f.import(&["--fingerprint", "AB:CD"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--fingerprint") && err.contains("not a SHA-256"), "{err}");
+    assert!(
+        err.contains("--fingerprint") && err.contains("not a SHA-256"),
+        "{err}"
+    );
     assert!(f.fake.state().requests.is_empty());
 }
 
@@ -357,7 +394,9 @@ fn bad_token_and_missing_privilege_exit_2_with_the_proxmox_message() {
     let (code, _, err) = f.import(&[]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("HTTP 403 Permission check failed (/storage/local, Datastore.AllocateTemplate)"),
+        err.contains(
+            "HTTP 403 Permission check failed (/storage/local, Datastore.AllocateTemplate)"
+        ),
         "{err}"
     );
     let st = f.fake.state();
@@ -370,7 +409,10 @@ fn old_pve_is_refused_and_pointed_at_emit_script() {
     f.fake.state().version = "8.3.2".into();
     let (code, _, err) = f.import(&[]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("8.3.2") && err.contains("--emit-script"), "{err}");
+    assert!(
+        err.contains("8.3.2") && err.contains("--emit-script"),
+        "{err}"
+    );
     assert_eq!(f.fake.state().calls(), vec![p("GET", "/version")]);
 }
 
@@ -383,7 +425,9 @@ fn download_url_instead_of_upload() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["image"], "downloaded");
     let st = f.fake.state();
-    assert!(st.find("POST", "/nodes/pve1/storage/local/upload").is_empty());
+    assert!(st
+        .find("POST", "/nodes/pve1/storage/local/upload")
+        .is_empty());
     assert_eq!(
         st.find("POST", "/nodes/pve1/storage/local/download-url")[0].params,
         s(&[
@@ -399,7 +443,11 @@ fn download_url_instead_of_upload() {
 #[test]
 fn unsigned_or_tampered_build_is_not_imported() {
     let f = fixture();
-    let img = f.path().join("out/worker").join(BUILD_ID).join("disk.qcow2");
+    let img = f
+        .path()
+        .join("out/worker")
+        .join(BUILD_ID)
+        .join("disk.qcow2");
     let mut b = fs::read(&img).unwrap();
     b[100] ^= 1;
     fs::write(&img, b).unwrap();
@@ -433,12 +481,23 @@ fn list_shows_templates_and_nodes_with_role_and_build_id() {
     assert_eq!(
         rows,
         vec![
-            (100, "template", "kiln-worker-5f0c2d9e8b7a", "worker", BUILD_ID),
+            (
+                100,
+                "template",
+                "kiln-worker-5f0c2d9e8b7a",
+                "worker",
+                BUILD_ID
+            ),
             (101, "node", "worker-2", "worker", BUILD_ID),
         ]
     );
     let (_, out, _) = f.kiln(&["proxmox", "list"]);
-    assert!(out.contains(&format!("100    pve1       template  kiln-worker-5f0c2d9e8b7a worker   {BUILD_ID}")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "100    pve1       template  kiln-worker-5f0c2d9e8b7a worker   {BUILD_ID}"
+        )),
+        "{out}"
+    );
 }
 
 #[test]
@@ -473,7 +532,10 @@ fn clone_gives_the_vm_the_nodes_mac_address_and_keys() {
                 ("net0", "virtio=52:54:00:00:00:21,bridge=vmbr0"),
                 ("searchdomain", "lab.internal"),
                 ("sshkeys", keys),
-                ("tags", "kiln;kiln-build-5f0c2d9e8b7a;kiln-node;kiln-role-worker"),
+                (
+                    "tags",
+                    "kiln;kiln-build-5f0c2d9e8b7a;kiln-node;kiln-role-worker"
+                ),
             ])
         );
         let vm = &st.vms[&101];
@@ -520,14 +582,24 @@ fn clone_errors_name_the_fix() {
 #[test]
 fn config_errors_name_the_setting() {
     let f = fixture();
-    fs::write(f.path().join("proxmox.toml"), "url = \"https://x:8006\"\nnodes = \"a\"\n").unwrap();
+    fs::write(
+        f.path().join("proxmox.toml"),
+        "url = \"https://x:8006\"\nnodes = \"a\"\n",
+    )
+    .unwrap();
     let (code, _, err) = f.kiln(&["proxmox", "list"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("proxmox.toml") && err.contains("unknown field `nodes`"), "{err}");
+    assert!(
+        err.contains("proxmox.toml") && err.contains("unknown field `nodes`"),
+        "{err}"
+    );
     fs::write(f.path().join("proxmox.toml"), "url = \"http://x:8006\"\n").unwrap();
     let (code, _, err) = f.kiln(&["proxmox", "list"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("proxmox.toml:url") && err.contains("https://"), "{err}");
+    assert!(
+        err.contains("proxmox.toml:url") && err.contains("https://"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -544,18 +616,130 @@ fn emit_script_matches_golden_and_parses() {
     assert_eq!(f.import(&["--emit-script", again.to_str().unwrap()]).0, 0);
     assert_eq!(text, fs::read_to_string(&again).unwrap());
 
-    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/proxmox-import-worker.sh");
+    let golden =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/proxmox-import-worker.sh");
     if std::env::var_os("KILN_UPDATE_GOLDEN").is_some() {
         fs::write(&golden, &text).unwrap();
     }
-    let want = fs::read_to_string(&golden)
-        .unwrap_or_else(|e| panic!("{}: {e} (KILN_UPDATE_GOLDEN=1 creates it)", golden.display()));
-    assert_eq!(text, want, "differs from {} (KILN_UPDATE_GOLDEN=1 to accept)", golden.display());
+    let want = fs::read_to_string(&golden).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (KILN_UPDATE_GOLDEN=1 creates it)",
+            golden.display()
+        )
+    });
+    assert_eq!(
+        text,
+        want,
+        "differs from {} (KILN_UPDATE_GOLDEN=1 to accept)",
+        golden.display()
+    );
 
-    let o = std::process::Command::new("bash").arg("-n").arg(&out).output().unwrap();
-    assert!(o.status.success(), "bash -n: {}", String::from_utf8_lossy(&o.stderr));
+    let o = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o755);
+    assert_eq!(
+        fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+
+    // Run it against stand-in `qm` and `pvesh` that log their arguments.
+    let bin = f.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let log = f.path().join("qm.log");
+    let stub = |name: &str, body: &str| {
+        let p = bin.join(name);
+        fs::write(
+            &p,
+            format!("#!/bin/sh\necho \"{name} $*\" >> \"$STUB_LOG\"\n{body}"),
+        )
+        .unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    stub(
+        "qm",
+        "case \"$1\" in\n  list) echo '      VMID NAME                 STATUS'; if [ -f \"$STUB_LOG.tpl\" ]; then echo '       123 kiln-worker-5f0c2d9e8b7a stopped'; fi;;\n  config) if [ -f \"$STUB_LOG.tpl\" ]; then echo 'template: 1'; else echo \"unused0: local-lvm:vm-$2-disk-1\"; fi;;\n  template) touch \"$STUB_LOG.tpl\";;\nesac\n",
+    );
+    stub("pvesh", "echo 123\n");
+    fs::write(f.path().join(image_name()), image()).unwrap();
+    let run = || {
+        std::process::Command::new("bash")
+            .arg(&out)
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .env("STUB_LOG", &log)
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("template kiln-worker-5f0c2d9e8b7a is VM 123")
+    );
+    let calls: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(" --description").next().unwrap().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        calls[..3],
+        [
+            "qm list".to_string(),
+            "pvesh get /cluster/nextid".to_string(),
+            "qm create 123 --name kiln-worker-5f0c2d9e8b7a --memory 2048 --cores 2 --ostype l26 --bios ovmf --efidisk0 local-lvm:1,efitype=4m,pre-enrolled-keys=0 --scsihw virtio-scsi-pci --ide2 local-lvm:cloudinit --net0 virtio,bridge=vmbr0 --serial0 socket --vga serial0 --agent enabled=1 --tags kiln;kiln-build-5f0c2d9e8b7a;kiln-role-worker;kiln-template".to_string(),
+        ]
+    );
+    let tail: Vec<&String> = calls
+        .iter()
+        .filter(|l| l.starts_with("qm "))
+        .skip(2)
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            &format!(
+                "qm importdisk 123 {}/{} local-lvm",
+                f.path().display(),
+                image_name()
+            ),
+            &"qm config 123".to_string(),
+            &"qm set 123 --scsi0 local-lvm:vm-123-disk-1 --boot order=scsi0".to_string(),
+            &"qm template 123".to_string(),
+        ]
+    );
+    // Second run: the template exists, nothing is created.
+    let o = run();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to do"));
+    assert_eq!(
+        fs::read_to_string(&log)
+            .unwrap()
+            .matches("qm create")
+            .count(),
+        1
+    );
+    // A wrong image is refused before anything is created.
+    fs::remove_file(log.with_extension("log.tpl")).unwrap();
+    fs::write(f.path().join(image_name()), b"not the image").unwrap();
+    let o = run();
+    assert!(!o.status.success());
+    assert_eq!(
+        fs::read_to_string(&log)
+            .unwrap()
+            .matches("qm create")
+            .count(),
+        1
+    );
 }
 
 /// A raw HTTPS client trusting the fake's CA, for requests kiln would never send.
@@ -597,14 +781,27 @@ fn fake_is_strict_like_pve() {
         (code, r.text().unwrap())
     };
     // File part not last.
-    let (code, _) = send(mp(&[("content", None, "import"), ("filename", Some("a.qcow2"), "xx"), ("checksum", None, "00")]));
+    let (code, _) = send(mp(&[
+        ("content", None, "import"),
+        ("filename", Some("a.qcow2"), "xx"),
+        ("checksum", None, "00"),
+    ]));
     assert_eq!(code, 500);
     // Wrong extension for import.
-    let (code, body) = send(mp(&[("content", None, "import"), ("filename", Some("disk.img"), "xx")]));
+    let (code, body) = send(mp(&[
+        ("content", None, "import"),
+        ("filename", Some("disk.img"), "xx"),
+    ]));
     assert_eq!(code, 400);
-    assert!(body.contains("invalid filename or wrong extension"), "{body}");
+    assert!(
+        body.contains("invalid filename or wrong extension"),
+        "{body}"
+    );
     // A good one.
-    let (code, body) = send(mp(&[("content", None, "import"), ("filename", Some("a.qcow2"), "xx")]));
+    let (code, body) = send(mp(&[
+        ("content", None, "import"),
+        ("filename", Some("a.qcow2"), "xx"),
+    ]));
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("UPID:pve1:"), "{body}");
     // Chunked bodies are not supported by pve-http-server.
@@ -612,7 +809,9 @@ fn fake_is_strict_like_pve() {
         .post(&up)
         .header("Authorization", auth())
         .header("Content-Type", "multipart/form-data; boundary=B")
-        .body(reqwest::blocking::Body::new(std::io::Cursor::new(mp(&[("content", None, "import")]).into_bytes())))
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(
+            mp(&[("content", None, "import")]).into_bytes(),
+        )))
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 501);
@@ -620,11 +819,17 @@ fn fake_is_strict_like_pve() {
     let r = c
         .post(format!("{}/api2/json/nodes/pve1/qemu", f.fake.url))
         .header("Authorization", auth())
-        .form(&[("vmid", "300"), ("scsi0", "local-lvm:32,import-from=local:import/a.qcow2")])
+        .form(&[
+            ("vmid", "300"),
+            ("scsi0", "local-lvm:32,import-from=local:import/a.qcow2"),
+        ])
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    assert!(r.text().unwrap().contains("'import-from' requires special syntax"));
+    assert!(r
+        .text()
+        .unwrap()
+        .contains("'import-from' requires special syntax"));
     // Bad tags.
     let r = c
         .post(format!("{}/api2/json/nodes/pve1/qemu", f.fake.url))

@@ -378,7 +378,7 @@ impl Client {
             let f = File::open(file).with_context(|| format!("opening {}", file.display()))?;
             bar.set_position(0);
             let reader = Cursor::new(head.clone().into_bytes())
-                .chain(bar.wrap_read(f).take(len))
+                .chain(bar.clone().wrap_read(f).take(len))
                 .chain(Cursor::new(tail.clone().into_bytes()));
             Ok(self
                 .http

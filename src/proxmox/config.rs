@@ -80,7 +80,11 @@ pub struct Overrides {
     pub fingerprint: Option<String>,
 }
 
-fn cfg_err(source: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> anyhow::Error {
+fn cfg_err(
+    source: impl Into<String>,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> anyhow::Error {
     ProxmoxError::Config {
         source_: source.into(),
         problem: problem.into(),
@@ -115,7 +119,9 @@ pub fn format_fingerprint(b: &[u8]) -> String {
 /// Reads the config file (`over.config`, `$KILN_PVE_CONFIG`, else `<dir>/proxmox.toml` if it
 /// exists); returns it and its path.
 pub fn load_file(dir: &Path, over: &Overrides) -> Result<(ConfigFile, PathBuf)> {
-    load_file_with_env(dir, over, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    load_file_with_env(dir, over, &|k| {
+        std::env::var(k).ok().filter(|v| !v.is_empty())
+    })
 }
 
 fn load_file_with_env(
@@ -150,7 +156,9 @@ impl Settings {
     /// `KILN_PVE_URL`, `KILN_PVE_TOKEN_ID`, `KILN_PVE_TOKEN_SECRET_FILE`, `KILN_PVE_FINGERPRINT`,
     /// then the flags, and checks the result.
     pub fn load(dir: &Path, over: &Overrides) -> Result<Settings> {
-        Self::load_with_env(dir, over, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        Self::load_with_env(dir, over, &|k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        })
     }
 
     /// [`Settings::load`] with an explicit environment (tests).
@@ -196,7 +204,11 @@ impl Settings {
             " or $KILN_PVE_URL (e.g. https://pve1.lab:8006)",
         )?;
         let mut api = url::Url::parse(&url_s).map_err(|e| {
-            cfg_err(&url_src, format!("{url_s:?} is not a URL ({e})"), "use https://HOST:8006")
+            cfg_err(
+                &url_src,
+                format!("{url_s:?} is not a URL ({e})"),
+                "use https://HOST:8006",
+            )
         })?;
         if api.scheme() != "https" || api.host_str().is_none() {
             return Err(cfg_err(
@@ -205,7 +217,11 @@ impl Settings {
                 "PVE's API listens on https://HOST:8006",
             ));
         }
-        let p = api.path().trim_end_matches('/').trim_end_matches("/api2/json").to_string();
+        let p = api
+            .path()
+            .trim_end_matches('/')
+            .trim_end_matches("/api2/json")
+            .to_string();
         api.set_path(&format!("{}/api2/json/", p.trim_end_matches('/')));
         api.set_query(None);
 
@@ -216,7 +232,12 @@ impl Settings {
         )?;
         check_id(&node, &node_src, "a PVE node name")?;
         let (storage, st_src) = need(
-            pick(Some((&over.storage, "--storage")), None, &file.storage, "storage"),
+            pick(
+                Some((&over.storage, "--storage")),
+                None,
+                &file.storage,
+                "storage",
+            ),
             "storage",
             " or pass --storage (e.g. local-lvm)",
         )?;
@@ -275,7 +296,10 @@ impl Settings {
         if token_secret.is_empty() || token_secret.contains(char::is_whitespace) {
             return Err(cfg_err(
                 sec_src,
-                format!("{} does not hold a token secret on one line", secret_path.display()),
+                format!(
+                    "{} does not hold a token secret on one line",
+                    secret_path.display()
+                ),
                 "write only the secret (a UUID) into the file",
             ));
         }
@@ -338,7 +362,8 @@ impl Settings {
 /// PVE ids (node, storage, bridge): `[A-Za-z][A-Za-z0-9\-_.]*`.
 fn check_id(v: &str, source: &str, what: &str) -> Result<()> {
     let ok = v.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {

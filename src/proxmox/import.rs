@@ -42,7 +42,10 @@ pub fn load_build(dir: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<Build
     };
     let mpath = dir.join("manifest.json");
     let (manifest_sha256, _) = sha_of("manifest.json").ok_or_else(|| ProxmoxError::Input {
-        what: format!("{} lists no manifest.json", dir.join("SHA256SUMS").display()),
+        what: format!(
+            "{} lists no manifest.json",
+            dir.join("SHA256SUMS").display()
+        ),
         fix: "import a role build directory (out/<role>/<build-id>/), not a node directory".into(),
     })?;
     let m: Value = serde_json::from_slice(
@@ -56,7 +59,11 @@ pub fn load_build(dir: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<Build
     };
     if m["schema"].as_str() != Some("kiln.manifest/1") {
         bail!(ProxmoxError::Input {
-            what: format!("{} is not a kiln role manifest (schema {})", mpath.display(), m["schema"]),
+            what: format!(
+                "{} is not a kiln role manifest (schema {})",
+                mpath.display(),
+                m["schema"]
+            ),
             fix: "import a role build directory made by `kiln build`".into(),
         });
     }
@@ -248,10 +255,7 @@ pub fn create_params(s: &Settings, b: &BuildInfo, vmid: u32) -> BTreeMap<String,
         ("boot", "order=scsi0".into()),
         ("cores", s.cores.to_string()),
         ("description", super::template_description(b)),
-        (
-            "efidisk0",
-            format!("{st}:1,efitype=4m,pre-enrolled-keys=0"),
-        ),
+        ("efidisk0", format!("{st}:1,efitype=4m,pre-enrolled-keys=0")),
         ("ide2", format!("{st}:cloudinit")),
         ("memory", s.memory.to_string()),
         ("name", super::template_name(&b.role, &b.build_id)),
@@ -259,7 +263,10 @@ pub fn create_params(s: &Settings, b: &BuildInfo, vmid: u32) -> BTreeMap<String,
         ("ostype", "l26".into()),
         (
             "scsi0",
-            format!("{st}:0,import-from={}:import/{}", s.import_storage, b.image_name),
+            format!(
+                "{st}:0,import-from={}:import/{}",
+                s.import_storage, b.image_name
+            ),
         ),
         ("scsihw", "virtio-scsi-pci".into()),
         ("serial0", "socket".into()),
@@ -321,7 +328,16 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
             });
         }
         // --replace, or a VM an interrupted import left before it became a template.
-        tracing::info!(vmid = vm.vmid, "destroying {} ({})", vm.name, if vm.template { "--replace" } else { "left by an interrupted import" });
+        tracing::info!(
+            vmid = vm.vmid,
+            "destroying {} ({})",
+            vm.name,
+            if vm.template {
+                "--replace"
+            } else {
+                "left by an interrupted import"
+            }
+        );
         destroy_vm(c, &vm).with_context(|| format!("removing VM {} ({})", vm.vmid, vm.name))?;
         replaced = true;
     }
@@ -332,9 +348,10 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
         &["nodes", &s.node, "storage", &s.import_storage, "content"],
         &[("content", "import")],
     )?;
-    let present = content
-        .as_array()
-        .is_some_and(|a| a.iter().any(|v| v["volid"].as_str() == Some(volid.as_str())));
+    let present = content.as_array().is_some_and(|a| {
+        a.iter()
+            .any(|v| v["volid"].as_str() == Some(volid.as_str()))
+    });
     let image = if present {
         "reused"
     } else {
@@ -349,7 +366,13 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
                 ]);
                 (
                     c.post(
-                        &["nodes", &s.node, "storage", &s.import_storage, "download-url"],
+                        &[
+                            "nodes",
+                            &s.node,
+                            "storage",
+                            &s.import_storage,
+                            "download-url",
+                        ],
                         &p,
                     ),
                     "download-url",
@@ -382,7 +405,8 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
             "uploaded"
         }
     };
-    let ours = (image != "reused").then_some((s.node.as_str(), s.import_storage.as_str(), volid.as_str()));
+    let ours =
+        (image != "reused").then_some((s.node.as_str(), s.import_storage.as_str(), volid.as_str()));
 
     let vmid = match o.vmid {
         Some(v) => v,
@@ -405,7 +429,14 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
             &["nodes", &s.node, "qemu", &vmid.to_string(), "template"],
             &BTreeMap::new(),
         )
-        .and_then(|r| wait(c, r, "qemu/template", &format!("convert VM {vmid} to a template")));
+        .and_then(|r| {
+            wait(
+                c,
+                r,
+                "qemu/template",
+                &format!("convert VM {vmid} to a template"),
+            )
+        });
     if let Err(e) = templ {
         return Err(fail(e, cleanup(c, Some(vmid), ours)));
     }
@@ -470,7 +501,11 @@ pub fn list(c: &Client) -> Result<Vec<Listed>> {
             name: vm.name,
             kind: kind.into(),
             role,
-            status: if vm.template { "template".into() } else { vm.status },
+            status: if vm.template {
+                "template".into()
+            } else {
+                vm.status
+            },
         });
     }
     out.sort_by(|a, b| (a.kind != "template", a.vmid).cmp(&(b.kind != "template", b.vmid)));
@@ -521,7 +556,10 @@ pub fn clone_config(
             n.hostname, n.role, n.mac
         ),
     );
-    put("net0", format!("virtio={},bridge={}", n.mac.to_ascii_uppercase(), s.bridge));
+    put(
+        "net0",
+        format!("virtio={},bridge={}", n.mac.to_ascii_uppercase(), s.bridge),
+    );
     let ip = if n.address == "dhcp" {
         "ip=dhcp".to_string()
     } else {
@@ -538,7 +576,10 @@ pub fn clone_config(
         put("searchdomain", d.to_string());
     }
     if !ssh_keys.is_empty() {
-        put("sshkeys", super::pve_urlencode(&(ssh_keys.join("\n") + "\n")));
+        put(
+            "sshkeys",
+            super::pve_urlencode(&(ssh_keys.join("\n") + "\n")),
+        );
     }
     if let Some(c) = cicustom {
         put("cicustom", c.to_string());

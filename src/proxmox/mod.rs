@@ -216,7 +216,10 @@ mod tests {
     fn tags_follow_pve_rules() {
         let id = "0123456789abcdef".repeat(4);
         let t = template_tags("worker", &id);
-        assert_eq!(t, "kiln;kiln-build-0123456789ab;kiln-role-worker;kiln-template");
+        assert_eq!(
+            t,
+            "kiln;kiln-build-0123456789ab;kiln-role-worker;kiln-template"
+        );
         assert!(split_tags(&t).iter().all(|t| is_valid_tag(t)));
         assert!(!is_valid_tag("-x"));
         assert!(!is_valid_tag("a b"));
@@ -269,14 +272,22 @@ fn overrides(c: &crate::cli::PveConnArgs) -> config::Overrides {
 }
 
 /// `<out>/<role>/latest`, or the explicit build directory.
-fn build_dir(out: &std::path::Path, role: &str, build: Option<&std::path::Path>) -> std::path::PathBuf {
+fn build_dir(
+    out: &std::path::Path,
+    role: &str,
+    build: Option<&std::path::Path>,
+) -> std::path::PathBuf {
     build
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(|| out.join(role).join("latest"))
 }
 
 /// Runs a `kiln proxmox …` command.
-pub fn run(dir: &std::path::Path, out: &std::path::Path, cmd: &crate::cli::ProxmoxCommand) -> anyhow::Result<()> {
+pub fn run(
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    cmd: &crate::cli::ProxmoxCommand,
+) -> anyhow::Result<()> {
     use crate::cli::ProxmoxCommand as P;
     use anyhow::Context;
     match cmd {
@@ -290,20 +301,33 @@ pub fn run(dir: &std::path::Path, out: &std::path::Path, cmd: &crate::cli::Proxm
             if !bdir.exists() {
                 anyhow::bail!(ProxmoxError::Input {
                     what: format!("no build of role {} at {}", a.role, bdir.display()),
-                    fix: format!("build it first (`kiln build --role {}`) or pass --build DIR", a.role),
+                    fix: format!(
+                        "build it first (`kiln build --role {}`) or pass --build DIR",
+                        a.role
+                    ),
                 });
             }
             let b = import::load_build(&bdir, &key)?;
             if b.role != a.role {
                 anyhow::bail!(ProxmoxError::Input {
-                    what: format!("{} is a build of role {}, not {}", b.dir.display(), b.role, a.role),
+                    what: format!(
+                        "{} is a build of role {}, not {}",
+                        b.dir.display(),
+                        b.role,
+                        a.role
+                    ),
                     fix: "pass the matching --role".into(),
                 });
             }
             if let Some(path) = &a.emit_script {
                 let (file, _) = config::load_file(dir, &overrides(&a.conn))?;
                 let ss = script::ScriptSettings {
-                    storage: a.conn.storage.clone().or(file.storage).unwrap_or_else(|| "local-lvm".into()),
+                    storage: a
+                        .conn
+                        .storage
+                        .clone()
+                        .or(file.storage)
+                        .unwrap_or_else(|| "local-lvm".into()),
                     bridge: file.bridge.unwrap_or_else(|| "vmbr0".into()),
                     memory: file.memory.unwrap_or(2048),
                     cores: file.cores.unwrap_or(2),
@@ -311,9 +335,17 @@ pub fn run(dir: &std::path::Path, out: &std::path::Path, cmd: &crate::cli::Proxm
                 let text = script::render(&b, &ss);
                 crate::util::write_atomic_mode(path, text.as_bytes(), 0o755)?;
                 if a.json {
-                    println!("{}", serde_json::json!({ "script": path, "build_id": b.build_id, "image": b.image_name }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "script": path, "build_id": b.build_id, "image": b.image_name })
+                    );
                 } else {
-                    println!("wrote {} (copy {} as {} next to it on the PVE host)", path.display(), b.image_path.display(), b.image_name);
+                    println!(
+                        "wrote {} (copy {} as {} next to it on the PVE host)",
+                        path.display(),
+                        b.image_path.display(),
+                        b.image_name
+                    );
                 }
                 return Ok(());
             }
@@ -351,7 +383,10 @@ pub fn run(dir: &std::path::Path, out: &std::path::Path, cmd: &crate::cli::Proxm
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&l)?);
             } else {
-                println!("{:<6} {:<10} {:<9} {:<24} {:<8} BUILD", "VMID", "NODE", "KIND", "NAME", "ROLE");
+                println!(
+                    "{:<6} {:<10} {:<9} {:<24} {:<8} BUILD",
+                    "VMID", "NODE", "KIND", "NAME", "ROLE"
+                );
                 for e in &l {
                     println!(
                         "{:<6} {:<10} {:<9} {:<24} {:<8} {}",
@@ -374,7 +409,13 @@ pub fn run(dir: &std::path::Path, out: &std::path::Path, cmd: &crate::cli::Proxm
                     problem: format!("no node with hostname {:?} in the inventory", a.hostname),
                     fix: format!(
                         "use one of: {}",
-                        project.cluster.nodes.iter().map(|n| n.hostname.as_str()).collect::<Vec<_>>().join(", ")
+                        project
+                            .cluster
+                            .nodes
+                            .iter()
+                            .map(|n| n.hostname.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 })?;
             let build_id = match &a.build_id {
@@ -386,7 +427,10 @@ pub fn run(dir: &std::path::Path, out: &std::path::Path, cmd: &crate::cli::Proxm
                         fix: format!("build and import it (`kiln build --role {r}`, `kiln proxmox import --role {r}`) or pass --build-id", r = node.role),
                     })?)
                     .with_context(|| format!("parsing {}", m.display()))?;
-                    v["build_id"].as_str().with_context(|| format!("{}: no build_id", m.display()))?.to_string()
+                    v["build_id"]
+                        .as_str()
+                        .with_context(|| format!("{}: no build_id", m.display()))?
+                        .to_string()
                 }
             };
             if build_id.len() != 64 || !build_id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -414,11 +458,21 @@ pub fn run(dir: &std::path::Path, out: &std::path::Path, cmd: &crate::cli::Proxm
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
             } else if rep.state == "exists" {
-                println!("VM {} ({}) exists for build {}; nothing to do", rep.vmid, rep.hostname, short(&rep.build_id));
+                println!(
+                    "VM {} ({}) exists for build {}; nothing to do",
+                    rep.vmid,
+                    rep.hostname,
+                    short(&rep.build_id)
+                );
             } else {
                 println!(
                     "VM {} ({}) {} on {} from template {} (build {})",
-                    rep.vmid, rep.hostname, rep.state, rep.node, rep.template_vmid, short(&rep.build_id)
+                    rep.vmid,
+                    rep.hostname,
+                    rep.state,
+                    rep.node,
+                    rep.template_vmid,
+                    short(&rep.build_id)
                 );
             }
             Ok(())

@@ -55,17 +55,19 @@ pub fn render(b: &BuildInfo, s: &ScriptSettings) -> String {
     o += "# Environment: IMAGE (image path), STORAGE (VM disks), BRIDGE (net0).\n";
     o += "# Re-running is safe: an existing template of this build is reported and kept.\n";
     o += "set -euo pipefail\n\n";
-    o += &format!(
-        "IMAGE=\"${{IMAGE:-$(dirname \"$0\")/{}}}\"\n",
-        b.image_name
-    );
+    o += &format!("IMAGE=\"${{IMAGE:-$(dirname \"$0\")/{}}}\"\n", b.image_name);
     o += &format!("STORAGE=\"${{STORAGE:-{}}}\"\n", s.storage);
     o += &format!("BRIDGE=\"${{BRIDGE:-{}}}\"\n", s.bridge);
     o += &format!("NAME={}\n", q(&name));
     o += &format!("SHA256={}\n\n", b.image_sha256);
-    o += "if qm list | awk 'NR > 1 { print $2 }' | grep -qxF \"$NAME\"; then\n";
-    o += "    echo \"kiln: a VM named $NAME exists already (this build is imported); nothing to do\"\n";
-    o += "    exit 0\n";
+    o += "OLD=\"$(qm list | awk -v n=\"$NAME\" 'NR > 1 && $2 == n { print $1; exit }')\"\n";
+    o += "if [ -n \"$OLD\" ]; then\n";
+    o += "    if qm config \"$OLD\" | grep -qx 'template: 1'; then\n";
+    o += "        echo \"kiln: template $NAME is VM $OLD already; nothing to do\"\n";
+    o += "        exit 0\n";
+    o += "    fi\n";
+    o += "    echo \"kiln: VM $OLD is named $NAME but is not a template (an interrupted import?); remove it (qm destroy $OLD --purge 1) and run again\" >&2\n";
+    o += "    exit 1\n";
     o += "fi\n";
     o += "echo \"kiln: checking $IMAGE\"\n";
     o += "echo \"$SHA256  $IMAGE\" | sha256sum --check --quiet -\n";

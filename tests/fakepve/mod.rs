@@ -215,7 +215,10 @@ impl FakePve {
             storages: BTreeMap::from([
                 (
                     "local".to_string(),
-                    ["import", "iso", "vztmpl"].iter().map(|s| s.to_string()).collect(),
+                    ["import", "iso", "vztmpl"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
                 ),
                 (
                     "local-lvm".to_string(),
@@ -301,7 +304,11 @@ fn serve_conn(
                 }
             }
             record(&st, &method, &target, &BTreeMap::new(), None);
-            (501, "chunked transfer encoding not supported".to_string(), json!({"data": null}))
+            (
+                501,
+                "chunked transfer encoding not supported".to_string(),
+                json!({"data": null}),
+            )
         } else {
             let len: usize = headers
                 .get("content-length")
@@ -331,7 +338,11 @@ fn ok(data: Value) -> Resp {
 }
 
 fn err(status: u16, msg: &str) -> Resp {
-    (status, msg.replace('\n', " ").trim().to_string(), json!({ "data": null }))
+    (
+        status,
+        msg.replace('\n', " ").trim().to_string(),
+        json!({ "data": null }),
+    )
 }
 
 fn param_err(errors: BTreeMap<String, String>) -> Resp {
@@ -451,15 +462,20 @@ fn record(
 }
 
 /// Parses a multipart body the way pve-http-server does, strictly.
-fn parse_multipart(
-    ctype: &str,
-    body: &[u8],
-) -> Result<(BTreeMap<String, String>, Upload), Resp> {
+fn parse_multipart(ctype: &str, body: &[u8]) -> Result<(BTreeMap<String, String>, Upload), Resp> {
     let boundary = ctype
         .strip_prefix("multipart/form-data")
-        .and_then(|r| r.split(';').find_map(|p| p.trim().strip_prefix("boundary=")))
+        .and_then(|r| {
+            r.split(';')
+                .find_map(|p| p.trim().strip_prefix("boundary="))
+        })
         .map(|b| b.trim_matches('"').to_string())
-        .ok_or_else(|| err(501, &format!("upload 'Content-Type '{ctype}' not implemented")))?;
+        .ok_or_else(|| {
+            err(
+                501,
+                &format!("upload 'Content-Type '{ctype}' not implemented"),
+            )
+        })?;
     let delim = format!("--{boundary}\r\n");
     let close = format!("\r\n--{boundary}--");
     let mut rest = body;
@@ -475,9 +491,12 @@ fn parse_multipart(
         let head = String::from_utf8_lossy(&rest[..hend]).into_owned();
         rest = &rest[hend + 4..];
         let first = head.lines().next().unwrap_or("");
-        let disp = first
-            .strip_prefix("Content-Disposition: ")
-            .ok_or_else(|| err(500, "upload failed: part does not start with Content-Disposition"))?;
+        let disp = first.strip_prefix("Content-Disposition: ").ok_or_else(|| {
+            err(
+                500,
+                "upload failed: part does not start with Content-Disposition",
+            )
+        })?;
         let mut fields = disp.split("; ");
         let kind = fields.next().unwrap_or("");
         if kind != "form-data" {
@@ -511,7 +530,11 @@ fn parse_multipart(
             }
             parts.push("filename".to_string());
             let order_ok = matches!(
-                parts.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+                parts
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
                 ["content", "filename"] | ["content", "checksum-algorithm", "checksum", "filename"]
             );
             if !order_ok {
@@ -702,12 +725,40 @@ fn finish(s: &mut State, upid: &str) -> String {
 }
 
 const CREATE_KEYS: &[&str] = &[
-    "agent", "bios", "boot", "cores", "description", "efidisk0", "ide2", "memory", "name",
-    "net0", "node", "ostype", "scsi0", "scsihw", "serial0", "sockets", "tags", "vga", "vmid",
+    "agent",
+    "bios",
+    "boot",
+    "cores",
+    "description",
+    "efidisk0",
+    "ide2",
+    "memory",
+    "name",
+    "net0",
+    "node",
+    "ostype",
+    "scsi0",
+    "scsihw",
+    "serial0",
+    "sockets",
+    "tags",
+    "vga",
+    "vmid",
 ];
 const CONFIG_KEYS: &[&str] = &[
-    "cicustom", "ciuser", "cores", "description", "ipconfig0", "memory", "nameserver", "net0",
-    "node", "searchdomain", "sshkeys", "tags", "vmid",
+    "cicustom",
+    "ciuser",
+    "cores",
+    "description",
+    "ipconfig0",
+    "memory",
+    "nameserver",
+    "net0",
+    "node",
+    "searchdomain",
+    "sshkeys",
+    "tags",
+    "vmid",
 ];
 
 fn is_tag(t: &str) -> bool {
@@ -727,19 +778,23 @@ fn is_dns_name(n: &str) -> bool {
 
 fn is_mac(m: &str) -> bool {
     let p: Vec<&str> = m.split(':').collect();
-    p.len() == 6 && p.iter().all(|x| x.len() == 2 && u8::from_str_radix(x, 16).is_ok())
+    p.len() == 6
+        && p.iter()
+            .all(|x| x.len() == 2 && u8::from_str_radix(x, 16).is_ok())
 }
 
 /// `<storage>:<size>` (qemu-server's NEW_DISK_RE), returning (storage, size).
 fn new_disk(file: &str) -> Option<(&str, &str)> {
     let (st, size) = file.split_once(':')?;
     let size_ok = !size.is_empty()
-        && size.split_once('.').map_or(size.bytes().all(|c| c.is_ascii_digit()), |(a, b)| {
-            !a.is_empty()
-                && !b.is_empty()
-                && a.bytes().all(|c| c.is_ascii_digit())
-                && b.bytes().all(|c| c.is_ascii_digit())
-        });
+        && size
+            .split_once('.')
+            .map_or(size.bytes().all(|c| c.is_ascii_digit()), |(a, b)| {
+                !a.is_empty()
+                    && !b.is_empty()
+                    && a.bytes().all(|c| c.is_ascii_digit())
+                    && b.bytes().all(|c| c.is_ascii_digit())
+            });
     (!st.is_empty() && !st.contains(['/', ' ']) && size_ok).then_some((st, size))
 }
 
@@ -756,11 +811,18 @@ fn check_create(s: &State, p: &BTreeMap<String, String>) -> Result<(), Resp> {
     }
     if let Some(n) = p.get("name") {
         if !is_dns_name(n) {
-            e.insert("name".into(), "value does not look like a valid DNS name".into());
+            e.insert(
+                "name".into(),
+                "value does not look like a valid DNS name".into(),
+            );
         }
     }
     if let Some(t) = p.get("tags") {
-        if !t.split([';', ',', ' ']).filter(|x| !x.is_empty()).all(is_tag) {
+        if !t
+            .split([';', ',', ' '])
+            .filter(|x| !x.is_empty())
+            .all(is_tag)
+        {
             e.insert("tags".into(), "invalid characters in tag".into());
         }
     }
@@ -781,14 +843,12 @@ fn check_create(s: &State, p: &BTreeMap<String, String>) -> Result<(), Resp> {
                     );
                 }
             }
-            let valid_src = src
-                .split_once(":import/")
-                .is_some_and(|(st, f)| {
-                    !st.is_empty()
-                        && [".qcow2", ".raw", ".vmdk", ".ova", ".ovf"]
-                            .iter()
-                            .any(|x| f.ends_with(x))
-                });
+            let valid_src = src.split_once(":import/").is_some_and(|(st, f)| {
+                !st.is_empty()
+                    && [".qcow2", ".raw", ".vmdk", ".ova", ".ovf"]
+                        .iter()
+                        .any(|x| f.ends_with(x))
+            });
             if !valid_src && !src.starts_with('/') {
                 e.insert("scsi0".into(), format!("unable to parse volume ID '{src}'"));
             }
@@ -800,7 +860,10 @@ fn check_create(s: &State, p: &BTreeMap<String, String>) -> Result<(), Resp> {
         let mut opts = d.split(',');
         if new_disk(opts.next().unwrap_or("")).is_none()
             || !opts.all(|o| {
-                matches!(o, "efitype=2m" | "efitype=4m" | "pre-enrolled-keys=0" | "pre-enrolled-keys=1")
+                matches!(
+                    o,
+                    "efitype=2m" | "efitype=4m" | "pre-enrolled-keys=0" | "pre-enrolled-keys=1"
+                )
             })
         {
             e.insert("efidisk0".into(), "unable to parse drive options".into());
@@ -813,14 +876,23 @@ fn check_create(s: &State, p: &BTreeMap<String, String>) -> Result<(), Resp> {
     }
     for (k, allowed) in [
         ("bios", &["seabios", "ovmf"][..]),
-        ("scsihw", &["lsi", "virtio-scsi-pci", "virtio-scsi-single"][..]),
+        (
+            "scsihw",
+            &["lsi", "virtio-scsi-pci", "virtio-scsi-single"][..],
+        ),
         ("ostype", &["l26", "other"][..]),
         ("vga", &["serial0", "std", "virtio"][..]),
         ("serial0", &["socket"][..]),
     ] {
         if let Some(v) = p.get(k) {
             if !allowed.contains(&v.as_str()) {
-                e.insert(k.into(), format!("value '{v}' does not have a value in the enumeration '{}'", allowed.join(", ")));
+                e.insert(
+                    k.into(),
+                    format!(
+                        "value '{v}' does not have a value in the enumeration '{}'",
+                        allowed.join(", ")
+                    ),
+                );
             }
         }
     }
@@ -832,12 +904,18 @@ fn check_create(s: &State, p: &BTreeMap<String, String>) -> Result<(), Resp> {
     for k in ["memory", "cores", "vmid"] {
         if let Some(v) = p.get(k) {
             if v.parse::<u32>().is_err() {
-                e.insert(k.into(), format!("type check ('integer') failed - got '{v}'"));
+                e.insert(
+                    k.into(),
+                    format!("type check ('integer') failed - got '{v}'"),
+                );
             }
         }
     }
     if !p.contains_key("vmid") {
-        e.insert("vmid".into(), "property is missing and it is not optional".into());
+        e.insert(
+            "vmid".into(),
+            "property is missing and it is not optional".into(),
+        );
     }
     if e.is_empty() {
         Ok(())
@@ -860,9 +938,7 @@ fn check_config(p: &BTreeMap<String, String>) -> Result<(), Resp> {
             "net0" => {
                 let mut o = v.split(',');
                 let model = o.next().unwrap_or("");
-                let mac_ok = model
-                    .strip_prefix("virtio=")
-                    .is_some_and(is_mac);
+                let mac_ok = model.strip_prefix("virtio=").is_some_and(is_mac);
                 if !mac_ok || !o.any(|x| x.starts_with("bridge=")) {
                     e.insert(k.clone(), "unable to parse network options".into());
                 }
@@ -872,10 +948,12 @@ fn check_config(p: &BTreeMap<String, String>) -> Result<(), Resp> {
                     x == "ip=dhcp"
                         || x.strip_prefix("ip=").is_some_and(|c| {
                             c.split_once('/').is_some_and(|(a, m)| {
-                                a.parse::<std::net::Ipv4Addr>().is_ok() && m.parse::<u8>().is_ok_and(|m| m <= 32)
+                                a.parse::<std::net::Ipv4Addr>().is_ok()
+                                    && m.parse::<u8>().is_ok_and(|m| m <= 32)
                             })
                         })
-                        || x.strip_prefix("gw=").is_some_and(|g| g.parse::<std::net::Ipv4Addr>().is_ok())
+                        || x.strip_prefix("gw=")
+                            .is_some_and(|g| g.parse::<std::net::Ipv4Addr>().is_ok())
                 });
                 if !ok {
                     e.insert(k.clone(), format!("invalid format - unable to parse '{v}'"));
@@ -888,10 +966,13 @@ fn check_config(p: &BTreeMap<String, String>) -> Result<(), Resp> {
                 if !enc_ok {
                     e.insert(k.clone(), format!("invalid urlencoded string: {v}"));
                 } else {
-                    let keys = percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned();
+                    let keys = percent_encoding::percent_decode_str(v)
+                        .decode_utf8_lossy()
+                        .into_owned();
                     if !keys.lines().filter(|l| !l.trim().is_empty()).all(|l| {
                         let mut f = l.split_whitespace();
-                        f.next().is_some_and(|t| t.starts_with("ssh-") || t.starts_with("ecdsa-"))
+                        f.next()
+                            .is_some_and(|t| t.starts_with("ssh-") || t.starts_with("ecdsa-"))
                             && f.next().is_some()
                     }) {
                         e.insert(k.clone(), "invalid SSH public key".into());
@@ -899,12 +980,23 @@ fn check_config(p: &BTreeMap<String, String>) -> Result<(), Resp> {
                 }
             }
             "nameserver" => {
-                if !v.split([' ', ',', ';']).filter(|x| !x.is_empty()).all(|x| x.parse::<std::net::IpAddr>().is_ok()) {
-                    e.insert(k.clone(), format!("value '{v}' does not look like a valid address list"));
+                if !v
+                    .split([' ', ',', ';'])
+                    .filter(|x| !x.is_empty())
+                    .all(|x| x.parse::<std::net::IpAddr>().is_ok())
+                {
+                    e.insert(
+                        k.clone(),
+                        format!("value '{v}' does not look like a valid address list"),
+                    );
                 }
             }
             "tags" => {
-                if !v.split([';', ',', ' ']).filter(|x| !x.is_empty()).all(is_tag) {
+                if !v
+                    .split([';', ',', ' '])
+                    .filter(|x| !x.is_empty())
+                    .all(is_tag)
+                {
                     e.insert(k.clone(), "invalid characters in tag".into());
                 }
             }
@@ -928,7 +1020,10 @@ fn route(
     upload: Option<&Upload>,
     need: Need,
 ) -> Result<Resp, Resp> {
-    let vmid_of = |x: &str| x.parse::<u32>().map_err(|_| one_err("vmid", "type check ('integer') failed"));
+    let vmid_of = |x: &str| {
+        x.parse::<u32>()
+            .map_err(|_| one_err("vmid", "type check ('integer') failed"))
+    };
     match (method, segs) {
         ("GET", ["version"]) => Ok(ok(json!({
             "version": s.version,
@@ -974,7 +1069,9 @@ fn route(
                 Some(x) => x,
                 None => finish(s, upid),
             };
-            Ok(ok(json!({ "status": "stopped", "exitstatus": exit, "upid": upid })))
+            Ok(ok(
+                json!({ "status": "stopped", "exitstatus": exit, "upid": upid }),
+            ))
         }
         ("GET", ["nodes", NODE, "tasks", upid, "log"]) => {
             let t = s
@@ -1016,7 +1113,10 @@ fn route(
             if !allowed.contains(&content.as_str()) {
                 return Err(one_err(
                     "content",
-                    &format!("value '{content}' does not have a value in the enumeration '{}'", allowed.join(", ")),
+                    &format!(
+                        "value '{content}' does not have a value in the enumeration '{}'",
+                        allowed.join(", ")
+                    ),
                 ));
             }
             let filename = p.get("filename").cloned().unwrap_or_default();
@@ -1025,7 +1125,13 @@ fn route(
                 .next()
                 .unwrap_or("")
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             let valid = norm.rsplit_once('.').is_some_and(|(stem, ext)| {
                 !stem.is_empty() && ["ova", "qcow2", "raw", "vmdk"].contains(&ext)
@@ -1034,10 +1140,16 @@ fn route(
                 return Err(one_err("filename", "invalid filename or wrong extension"));
             }
             if !s.storages.get(*st).is_some_and(|c| c.contains(&content)) {
-                return Err(err(500, &format!("storage '{st}' does not support '{content}' content")));
+                return Err(err(
+                    500,
+                    &format!("storage '{st}' does not support '{content}' content"),
+                ));
             }
             if p.contains_key("checksum") != p.contains_key("checksum-algorithm") {
-                return Err(one_err("checksum", "checksum and checksum-algorithm go together"));
+                return Err(one_err(
+                    "checksum",
+                    "checksum and checksum-algorithm go together",
+                ));
             }
             let volid = format!("{st}:{content}/{norm}");
             let checksum = p.get("checksum").cloned();
@@ -1049,13 +1161,20 @@ fn route(
                     checksum,
                 },
                 None => {
-                    if !p.get("url").is_some_and(|u| u.starts_with("http://") || u.starts_with("https://")) {
+                    if !p
+                        .get("url")
+                        .is_some_and(|u| u.starts_with("http://") || u.starts_with("https://"))
+                    {
                         return Err(one_err("url", "value does not match the regex pattern"));
                     }
                     Effect::Download { volid, checksum }
                 }
             };
-            let kind = if *action == "upload" { "imgcopy" } else { "download" };
+            let kind = if *action == "upload" {
+                "imgcopy"
+            } else {
+                "download"
+            };
             Ok(ok(new_task(s, kind, "", effect)))
         }
         ("DELETE", ["nodes", NODE, "storage", st, "content", volid]) => {
@@ -1063,7 +1182,12 @@ fn route(
             if !s.volumes.contains_key(*volid) {
                 return Err(err(500, &format!("volume '{volid}' does not exist")));
             }
-            Ok(ok(new_task(s, "imgdel", "", Effect::DeleteVolume(volid.to_string()))))
+            Ok(ok(new_task(
+                s,
+                "imgdel",
+                "",
+                Effect::DeleteVolume(volid.to_string()),
+            )))
         }
         ("POST", ["nodes", NODE, "qemu"]) => {
             let vmid = p.get("vmid").cloned().unwrap_or_default();
@@ -1071,21 +1195,36 @@ fn route(
             check_create(s, p)?;
             let id = vmid_of(&vmid)?;
             if s.vms.contains_key(&id) {
-                return Err(err(500, &format!("unable to create VM {id} - VM {id} already exists on node '{NODE}'")));
+                return Err(err(
+                    500,
+                    &format!("unable to create VM {id} - VM {id} already exists on node '{NODE}'"),
+                ));
             }
             let mut config = p.clone();
             config.remove("node");
-            Ok(ok(new_task(s, "qmcreate", &vmid, Effect::Create { vmid: id, config })))
+            Ok(ok(new_task(
+                s,
+                "qmcreate",
+                &vmid,
+                Effect::Create { vmid: id, config },
+            )))
         }
         ("GET", ["nodes", NODE, "qemu", vmid, "config"]) => {
             need(&format!("/vms/{vmid}"), "VM.Audit")?;
             let id = vmid_of(vmid)?;
-            let vm = s
-                .vms
-                .get(&id)
-                .ok_or_else(|| err(500, &format!("Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist")))?;
-            let mut c: serde_json::Map<String, Value> =
-                vm.config.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            let vm = s.vms.get(&id).ok_or_else(|| {
+                err(
+                    500,
+                    &format!(
+                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                    ),
+                )
+            })?;
+            let mut c: serde_json::Map<String, Value> = vm
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
             if vm.template {
                 c.insert("template".into(), json!(1));
             }
@@ -1098,10 +1237,14 @@ fn route(
             }
             let id = vmid_of(vmid)?;
             check_config(p)?;
-            let vm = s
-                .vms
-                .get_mut(&id)
-                .ok_or_else(|| err(500, &format!("Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist")))?;
+            let vm = s.vms.get_mut(&id).ok_or_else(|| {
+                err(
+                    500,
+                    &format!(
+                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                    ),
+                )
+            })?;
             for (k, v) in p {
                 if k != "node" && k != "vmid" {
                     vm.config.insert(k.clone(), v.clone());
@@ -1112,15 +1255,22 @@ fn route(
         ("POST", ["nodes", NODE, "qemu", vmid, "template"]) => {
             need(&format!("/vms/{vmid}"), "VM.Allocate")?;
             let id = vmid_of(vmid)?;
-            let vm = s
-                .vms
-                .get(&id)
-                .ok_or_else(|| err(500, &format!("Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist")))?;
+            let vm = s.vms.get(&id).ok_or_else(|| {
+                err(
+                    500,
+                    &format!(
+                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                    ),
+                )
+            })?;
             if vm.template {
                 return Err(err(500, "you can't convert a template to a template"));
             }
             if vm.running {
-                return Err(err(500, "you can't convert a VM to template if VM is running"));
+                return Err(err(
+                    500,
+                    "you can't convert a VM to template if VM is running",
+                ));
             }
             Ok(ok(new_task(s, "qmtemplate", vmid, Effect::Template(id))))
         }
@@ -1128,24 +1278,59 @@ fn route(
             need(&format!("/vms/{vmid}"), "VM.Clone")?;
             let id = vmid_of(vmid)?;
             for k in p.keys() {
-                if !["description", "format", "full", "name", "newid", "node", "pool", "snapname", "storage", "target", "vmid"].contains(&k.as_str()) {
+                if ![
+                    "description",
+                    "format",
+                    "full",
+                    "name",
+                    "newid",
+                    "node",
+                    "pool",
+                    "snapname",
+                    "storage",
+                    "target",
+                    "vmid",
+                ]
+                .contains(&k.as_str())
+                {
                     return Err(one_err(k, "property is not defined in schema and the schema does not allow additional properties"));
                 }
             }
             let newid = vmid_of(p.get("newid").map(String::as_str).unwrap_or(""))?;
             need(&format!("/vms/{newid}"), "VM.Allocate")?;
             if !s.vms.contains_key(&id) {
-                return Err(err(500, &format!("Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist")));
+                return Err(err(
+                    500,
+                    &format!(
+                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                    ),
+                ));
             }
             if s.vms.contains_key(&newid) {
-                return Err(err(500, &format!("unable to create VM {newid}: config file already exists")));
+                return Err(err(
+                    500,
+                    &format!("unable to create VM {newid}: config file already exists"),
+                ));
             }
-            let name = p.get("name").cloned().unwrap_or_else(|| format!("Copy-of-VM-{id}"));
+            let name = p
+                .get("name")
+                .cloned()
+                .unwrap_or_else(|| format!("Copy-of-VM-{id}"));
             if !is_dns_name(&name) {
                 return Err(one_err("name", "value does not look like a valid DNS name"));
             }
             let node = p.get("target").cloned().unwrap_or_else(|| NODE.to_string());
-            Ok(ok(new_task(s, "qmclone", vmid, Effect::Clone { src: id, newid, name, node })))
+            Ok(ok(new_task(
+                s,
+                "qmclone",
+                vmid,
+                Effect::Clone {
+                    src: id,
+                    newid,
+                    name,
+                    node,
+                },
+            )))
         }
         ("POST", ["nodes", NODE, "qemu", vmid, "status", "stop"]) => {
             need(&format!("/vms/{vmid}"), "VM.PowerMgmt")?;
@@ -1155,15 +1340,22 @@ fn route(
         ("DELETE", ["nodes", NODE, "qemu", vmid]) => {
             need(&format!("/vms/{vmid}"), "VM.Allocate")?;
             let id = vmid_of(vmid)?;
-            let vm = s
-                .vms
-                .get(&id)
-                .ok_or_else(|| err(500, &format!("Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist")))?;
+            let vm = s.vms.get(&id).ok_or_else(|| {
+                err(
+                    500,
+                    &format!(
+                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                    ),
+                )
+            })?;
             if vm.running {
                 return Err(err(500, &format!("VM {id} is running - destroy failed")));
             }
             Ok(ok(new_task(s, "qmdestroy", vmid, Effect::Destroy(id))))
         }
-        _ => Err(err(501, &format!("Method '{method} /{}' not implemented", segs.join("/")))),
+        _ => Err(err(
+            501,
+            &format!("Method '{method} /{}' not implemented", segs.join("/")),
+        )),
     }
 }
