@@ -508,7 +508,7 @@ pub fn list(c: &Client) -> Result<Vec<Listed>> {
             },
         });
     }
-    out.sort_by(|a, b| (a.kind != "template", a.vmid).cmp(&(b.kind != "template", b.vmid)));
+    out.sort_by_key(|a| (a.kind != "template", a.vmid));
     Ok(out)
 }
 

@@ -208,53 +208,6 @@ pub fn description_build_id(desc: &str) -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tags_follow_pve_rules() {
-        let id = "0123456789abcdef".repeat(4);
-        let t = template_tags("worker", &id);
-        assert_eq!(
-            t,
-            "kiln;kiln-build-0123456789ab;kiln-role-worker;kiln-template"
-        );
-        assert!(split_tags(&t).iter().all(|t| is_valid_tag(t)));
-        assert!(!is_valid_tag("-x"));
-        assert!(!is_valid_tag("a b"));
-        assert!(!is_valid_tag(""));
-    }
-
-    #[test]
-    fn import_names() {
-        let n = upload_name("worker", &"ab".repeat(32), &"cd".repeat(32), "qcow2");
-        assert!(is_valid_import_name(&n), "{n}");
-        assert!(!is_valid_import_name("disk.img"));
-        assert!(!is_valid_import_name(".qcow2"));
-        assert!(!is_valid_import_name("a b.qcow2"));
-        assert!(!is_valid_import_name("x.ovf"));
-    }
-
-    #[test]
-    fn urlencode_like_pve() {
-        assert_eq!(
-            pve_urlencode("ssh-ed25519 AAAA+/= me@host\n"),
-            "ssh-ed25519%20AAAA%2B%2F%3D%20me%40host%0A"
-        );
-    }
-
-    #[test]
-    fn build_id_from_description() {
-        let id = "a".repeat(64);
-        assert_eq!(
-            description_build_id(&format!("x\nkiln-build-id: {id}\n")),
-            Some(id)
-        );
-        assert_eq!(description_build_id("kiln-build-id: abc"), None);
-    }
-}
-
 impl ProxmoxError {
     /// True for errors the user fixes (exit status 2); a Proxmox server error (5xx) is not.
     pub fn is_user_error(&self) -> bool {
@@ -477,5 +430,52 @@ pub fn run(
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_follow_pve_rules() {
+        let id = "0123456789abcdef".repeat(4);
+        let t = template_tags("worker", &id);
+        assert_eq!(
+            t,
+            "kiln;kiln-build-0123456789ab;kiln-role-worker;kiln-template"
+        );
+        assert!(split_tags(&t).iter().all(|t| is_valid_tag(t)));
+        assert!(!is_valid_tag("-x"));
+        assert!(!is_valid_tag("a b"));
+        assert!(!is_valid_tag(""));
+    }
+
+    #[test]
+    fn import_names() {
+        let n = upload_name("worker", &"ab".repeat(32), &"cd".repeat(32), "qcow2");
+        assert!(is_valid_import_name(&n), "{n}");
+        assert!(!is_valid_import_name("disk.img"));
+        assert!(!is_valid_import_name(".qcow2"));
+        assert!(!is_valid_import_name("a b.qcow2"));
+        assert!(!is_valid_import_name("x.ovf"));
+    }
+
+    #[test]
+    fn urlencode_like_pve() {
+        assert_eq!(
+            pve_urlencode("ssh-ed25519 AAAA+/= me@host\n"),
+            "ssh-ed25519%20AAAA%2B%2F%3D%20me%40host%0A"
+        );
+    }
+
+    #[test]
+    fn build_id_from_description() {
+        let id = "a".repeat(64);
+        assert_eq!(
+            description_build_id(&format!("x\nkiln-build-id: {id}\n")),
+            Some(id)
+        );
+        assert_eq!(description_build_id("kiln-build-id: abc"), None);
     }
 }

@@ -979,26 +979,24 @@ fn check_config(p: &BTreeMap<String, String>) -> Result<(), Resp> {
                     }
                 }
             }
-            "nameserver" => {
+            "nameserver"
                 if !v
                     .split([' ', ',', ';'])
                     .filter(|x| !x.is_empty())
-                    .all(|x| x.parse::<std::net::IpAddr>().is_ok())
-                {
-                    e.insert(
-                        k.clone(),
-                        format!("value '{v}' does not look like a valid address list"),
-                    );
-                }
+                    .all(|x| x.parse::<std::net::IpAddr>().is_ok()) =>
+            {
+                e.insert(
+                    k.clone(),
+                    format!("value '{v}' does not look like a valid address list"),
+                );
             }
-            "tags" => {
+            "tags"
                 if !v
                     .split([';', ',', ' '])
                     .filter(|x| !x.is_empty())
-                    .all(is_tag)
-                {
-                    e.insert(k.clone(), "invalid characters in tag".into());
-                }
+                    .all(is_tag) =>
+            {
+                e.insert(k.clone(), "invalid characters in tag".into());
             }
             _ => {}
         }
