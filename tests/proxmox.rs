@@ -839,3 +839,69 @@ fn fake_is_strict_like_pve() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 }
+
+#[test]
+fn gets_are_retried_but_a_failed_post_is_not_repeated() {
+    let f = fixture();
+    {
+        let mut st = f.fake.state();
+        for _ in 0..2 {
+            st.http_failures.push((
+                "GET".into(),
+                "/cluster/resources".into(),
+                503,
+                "Service Unavailable".into(),
+            ));
+        }
+        st.http_failures.push((
+            "POST".into(),
+            "/nodes/pve1/qemu".into(),
+            500,
+            "got timeout".into(),
+        ));
+    }
+    let (code, _, err) = f.import(&[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("HTTP 500 got timeout"), "{err}");
+    let st = f.fake.state();
+    assert_eq!(
+        st.find("GET", "/cluster/resources").len(),
+        2 + 1 + 1,
+        "retried, then the clean-up check"
+    );
+    assert_eq!(
+        st.find("POST", "/nodes/pve1/qemu").len(),
+        1,
+        "a POST is never repeated"
+    );
+    assert!(st.volumes.is_empty(), "the upload is removed again");
+    drop(st);
+    // The next run succeeds from scratch.
+    assert_eq!(f.import(&[]).0, 0);
+}
+
+#[test]
+fn clone_that_cannot_be_configured_is_removed() {
+    let f = fixture();
+    assert_eq!(f.import(&[]).0, 0);
+    f.fake
+        .state()
+        .tokens
+        .get_mut(TOKEN_ID)
+        .unwrap()
+        .1
+        .remove("VM.Config.Network");
+    let (code, _, err) = f.kiln(&["proxmox", "clone", "worker-1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("Permission check failed (/vms/101, VM.Config.Network)"),
+        "{err}"
+    );
+    assert!(err.contains("removed VM 101"), "{err}");
+    let st = f.fake.state();
+    assert_eq!(
+        st.vms.keys().collect::<Vec<_>>(),
+        [&100],
+        "only the template is left"
+    );
+}

@@ -1,6 +1,6 @@
 //! `kiln proxmox import | list | clone`: the flows on top of [`Client`].
 
-use super::client::{upid, Client, TaskFailed};
+use super::client::{upid, Client};
 use super::{ProxmoxError, Settings};
 use crate::recipe::Node;
 use anyhow::{bail, Context, Result};
@@ -221,10 +221,16 @@ fn delete_volume(c: &Client, node: &str, storage: &str, volid: &str) -> Result<(
 }
 
 /// Removes what a failed run created; returns one line per action for the error message.
-fn cleanup(c: &Client, vmid: Option<u32>, volume: Option<(&str, &str, &str)>) -> Vec<String> {
+/// The VM is only removed if it carries the name this run gave it (never someone else's VM
+/// that took the id in between).
+fn cleanup(c: &Client, vm: Option<(u32, &str)>, volume: Option<(&str, &str, &str)>) -> Vec<String> {
     let mut notes = Vec::new();
-    if let Some(id) = vmid {
+    if let Some((id, name)) = vm {
         match cluster_vms(c).map(|v| v.into_iter().find(|e| e.vmid == id)) {
+            Ok(Some(vm)) if vm.name != name => notes.push(format!(
+                "VM {id} is {:?}, not the {name:?} this run made: left alone",
+                vm.name
+            )),
             Ok(Some(vm)) => match destroy_vm(c, &vm) {
                 Ok(()) => notes.push(format!("removed VM {id}")),
                 Err(e) => notes.push(format!(
@@ -420,8 +426,9 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
         .post(&["nodes", &s.node, "qemu"], &params)
         .and_then(|r| wait(c, r, "qemu/create", &format!("create VM {vmid} ({name})")));
     if let Err(e) = created {
-        // A rejected request created nothing; a failed task may have left the VM.
-        let vm = e.downcast_ref::<TaskFailed>().map(|_| vmid);
+        // A request PVE rejected (4xx) created nothing; a failed task, a server error or a lost
+        // answer may have left the VM.
+        let vm = (!rejected_4xx(&e)).then_some((vmid, name.as_str()));
         return Err(fail(e, cleanup(c, vm, ours)));
     }
     let templ = c
@@ -438,7 +445,7 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
             )
         });
     if let Err(e) = templ {
-        return Err(fail(e, cleanup(c, Some(vmid), ours)));
+        return Err(fail(e, cleanup(c, Some((vmid, name.as_str())), ours)));
     }
     Ok(ImportReport {
         role: b.role.clone(),
@@ -449,6 +456,13 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
         state: if replaced { "replaced" } else { "created" }.into(),
         volume: volid,
         image: image.into(),
+    })
+}
+
+/// Proxmox refused the request itself (4xx): nothing was done.
+fn rejected_4xx(e: &anyhow::Error) -> bool {
+    e.chain().any(|x| {
+        matches!(x.downcast_ref::<ProxmoxError>(), Some(ProxmoxError::Rejected { status, .. }) if *status < 500)
     })
 }
 
@@ -677,7 +691,7 @@ pub fn clone_node(
             )
         });
     if let Err(e) = r {
-        let vm = e.downcast_ref::<TaskFailed>().map(|_| newid);
+        let vm = (!rejected_4xx(&e)).then_some((newid, n.hostname.as_str()));
         return Err(fail(e, cleanup(c, vm, None)));
     }
     let cfg = clone_config(s, n, domain, ssh_keys, &o.build_id, o.cicustom.as_deref());
@@ -687,7 +701,10 @@ pub fn clone_node(
         &cfg,
     );
     if let Err(e) = r {
-        return Err(fail(e, cleanup(c, Some(newid), None)));
+        return Err(fail(
+            e,
+            cleanup(c, Some((newid, n.hostname.as_str())), None),
+        ));
     }
     Ok(CloneReport {
         hostname: n.hostname.clone(),

@@ -134,6 +134,9 @@ pub struct State {
     pub start_created: bool,
     /// Polls a task answers `running` before it stops.
     pub task_polls: u32,
+    /// Answer the next requests matching (method, path) with (status, message), once each,
+    /// before authentication: a flaky proxy or a busy pveproxy.
+    pub http_failures: Vec<(String, String, u16, String)>,
     pub nextid: u32,
     tasks: BTreeMap<String, Task>,
     seq: u32,
@@ -231,6 +234,7 @@ impl FakePve {
             fail_task: None,
             start_created: false,
             task_polls: 2,
+            http_failures: Vec::new(),
             nextid: 100,
             tasks: BTreeMap::new(),
             seq: 0,
@@ -419,6 +423,15 @@ fn handle(
         params: params.clone(),
         upload: upload.clone(),
     });
+
+    if let Some(i) = s
+        .http_failures
+        .iter()
+        .position(|(m, p, _, _)| m == method && *p == path)
+    {
+        let (_, _, code, msg) = s.http_failures.remove(i);
+        return err(code, &msg);
+    }
 
     // Authentication: PVEAPIToken=USER@REALM!TOKENID=SECRET.
     let auth = headers.get("authorization").cloned().unwrap_or_default();
