@@ -369,9 +369,19 @@ fn ca_file_instead_of_a_pin() {
     assert!(out.starts_with("VMID"), "{out}");
     // Without a pin or CA, the fake's private CA is not trusted.
     write_config(f.path(), &f.fake, "");
+    f.fake.state().requests.clear();
     let (code, _, err) = f.kiln(&["proxmox", "list"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("no answer from Proxmox"), "{err}");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("certificate was refused"), "{err}");
+    assert!(
+        err.contains("fingerprint") && err.contains("ca_file"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("retrying"),
+        "TLS errors are not retried: {err}"
+    );
+    assert!(f.fake.state().requests.is_empty());
 }
 
 #[test]

@@ -251,6 +251,18 @@ impl Client {
                     if let Some(pe) = self.pin_failure() {
                         return Err(pe.into());
                     }
+                    if let Some(tls) = tls_error(&e) {
+                        // Deterministic: retrying cannot help.
+                        return Err(ProxmoxError::Config {
+                            source_: format!("TLS with {}", self.api),
+                            problem: format!("the server's certificate was refused ({tls})"),
+                            fix: "pin it with `fingerprint` (the `Fingerprint (sha256)` of \
+                                  `pvenode cert info`) or trust its CA with `ca_file` \
+                                  (/etc/pve/pve-root-ca.pem) in proxmox.toml"
+                                .into(),
+                        }
+                        .into());
+                    }
                     let retry = e.is_connect() || (idempotent && e.is_timeout());
                     if retry && attempt < ATTEMPTS {
                         tracing::warn!(%method, path = shown, "{e}; retrying in {wait:?}");
@@ -460,6 +472,24 @@ impl Client {
             Err(e) => format!("    (task log unavailable: {e:#})"),
         }
     }
+}
+
+/// The TLS error behind a failed request, if that is what it was.
+fn tls_error(e: &reqwest::Error) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if let Some(t) = x.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        // io::Error::source() skips the error it wraps: step into it with get_ref().
+        cur = match x.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|i| i as &(dyn std::error::Error + 'static)),
+            None => x.source(),
+        };
+    }
+    None
 }
 
 /// The UPID a task-starting call returns.
