@@ -915,3 +915,62 @@ fn clone_that_cannot_be_configured_is_removed() {
         "only the template is left"
     );
 }
+
+#[test]
+fn templates_are_per_node_and_clones_use_the_local_one() {
+    let f = fixture();
+    assert_eq!(f.import(&[]).0, 0);
+    let (code, out, err) = f.import(&["--node", "pve2", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["node"].as_str(), v["vmid"].as_u64()),
+        (Some("created"), Some("pve2"), Some(101))
+    );
+    // The fake's `local` is cluster-wide (shared), so the image is there already.
+    assert_eq!(v["image"], "reused");
+    let (code, out, _) = f.import(&["--node", "pve2"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("(VM 101 on pve2) exists"), "{out}");
+
+    let (code, _, err) = f.kiln(&["proxmox", "clone", "worker-2", "--node", "pve2"]);
+    assert_eq!(code, 0, "{err}");
+    let st = f.fake.state();
+    let clone = &st.find("POST", "/nodes/pve2/qemu/101/clone")[0].params;
+    assert!(!clone.contains_key("target"), "{clone:?}");
+    assert_eq!(st.vms[&102].node, "pve2");
+    assert_eq!(st.find("PUT", "/nodes/pve2/qemu/102/config").len(), 1);
+    drop(st);
+    // Another node with its own template: that one, never pve1's.
+    let (code, _, err) = f.kiln(&[
+        "proxmox",
+        "clone",
+        "worker-1",
+        "--node",
+        "pve2",
+        "--build-id",
+        BUILD_ID,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let st = f.fake.state();
+    assert_eq!(
+        st.find("POST", "/nodes/pve2/qemu/101/clone").len(),
+        2,
+        "still the pve2 template"
+    );
+}
+
+#[test]
+fn clone_to_a_node_without_a_template_uses_target() {
+    let f = fixture();
+    assert_eq!(f.import(&[]).0, 0);
+    let (code, _, err) = f.kiln(&["proxmox", "clone", "worker-1", "--node", "pve2"]);
+    assert_eq!(code, 0, "{err}");
+    let st = f.fake.state();
+    assert_eq!(
+        st.find("POST", "/nodes/pve1/qemu/100/clone")[0].params["target"],
+        "pve2"
+    );
+    assert_eq!(st.vms[&101].node, "pve2");
+    assert_eq!(st.find("PUT", "/nodes/pve2/qemu/101/config").len(), 1);
+}

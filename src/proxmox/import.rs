@@ -320,7 +320,9 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
     let volid = format!("{}:import/{}", s.import_storage, b.image_name);
     let vms = cluster_vms(c)?;
     let mut replaced = false;
-    for vm in kiln_vms(c, &vms, super::TAG_TEMPLATE, &b.role, &b.build_id)? {
+    // Per node: with local storage every node that clones needs its own template.
+    let on_node: Vec<VmEntry> = vms.into_iter().filter(|v| v.node == s.node).collect();
+    for vm in kiln_vms(c, &on_node, super::TAG_TEMPLATE, &b.role, &b.build_id)? {
         if vm.template && !o.replace {
             return Ok(ImportReport {
                 role: b.role.clone(),
@@ -613,10 +615,12 @@ pub fn clone_node(
     o: &CloneOptions,
 ) -> Result<CloneReport> {
     let vms = cluster_vms(c)?;
-    let templates: Vec<VmEntry> = kiln_vms(c, &vms, super::TAG_TEMPLATE, &n.role, &o.build_id)?
+    let mut templates: Vec<VmEntry> = kiln_vms(c, &vms, super::TAG_TEMPLATE, &n.role, &o.build_id)?
         .into_iter()
         .filter(|v| v.template)
         .collect();
+    // The template on the target node first (a clone to another node needs shared storage).
+    templates.sort_by_key(|v| (v.node != s.node, v.vmid));
     let Some(t) = templates.first() else {
         bail!(ProxmoxError::Input {
             what: format!(

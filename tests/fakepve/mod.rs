@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 
 /// The PVE node the fake pretends to be.
 pub const NODE: &str = "pve1";
+/// The cluster's nodes (`pve2` has the same storages: think shared or identically named).
+pub const NODES: &[&str] = &["pve1", "pve2"];
 /// A token with every privilege.
 pub const TOKEN_ID: &str = "kiln@pve!import";
 pub const TOKEN_SECRET: &str = "5b3c2b1e-0000-4000-8000-00000000cafe";
@@ -92,6 +94,7 @@ enum Effect {
     },
     Create {
         vmid: u32,
+        node: String,
         config: BTreeMap<String, String>,
     },
     Template(u32),
@@ -654,7 +657,7 @@ fn finish(s: &mut State, upid: &str) -> String {
                     },
                 );
             }
-            Effect::Create { vmid, config } => {
+            Effect::Create { vmid, node, config } => {
                 let src = config
                     .get("scsi0")
                     .and_then(|d| d.split(',').find_map(|o| o.strip_prefix("import-from=")))
@@ -666,7 +669,7 @@ fn finish(s: &mut State, upid: &str) -> String {
                 s.vms.insert(
                     *vmid,
                     Vm {
-                        node: NODE.into(),
+                        node: node.clone(),
                         config: config.clone(),
                         template: false,
                         running: s.start_created,
@@ -1031,6 +1034,29 @@ fn route(
     upload: Option<&Upload>,
     need: Need,
 ) -> Result<Resp, Resp> {
+    let node = if segs.first() == Some(&"nodes") {
+        let n = segs.get(1).copied().unwrap_or("");
+        if !NODES.contains(&n) {
+            return Err(err(
+                500,
+                &format!("hostname lookup '{n}' failed - no such node"),
+            ));
+        }
+        n
+    } else {
+        NODE
+    };
+    // A VM is only found through the node that holds it.
+    if let ["nodes", n, "qemu", id, ..] = segs {
+        if let Some(vm) = id.parse::<u32>().ok().and_then(|i| s.vms.get(&i)) {
+            if vm.node != *n {
+                return Err(err(
+                    500,
+                    &format!("Configuration file 'nodes/{n}/qemu-server/{id}.conf' does not exist"),
+                ));
+            }
+        }
+    }
     let vmid_of = |x: &str| {
         x.parse::<u32>()
             .map_err(|_| one_err("vmid", "type check ('integer') failed"))
@@ -1067,7 +1093,7 @@ fn route(
                 .collect();
             Ok(ok(Value::Array(list)))
         }
-        ("GET", ["nodes", NODE, "tasks", upid, "status"]) => {
+        ("GET", ["nodes", _, "tasks", upid, "status"]) => {
             let t = s
                 .tasks
                 .get_mut(*upid)
@@ -1084,7 +1110,7 @@ fn route(
                 json!({ "status": "stopped", "exitstatus": exit, "upid": upid }),
             ))
         }
-        ("GET", ["nodes", NODE, "tasks", upid, "log"]) => {
+        ("GET", ["nodes", _, "tasks", upid, "log"]) => {
             let t = s
                 .tasks
                 .get(*upid)
@@ -1097,7 +1123,7 @@ fn route(
                 .collect();
             Ok(ok(Value::Array(lines)))
         }
-        ("GET", ["nodes", NODE, "storage", st, "content"]) => {
+        ("GET", ["nodes", _, "storage", st, "content"]) => {
             need(&format!("/storage/{st}"), "Datastore.Audit")?;
             let list: Vec<Value> = s
                 .volumes
@@ -1110,10 +1136,10 @@ fn route(
                 .collect();
             Ok(ok(Value::Array(list)))
         }
-        ("POST", ["nodes", NODE, "storage", st, action @ ("upload" | "download-url")]) => {
+        ("POST", ["nodes", _, "storage", st, action @ ("upload" | "download-url")]) => {
             need(&format!("/storage/{st}"), "Datastore.AllocateTemplate")?;
             if *action == "download-url" {
-                need(&format!("/nodes/{NODE}"), "Sys.AccessNetwork")?;
+                need(&format!("/nodes/{node}"), "Sys.AccessNetwork")?;
             }
             let content = p.get("content").cloned().unwrap_or_default();
             let allowed: &[&str] = if version_at_least(&s.version, 8, 4) {
@@ -1188,7 +1214,7 @@ fn route(
             };
             Ok(ok(new_task(s, kind, "", effect)))
         }
-        ("DELETE", ["nodes", NODE, "storage", st, "content", volid]) => {
+        ("DELETE", ["nodes", _, "storage", st, "content", volid]) => {
             need(&format!("/storage/{st}"), "Datastore.Allocate")?;
             if !s.volumes.contains_key(*volid) {
                 return Err(err(500, &format!("volume '{volid}' does not exist")));
@@ -1200,7 +1226,7 @@ fn route(
                 Effect::DeleteVolume(volid.to_string()),
             )))
         }
-        ("POST", ["nodes", NODE, "qemu"]) => {
+        ("POST", ["nodes", _, "qemu"]) => {
             let vmid = p.get("vmid").cloned().unwrap_or_default();
             need(&format!("/vms/{vmid}"), "VM.Allocate")?;
             check_create(s, p)?;
@@ -1208,7 +1234,7 @@ fn route(
             if s.vms.contains_key(&id) {
                 return Err(err(
                     500,
-                    &format!("unable to create VM {id} - VM {id} already exists on node '{NODE}'"),
+                    &format!("unable to create VM {id} - VM {id} already exists on node '{node}'"),
                 ));
             }
             let mut config = p.clone();
@@ -1217,17 +1243,21 @@ fn route(
                 s,
                 "qmcreate",
                 &vmid,
-                Effect::Create { vmid: id, config },
+                Effect::Create {
+                    vmid: id,
+                    node: node.to_string(),
+                    config,
+                },
             )))
         }
-        ("GET", ["nodes", NODE, "qemu", vmid, "config"]) => {
+        ("GET", ["nodes", _, "qemu", vmid, "config"]) => {
             need(&format!("/vms/{vmid}"), "VM.Audit")?;
             let id = vmid_of(vmid)?;
             let vm = s.vms.get(&id).ok_or_else(|| {
                 err(
                     500,
                     &format!(
-                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                        "Configuration file 'nodes/{node}/qemu-server/{id}.conf' does not exist"
                     ),
                 )
             })?;
@@ -1241,7 +1271,7 @@ fn route(
             }
             Ok(ok(Value::Object(c)))
         }
-        ("PUT", ["nodes", NODE, "qemu", vmid, "config"]) => {
+        ("PUT", ["nodes", _, "qemu", vmid, "config"]) => {
             need(&format!("/vms/{vmid}"), "VM.Config.Cloudinit")?;
             if p.contains_key("net0") {
                 need(&format!("/vms/{vmid}"), "VM.Config.Network")?;
@@ -1252,7 +1282,7 @@ fn route(
                 err(
                     500,
                     &format!(
-                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                        "Configuration file 'nodes/{node}/qemu-server/{id}.conf' does not exist"
                     ),
                 )
             })?;
@@ -1263,14 +1293,14 @@ fn route(
             }
             Ok(ok(Value::Null))
         }
-        ("POST", ["nodes", NODE, "qemu", vmid, "template"]) => {
+        ("POST", ["nodes", _, "qemu", vmid, "template"]) => {
             need(&format!("/vms/{vmid}"), "VM.Allocate")?;
             let id = vmid_of(vmid)?;
             let vm = s.vms.get(&id).ok_or_else(|| {
                 err(
                     500,
                     &format!(
-                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                        "Configuration file 'nodes/{node}/qemu-server/{id}.conf' does not exist"
                     ),
                 )
             })?;
@@ -1285,7 +1315,7 @@ fn route(
             }
             Ok(ok(new_task(s, "qmtemplate", vmid, Effect::Template(id))))
         }
-        ("POST", ["nodes", NODE, "qemu", vmid, "clone"]) => {
+        ("POST", ["nodes", _, "qemu", vmid, "clone"]) => {
             need(&format!("/vms/{vmid}"), "VM.Clone")?;
             let id = vmid_of(vmid)?;
             for k in p.keys() {
@@ -1313,7 +1343,7 @@ fn route(
                 return Err(err(
                     500,
                     &format!(
-                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                        "Configuration file 'nodes/{node}/qemu-server/{id}.conf' does not exist"
                     ),
                 ));
             }
@@ -1330,7 +1360,7 @@ fn route(
             if !is_dns_name(&name) {
                 return Err(one_err("name", "value does not look like a valid DNS name"));
             }
-            let node = p.get("target").cloned().unwrap_or_else(|| NODE.to_string());
+            let node = p.get("target").cloned().unwrap_or_else(|| node.to_string());
             Ok(ok(new_task(
                 s,
                 "qmclone",
@@ -1343,19 +1373,19 @@ fn route(
                 },
             )))
         }
-        ("POST", ["nodes", NODE, "qemu", vmid, "status", "stop"]) => {
+        ("POST", ["nodes", _, "qemu", vmid, "status", "stop"]) => {
             need(&format!("/vms/{vmid}"), "VM.PowerMgmt")?;
             let id = vmid_of(vmid)?;
             Ok(ok(new_task(s, "qmstop", vmid, Effect::Stop(id))))
         }
-        ("DELETE", ["nodes", NODE, "qemu", vmid]) => {
+        ("DELETE", ["nodes", _, "qemu", vmid]) => {
             need(&format!("/vms/{vmid}"), "VM.Allocate")?;
             let id = vmid_of(vmid)?;
             let vm = s.vms.get(&id).ok_or_else(|| {
                 err(
                     500,
                     &format!(
-                        "Configuration file 'nodes/{NODE}/qemu-server/{id}.conf' does not exist"
+                        "Configuration file 'nodes/{node}/qemu-server/{id}.conf' does not exist"
                     ),
                 )
             })?;
