@@ -974,3 +974,14 @@ fn clone_to_a_node_without_a_template_uses_target() {
     assert_eq!(st.vms[&101].node, "pve2");
     assert_eq!(st.find("PUT", "/nodes/pve2/qemu/101/config").len(), 1);
 }
+
+#[test]
+fn task_warnings_are_not_failures() {
+    let f = fixture();
+    f.fake.state().warn_task = Some("qmcreate".into());
+    let (code, out, err) = f.import(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("created"), "{out}");
+    assert!(err.contains("WARNINGS: 1"), "logged: {err}");
+    assert!(f.fake.state().vms[&100].template);
+}

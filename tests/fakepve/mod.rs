@@ -133,6 +133,8 @@ pub struct State {
     /// Fail the next task of this type (`imgcopy`, `qmcreate`, `qmtemplate`, `qmclone`) with
     /// this message; a failing `qmcreate` leaves its VM behind (a create that died midway).
     pub fail_task: Option<(String, String)>,
+    /// Tasks of this type end with `WARNINGS: 1` (and a `WARN:` log line) instead of `OK`.
+    pub warn_task: Option<String>,
     /// Created VMs are running (someone started them): `template` must refuse.
     pub start_created: bool,
     /// Polls a task answers `running` before it stops.
@@ -238,6 +240,7 @@ impl FakePve {
             start_created: false,
             task_polls: 2,
             http_failures: Vec::new(),
+            warn_task: None,
             nextid: 100,
             tasks: BTreeMap::new(),
             seq: 0,
@@ -730,6 +733,12 @@ fn finish(s: &mut State, upid: &str) -> String {
             log.push(format!("TASK ERROR: {m}"));
             m
         }
+    };
+    let exit = if exit == "OK" && s.warn_task.as_deref() == Some(t.kind.as_str()) {
+        log.push("WARN: 1 warnings".into());
+        "WARNINGS: 1".to_string()
+    } else {
+        exit
     };
     if exit == "OK" {
         log.push("TASK OK".into());
