@@ -11,7 +11,8 @@ use std::path::PathBuf;
     about,
     long_about = None,
     after_help = "Exit status: 0 ok; 1 failure; 2 user error (bad recipe, inventory or overlay, \
-                  key files, unknown node, unsafe flash target; nothing written); 3 verification \
+                  key files, unknown node, unsafe flash target, Proxmox settings or a request Proxmox rejected; \
+                  nothing written); 3 verification \
                   failed (bad or missing signature, wrong key, a file changed, missing or not \
                   covered by SHA256SUMS)."
 )]
@@ -63,6 +64,113 @@ pub enum Command {
     /// by live-boot) and their NoCloud seed; only builds whose signature and files verify are
     /// served. SIGHUP re-reads and re-verifies out/; SIGINT/SIGTERM stop after open transfers.
     Serve(ServeArgs),
+    /// Import role images into Proxmox VE as VM templates, list them, clone nodes from them.
+    ///
+    /// Settings come from <dir>/proxmox.toml (url, node, storage, import_storage, bridge,
+    /// token_id, token_secret_file, fingerprint, ca_file, memory, cores), overridden by
+    /// KILN_PVE_URL, KILN_PVE_TOKEN_ID, KILN_PVE_TOKEN_SECRET_FILE, KILN_PVE_FINGERPRINT and the
+    /// flags. See docs/proxmox.md.
+    #[command(subcommand)]
+    Proxmox(ProxmoxCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxmoxCommand {
+    /// Upload a verified role build and make it a VM template (skipped if it exists).
+    ///
+    /// Checks the build's signature and every file first (exit status 3 if that fails), then:
+    /// upload of disk.qcow2 with content=import (PVE 8.4+), VM with the disk imported,
+    /// OVMF + EFI disk, cloud-init drive, serial console, converted to a template named
+    /// kiln-<role>-<build id 12>. A failed run removes the VM and the upload it made.
+    Import(PveImportArgs),
+    /// List kiln's templates and node VMs on the Proxmox cluster.
+    List(PveListArgs),
+    /// Full-clone a node's role template into a VM named after the host, with the node's MAC,
+    /// address, DNS and SSH keys as cloud-init settings (skipped if it exists).
+    Clone(PveCloneArgs),
+}
+
+/// Connection settings shared by the proxmox commands.
+#[derive(Debug, Args)]
+pub struct PveConnArgs {
+    /// Config file [default: <dir>/proxmox.toml].
+    #[arg(long, env = "KILN_PVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PVE node name (overrides `node`).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Storage for VM disks (overrides `storage`).
+    #[arg(long)]
+    pub storage: Option<String>,
+    /// Pin the server certificate by its SHA-256 fingerprint AA:BB:… (overrides `fingerprint`
+    /// and $KILN_PVE_FINGERPRINT).
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PveImportArgs {
+    /// Role whose build to import.
+    #[arg(long, short = 'r')]
+    pub role: String,
+    /// Build directory [default: <out>/<role>/latest].
+    #[arg(long)]
+    pub build: Option<PathBuf>,
+    /// VM id for the template [default: the cluster's next free id].
+    #[arg(long)]
+    pub vmid: Option<u32>,
+    /// Destroy an existing template of this build and import again.
+    #[arg(long)]
+    pub replace: bool,
+    /// Let PVE download the image from this http(s) URL (the build's disk.qcow2 served by you)
+    /// instead of uploading it; its sha256 is checked by PVE.
+    #[arg(long, value_name = "IMAGE_URL")]
+    pub url: Option<String>,
+    /// Write the equivalent `qm` shell script to FILE instead of using the API (PVE < 8.4, or
+    /// no API access). Needs no url or token.
+    #[arg(long, value_name = "FILE")]
+    pub emit_script: Option<PathBuf>,
+    /// Trusted signing key [default: <dir>/keys/signing_ed25519.pub].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: PveConnArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PveListArgs {
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: PveConnArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PveCloneArgs {
+    /// Inventory host name (recipes/cluster.toml).
+    pub hostname: String,
+    /// Build id of the role template [default: the build in <out>/<role>/latest].
+    #[arg(long)]
+    pub build_id: Option<String>,
+    /// VM id for the clone [default: the cluster's next free id].
+    #[arg(long)]
+    pub vmid: Option<u32>,
+    /// Destroy an existing kiln VM of this host (another build, or this one) and clone again.
+    #[arg(long)]
+    pub replace: bool,
+    /// PVE `cicustom` value, e.g. user=local:snippets/worker-1.yaml (set as well as the
+    /// generated settings).
+    #[arg(long)]
+    pub cicustom: Option<String>,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: PveConnArgs,
 }
 
 #[derive(Debug, Args)]

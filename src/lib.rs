@@ -14,6 +14,7 @@ pub mod k3s;
 pub mod keys;
 pub mod lock;
 pub mod node;
+pub mod proxmox;
 pub mod qemu;
 pub mod recipe;
 pub mod resolve;
@@ -37,7 +38,7 @@ pub const EXIT_USER_ERROR: i32 = 2;
 pub const EXIT_VERIFY_FAILED: i32 = 3;
 
 /// Maps an error to an exit status: 3 for verification failures ([`sign::VerifyError`]), 2 for
-/// recipe/user errors, 1 otherwise.
+/// recipe/user errors (including Proxmox settings and requests Proxmox rejected), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     if err
         .chain()
@@ -49,6 +50,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             || e.downcast_ref::<keys::KeysError>().is_some()
             || e.downcast_ref::<seal::SealError>().is_some()
             || e.downcast_ref::<flash::FlashError>().is_some()
+            || e.downcast_ref::<proxmox::ProxmoxError>()
+                .is_some_and(proxmox::ProxmoxError::is_user_error)
     }) {
         EXIT_USER_ERROR
     } else {
@@ -359,6 +362,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             serve::serve_command(&project, &out_dir(&cli), &opts)
         }
+        Command::Proxmox(p) => proxmox::run(&cli.dir, &out_dir(&cli), p),
         Command::Doctor(a) => {
             let st = tools::status();
             if a.json {

@@ -1,0 +1,422 @@
+//! Settings for talking to Proxmox: `<dir>/proxmox.toml`, overridden by `KILN_PVE_*`
+//! environment variables, overridden by command-line flags. The token secret is only ever read
+//! from a file (never a flag, never the config file itself).
+
+use super::ProxmoxError;
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default config file name in the project directory.
+pub const CONFIG_FILE: &str = "proxmox.toml";
+
+/// `proxmox.toml`. Every key is optional in the file; [`Settings::load`] says which are needed.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `https://pve.example:8006` (the `/api2/json` suffix is added).
+    pub url: Option<String>,
+    /// Cluster node that runs the imports and owns the templates (e.g. `pve1`).
+    pub node: Option<String>,
+    /// Storage for VM disks, the EFI disk and the cloud-init drive (e.g. `local-lvm`).
+    pub storage: Option<String>,
+    /// File-based storage with the `import` content type that receives the upload
+    /// [default: `storage`].
+    pub import_storage: Option<String>,
+    /// Bridge for `net0` [default: `vmbr0`].
+    pub bridge: Option<String>,
+    /// API token id, `USER@REALM!TOKENID`.
+    pub token_id: Option<String>,
+    /// File holding the token secret (one line); relative to the config file.
+    pub token_secret_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the server's certificate, `AA:BB:…` (32 bytes): pins it.
+    pub fingerprint: Option<String>,
+    /// PEM file with the CA certificate(s) to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Memory of templates and clones in MiB [default: 2048].
+    pub memory: Option<u32>,
+    /// CPU cores [default: 2].
+    pub cores: Option<u32>,
+}
+
+/// How the server's certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// Webpki roots (publicly trusted certificates).
+    Public,
+    /// CA certificates from a PEM file.
+    CaFile(PathBuf),
+    /// Only the leaf certificate with this SHA-256 digest; `source` names the setting.
+    Pinned { sha256: [u8; 32], source: String },
+}
+
+/// Everything the Proxmox commands need, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Base URL ending in `/api2/json/`.
+    pub api: url::Url,
+    pub node: String,
+    pub storage: String,
+    pub import_storage: String,
+    pub bridge: String,
+    pub token_id: String,
+    pub token_secret: String,
+    pub tls: Tls,
+    pub memory: u32,
+    pub cores: u32,
+    /// Per-request timeout for API calls (uploads have none).
+    pub timeout: Duration,
+    /// Task polling interval (`KILN_PVE_POLL_MS`; tests shorten it).
+    pub poll: Duration,
+}
+
+/// Command-line overrides.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub node: Option<String>,
+    pub storage: Option<String>,
+    pub fingerprint: Option<String>,
+}
+
+fn cfg_err(
+    source: impl Into<String>,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> anyhow::Error {
+    ProxmoxError::Config {
+        source_: source.into(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+    .into()
+}
+
+/// Parses `AA:BB:…` (32 bytes, colons optional, any case).
+pub fn parse_fingerprint(s: &str, source: &str) -> Result<[u8; 32]> {
+    let hexs: String = s.trim().chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(&hexs).ok().filter(|b| b.len() == 32);
+    match bytes {
+        Some(b) => Ok(b.try_into().expect("32 bytes")),
+        None => Err(cfg_err(
+            source,
+            format!("{s:?} is not a SHA-256 certificate fingerprint"),
+            "give 32 hex bytes separated by colons, e.g. the `Fingerprint (sha256)` line of \
+             `pvenode cert info` on the PVE host",
+        )),
+    }
+}
+
+/// Formats a digest as `AA:BB:…`.
+pub fn format_fingerprint(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Reads the config file (`over.config`, `$KILN_PVE_CONFIG`, else `<dir>/proxmox.toml` if it
+/// exists); returns it and its path.
+pub fn load_file(dir: &Path, over: &Overrides) -> Result<(ConfigFile, PathBuf)> {
+    load_file_with_env(dir, over, &|k| {
+        std::env::var(k).ok().filter(|v| !v.is_empty())
+    })
+}
+
+fn load_file_with_env(
+    dir: &Path,
+    over: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(ConfigFile, PathBuf)> {
+    let path = over
+        .config
+        .clone()
+        .or_else(|| env("KILN_PVE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| dir.join(CONFIG_FILE));
+    let explicit = over.config.is_some() || env("KILN_PVE_CONFIG").is_some();
+    let pname = path.display().to_string();
+    let file: ConfigFile = match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| {
+            cfg_err(
+                pname.clone(),
+                e.message().to_string(),
+                "the keys are url, node, storage, import_storage, bridge, token_id, \
+                 token_secret_file, fingerprint, ca_file, memory, cores (see docs/proxmox.md)",
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => ConfigFile::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading the Proxmox config {pname}")),
+    };
+    Ok((file, path))
+}
+
+impl Settings {
+    /// Loads the config file (`over.config`, else `<dir>/proxmox.toml` if it exists), applies
+    /// `KILN_PVE_URL`, `KILN_PVE_TOKEN_ID`, `KILN_PVE_TOKEN_SECRET_FILE`, `KILN_PVE_FINGERPRINT`,
+    /// then the flags, and checks the result.
+    pub fn load(dir: &Path, over: &Overrides) -> Result<Settings> {
+        Self::load_with_env(dir, over, &|k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    /// [`Settings::load`] with an explicit environment (tests).
+    pub fn load_with_env(
+        dir: &Path,
+        over: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings> {
+        let (file, path) = load_file_with_env(dir, over, env)?;
+        let pname = path.display().to_string();
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let key = |k: &str| format!("{pname}:{k}");
+
+        // value, where it came from
+        let pick = |flag: Option<(&Option<String>, &str)>,
+                    envk: Option<&str>,
+                    filev: &Option<String>,
+                    k: &str|
+         -> Option<(String, String)> {
+            if let Some((Some(v), f)) = flag {
+                return Some((v.clone(), f.to_string()));
+            }
+            if let Some(e) = envk {
+                if let Some(v) = env(e) {
+                    return Some((v, format!("${e}")));
+                }
+            }
+            filev.clone().map(|v| (v, key(k)))
+        };
+        let need = |v: Option<(String, String)>, k: &str, how: &str| -> Result<(String, String)> {
+            v.ok_or_else(|| {
+                cfg_err(
+                    pname.clone(),
+                    format!("no `{k}` setting"),
+                    format!("set `{k}` in {pname}{how}"),
+                )
+            })
+        };
+
+        let (url_s, url_src) = need(
+            pick(None, Some("KILN_PVE_URL"), &file.url, "url"),
+            "url",
+            " or $KILN_PVE_URL (e.g. https://pve1.lab:8006)",
+        )?;
+        let mut api = url::Url::parse(&url_s).map_err(|e| {
+            cfg_err(
+                &url_src,
+                format!("{url_s:?} is not a URL ({e})"),
+                "use https://HOST:8006",
+            )
+        })?;
+        if api.scheme() != "https" || api.host_str().is_none() {
+            return Err(cfg_err(
+                &url_src,
+                format!("{url_s:?} is not an https:// URL with a host"),
+                "PVE's API listens on https://HOST:8006",
+            ));
+        }
+        let p = api
+            .path()
+            .trim_end_matches('/')
+            .trim_end_matches("/api2/json")
+            .to_string();
+        api.set_path(&format!("{}/api2/json/", p.trim_end_matches('/')));
+        api.set_query(None);
+
+        let (node, node_src) = need(
+            pick(Some((&over.node, "--node")), None, &file.node, "node"),
+            "node",
+            " or pass --node (the PVE node name, as in `pvecm nodes`)",
+        )?;
+        check_id(&node, &node_src, "a PVE node name")?;
+        let (storage, st_src) = need(
+            pick(
+                Some((&over.storage, "--storage")),
+                None,
+                &file.storage,
+                "storage",
+            ),
+            "storage",
+            " or pass --storage (e.g. local-lvm)",
+        )?;
+        check_id(&storage, &st_src, "a PVE storage id")?;
+        let import_storage = match &file.import_storage {
+            Some(s) => {
+                check_id(s, &key("import_storage"), "a PVE storage id")?;
+                s.clone()
+            }
+            None => storage.clone(),
+        };
+        let bridge = file.bridge.clone().unwrap_or_else(|| "vmbr0".into());
+        check_id(&bridge, &key("bridge"), "a bridge name")?;
+
+        let (token_id, tid_src) = need(
+            pick(None, Some("KILN_PVE_TOKEN_ID"), &file.token_id, "token_id"),
+            "token_id",
+            " or $KILN_PVE_TOKEN_ID (USER@REALM!TOKENID, from `pveum user token add`)",
+        )?;
+        let valid_tid = token_id
+            .split_once('!')
+            .is_some_and(|(u, t)| u.contains('@') && !t.is_empty() && !t.contains(['=', ' ']));
+        if !valid_tid {
+            return Err(cfg_err(
+                tid_src,
+                format!("{token_id:?} is not an API token id"),
+                "use USER@REALM!TOKENID, e.g. kiln@pve!import",
+            ));
+        }
+        let (secret_path, sec_src) = match env("KILN_PVE_TOKEN_SECRET_FILE") {
+            Some(p) => (PathBuf::from(p), "$KILN_PVE_TOKEN_SECRET_FILE".to_string()),
+            None => match &file.token_secret_file {
+                Some(p) => (base.join(p), key("token_secret_file")),
+                None => {
+                    return Err(cfg_err(
+                        pname.clone(),
+                        "no `token_secret_file` setting",
+                        format!(
+                            "put the token secret in a file readable only by you and set \
+                             `token_secret_file` in {pname} or $KILN_PVE_TOKEN_SECRET_FILE"
+                        ),
+                    ))
+                }
+            },
+        };
+        let token_secret = std::fs::read_to_string(&secret_path)
+            .map_err(|e| {
+                cfg_err(
+                    &sec_src,
+                    format!("cannot read {}: {e}", secret_path.display()),
+                    "create the file with the token secret (the UUID `pveum user token add` printed)",
+                )
+            })?
+            .trim()
+            .to_string();
+        if token_secret.is_empty() || token_secret.contains(char::is_whitespace) {
+            return Err(cfg_err(
+                sec_src,
+                format!(
+                    "{} does not hold a token secret on one line",
+                    secret_path.display()
+                ),
+                "write only the secret (a UUID) into the file",
+            ));
+        }
+
+        let tls = match pick(
+            Some((&over.fingerprint, "--fingerprint")),
+            Some("KILN_PVE_FINGERPRINT"),
+            &file.fingerprint,
+            "fingerprint",
+        ) {
+            Some((fp, src)) => Tls::Pinned {
+                sha256: parse_fingerprint(&fp, &src)?,
+                source: src,
+            },
+            None => match &file.ca_file {
+                Some(p) => {
+                    let p = base.join(p);
+                    if !p.is_file() {
+                        return Err(cfg_err(
+                            key("ca_file"),
+                            format!("{} does not exist", p.display()),
+                            "point it at the PVE cluster CA (/etc/pve/pve-root-ca.pem on a PVE host)",
+                        ));
+                    }
+                    Tls::CaFile(p)
+                }
+                None => Tls::Public,
+            },
+        };
+        let memory = file.memory.unwrap_or(2048);
+        let cores = file.cores.unwrap_or(2);
+        if memory < 256 || cores == 0 {
+            return Err(cfg_err(
+                key(if cores == 0 { "cores" } else { "memory" }),
+                "too small",
+                "memory is in MiB (at least 256), cores at least 1",
+            ));
+        }
+        let poll = env("KILN_PVE_POLL_MS")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(1));
+        Ok(Settings {
+            api,
+            node,
+            storage,
+            import_storage,
+            bridge,
+            token_id,
+            token_secret,
+            tls,
+            memory,
+            cores,
+            timeout: Duration::from_secs(60),
+            poll,
+        })
+    }
+}
+
+/// PVE ids (node, storage, bridge): `[A-Za-z][A-Za-z0-9\-_.]*`.
+fn check_id(v: &str, source: &str, what: &str) -> Result<()> {
+    let ok = v.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(cfg_err(
+            source,
+            format!("{v:?} is not {what}"),
+            "use the name as Proxmox shows it (letters, digits, - _ .)",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints() {
+        let fp = "ab:".repeat(31) + "ab";
+        assert_eq!(parse_fingerprint(&fp, "x").unwrap(), [0xab; 32]);
+        assert_eq!(format_fingerprint(&[0xab; 2]), "AB:AB");
+        assert!(parse_fingerprint("AB:CD", "x").is_err());
+        assert!(parse_fingerprint("zz", "x").is_err());
+    }
+
+    #[test]
+    fn settings_from_file_env_and_flags() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("secret"), "s3cr3t\n").unwrap();
+        std::fs::write(
+            d.path().join(CONFIG_FILE),
+            "url = \"https://pve:8006/\"\nnode = \"pve1\"\nstorage = \"local-lvm\"\n\
+             import_storage = \"local\"\ntoken_id = \"kiln@pve!import\"\n\
+             token_secret_file = \"secret\"\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "KILN_PVE_URL").then(|| "https://other:8006".to_string());
+        let s = Settings::load_with_env(
+            d.path(),
+            &Overrides {
+                node: Some("pve2".into()),
+                ..Default::default()
+            },
+            &env,
+        )
+        .unwrap();
+        assert_eq!(s.api.as_str(), "https://other:8006/api2/json/");
+        assert_eq!(s.node, "pve2");
+        assert_eq!(s.import_storage, "local");
+        assert_eq!(s.token_secret, "s3cr3t");
+        assert_eq!(s.tls, Tls::Public);
+
+        std::fs::write(d.path().join(CONFIG_FILE), "nope = 1\n").unwrap();
+        let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
+    }
+}
