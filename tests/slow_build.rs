@@ -1185,15 +1185,21 @@ fn missing_pxe_capability() -> Option<String> {
             return Some(format!("{f} missing ({pkg})"));
         }
     }
-    let probe = format!("kilnprobe{}", std::process::id());
-    let ok = Command::new("ip")
-        .args(["netns", "add", &probe])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+    // One probe per test (they run in parallel in one process).
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let probe = format!("kilnprobe{}x{n}", std::process::id());
+    let o = Command::new("ip").args(["netns", "add", &probe]).output();
     let _ = Command::new("ip").args(["netns", "del", &probe]).status();
-    if !ok {
-        return Some("cannot create network namespaces (`ip netns add` failed)".into());
+    match o {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return Some(format!(
+                "cannot create network namespaces (`ip netns add`: {})",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+        Err(e) => return Some(format!("cannot run `ip netns add`: {e}")),
     }
     None
 }
