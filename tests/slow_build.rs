@@ -1211,6 +1211,8 @@ struct Lan {
     ns: String,
     dhcp_ns: Option<String>,
     children: Vec<std::process::Child>,
+    /// Index of `kiln serve` in `children`.
+    serve_at: Option<usize>,
 }
 
 impl Lan {
@@ -1225,6 +1227,7 @@ impl Lan {
             ns: ns.clone(),
             dhcp_ns: None,
             children: vec![],
+            serve_at: None,
         };
         sh(&["-n", &ns, "link", "set", "lo", "up"]);
         sh(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
@@ -1277,6 +1280,7 @@ impl Lan {
             &mut line,
         )
         .unwrap();
+        self.serve_at = Some(self.children.len());
         self.children.push(child);
         assert!(
             !line.is_empty(),
@@ -1287,10 +1291,22 @@ impl Lan {
     }
 }
 
+impl Lan {
+    /// SIGTERM to `kiln serve` (the first child started by [`Lan::serve`]); its exit status.
+    fn stop_serve(&mut self) -> i32 {
+        let Some(i) = self.serve_at else { return -1 };
+        let c = &mut self.children[i];
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1)
+    }
+}
+
 impl Drop for Lan {
     fn drop(&mut self) {
         for c in &mut self.children {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            if matches!(c.try_wait(), Ok(None)) {
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
         }
         for c in &mut self.children {
             let _ = c.wait();
@@ -1429,7 +1445,13 @@ fn privileged_pxe_boot_worker_diskless() {
             || console.contains("saved"),
         "live-boot did not fetch the squashfs"
     );
-    drop(lan); // SIGTERM: graceful stop
+    assert_eq!(
+        lan.stop_serve(),
+        0,
+        "kiln serve did not stop cleanly: {}",
+        serve_log.display()
+    );
+    drop(lan);
     let slog = fs::read_to_string(&serve_log).unwrap();
     for needle in [
         "reply=\"offer\"",
@@ -1507,6 +1529,12 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
         !booted.line.contains("ds=nocloud"),
         "an unknown MAC must not get a seed: {}",
         booted.line
+    );
+    assert_eq!(
+        lan.stop_serve(),
+        0,
+        "kiln serve did not stop cleanly: {}",
+        serve_log.display()
     );
     drop(lan);
     let slog = fs::read_to_string(&serve_log).unwrap();

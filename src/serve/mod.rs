@@ -245,6 +245,13 @@ fn udp_socket(
     Ok(s.into())
 }
 
+/// A line on stdout; a closed stdout (the reader went away) is not an error for a server.
+fn out(line: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}").and_then(|_| o.flush());
+}
+
 /// Runs `kiln serve` until SIGINT/SIGTERM; SIGHUP reloads (and re-verifies) the builds.
 pub fn serve_command(project: &Project, out_dir: &Path, o: &ServeOptions) -> Result<()> {
     let key = crate::sign::load_verifying_key(&o.key)?;
@@ -446,29 +453,29 @@ async fn run(
         "catalog": state.catalog().status(),
     });
     if o.json {
-        println!("{}", serde_json::to_string(&status)?);
+        out(&serde_json::to_string(&status)?);
     } else {
         let cat = state.catalog();
-        println!(
+        out(&format!(
             "kiln serve: {base_url} (HTTP {http_bound}, TFTP {tftp_bound}, DHCP {})",
             match (dhcp_bound, proxy_bound) {
                 (Some(a), Some(b)) => format!("proxy on {} and {}", a, b.port()),
                 (Some(a), None) => format!("full on {a}"),
                 _ => "off".into(),
             }
-        );
+        ));
         for n in cat.nodes.values() {
-            println!(
+            out(&format!(
                 "  {} {} → {} {} seed={}",
                 n.mac,
                 n.hostname,
                 n.role,
                 catalog::short(&n.build_id),
                 n.instance_id.as_deref().unwrap_or("none")
-            );
+            ));
         }
         if let Some((r, id)) = &cat.default {
-            println!("  any other MAC → {r} {}", catalog::short(id));
+            out(&format!("  any other MAC → {r} {}", catalog::short(id)));
         }
     }
     use std::io::Write;
@@ -523,7 +530,7 @@ async fn run(
         "dhcp_replies": m.total("kiln_dhcp_replies_total"),
     });
     if o.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        out(&serde_json::to_string(&summary)?);
     } else {
         eprintln!("kiln serve: stopped: {summary}");
     }
