@@ -9,7 +9,7 @@ mod signing;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -878,5 +878,3 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
     assert_eq!(code, 0);
 }
 
-#[allow(dead_code)]
-fn unused(_: &Path) {}
