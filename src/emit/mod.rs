@@ -25,19 +25,27 @@ fn jobs() -> usize {
         .unwrap_or(1)
 }
 
-/// `rootfs.tar.zst` from the composed tar.
+/// `rootfs.tar.zst` from the composed tar, compressed by one zstd worker thread per core. zstd's
+/// multi-threaded format does not depend on the number of workers (always at least one), so
+/// the bytes are the same on any machine.
 pub fn compress_tar(tar: &Path, out: &Path) -> Result<()> {
     let input = fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?;
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut enc = zstd::stream::Encoder::new(BufWriter::with_capacity(1 << 20, f), ZSTD_LEVEL)?;
+    enc.multithread(jobs().max(1) as u32)?;
     enc.include_checksum(true)?;
     enc.set_pledged_src_size(Some(input.metadata()?.len()))?;
     enc.include_contentsize(true)?;
     util::copy_large(&mut BufReader::with_capacity(1 << 20, input), &mut enc)
         .with_context(|| format!("compressing into {}", out.display()))?;
-    let mut w = enc.finish()?;
-    w.flush()?;
-    w.get_ref().sync_all()?;
+    let mut w = enc
+        .finish()
+        .with_context(|| format!("compressing into {}", out.display()))?;
+    w.flush()
+        .with_context(|| format!("writing {}", out.display()))?;
+    w.get_ref()
+        .sync_all()
+        .with_context(|| format!("syncing {}", out.display()))?;
     Ok(())
 }
 
@@ -59,6 +67,7 @@ pub fn squashfs_from_tar(tar: &Path, out: &Path, source_date_epoch: i64) -> Resu
         ])
         .arg(out)
         .stdin(Stdio::from(input));
+    tools::die_with_parent(&mut cmd);
     let line = format!("{cmd:?}");
     tracing::debug!(command = %line, "running");
     let o = cmd.output().with_context(|| format!("starting {line}"))?;
