@@ -100,9 +100,14 @@ pub const DIGEST_FILE: &str = "rootfs.tar.sha256";
 pub enum CacheCheck {
     Good,
     /// The tarball's sha256 is not the recorded one (damaged or truncated).
-    Corrupt { recorded: String, actual: String },
+    Corrupt {
+        recorded: String,
+        actual: String,
+    },
     /// Made by a kiln that did not record digests yet.
-    Unrecorded { actual: String },
+    Unrecorded {
+        actual: String,
+    },
 }
 
 /// Hashes `<dir>/rootfs.tar` and compares it with `<dir>/rootfs.tar.sha256`.
@@ -132,8 +137,12 @@ fn lock_base_cache(parent: &Path) -> Result<fs::File> {
         .open(&p)
         .with_context(|| format!("opening {}", p.display()))?;
     if f.try_lock().is_err() {
-        tracing::warn!("waiting for {} (another kiln is building a base in this cache)", p.display());
-        f.lock().with_context(|| format!("locking {}", p.display()))?;
+        tracing::warn!(
+            "waiting for {} (another kiln is building a base in this cache)",
+            p.display()
+        );
+        f.lock()
+            .with_context(|| format!("locking {}", p.display()))?;
     }
     Ok(f)
 }
@@ -216,7 +225,10 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> 
     tools::run(&mut cmd).context("base stage: mmdebstrap failed (check the package names and that `apt-get update` works on this host)")?;
     util::sync_path(&tmp_tar)?;
     let (digest, _) = util::sha256_file(&tmp_tar)?;
-    util::write_atomic(&tmp.path().join(DIGEST_FILE), format!("{digest}\n").as_bytes())?;
+    util::write_atomic(
+        &tmp.path().join(DIGEST_FILE),
+        format!("{digest}\n").as_bytes(),
+    )?;
     let spec_json = serde_json::to_vec_pretty(spec)?;
     util::write_atomic(&tmp.path().join("spec.json"), &spec_json)?;
     let tmp_path = tmp.keep();

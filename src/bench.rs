@@ -47,9 +47,13 @@ pub struct Machine {
 pub struct Row {
     pub part: String,
     pub what: String,
-    /// Median of `runs` (seconds), when timed.
+    /// Median of `runs` (wall-clock seconds), when timed.
     pub median_seconds: Option<f64>,
     pub runs: Vec<f64>,
+    /// Median CPU seconds (user + system, kiln and the tools it ran): stable on a busy machine
+    /// where wall time is not.
+    pub median_cpu_seconds: Option<f64>,
+    pub cpu_runs: Vec<f64>,
     /// Extra facts (sizes, per-stage medians).
     pub detail: String,
     pub target: Option<String>,
@@ -59,12 +63,16 @@ pub struct Row {
 }
 
 impl Row {
-    fn timed(part: &str, what: impl Into<String>, runs: Vec<f64>) -> Row {
+    fn timed(part: &str, what: impl Into<String>, runs: Vec<Timing>) -> Row {
+        let wall: Vec<f64> = runs.iter().map(|t| t.wall).collect();
+        let cpu: Vec<f64> = runs.iter().map(|t| t.cpu).collect();
         Row {
             part: part.into(),
             what: what.into(),
-            median_seconds: median(&runs),
-            runs,
+            median_seconds: median(&wall),
+            runs: wall,
+            median_cpu_seconds: median(&cpu),
+            cpu_runs: cpu,
             detail: String::new(),
             target: None,
             ratio: None,
@@ -77,6 +85,8 @@ impl Row {
             what: what.into(),
             median_seconds: None,
             runs: vec![],
+            median_cpu_seconds: None,
+            cpu_runs: vec![],
             detail: detail.into(),
             target: None,
             ratio: None,
@@ -92,6 +102,38 @@ pub struct BenchReport {
     pub machine: Machine,
     pub roles: Vec<String>,
     pub rows: Vec<Row>,
+}
+
+/// Wall-clock and CPU seconds of one measured run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    pub wall: f64,
+    pub cpu: f64,
+}
+
+/// CPU seconds (user + system) used so far by this process and its waited-for children.
+fn cpu_now() -> f64 {
+    let get = |who| {
+        // SAFETY: getrusage fills a plain C struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut ru) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    get(libc::RUSAGE_SELF) + get(libc::RUSAGE_CHILDREN)
+}
+
+/// Runs `f`, returning its result and how long it took (wall and CPU).
+pub fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Timing)> {
+    let (t, c) = (Instant::now(), cpu_now());
+    let v = f()?;
+    Ok((
+        v,
+        Timing {
+            wall: round2(t.elapsed().as_secs_f64()),
+            cpu: round2(cpu_now() - c),
+        },
+    ))
 }
 
 /// Median of a non-empty sample (mean of the middle two for even counts).
@@ -192,14 +234,14 @@ fn copy_project(from: &Path, to: &Path) -> Result<Project> {
     Ok(recipe::load_project(to)?)
 }
 
-/// Builds `roles` of `project` into `out` with `cache`; returns the reports and the seconds of
+/// Builds `roles` of `project` into `out` with `cache`; returns the reports and the timings of
 /// the role builds (nodes excluded) and of the node outputs.
 fn build_roles(
     project: &Project,
     roles: &[String],
     out: &Path,
     cache: &Path,
-) -> Result<(Vec<build::BuildReport>, f64, f64, usize)> {
+) -> Result<(Vec<build::BuildReport>, Timing, Timing, usize)> {
     let resolved: Vec<Resolved> = roles
         .iter()
         .map(|r| resolve::resolve(project, r))
@@ -212,15 +254,14 @@ fn build_roles(
         offline: false,
         locked: false,
     };
-    let t = Instant::now();
-    let mut reports = Vec::new();
-    for r in &resolved {
-        reports.push(build::build_role(project, r, &opts)?);
-    }
-    let roles_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let nodes = node::build_nodes(project, &planned, &reports, &opts)?;
-    Ok((reports, roles_s, t.elapsed().as_secs_f64(), nodes.len()))
+    let (reports, roles_t) = measure(|| {
+        resolved
+            .iter()
+            .map(|r| build::build_role(project, r, &opts))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let (nodes, nodes_t) = measure(|| node::build_nodes(project, &planned, &reports, &opts))?;
+    Ok((reports, roles_t, nodes_t, nodes.len()))
 }
 
 fn stage_medians(all: &[Vec<(String, f64)>]) -> String {
@@ -260,13 +301,16 @@ fn cold(
             .map(|(_, s)| *s)
             .unwrap_or(0.0);
         bases = reports.iter().filter(|r| !r.base_cached).count();
-        base_s.push(first_base);
+        base_s.push(Timing {
+            wall: first_base,
+            cpu: f64::NAN,
+        });
         total_s.push(roles_s);
         for d in [&cache, &out] {
             fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
         }
     }
-    let b = median(&base_s).unwrap_or(0.0);
+    let b = median(&base_s.iter().map(|t| t.wall).collect::<Vec<_>>()).unwrap_or(0.0);
     rows.push(Row::timed(
         "cold",
         format!("one base build (mmdebstrap, role {})", roles[0]),
@@ -308,8 +352,11 @@ fn warm(
         let edit = pdir.join("overlays").join(role).join("etc/kiln-bench-edit");
         for i in 0..runs {
             fs::create_dir_all(edit.parent().expect("has parent"))?;
-            fs::write(&edit, format!("kiln bench edit {i} {}\n", std::process::id()))
-                .with_context(|| format!("writing {}", edit.display()))?;
+            fs::write(
+                &edit,
+                format!("kiln bench edit {i} {}\n", std::process::id()),
+            )
+            .with_context(|| format!("writing {}", edit.display()))?;
             let project = recipe::load_project(&pdir)?;
             let (reports, rs, ns, nn) = build_roles(&project, &one, &out, cache)?;
             role_s.push(rs);
@@ -342,10 +389,8 @@ fn warm(
     Ok(())
 }
 
-fn time_it(f: impl FnOnce() -> Result<()>) -> Result<f64> {
-    let t = Instant::now();
-    f()?;
-    Ok(round2(t.elapsed().as_secs_f64()))
+fn time_it(f: impl FnOnce() -> Result<()>) -> Result<Timing> {
+    Ok(measure(f)?.1)
 }
 
 fn run_tool(cmd: &mut Command) -> Result<()> {
@@ -411,7 +456,12 @@ fn compress(
                         &emit::SQUASHFS_ZSTD_LEVEL.to_string(),
                     ])
                     .args(["-b", "1M", "-processors", &jobs])
-                    .args(["-mkfs-time", &sde.to_string(), "-all-time", &sde.to_string()]),
+                    .args([
+                        "-mkfs-time",
+                        &sde.to_string(),
+                        "-all-time",
+                        &sde.to_string(),
+                    ]),
             )
         })?);
     }
@@ -438,8 +488,9 @@ fn compress(
         "compress",
         "squashfs speed: mksquashfs time / kiln time",
         format!(
-            "size kiln/mksquashfs {:.3}",
-            ksz as f64 / msz.max(1) as f64
+            "size kiln/mksquashfs {:.3}; cpu mksquashfs/kiln {:.2}",
+            ksz as f64 / msz.max(1) as f64,
+            m.median_cpu_seconds.unwrap_or(0.0) / r.median_cpu_seconds.unwrap_or(1.0).max(0.01)
         ),
     );
     ratio.target = Some(format!("≥ {TARGET_COMPRESS_RATIO}"));
@@ -487,7 +538,11 @@ fn compress(
     let mut ratio = Row::note(
         "compress",
         "zstd speed: zstd -T0 time / kiln time",
-        format!("size kiln/zstd {:.3}", kzs as f64 / zzs.max(1) as f64),
+        format!(
+            "size kiln/zstd {:.3}; cpu zstd/kiln {:.2}",
+            kzs as f64 / zzs.max(1) as f64,
+            z.median_cpu_seconds.unwrap_or(0.0) / r.median_cpu_seconds.unwrap_or(1.0).max(0.01)
+        ),
     );
     ratio.target = Some(format!("≥ {TARGET_COMPRESS_RATIO}"));
     if km > 0.0 {
@@ -515,7 +570,14 @@ pub fn run_bench(
         cold(project_dir, work, roles, runs.unwrap_or(1), &mut rows)?;
     }
     if has("warm") {
-        warm(project_dir, work, cache, roles, runs.unwrap_or(3), &mut rows)?;
+        warm(
+            project_dir,
+            work,
+            cache,
+            roles,
+            runs.unwrap_or(3),
+            &mut rows,
+        )?;
     }
     if has("compress") {
         compress(
@@ -567,16 +629,20 @@ pub fn print_table(r: &BenchReport, o: &mut dyn Write) -> Result<()> {
     )?;
     writeln!(
         o,
-        "{:<9} {:<66} {:>9} {:>5} {:>14} {:>7} {:>4}",
-        "part", "measurement", "median", "runs", "target", "value", "met"
+        "{:<9} {:<66} {:>9} {:>9} {:>5} {:>14} {:>7} {:>4}",
+        "part", "measurement", "median", "cpu", "runs", "target", "value", "met"
     )?;
     for row in &r.rows {
         writeln!(
             o,
-            "{:<9} {:<66} {:>9} {:>5} {:>14} {:>7} {:>4}",
+            "{:<9} {:<66} {:>9} {:>9} {:>5} {:>14} {:>7} {:>4}",
             row.part,
             row.what,
             row.median_seconds
+                .map(|s| format!("{s:.1} s"))
+                .unwrap_or_default(),
+            row.median_cpu_seconds
+                .filter(|c| c.is_finite())
                 .map(|s| format!("{s:.1} s"))
                 .unwrap_or_default(),
             if row.runs.is_empty() {
@@ -671,7 +737,8 @@ mod tests {
 
     #[test]
     fn table_marks_targets() {
-        let mut r = Row::timed("warm", "worker", vec![12.0, 9.0, 11.0]);
+        let t = |wall| Timing { wall, cpu: 1.0 };
+        let mut r = Row::timed("warm", "worker", vec![t(12.0), t(9.0), t(11.0)]);
         r.target = Some("≤ 10 s".into());
         r.ratio = Some(11.0);
         r.met = Some(false);
@@ -679,10 +746,7 @@ mod tests {
             schema: "kiln.bench/1",
             machine: describe_machine(Path::new("/")),
             roles: vec!["worker".into()],
-            rows: vec![
-                r,
-                Row::note("pxe", "HTTP", "not available yet"),
-            ],
+            rows: vec![r, Row::note("pxe", "HTTP", "not available yet")],
         };
         let mut buf = Vec::new();
         print_table(&rep, &mut buf).unwrap();

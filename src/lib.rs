@@ -40,13 +40,10 @@ pub const EXIT_VERIFY_FAILED: i32 = 3;
 /// Maps an error to an exit status: 3 for verification failures ([`sign::VerifyError`]), 2 for
 /// recipe/user errors, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err
-        .chain()
-        .any(|e| {
-            e.downcast_ref::<sign::VerifyError>().is_some()
-                || e.downcast_ref::<reproduce::NotReproduced>().is_some()
-        })
-    {
+    if err.chain().any(|e| {
+        e.downcast_ref::<sign::VerifyError>().is_some()
+            || e.downcast_ref::<reproduce::NotReproduced>().is_some()
+    }) {
         EXIT_VERIFY_FAILED
     } else if err.chain().any(|e| {
         e.downcast_ref::<recipe::RecipeError>().is_some()

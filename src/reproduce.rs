@@ -200,7 +200,12 @@ fn json_diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
         {
             let index = |v: &Vec<Value>| -> BTreeMap<String, Value> {
                 v.iter()
-                    .map(|e| (e["image_path"].as_str().unwrap_or("").to_string(), e.clone()))
+                    .map(|e| {
+                        (
+                            e["image_path"].as_str().unwrap_or("").to_string(),
+                            e.clone(),
+                        )
+                    })
                     .collect()
             };
             let (ix, iy) = (index(x), index(y));
@@ -373,7 +378,11 @@ pub fn compare_files(a: &Path, b: &Path) -> Result<(String, String, Option<u64>)
         }
         pos += na.max(nb) as u64;
     }
-    Ok((hex::encode(ha.finalize()), hex::encode(hb.finalize()), first))
+    Ok((
+        hex::encode(ha.finalize()),
+        hex::encode(hb.finalize()),
+        first,
+    ))
 }
 
 fn read_full(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -472,7 +481,9 @@ pub fn check_inputs(
     let now = serde_json::to_value(resolved)?;
     let mut diffs = input_differences(&manifest["inputs"], &now);
     if diffs.is_empty() {
-        diffs.push("(no recorded input differs: the build id schema or kiln version changed)".into());
+        diffs.push(
+            "(no recorded input differs: the build id schema or kiln version changed)".into(),
+        );
     }
     let shown: Vec<String> = diffs.iter().take(20).map(|d| format!("    {d}")).collect();
     let more = if diffs.len() > 20 {
@@ -551,7 +562,11 @@ fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
     }
     if let (Some(ss), "server") = (&r.cluster.sealed_secrets, r.recipe.k3s.mode.as_str()) {
         if let Some(c) = &ss.chart {
-            v.push(("sealed-secrets-chart".into(), c.sha256.clone(), c.url.clone()));
+            v.push((
+                "sealed-secrets-chart".into(),
+                c.sha256.clone(),
+                c.url.clone(),
+            ));
         }
     }
     for c in &r.recipe.k3s.charts {
@@ -587,11 +602,15 @@ fn seed_artifact(old_cache: &Path, new_cache: &Path, sha256: &str) -> Result<boo
     }
     if hex::encode(h.finalize()) != sha256 {
         fs::remove_file(&tmp).ok();
-        tracing::warn!("{} does not match its name; it will be fetched", src.display());
+        tracing::warn!(
+            "{} does not match its name; it will be fetched",
+            src.display()
+        );
         return Ok(false);
     }
     w.sync_all()?;
-    fs::rename(&tmp, dir.join(sha256)).with_context(|| format!("moving {} into place", tmp.display()))?;
+    fs::rename(&tmp, dir.join(sha256))
+        .with_context(|| format!("moving {} into place", tmp.display()))?;
     Ok(true)
 }
 
@@ -685,13 +704,12 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
     let seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
 
     let artifacts = compare_dirs(&original, &rep.dir)?;
-    let differs = |n: &str| {
-        artifacts
-            .iter()
-            .any(|a| a.name == n && a.result != "same")
-    };
+    let differs = |n: &str| artifacts.iter().any(|a| a.name == n && a.result != "same");
     let file_list_diff = if differs("rootfs.tar.zst") || differs("root.squashfs") {
-        let (a, b) = (original.join("rootfs.tar.zst"), rep.dir.join("rootfs.tar.zst"));
+        let (a, b) = (
+            original.join("rootfs.tar.zst"),
+            rep.dir.join("rootfs.tar.zst"),
+        );
         if a.is_file() && b.is_file() {
             Some(diff_file_lists(&file_list(&a)?, &file_list(&b)?))
         } else {
@@ -729,7 +747,9 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
 }
 
 fn short_sha(s: &Option<String>) -> String {
-    s.as_deref().map(|s| s[..16].to_string()).unwrap_or_else(|| "-".into())
+    s.as_deref()
+        .map(|s| s[..16].to_string())
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Prints the report as a table (or JSON) on stdout.
@@ -863,6 +883,8 @@ mod tests {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
         h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_size(0);
         b.append_data(&mut h, "./etc/", std::io::empty()).unwrap();
         for (p, mode, uid, data) in files {
@@ -877,6 +899,8 @@ mod tests {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_size(0);
         b.append_link(&mut h, "./etc/link", link).unwrap();
         b.into_inner().unwrap();

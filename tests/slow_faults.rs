@@ -261,7 +261,11 @@ fn slow_fault_kill9_at_every_stage() {
         );
     }
     let o = build(&p, &out, &cache, &["--force"]);
-    assert!(o.status.success(), "forced build after kills:\n{}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "forced build after kills:\n{}",
+        stderr(&o)
+    );
     no_leftovers(&out);
     assert_eq!(
         fs::read_to_string(out.join("worker").join(&id).join("SHA256SUMS")).unwrap(),
@@ -311,9 +315,7 @@ fn slow_fault_corrupt_cache_entries() {
     let out = root.join("out");
     let cache = root.join("cache");
     link_bases(&cache);
-    let k3s = cache
-        .join("sha256")
-        .join(sha256_hex(&standin_files()[0].1));
+    let k3s = cache.join("sha256").join(sha256_hex(&standin_files()[0].1));
 
     // Fill the artifact cache from the server (stop once the fetch stage is done).
     let before = hits();
@@ -393,7 +395,13 @@ fn privileged_disk_full_during_emit() {
         .expect("a cached base");
     let size = base_tar / (1 << 20) + 80;
     let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}m"), "kiln-test-full"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}m"),
+            "kiln-test-full",
+        ])
         .arg(&mnt)
         .status();
     if !matches!(st, Ok(s) if s.success()) {
@@ -407,7 +415,10 @@ fn privileged_disk_full_during_emit() {
     assert!(!o.status.success(), "the build cannot fit in {size} MiB");
     let e = stderr(&o);
     assert!(e.contains("No space left on device"), "{e}");
-    assert!(e.contains(&*mnt.to_string_lossy()), "the error names the out dir: {e}");
+    assert!(
+        e.contains(&*mnt.to_string_lossy()),
+        "the error names the out dir: {e}"
+    );
     assert!(
         e.contains("rootfs.tar.zst") || e.contains("root.squashfs") || e.contains("disk."),
         "ran out during emit: {e}"
@@ -481,10 +492,7 @@ fn slow_verify_rebuild_worker() {
 
     // A project that moved on is refused before anything is built, naming the input.
     fs::write(p.join("overlays/common/etc/motd-moved"), "moved on\n").unwrap();
-    let o = kiln(
-        &p,
-        &["verify", "--rebuild", dir.to_str().unwrap()],
-    );
+    let o = kiln(&p, &["verify", "--rebuild", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let e = stderr(&o);
     assert!(e.contains("overlays[/etc/motd-moved]"), "{e}");
