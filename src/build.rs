@@ -247,7 +247,11 @@ pub fn build_role(
     // Both read the composed tar: run them side by side (tar2sqfs and zstd use every core).
     st.stage("rootfs.tar.zst+root.squashfs", || {
         std::thread::scope(|s| {
-            let zst = s.spawn(|| emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst")));
+            let zst = s.spawn(|| {
+                util::test_pause("rootfs.tar.zst");
+                emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"))
+            });
+            util::test_pause("root.squashfs");
             let sq = emit::squashfs_from_tar(&tar_path, &sd.join("root.squashfs"), sde);
             let zst = zst
                 .join()
