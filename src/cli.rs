@@ -141,7 +141,7 @@ pub struct VerifyArgs {
     pub work_dir: Option<PathBuf>,
     /// With --rebuild: cache whose pinned artifacts (k3s…) are copied after a sha256 check
     /// instead of downloaded; its bases are never used [default: <out>/cache].
-    #[arg(long, requires = "rebuild", env = "KILN_CACHE")]
+    #[arg(long, requires = "rebuild")]
     pub cache_dir: Option<PathBuf>,
     /// With --rebuild: download nothing (artifacts must be in the cache; mmdebstrap still
     /// needs the Debian mirror).
@@ -251,5 +251,27 @@ mod tests {
             panic!()
         };
         assert_eq!(v.path, PathBuf::from("/d"));
+        assert!(!v.rebuild);
+    }
+
+    #[test]
+    fn verify_rebuild_options() {
+        let c = Cli::try_parse_from(["kiln", "verify", "--rebuild", "out/worker/latest", "--json"])
+            .unwrap();
+        let Command::Verify(v) = c.command else {
+            panic!()
+        };
+        assert!(v.rebuild && v.json);
+        assert_eq!(v.path, PathBuf::from("out/worker/latest"));
+        // The rebuild-only options need --rebuild.
+        assert!(Cli::try_parse_from(["kiln", "verify", "--work-dir", "/w", "/d"]).is_err());
+        let c =
+            Cli::try_parse_from(["kiln", "bench", "--role", "worker", "--part", "pxe"]).unwrap();
+        let Command::Bench(b) = c.command else {
+            panic!()
+        };
+        assert_eq!(b.roles, vec!["worker".to_string()]);
+        assert_eq!(b.parts, vec!["pxe".to_string()]);
+        assert!(Cli::try_parse_from(["kiln", "bench", "--part", "nope"]).is_err());
     }
 }
