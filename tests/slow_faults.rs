@@ -385,14 +385,23 @@ fn privileged_disk_full_during_emit() {
     let p = project(&root);
     let mnt = root.join("small");
     fs::create_dir_all(&mnt).unwrap();
-    // Room for the composed tar (the base plus a few MB) but not for the artifacts after it.
+    // Room for the composed tar (the worker's base plus a few MB) but not for the artifacts
+    // after it. The worker's base is the cached one whose spec.json is the worker's base spec.
+    let o = kiln(&p, &["inspect", "--role", "worker", "--json"]);
+    let spec =
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["inputs"]["base"].clone();
     let base_tar = names(&shared_cache().join("base"))
         .into_iter()
-        .map(|n| shared_cache().join("base").join(n).join("rootfs.tar"))
-        .filter(|t| t.is_file())
-        .map(|t| fs::metadata(t).unwrap().len())
-        .min()
-        .expect("a cached base");
+        .map(|n| shared_cache().join("base").join(n))
+        .find(|d| {
+            fs::read(d.join("spec.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v == spec)
+                && d.join("rootfs.tar").is_file()
+        })
+        .map(|d| fs::metadata(d.join("rootfs.tar")).unwrap().len())
+        .expect("the worker's base in the shared cache");
     let size = base_tar / (1 << 20) + 80;
     let st = Command::new("mount")
         .args([
