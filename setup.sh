@@ -8,7 +8,8 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(
   mmdebstrap arch-test        # base stage
   squashfs-tools-ng           # tar2sqfs: root.squashfs from the composed tar
-  squashfs-tools              # unsquashfs: read-back in tests
+  squashfs-tools              # unsquashfs: read-back in tests; mksquashfs: kiln bench reference
+  zstd                        # kiln bench reference (zstd -T0)
   qemu-system-x86 ovmf        # boot tests (TCG, UEFI)
   fdisk mtools                # GPT / FAT read-back in tests
   ipxe                        # kiln serve: iPXE binaries for PXE clients

@@ -91,19 +91,110 @@ pub struct Base {
     pub cached: bool,
 }
 
-/// Returns the cached base for `spec`, building it with mmdebstrap if absent.
+/// File beside a cached `rootfs.tar` holding its sha256 (hex), written when the base is made and
+/// checked every time it is used.
+pub const DIGEST_FILE: &str = "rootfs.tar.sha256";
+
+/// State of a cached base's `rootfs.tar` against its recorded digest.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CacheCheck {
+    Good,
+    /// The tarball's sha256 is not the recorded one (damaged or truncated).
+    Corrupt {
+        recorded: String,
+        actual: String,
+    },
+    /// Made by a kiln that did not record digests yet.
+    Unrecorded {
+        actual: String,
+    },
+}
+
+/// Hashes `<dir>/rootfs.tar` and compares it with `<dir>/rootfs.tar.sha256`.
+pub fn check_cached(dir: &Path) -> Result<CacheCheck> {
+    let (actual, _) = util::sha256_file(&dir.join("rootfs.tar"))?;
+    let p = dir.join(DIGEST_FILE);
+    match fs::read_to_string(&p) {
+        Ok(r) if r.trim() == actual => Ok(CacheCheck::Good),
+        Ok(r) => Ok(CacheCheck::Corrupt {
+            recorded: r.trim().to_string(),
+            actual,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CacheCheck::Unrecorded { actual }),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// Takes the lock of `<cache>/base/` (every base build and cache check holds it), waiting, with
+/// a message, while another kiln holds it.
+fn lock_base_cache(parent: &Path) -> Result<fs::File> {
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let p = parent.join(".kiln.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))?;
+    if f.try_lock().is_err() {
+        tracing::warn!(
+            "waiting for {} (another kiln is building a base in this cache)",
+            p.display()
+        );
+        f.lock()
+            .with_context(|| format!("locking {}", p.display()))?;
+    }
+    Ok(f)
+}
+
+/// Returns the cached base for `spec`, building it with mmdebstrap if absent. A cached base is
+/// checked against its recorded sha256 first; a damaged one is removed and built again (with
+/// `offline`, that is an error).
 pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> {
     let cache_key = spec.cache_key()?;
-    let dir = cache_dir.join("base").join(&cache_key);
+    let parent = cache_dir.join("base");
+    let dir = parent.join(&cache_key);
     let tar = dir.join("rootfs.tar");
+    let _lock = lock_base_cache(&parent)?;
+    // Leftovers of a killed base build (we hold the lock, so none is live).
+    crate::build::clean_stale(&parent)?;
     if tar.is_file() && dir.join("spec.json").is_file() {
-        return Ok(Base {
-            spec: spec.clone(),
-            cache_key,
-            dir,
-            tar,
-            cached: true,
-        });
+        match check_cached(&dir)? {
+            CacheCheck::Good => {
+                return Ok(Base {
+                    spec: spec.clone(),
+                    cache_key,
+                    dir,
+                    tar,
+                    cached: true,
+                })
+            }
+            CacheCheck::Unrecorded { actual } => {
+                tracing::info!("recording the digest of the cached base {}", dir.display());
+                util::write_atomic(&dir.join(DIGEST_FILE), format!("{actual}\n").as_bytes())?;
+                return Ok(Base {
+                    spec: spec.clone(),
+                    cache_key,
+                    dir,
+                    tar,
+                    cached: true,
+                });
+            }
+            CacheCheck::Corrupt { recorded, actual } => {
+                tracing::warn!(
+                    "cached base {} is corrupt (rootfs.tar sha256 {actual}, recorded {recorded}); removing it",
+                    dir.display()
+                );
+                fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing corrupt base {}", dir.display()))?;
+                if offline {
+                    bail!(
+                        "the cached base {} was corrupt (rootfs.tar sha256 {actual}, recorded {recorded}) and has been removed; --offline cannot make it again: run once without --offline (or copy a good out/cache/base/ from another machine)",
+                        dir.display()
+                    );
+                }
+            }
+        }
     }
     if offline {
         bail!(
@@ -113,8 +204,6 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> 
             dir.display()
         );
     }
-    let parent = cache_dir.join("base");
-    fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-base-")
         .tempdir_in(&parent)
@@ -135,6 +224,11 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> 
     }
     tools::run(&mut cmd).context("base stage: mmdebstrap failed (check the package names and that `apt-get update` works on this host)")?;
     util::sync_path(&tmp_tar)?;
+    let (digest, _) = util::sha256_file(&tmp_tar)?;
+    util::write_atomic(
+        &tmp.path().join(DIGEST_FILE),
+        format!("{digest}\n").as_bytes(),
+    )?;
     let spec_json = serde_json::to_vec_pretty(spec)?;
     util::write_atomic(&tmp.path().join("spec.json"), &spec_json)?;
     let tmp_path = tmp.keep();
@@ -191,4 +285,33 @@ pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_base_digest_is_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let tar = d.path().join("rootfs.tar");
+        fs::write(&tar, b"a base tarball").unwrap();
+        let sha = util::sha256_hex(b"a base tarball");
+        assert_eq!(
+            check_cached(d.path()).unwrap(),
+            CacheCheck::Unrecorded {
+                actual: sha.clone()
+            }
+        );
+        fs::write(d.path().join(DIGEST_FILE), format!("{sha}\n")).unwrap();
+        assert_eq!(check_cached(d.path()).unwrap(), CacheCheck::Good);
+        fs::write(&tar, b"a base tarbalL").unwrap();
+        assert_eq!(
+            check_cached(d.path()).unwrap(),
+            CacheCheck::Corrupt {
+                recorded: sha,
+                actual: util::sha256_hex(b"a base tarbalL")
+            }
+        );
+    }
 }

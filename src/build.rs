@@ -60,10 +60,11 @@ struct Stages {
     timings: Vec<(String, f64)>,
     started: Instant,
     role: String,
+    out_dir: PathBuf,
 }
 
 impl Stages {
-    fn new(role: &str) -> Self {
+    fn new(role: &str, out_dir: &Path) -> Self {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {msg}")
@@ -76,12 +77,16 @@ impl Stages {
             timings: Vec::new(),
             started: Instant::now(),
             role: role.into(),
+            out_dir: out_dir.to_path_buf(),
         }
     }
     fn stage<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.bar.set_message(name.to_string());
+        util::test_pause(name);
         let t = Instant::now();
-        let r = f().with_context(|| format!("{} stage failed for role {}", name, self.role));
+        let r = f()
+            .map_err(|e| disk_full_hint(e, &self.out_dir))
+            .with_context(|| format!("{} stage failed for role {}", name, self.role));
         let secs = t.elapsed().as_secs_f64();
         tracing::info!(role = %self.role, stage = name, seconds = format!("{secs:.1}"), "stage done");
         self.timings
@@ -93,6 +98,23 @@ impl Stages {
         tracing::info!(role = %self.role, seconds = format!("{:.1}", self.started.elapsed().as_secs_f64()), "{msg}");
         self.timings
     }
+}
+
+/// Adds what to do to an error caused by a full disk under `out_dir` (ENOSPC): the staging
+/// directory is removed when the build unwinds, so nothing half-written stays behind.
+pub(crate) fn disk_full_hint(e: anyhow::Error, out_dir: &Path) -> anyhow::Error {
+    if !util::is_disk_full(&e) {
+        return e;
+    }
+    let free = util::free_bytes(out_dir)
+        .map(util::human_bytes)
+        .unwrap_or_else(|| "unknown".into());
+    e.context(format!(
+        "No space left on device in {} ({free} free): \
+         free space there, or build with --out on a larger file system (a role build needs \
+         about 4 times its root.squashfs while it is made)",
+        out_dir.display()
+    ))
 }
 
 /// Takes the `out/` lock for the duration of a build (concurrent kiln runs wait).
@@ -143,7 +165,6 @@ pub fn build_role(
         crate::keys::check_private_permissions(&keys_dir)?;
     }
     let _lock = lock_out(&opts.out_dir)?;
-    clean_stale(&opts.cache_dir.join("base"))?;
     let role_dir = opts.out_dir.join(role);
     fs::create_dir_all(&role_dir).with_context(|| format!("creating {}", role_dir.display()))?;
     clean_stale(&role_dir)?;
@@ -164,7 +185,7 @@ pub fn build_role(
         });
     }
 
-    let mut st = Stages::new(role);
+    let mut st = Stages::new(role, &opts.out_dir);
     let (fetched, locked_artifacts) = st.stage("fetch", || fetch_stage(project, resolved, opts))?;
     let token = if resolved.recipe.k3s.mode != "none" {
         Some(resolve::read_token(project)?)
@@ -223,11 +244,24 @@ pub fn build_role(
         opts.locked,
     )?;
     let sde = project.cluster.section.source_date_epoch;
-    st.stage("rootfs.tar.zst", || {
-        emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"))
-    })?;
-    st.stage("root.squashfs", || {
-        emit::squashfs_from_tar(&tar_path, &sd.join("root.squashfs"), sde)
+    // Both read the composed tar: run them side by side (tar2sqfs and zstd use every core).
+    st.stage("rootfs.tar.zst+root.squashfs", || {
+        std::thread::scope(|s| {
+            let zst = s.spawn(|| {
+                util::test_pause("rootfs.tar.zst");
+                emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"))
+            });
+            util::test_pause("root.squashfs");
+            let sq = emit::squashfs_from_tar(&tar_path, &sd.join("root.squashfs"), sde);
+            let zst = zst
+                .join()
+                .map_err(|_| anyhow::anyhow!("the rootfs.tar.zst thread panicked"))?;
+            match (sq, zst) {
+                // Both failed (e.g. the disk filled up): report the clearer error.
+                (Err(a), Err(b)) if util::is_disk_full(&b) && !util::is_disk_full(&a) => Err(b),
+                (sq, zst) => sq.and(zst),
+            }
+        })
     })?;
     fs::remove_file(&tar_path).with_context(|| format!("removing {}", tar_path.display()))?;
 
@@ -287,14 +321,17 @@ pub fn build_role(
                 "seed_lba": disk_info.seed,
             },
             "inputs": resolved,
-            "artifacts": artifacts,
+            "artifacts": &artifacts,
         });
         fs::write(
             sd.join("manifest.json"),
             serde_json::to_string_pretty(&manifest)? + "\n",
         )?;
-        let all = emit::hash_artifacts(sd, ARTIFACTS)?;
+        // Every artifact is hashed once: the manifest's list plus the manifest itself.
+        let mut all = artifacts;
+        all.extend(emit::hash_artifacts(sd, &["manifest.json"])?);
         fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all))?;
+        util::test_pause("sign");
         crate::sign::sign_dir(sd, &crate::sign::load_signing_key(&keys_dir)?)?;
         for n in ARTIFACTS
             .iter()
@@ -310,7 +347,9 @@ pub fn build_role(
     }
 
     // Publish: rename the complete staging dir into place, then move `latest`.
+    util::test_pause("publish");
     publish(staging, &final_dir)?;
+    util::test_pause("latest");
     point_latest(&role_dir, &resolved.build_id)?;
     let artifacts = read_sums(&final_dir)?;
     let timings = st.finish(format!("built {role} {}", resolved.build_id));
@@ -326,26 +365,59 @@ pub fn build_role(
 }
 
 /// Renames a complete staging dir (made in `final_dir`'s parent) to `final_dir`. A forced
-/// rebuild moves the old build aside first (`.tmp-old-*`, cleaned by [`clean_stale`] if we die
-/// in between), so readers see either the old or the new build, never a mix.
+/// rebuild swaps the new build with the old one in one `renameat2(RENAME_EXCHANGE)` and then
+/// removes the old one (now at the staging name, `.tmp-*`, cleaned by [`clean_stale`] if we die
+/// in between), so readers — and `latest` — see either the old or the new build, never a mix or
+/// nothing. File systems without the exchange fall back to moving the old build aside first.
 pub(crate) fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()> {
     let parent = final_dir.parent().context("publish target has no parent")?;
     let staged = staging.keep();
     if final_dir.exists() {
-        let name = final_dir
-            .file_name()
-            .context("publish target has no name")?;
-        let old = parent.join(format!(".tmp-old-{}", name.to_string_lossy()));
-        fs::rename(final_dir, &old)
-            .with_context(|| format!("moving aside {}", final_dir.display()))?;
-        fs::rename(&staged, final_dir)
-            .with_context(|| format!("publishing {}", final_dir.display()))?;
-        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        match exchange(&staged, final_dir) {
+            Ok(()) => {
+                fs::remove_dir_all(&staged)
+                    .with_context(|| format!("removing the old build, now {}", staged.display()))?;
+            }
+            Err(e) => {
+                tracing::debug!("renameat2(RENAME_EXCHANGE) unavailable ({e}); moving aside");
+                let name = final_dir
+                    .file_name()
+                    .context("publish target has no name")?;
+                let old = parent.join(format!(".tmp-old-{}", name.to_string_lossy()));
+                fs::rename(final_dir, &old)
+                    .with_context(|| format!("moving aside {}", final_dir.display()))?;
+                fs::rename(&staged, final_dir)
+                    .with_context(|| format!("publishing {}", final_dir.display()))?;
+                fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+            }
+        }
     } else if let Err(e) = fs::rename(&staged, final_dir) {
         fs::remove_dir_all(&staged).ok();
         return Err(e).with_context(|| format!("publishing {}", final_dir.display()));
     }
     util::sync_path(parent)
+}
+
+/// Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let ca = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+    let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them like open(2).
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Images that carry key material are readable by their owner only (dir 0700, files 0600).

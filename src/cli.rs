@@ -14,7 +14,7 @@ use std::path::PathBuf;
                   key files, unknown node, unsafe flash target, Proxmox settings or a request Proxmox rejected; \
                   nothing written); 3 verification \
                   failed (bad or missing signature, wrong key, a file changed, missing or not \
-                  covered by SHA256SUMS)."
+                  covered by SHA256SUMS; `verify --rebuild` found a differing artifact)."
 )]
 pub struct Cli {
     /// Project directory (holds recipes/, overlays/, keys/, out/).
@@ -47,11 +47,21 @@ pub enum Command {
     Unseal(UnsealArgs),
     /// Render inventory nodes' cloud-init seeds (what `build` puts in out/nodes/) without building.
     Seed(SeedArgs),
-    /// Check a signed output directory: SHA256SUMS.sig, then every file's sha256.
+    /// Check a signed output directory: SHA256SUMS.sig, then every file's sha256; or, with
+    /// --rebuild, rebuild a role build from its recorded inputs and compare it byte for byte.
     ///
     /// Prints one line per file. Exit status 3 when the signature is missing, bad or made by
-    /// another key, or when a file is changed, missing or not listed in SHA256SUMS.
+    /// another key, or when a file is changed, missing or not listed in SHA256SUMS; with
+    /// --rebuild, when any artifact of the rebuild differs (2 when the project's inputs are not
+    /// the recorded ones).
     Verify(VerifyArgs),
+    /// Measure builds and compression against targets and reference tools; print a table.
+    ///
+    /// Works on a temporary copy of the project (the one-file overlay edit never touches the
+    /// repo). Parts: cold (every role from an empty cache vs one base build), warm (rebuild
+    /// after a one-file overlay edit, per stage), compress (kiln's squashfs and zstd stages vs
+    /// mksquashfs and zstd -T0 on the same tree), pxe (not available yet).
+    Bench(BenchArgs),
     /// Write a node's verified disk image to a block device or an image file.
     ///
     /// The image is <out>/nodes/<HOSTNAME>/disk.raw. Its signature and sha256 are checked
@@ -311,6 +321,45 @@ pub struct VerifyArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// DIR is a role build (out/<role>/<build-id>/): rebuild it from the recorded inputs with
+    /// the project in --dir, a fresh cache (the base made again by mmdebstrap) and a temporary
+    /// out dir, then compare every artifact byte for byte; differing roots get a file-list diff.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// With --rebuild: rebuild here and keep it [default: a temp dir, removed when identical].
+    #[arg(long, requires = "rebuild")]
+    pub work_dir: Option<PathBuf>,
+    /// With --rebuild: cache whose pinned artifacts (k3s…) are copied after a sha256 check
+    /// instead of downloaded; its bases are never used [default: <out>/cache].
+    #[arg(long, requires = "rebuild")]
+    pub cache_dir: Option<PathBuf>,
+    /// With --rebuild: download nothing (artifacts must be in the cache; mmdebstrap still
+    /// needs the Debian mirror).
+    #[arg(long, requires = "rebuild")]
+    pub offline: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Role to measure (repeatable) [default: every role that has a recipe; the gpu role's cold
+    /// build takes ~13 min here].
+    #[arg(long = "role", short = 'r')]
+    pub roles: Vec<String>,
+    /// Part to run (repeatable): cold, warm, compress, pxe [default: cold, warm, compress].
+    #[arg(long = "part", short = 'p', value_parser = ["cold", "warm", "compress", "pxe"])]
+    pub parts: Vec<String>,
+    /// Runs per measurement; the table shows medians [default: 1 for cold, 3 for the rest].
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Cache for the warm and compress parts (its bases are reused) [default: <out>/cache].
+    #[arg(long, env = "KILN_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Scratch directory (kept) [default: a temp dir under $TMPDIR, removed afterwards].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -392,5 +441,27 @@ mod tests {
             panic!()
         };
         assert_eq!(v.path, PathBuf::from("/d"));
+        assert!(!v.rebuild);
+    }
+
+    #[test]
+    fn verify_rebuild_options() {
+        let c = Cli::try_parse_from(["kiln", "verify", "--rebuild", "out/worker/latest", "--json"])
+            .unwrap();
+        let Command::Verify(v) = c.command else {
+            panic!()
+        };
+        assert!(v.rebuild && v.json);
+        assert_eq!(v.path, PathBuf::from("out/worker/latest"));
+        // The rebuild-only options need --rebuild.
+        assert!(Cli::try_parse_from(["kiln", "verify", "--work-dir", "/w", "/d"]).is_err());
+        let c =
+            Cli::try_parse_from(["kiln", "bench", "--role", "worker", "--part", "pxe"]).unwrap();
+        let Command::Bench(b) = c.command else {
+            panic!()
+        };
+        assert_eq!(b.roles, vec!["worker".to_string()]);
+        assert_eq!(b.parts, vec!["pxe".to_string()]);
+        assert!(Cli::try_parse_from(["kiln", "bench", "--part", "nope"]).is_err());
     }
 }

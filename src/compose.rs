@@ -344,10 +344,9 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
         entries += 1;
     }
     let mut w = builder.into_inner().context("finishing the root tarball")?;
-    w.flush()?;
-    w.get_ref()
-        .sync_all()
-        .with_context(|| format!("syncing {}", out.display()))?;
+    // Not fsynced: the tar is a scratch file of the staging dir, read back at once and removed.
+    w.flush()
+        .with_context(|| format!("writing {}", out.display()))?;
 
     Ok(Composed {
         kernel_version: scan.kernel_version,

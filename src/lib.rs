@@ -4,6 +4,7 @@
 //! [`recipe`] → [`resolve`] → [`base`] → [`compose`] → [`emit`], driven by [`build`].
 
 pub mod base;
+pub mod bench;
 pub mod build;
 pub mod cli;
 pub mod compose;
@@ -17,6 +18,7 @@ pub mod node;
 pub mod proxmox;
 pub mod qemu;
 pub mod recipe;
+pub mod reproduce;
 pub mod resolve;
 pub mod seal;
 pub mod seed;
@@ -40,10 +42,10 @@ pub const EXIT_VERIFY_FAILED: i32 = 3;
 /// Maps an error to an exit status: 3 for verification failures ([`sign::VerifyError`]), 2 for
 /// recipe/user errors (including Proxmox settings and requests Proxmox rejected), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err
-        .chain()
-        .any(|e| e.downcast_ref::<sign::VerifyError>().is_some())
-    {
+    if err.chain().any(|e| {
+        e.downcast_ref::<sign::VerifyError>().is_some()
+            || e.downcast_ref::<reproduce::NotReproduced>().is_some()
+    }) {
         EXIT_VERIFY_FAILED
     } else if err.chain().any(|e| {
         e.downcast_ref::<recipe::RecipeError>().is_some()
@@ -73,7 +75,7 @@ fn read_input(p: Option<&std::path::Path>) -> Result<String> {
     }
 }
 
-fn out_dir(cli: &Cli) -> PathBuf {
+pub(crate) fn out_dir(cli: &Cli) -> PathBuf {
     cli.out.clone().unwrap_or_else(|| cli.dir.join("out"))
 }
 
@@ -320,6 +322,18 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Verify(a) if a.rebuild => {
+            let out = out_dir(&cli);
+            let opts = reproduce::RebuildOptions {
+                build_dir: a.path.clone(),
+                project_dir: cli.dir.clone(),
+                cache_dir: a.cache_dir.clone().unwrap_or_else(|| out.join("cache")),
+                work_dir: a.work_dir.clone(),
+                offline: a.offline,
+            };
+            reproduce::rebuild_command(&opts, a.json)
+        }
+        Command::Bench(a) => bench::bench_command(&cli, a),
         Command::Verify(a) => {
             let key = a
                 .key

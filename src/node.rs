@@ -247,7 +247,7 @@ fn write_node(
         "contains_secrets": contains_secrets,
         "inventory": node,
         "seed_templates": s.sources,
-        "artifacts": artifacts,
+        "artifacts": &artifacts,
     });
     fs::write(
         sd.join("node.json"),
@@ -255,7 +255,8 @@ fn write_node(
     )
     .context("writing node.json")?;
     names.push("node.json");
-    let all = emit::hash_artifacts(sd, &names)?;
+    let mut all = artifacts;
+    all.extend(emit::hash_artifacts(sd, &["node.json"])?);
     fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all)).context("writing SHA256SUMS")?;
     crate::sign::sign_dir(
         sd,
@@ -268,6 +269,7 @@ fn write_node(
         build::restrict_permissions(sd)?;
     }
 
+    util::test_pause("nodes");
     build::publish(staging, final_dir)
 }
 

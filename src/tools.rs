@@ -95,6 +95,19 @@ pub const BLKID: Tool = Tool {
     required_for_build: false,
 };
 
+pub const MKSQUASHFS: Tool = Tool {
+    name: "mksquashfs",
+    package: "squashfs-tools",
+    purpose: "`kiln bench`: reference squashfs writer",
+    required_for_build: false,
+};
+pub const ZSTD: Tool = Tool {
+    name: "zstd",
+    package: "zstd",
+    purpose: "`kiln bench`: reference zstd (-T0)",
+    required_for_build: false,
+};
+
 /// Every host tool kiln knows about, in the order `kiln doctor` prints them.
 pub const ALL: &[Tool] = &[
     MMDEBSTRAP,
@@ -109,6 +122,8 @@ pub const ALL: &[Tool] = &[
     XORRISO,
     SEVENZIP,
     BLKID,
+    MKSQUASHFS,
+    ZSTD,
 ];
 
 /// UEFI firmware used by boot tests (file, not a binary in PATH).
@@ -138,9 +153,25 @@ impl Tool {
     }
 }
 
+/// Makes the child get SIGTERM when kiln dies (even by SIGKILL), so a killed build leaves no
+/// mmdebstrap or tar2sqfs running on (SIGTERM lets mmdebstrap clean up its chroot).
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Runs a command to completion, capturing stdout/stderr; a non-zero exit is an error that
-/// carries the command line and the tail of stderr.
+/// carries the command line and the tail of stderr. The child dies with kiln.
 pub fn run(cmd: &mut Command) -> Result<Output> {
+    die_with_parent(cmd);
     let line = format!("{cmd:?}");
     tracing::debug!(command = %line, "running");
     let out = cmd

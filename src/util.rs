@@ -126,3 +126,54 @@ pub fn symlink_atomic(target: &str, link: &Path) -> Result<()> {
     fs::rename(&tmp, link).with_context(|| format!("updating {}", link.display()))?;
     sync_path(dir)
 }
+
+/// Environment variable of the fault-test hook (see [`test_pause`]).
+pub const PAUSE_ENV: &str = "KILN_TEST_PAUSE_AT";
+
+/// Fault-test hook: when `KILN_TEST_PAUSE_AT` equals `point` (a stage name such as `compose`,
+/// or `sign`, `publish`, `latest`, `nodes`), prints `kiln: paused at <point>` on stderr and
+/// sleeps until killed, so a test can SIGKILL kiln at a known point of a build. Unset, it does
+/// nothing.
+pub fn test_pause(point: &str) {
+    if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == point) {
+        eprintln!("kiln: paused at {point} ({PAUSE_ENV})");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Whether an I/O error in `err`'s chain (or a tool's stderr quoted in it) says the disk is full.
+pub fn is_disk_full(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOSPC))
+            || e.to_string().contains("No space left on device")
+    })
+}
+
+/// Free bytes on the file system holding `path` (statvfs), if it can be asked.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path; `st` is a plain C struct filled by statvfs.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Human-readable byte count (MB/GB, decimal, one decimal place).
+pub fn human_bytes(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.1} GB", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1} MB", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1} kB", f / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}

@@ -877,4 +877,3 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
     let (code, _) = s.stop();
     assert_eq!(code, 0);
 }
-

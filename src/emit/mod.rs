@@ -25,19 +25,32 @@ fn jobs() -> usize {
         .unwrap_or(1)
 }
 
-/// `rootfs.tar.zst` from the composed tar.
+/// `rootfs.tar.zst` from the composed tar, compressed by one zstd worker thread per core. zstd's
+/// multi-threaded format does not depend on the number of workers (always at least one), so
+/// the bytes are the same on any machine.
 pub fn compress_tar(tar: &Path, out: &Path) -> Result<()> {
+    compress_tar_with(tar, out, jobs())
+}
+
+/// [`compress_tar`] with `workers` zstd threads (at least one).
+pub fn compress_tar_with(tar: &Path, out: &Path, workers: usize) -> Result<()> {
     let input = fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?;
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut enc = zstd::stream::Encoder::new(BufWriter::with_capacity(1 << 20, f), ZSTD_LEVEL)?;
+    enc.multithread(workers.max(1) as u32)?;
     enc.include_checksum(true)?;
     enc.set_pledged_src_size(Some(input.metadata()?.len()))?;
     enc.include_contentsize(true)?;
     util::copy_large(&mut BufReader::with_capacity(1 << 20, input), &mut enc)
         .with_context(|| format!("compressing into {}", out.display()))?;
-    let mut w = enc.finish()?;
-    w.flush()?;
-    w.get_ref().sync_all()?;
+    let mut w = enc
+        .finish()
+        .with_context(|| format!("compressing into {}", out.display()))?;
+    w.flush()
+        .with_context(|| format!("writing {}", out.display()))?;
+    w.get_ref()
+        .sync_all()
+        .with_context(|| format!("syncing {}", out.display()))?;
     Ok(())
 }
 
@@ -59,6 +72,7 @@ pub fn squashfs_from_tar(tar: &Path, out: &Path, source_date_epoch: i64) -> Resu
         ])
         .arg(out)
         .stdin(Stdio::from(input));
+    tools::die_with_parent(&mut cmd);
     let line = format!("{cmd:?}");
     tracing::debug!(command = %line, "running");
     let o = cmd.output().with_context(|| format!("starting {line}"))?;
@@ -125,4 +139,33 @@ pub fn sha256sums(artifacts: &[Artifact]) -> String {
     v.iter()
         .map(|a| format!("{}  {}\n", a.sha256, a.name))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// rootfs.tar.zst must not depend on the machine's core count.
+    #[test]
+    fn zstd_output_does_not_depend_on_worker_count() {
+        let d = tempfile::tempdir().unwrap();
+        let input = d.path().join("in.tar");
+        // 24 MiB of compressible, non-repeating data: several zstd jobs.
+        let mut data = Vec::with_capacity(24 << 20);
+        let mut x: u32 = 1;
+        while data.len() < 24 << 20 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            data.extend_from_slice(format!("line {} {}\n", x >> 16, x % 97).as_bytes());
+        }
+        fs::write(&input, &data).unwrap();
+        let mut outs = Vec::new();
+        for w in [1, 2, 3] {
+            let o = d.path().join(format!("{w}.zst"));
+            compress_tar_with(&input, &o, w).unwrap();
+            outs.push(fs::read(&o).unwrap());
+        }
+        assert_eq!(outs[0], outs[1]);
+        assert_eq!(outs[0], outs[2]);
+        assert_eq!(zstd::decode_all(outs[0].as_slice()).unwrap(), data);
+    }
 }

@@ -1,0 +1,758 @@
+//! `kiln bench`: measures builds and the compression stages against the issue's targets and
+//! against the reference tools, and prints a table of medians and ratios with the machine
+//! described.
+//!
+//! Everything runs on a copy of the project in a scratch directory: the one-file overlay edit
+//! of the warm part never touches the user's repository, and cold builds use empty caches
+//! there. Parts: `cold`, `warm`, `compress`, `pxe` (points at `cargo bench --bench pxe`, which runs `kiln serve`).
+
+use crate::base::{self, BaseSpec};
+use crate::build::{self, BuildOptions};
+use crate::cli::{BenchArgs, Cli};
+use crate::compose::{self, ComposeInput};
+use crate::recipe::{self, Project};
+use crate::resolve::{self, Resolved};
+use crate::tools;
+use crate::{emit, node, util};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Targets from the benchmark issue.
+pub const TARGET_WARM_SECONDS: f64 = 10.0;
+pub const TARGET_COLD_RATIO: f64 = 1.5;
+pub const TARGET_COMPRESS_RATIO: f64 = 0.9;
+
+/// The machine the numbers were taken on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub disk_free_gb: f64,
+    pub disk_path: PathBuf,
+    /// 1-minute load average when the bench started (other work skews the numbers).
+    pub load_average: String,
+    pub tools: BTreeMap<String, String>,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub part: String,
+    pub what: String,
+    /// Median of `runs` (wall-clock seconds), when timed.
+    pub median_seconds: Option<f64>,
+    pub runs: Vec<f64>,
+    /// Median CPU seconds (user + system, kiln and the tools it ran): stable on a busy machine
+    /// where wall time is not.
+    pub median_cpu_seconds: Option<f64>,
+    pub cpu_runs: Vec<f64>,
+    /// Extra facts (sizes, per-stage medians).
+    pub detail: String,
+    pub target: Option<String>,
+    /// The figure compared with the target (seconds or a ratio).
+    pub ratio: Option<f64>,
+    pub met: Option<bool>,
+}
+
+impl Row {
+    fn timed(part: &str, what: impl Into<String>, runs: Vec<Timing>) -> Row {
+        let wall: Vec<f64> = runs.iter().map(|t| t.wall).collect();
+        let cpu: Vec<f64> = runs.iter().map(|t| t.cpu).collect();
+        Row {
+            part: part.into(),
+            what: what.into(),
+            median_seconds: median(&wall),
+            runs: wall,
+            median_cpu_seconds: median(&cpu),
+            cpu_runs: cpu,
+            detail: String::new(),
+            target: None,
+            ratio: None,
+            met: None,
+        }
+    }
+    fn note(part: &str, what: impl Into<String>, detail: impl Into<String>) -> Row {
+        Row {
+            part: part.into(),
+            what: what.into(),
+            median_seconds: None,
+            runs: vec![],
+            median_cpu_seconds: None,
+            cpu_runs: vec![],
+            detail: detail.into(),
+            target: None,
+            ratio: None,
+            met: None,
+        }
+    }
+}
+
+/// The whole result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub schema: &'static str,
+    pub machine: Machine,
+    pub roles: Vec<String>,
+    pub rows: Vec<Row>,
+}
+
+/// Wall-clock and CPU seconds of one measured run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    pub wall: f64,
+    pub cpu: f64,
+}
+
+/// CPU seconds (user + system) used so far by this process and its waited-for children.
+fn cpu_now() -> f64 {
+    let get = |who| {
+        // SAFETY: getrusage fills a plain C struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut ru) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    get(libc::RUSAGE_SELF) + get(libc::RUSAGE_CHILDREN)
+}
+
+/// Runs `f`, returning its result and how long it took (wall and CPU).
+pub fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Timing)> {
+    let (t, c) = (Instant::now(), cpu_now());
+    let v = f()?;
+    Ok((
+        v,
+        Timing {
+            wall: round2(t.elapsed().as_secs_f64()),
+            cpu: round2(cpu_now() - c),
+        },
+    ))
+}
+
+/// Median of a non-empty sample (mean of the middle two for even counts).
+pub fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let m = s.len() / 2;
+    Some(if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    })
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn first_line_of(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|| "not installed".into())
+}
+
+/// Describes this machine: CPU model, cores, RAM, kernel, free disk at `disk_path`, load.
+pub fn describe_machine(disk_path: &Path) -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| "unknown".into());
+    let load = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
+    let mut probe = disk_path.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    let mut tools = BTreeMap::new();
+    tools.insert(
+        "mmdebstrap".into(),
+        first_line_of("mmdebstrap", &["--version"]),
+    );
+    tools.insert("tar2sqfs".into(), first_line_of("tar2sqfs", &["--version"]));
+    tools.insert(
+        "mksquashfs".into(),
+        first_line_of("mksquashfs", &["-version"]),
+    );
+    tools.insert("zstd".into(), first_line_of("zstd", &["--version"]));
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_gib: round1(mem_kib / 1024.0 / 1024.0),
+        kernel,
+        disk_free_gb: round1(util::free_bytes(&probe).unwrap_or(0) as f64 / 1e9),
+        disk_path: probe,
+        load_average: load,
+        tools,
+    }
+}
+
+/// A scratch copy of the project for one part.
+fn copy_project(from: &Path, to: &Path) -> Result<Project> {
+    crate::reproduce::copy_project(from, to)?;
+    Ok(recipe::load_project(to)?)
+}
+
+/// Builds `roles` of `project` into `out` with `cache`; returns the reports and the timings of
+/// the role builds (nodes excluded) and of the node outputs.
+fn build_roles(
+    project: &Project,
+    roles: &[String],
+    out: &Path,
+    cache: &Path,
+) -> Result<(Vec<build::BuildReport>, Timing, Timing, usize)> {
+    let resolved: Vec<Resolved> = roles
+        .iter()
+        .map(|r| resolve::resolve(project, r))
+        .collect::<Result<_>>()?;
+    let planned = node::plan(project, &resolved)?;
+    let opts = BuildOptions {
+        out_dir: out.to_path_buf(),
+        cache_dir: cache.to_path_buf(),
+        force: false,
+        offline: false,
+        locked: false,
+    };
+    let (reports, roles_t) = measure(|| {
+        resolved
+            .iter()
+            .map(|r| build::build_role(project, r, &opts))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let (nodes, nodes_t) = measure(|| node::build_nodes(project, &planned, &reports, &opts))?;
+    Ok((reports, roles_t, nodes_t, nodes.len()))
+}
+
+fn stage_medians(all: &[Vec<(String, f64)>]) -> String {
+    let mut by: BTreeMap<usize, (String, Vec<f64>)> = BTreeMap::new();
+    for run in all {
+        for (i, (name, s)) in run.iter().enumerate() {
+            by.entry(i)
+                .or_insert_with(|| (name.clone(), vec![]))
+                .1
+                .push(*s);
+        }
+    }
+    by.values()
+        .map(|(n, v)| format!("{n} {:.1}", median(v).unwrap_or(0.0)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn cold(
+    project_dir: &Path,
+    work: &Path,
+    roles: &[String],
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let project = copy_project(project_dir, &work.join("cold-project"))?;
+    let (mut base_s, mut total_s) = (vec![], vec![]);
+    let mut bases = 0;
+    for i in 0..runs {
+        let cache = work.join(format!("cold-cache-{i}"));
+        let out = work.join(format!("cold-out-{i}"));
+        let (reports, roles_s, _, _) = build_roles(&project, roles, &out, &cache)?;
+        let first_base = reports[0]
+            .timings
+            .iter()
+            .find(|(n, _)| n == "base")
+            .map(|(_, s)| *s)
+            .unwrap_or(0.0);
+        bases = reports.iter().filter(|r| !r.base_cached).count();
+        base_s.push(Timing {
+            wall: first_base,
+            cpu: f64::NAN,
+        });
+        total_s.push(roles_s);
+        for d in [&cache, &out] {
+            fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    let b = median(&base_s.iter().map(|t| t.wall).collect::<Vec<_>>()).unwrap_or(0.0);
+    rows.push(Row::timed(
+        "cold",
+        format!("one base build (mmdebstrap, role {})", roles[0]),
+        base_s,
+    ));
+    let mut r = Row::timed(
+        "cold",
+        format!("roles {} from an empty cache", roles.join("+")),
+        total_s,
+    );
+    let t = r.median_seconds.unwrap_or(0.0);
+    r.detail = format!("{bases} distinct base(s) built");
+    r.target = Some(format!("≤ {TARGET_COLD_RATIO}× one base"));
+    if b > 0.0 {
+        r.ratio = Some(round2(t / b));
+        r.met = Some(t / b <= TARGET_COLD_RATIO);
+    }
+    rows.push(r);
+    Ok(())
+}
+
+fn warm(
+    project_dir: &Path,
+    work: &Path,
+    cache: &Path,
+    roles: &[String],
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let pdir = work.join("warm-project");
+    let project = copy_project(project_dir, &pdir)?;
+    let out = work.join("warm-out");
+    for role in roles {
+        let one = [role.clone()];
+        // Untimed: make sure the base is cached and the role built once.
+        build_roles(&project, &one, &out, cache)?;
+        let (mut role_s, mut node_s, mut stages) = (vec![], vec![], vec![]);
+        let mut n_nodes = 0;
+        let edit = pdir.join("overlays").join(role).join("etc/kiln-bench-edit");
+        for i in 0..runs {
+            fs::create_dir_all(edit.parent().expect("has parent"))?;
+            fs::write(
+                &edit,
+                format!("kiln bench edit {i} {}\n", std::process::id()),
+            )
+            .with_context(|| format!("writing {}", edit.display()))?;
+            let project = recipe::load_project(&pdir)?;
+            let (reports, rs, ns, nn) = build_roles(&project, &one, &out, cache)?;
+            role_s.push(rs);
+            node_s.push(ns);
+            n_nodes = nn;
+            stages.push(reports[0].timings.clone());
+            // Keep the scratch out dir small: drop this run's role build.
+            fs::remove_dir_all(&reports[0].dir).ok();
+        }
+        fs::remove_file(&edit).ok();
+        let mut r = Row::timed(
+            "warm",
+            format!("{role}: rebuild after a one-file overlay edit"),
+            role_s,
+        );
+        r.detail = format!("stages (median s): {}", stage_medians(&stages));
+        r.target = Some(format!("≤ {TARGET_WARM_SECONDS} s"));
+        let m = r.median_seconds.unwrap_or(f64::MAX);
+        r.ratio = Some(round1(m));
+        r.met = Some(m <= TARGET_WARM_SECONDS);
+        rows.push(r);
+        let mut r = Row::timed(
+            "warm",
+            format!("{role}: node outputs ({n_nodes} nodes)"),
+            node_s,
+        );
+        r.detail = "seeds, CIDATA FAT + ISO, node disk.raw + disk.qcow2, sums, signature".into();
+        rows.push(r);
+    }
+    Ok(())
+}
+
+fn time_it(f: impl FnOnce() -> Result<()>) -> Result<Timing> {
+    Ok(measure(f)?.1)
+}
+
+fn run_tool(cmd: &mut Command) -> Result<()> {
+    tools::run(cmd).map(|_| ())
+}
+
+fn compress(
+    project_dir: &Path,
+    work: &Path,
+    cache: &Path,
+    role: &str,
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let project = copy_project(project_dir, &work.join("compress-project"))?;
+    let r = resolve::resolve(&project, role)?;
+    let sde = project.cluster.section.source_date_epoch;
+    let spec = BaseSpec::new(&r.recipe, sde);
+    let base = base::ensure(&spec, cache, false)?;
+    let dir = work.join("compress");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tar = dir.join("rootfs.tar");
+    // The role's tree without the k3s layer (no artifacts or token needed).
+    compose::compose(
+        &ComposeInput {
+            project: &project,
+            recipe: &r.recipe,
+            build_id: &r.build_id,
+            overlays: &r.overlays,
+            base_tar: &base.tar,
+            extra: BTreeMap::new(),
+            extra_enable: vec![],
+        },
+        &tar,
+    )?;
+    let tar_size = fs::metadata(&tar)?.len();
+    let tree = dir.join("tree");
+    fs::create_dir_all(&tree)?;
+    run_tool(
+        Command::new("tar")
+            .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
+            .arg(&tar)
+            .arg("-C")
+            .arg(&tree),
+    )
+    .context("extracting the tree for mksquashfs (needs root for owners)")?;
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .to_string();
+    let (k_sq, m_sq) = (dir.join("kiln.squashfs"), dir.join("mksquashfs.squashfs"));
+    let (mut ks, mut ms) = (vec![], vec![]);
+    for _ in 0..runs {
+        ks.push(time_it(|| emit::squashfs_from_tar(&tar, &k_sq, sde))?);
+        ms.push(time_it(|| {
+            run_tool(
+                Command::new("mksquashfs")
+                    .arg(&tree)
+                    .arg(&m_sq)
+                    .args(["-noappend", "-quiet", "-no-progress", "-comp", "zstd"])
+                    .args([
+                        "-Xcompression-level",
+                        &emit::SQUASHFS_ZSTD_LEVEL.to_string(),
+                    ])
+                    .args(["-b", "1M", "-processors", &jobs])
+                    .args([
+                        "-mkfs-time",
+                        &sde.to_string(),
+                        "-all-time",
+                        &sde.to_string(),
+                    ]),
+            )
+        })?);
+    }
+    let (ksz, msz) = (fs::metadata(&k_sq)?.len(), fs::metadata(&m_sq)?.len());
+    let mut r = Row::timed(
+        "compress",
+        format!(
+            "squashfs: kiln (tar2sqfs, zstd {}, 1 MiB blocks) from the {} tar",
+            emit::SQUASHFS_ZSTD_LEVEL,
+            util::human_bytes(tar_size)
+        ),
+        ks,
+    );
+    r.detail = format!("size {}", util::human_bytes(ksz));
+    let km = r.median_seconds.unwrap_or(0.0);
+    let mut m = Row::timed(
+        "compress",
+        "squashfs: mksquashfs on the extracted tree, same settings",
+        ms,
+    );
+    m.detail = format!("size {}", util::human_bytes(msz));
+    let mm = m.median_seconds.unwrap_or(0.0);
+    let mut ratio = Row::note(
+        "compress",
+        "squashfs speed: mksquashfs time / kiln time",
+        format!(
+            "size kiln/mksquashfs {:.3}; cpu mksquashfs/kiln {:.2}",
+            ksz as f64 / msz.max(1) as f64,
+            m.median_cpu_seconds.unwrap_or(0.0) / r.median_cpu_seconds.unwrap_or(1.0).max(0.01)
+        ),
+    );
+    ratio.target = Some(format!("≥ {TARGET_COMPRESS_RATIO}"));
+    if km > 0.0 {
+        ratio.ratio = Some(round2(mm / km));
+        ratio.met = Some(mm / km >= TARGET_COMPRESS_RATIO);
+    }
+    rows.extend([r, m, ratio]);
+
+    let (k_z, z_z) = (dir.join("kiln.tar.zst"), dir.join("zstd.tar.zst"));
+    let (mut kz, mut zz) = (vec![], vec![]);
+    for _ in 0..runs {
+        kz.push(time_it(|| emit::compress_tar(&tar, &k_z))?);
+        zz.push(time_it(|| {
+            run_tool(
+                Command::new("zstd")
+                    .args([
+                        &format!("-{}", emit::ZSTD_LEVEL),
+                        "-T0",
+                        "-q",
+                        "-f",
+                        "--check",
+                    ])
+                    .arg(&tar)
+                    .arg("-o")
+                    .arg(&z_z),
+            )
+        })?);
+    }
+    let (kzs, zzs) = (fs::metadata(&k_z)?.len(), fs::metadata(&z_z)?.len());
+    let mut r = Row::timed(
+        "compress",
+        format!("zstd: kiln rootfs.tar.zst (level {})", emit::ZSTD_LEVEL),
+        kz,
+    );
+    r.detail = format!("size {}", util::human_bytes(kzs));
+    let km = r.median_seconds.unwrap_or(0.0);
+    let mut z = Row::timed(
+        "compress",
+        format!("zstd: zstd -{} -T0 on the same tar", emit::ZSTD_LEVEL),
+        zz,
+    );
+    z.detail = format!("size {}", util::human_bytes(zzs));
+    let zm = z.median_seconds.unwrap_or(0.0);
+    let mut ratio = Row::note(
+        "compress",
+        "zstd speed: zstd -T0 time / kiln time",
+        format!(
+            "size kiln/zstd {:.3}; cpu zstd/kiln {:.2}",
+            kzs as f64 / zzs.max(1) as f64,
+            z.median_cpu_seconds.unwrap_or(0.0) / r.median_cpu_seconds.unwrap_or(1.0).max(0.01)
+        ),
+    );
+    ratio.target = Some(format!("≥ {TARGET_COMPRESS_RATIO}"));
+    if km > 0.0 {
+        ratio.ratio = Some(round2(zm / km));
+        ratio.met = Some(zm / km >= TARGET_COMPRESS_RATIO);
+    }
+    rows.extend([r, z, ratio]);
+    fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
+
+/// Runs the requested parts and returns the report.
+pub fn run_bench(
+    project_dir: &Path,
+    cache: &Path,
+    work: &Path,
+    roles: &[String],
+    parts: &[String],
+    runs: Option<usize>,
+) -> Result<BenchReport> {
+    let machine = describe_machine(work);
+    let mut rows = Vec::new();
+    let has = |p: &str| parts.iter().any(|x| x == p);
+    if has("cold") {
+        cold(project_dir, work, roles, runs.unwrap_or(1), &mut rows)?;
+    }
+    if has("warm") {
+        warm(
+            project_dir,
+            work,
+            cache,
+            roles,
+            runs.unwrap_or(3),
+            &mut rows,
+        )?;
+    }
+    if has("compress") {
+        compress(
+            project_dir,
+            work,
+            cache,
+            &roles[0],
+            runs.unwrap_or(3),
+            &mut rows,
+        )?;
+    }
+    if has("pxe") {
+        rows.push(Row::note(
+            "pxe",
+            "HTTP with 32 concurrent clients; TFTP with and without windowsize",
+            "measured by `cargo bench --bench pxe` (benches/pxe.rs: kiln serve on loopback with a signed build of real sizes)",
+        ));
+    }
+    Ok(BenchReport {
+        schema: "kiln.bench/1",
+        machine,
+        roles: roles.to_vec(),
+        rows,
+    })
+}
+
+/// Prints the report as a table.
+pub fn print_table(r: &BenchReport, o: &mut dyn Write) -> Result<()> {
+    let m = &r.machine;
+    writeln!(
+        o,
+        "machine: {}, {} cores, {} GiB RAM, {}, {} GB free at {}, load average {} at start",
+        m.cpu,
+        m.cores,
+        m.memory_gib,
+        m.kernel,
+        m.disk_free_gb,
+        m.disk_path.display(),
+        m.load_average
+    )?;
+    writeln!(
+        o,
+        "tools: {}",
+        m.tools
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )?;
+    writeln!(
+        o,
+        "{:<9} {:<66} {:>9} {:>9} {:>5} {:>14} {:>7} {:>4}",
+        "part", "measurement", "median", "cpu", "runs", "target", "value", "met"
+    )?;
+    for row in &r.rows {
+        writeln!(
+            o,
+            "{:<9} {:<66} {:>9} {:>9} {:>5} {:>14} {:>7} {:>4}",
+            row.part,
+            row.what,
+            row.median_seconds
+                .map(|s| format!("{s:.1} s"))
+                .unwrap_or_default(),
+            row.median_cpu_seconds
+                .filter(|c| c.is_finite())
+                .map(|s| format!("{s:.1} s"))
+                .unwrap_or_default(),
+            if row.runs.is_empty() {
+                String::new()
+            } else {
+                row.runs.len().to_string()
+            },
+            row.target.clone().unwrap_or_default(),
+            row.ratio.map(|x| format!("{x}")).unwrap_or_default(),
+            match row.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "",
+            }
+        )?;
+        if !row.detail.is_empty() {
+            writeln!(o, "{:<9}   {}", "", row.detail)?;
+        }
+    }
+    Ok(())
+}
+
+/// `kiln bench`.
+pub fn bench_command(cli: &Cli, a: &BenchArgs) -> Result<()> {
+    let out = crate::out_dir(cli);
+    let cache = a.cache_dir.clone().unwrap_or_else(|| out.join("cache"));
+    let project = recipe::load_project(&cli.dir)?;
+    let roles: Vec<String> = if a.roles.is_empty() {
+        recipe::ROLES
+            .iter()
+            .filter(|r| project.recipes_dir().join(format!("{r}.toml")).is_file())
+            .map(|r| r.to_string())
+            .collect()
+    } else {
+        a.roles.clone()
+    };
+    // Validate the roles (and the signing key every build needs) before measuring anything.
+    crate::sign::load_signing_key(&cli.dir.join("keys"))?;
+    for r in &roles {
+        resolve::resolve(&project, r)?;
+    }
+    anyhow::ensure!(!roles.is_empty(), "no role to measure");
+    let parts: Vec<String> = if a.parts.is_empty() {
+        vec!["cold".into(), "warm".into(), "compress".into()]
+    } else {
+        a.parts.clone()
+    };
+    let (_tmp, work) = match &a.work_dir {
+        Some(d) => {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (None, fs::canonicalize(d)?)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("kiln-bench-")
+                .tempdir()
+                .context("creating a scratch dir (set TMPDIR or --work-dir)")?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    };
+    let report = run_bench(&cli.dir, &cache, &work, &roles, &parts, a.runs)?;
+    let mut o = std::io::stdout().lock();
+    if a.json {
+        writeln!(o, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        print_table(&report, &mut o)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn machine_is_described() {
+        let m = describe_machine(Path::new("/nonexistent/dir"));
+        assert!(m.cores >= 1);
+        assert!(m.memory_gib > 0.0);
+        assert!(m.kernel.starts_with("Linux "), "{}", m.kernel);
+        assert_eq!(m.disk_path, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn table_marks_targets() {
+        let t = |wall| Timing { wall, cpu: 1.0 };
+        let mut r = Row::timed("warm", "worker", vec![t(12.0), t(9.0), t(11.0)]);
+        r.target = Some("≤ 10 s".into());
+        r.ratio = Some(11.0);
+        r.met = Some(false);
+        let rep = BenchReport {
+            schema: "kiln.bench/1",
+            machine: describe_machine(Path::new("/")),
+            roles: vec!["worker".into()],
+            rows: vec![r, Row::note("pxe", "HTTP", "not available yet")],
+        };
+        let mut buf = Vec::new();
+        print_table(&rep, &mut buf).unwrap();
+        let s = String::from_utf8(buf).unwrap();
+        assert!(s.contains("11.0 s"), "{s}");
+        assert!(s.contains(" NO"), "{s}");
+        assert!(s.contains("not available yet"), "{s}");
+    }
+}
