@@ -128,23 +128,7 @@ pub fn check_cached(dir: &Path) -> Result<CacheCheck> {
 /// Takes the lock of `<cache>/base/` (every base build and cache check holds it), waiting, with
 /// a message, while another kiln holds it.
 fn lock_base_cache(parent: &Path) -> Result<fs::File> {
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let p = parent.join(".kiln.lock");
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("opening {}", p.display()))?;
-    if f.try_lock().is_err() {
-        tracing::warn!(
-            "waiting for {} (another kiln is building a base in this cache)",
-            p.display()
-        );
-        f.lock()
-            .with_context(|| format!("locking {}", p.display()))?;
-    }
-    Ok(f)
+    crate::util::lock_dir(parent, "another kiln is building a base in this cache")
 }
 
 /// Returns the cached base for `spec`, building it with mmdebstrap if absent. A cached base is

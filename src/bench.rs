@@ -670,15 +670,7 @@ pub fn bench_command(cli: &Cli, a: &BenchArgs) -> Result<()> {
     let out = crate::out_dir(cli);
     let cache = a.cache_dir.clone().unwrap_or_else(|| out.join("cache"));
     let project = recipe::load_project(&cli.dir)?;
-    let roles: Vec<String> = if a.roles.is_empty() {
-        recipe::ROLES
-            .iter()
-            .filter(|r| project.recipes_dir().join(format!("{r}.toml")).is_file())
-            .map(|r| r.to_string())
-            .collect()
-    } else {
-        a.roles.clone()
-    };
+    let roles = project.roles_or_all(&a.roles);
     // Validate the roles (and the signing key every build needs) before measuring anything.
     crate::sign::load_signing_key(&cli.dir.join("keys"))?;
     for r in &roles {

@@ -119,17 +119,7 @@ pub(crate) fn disk_full_hint(e: anyhow::Error, out_dir: &Path) -> anyhow::Error 
 
 /// Takes the `out/` lock for the duration of a build (concurrent kiln runs wait).
 pub(crate) fn lock_out(out_dir: &Path) -> Result<fs::File> {
-    fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let p = out_dir.join(".kiln.lock");
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("opening {}", p.display()))?;
-    f.lock()
-        .with_context(|| format!("locking {}", p.display()))?;
-    Ok(f)
+    crate::util::lock_dir(out_dir, "another kiln is building into this out/")
 }
 
 /// Removes staging directories a killed build left behind (we hold the lock, so none is live).

@@ -92,15 +92,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 offline: a.offline,
                 locked: a.locked,
             };
-            let roles: Vec<String> = if a.roles.is_empty() {
-                recipe::ROLES
-                    .iter()
-                    .filter(|r| project.recipes_dir().join(format!("{r}.toml")).is_file())
-                    .map(|r| r.to_string())
-                    .collect()
-            } else {
-                a.roles.clone()
-            };
+            let roles = project.roles_or_all(&a.roles);
             // Every output is signed: fail now, not after the first role, if the key is missing.
             sign::load_signing_key(&cli.dir.join("keys"))?;
             // Validate every requested role before building any.
@@ -265,28 +257,7 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 a.hostnames
                     .iter()
-                    .map(|h| {
-                        project
-                            .cluster
-                            .nodes
-                            .iter()
-                            .find(|n| &n.hostname == h)
-                            .ok_or_else(|| recipe::RecipeError {
-                                file: project.recipes_dir().join("cluster.toml"),
-                                key: "nodes".into(),
-                                problem: format!("no node with hostname {h:?} in the inventory"),
-                                fix: format!(
-                                    "use one of: {}",
-                                    project
-                                        .cluster
-                                        .nodes
-                                        .iter()
-                                        .map(|n| n.hostname.as_str())
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                ),
-                            })
-                    })
+                    .map(|h| project.node(h))
                     .collect::<Result<_, _>>()?
             };
             let keys = seed::authorized_keys(&project)?;

@@ -366,6 +366,40 @@ impl Project {
     pub fn recipes_dir(&self) -> PathBuf {
         self.root.join("recipes")
     }
+
+    /// The inventory node named `hostname`, or an error listing the names there are.
+    pub fn node(&self, hostname: &str) -> std::result::Result<&Node, RecipeError> {
+        self.cluster
+            .nodes
+            .iter()
+            .find(|n| n.hostname == hostname)
+            .ok_or_else(|| RecipeError {
+                file: self.recipes_dir().join("cluster.toml"),
+                key: "nodes".into(),
+                problem: format!("no node with hostname {hostname:?} in the inventory"),
+                fix: format!(
+                    "use one of: {}",
+                    self.cluster
+                        .nodes
+                        .iter()
+                        .map(|n| n.hostname.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    /// `roles`, or when empty every role that has a recipe file.
+    pub fn roles_or_all(&self, roles: &[String]) -> Vec<String> {
+        if !roles.is_empty() {
+            return roles.to_vec();
+        }
+        ROLES
+            .iter()
+            .filter(|r| self.recipes_dir().join(format!("{r}.toml")).is_file())
+            .map(|r| r.to_string())
+            .collect()
+    }
     pub fn overlays_dir(&self) -> PathBuf {
         self.root.join("overlays")
     }

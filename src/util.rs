@@ -177,3 +177,23 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     }
 }
+
+/// Takes the exclusive lock on `<dir>/.kiln.lock` (creating both), waiting while another
+/// process holds it; `waiting` is logged once if it has to wait. The lock lasts as long as the
+/// returned file.
+pub fn lock_dir(dir: &Path, waiting: &str) -> Result<fs::File> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let p = dir.join(".kiln.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))?;
+    if f.try_lock().is_err() {
+        tracing::warn!("waiting for {} ({waiting})", p.display());
+        f.lock()
+            .with_context(|| format!("locking {}", p.display()))?;
+    }
+    Ok(f)
+}

@@ -351,26 +351,7 @@ pub fn run(
         }
         P::Clone(a) => {
             let project = crate::recipe::load_project(dir)?;
-            let node = project
-                .cluster
-                .nodes
-                .iter()
-                .find(|n| n.hostname == a.hostname)
-                .ok_or_else(|| crate::recipe::RecipeError {
-                    file: project.recipes_dir().join("cluster.toml"),
-                    key: "nodes".into(),
-                    problem: format!("no node with hostname {:?} in the inventory", a.hostname),
-                    fix: format!(
-                        "use one of: {}",
-                        project
-                            .cluster
-                            .nodes
-                            .iter()
-                            .map(|n| n.hostname.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                })?;
+            let node = project.node(&a.hostname)?;
             let build_id = match &a.build_id {
                 Some(id) => id.clone(),
                 None => {
