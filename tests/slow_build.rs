@@ -23,24 +23,6 @@ struct Built {
     build_id: String,
 }
 
-fn cache_dir() -> PathBuf {
-    std::env::var_os("KILN_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/kiln-test-cache"))
-}
-
-fn missing_build_capability() -> Option<String> {
-    if !is_root() {
-        return Some("not root (mmdebstrap and image ownership need root)".into());
-    }
-    for t in ["mmdebstrap", "tar2sqfs", "qemu-img"] {
-        if !which(t) {
-            return Some(format!("{t} not installed (see `kiln doctor`)"));
-        }
-    }
-    None
-}
-
 fn run_build(project: &Path, out: &Path, cache: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["--dir"])
@@ -94,7 +76,7 @@ fn built() -> &'static Built {
         fs::create_dir_all(&root).unwrap();
         let project = standin_project(&root);
         let out = root.join("out");
-        let o = run_build(&project, &out, &cache_dir(), ROLES);
+        let o = run_build(&project, &out, &shared_cache(), ROLES);
         assert!(o.status.success(), "build failed:\n{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let ids: BTreeMap<String, String> = v["roles"]
@@ -674,7 +656,7 @@ fn slow_offline_rebuild_and_locked() {
     let o = run_build(
         &project,
         &out,
-        &cache_dir(),
+        &shared_cache(),
         &["--role", "worker", "--offline"],
     );
     assert!(
@@ -692,7 +674,7 @@ fn slow_offline_rebuild_and_locked() {
     let o = run_build(
         &b.project,
         &root.path().join("out2"),
-        &cache_dir(),
+        &shared_cache(),
         &["--role", "worker", "--locked"],
     );
     assert!(
@@ -713,7 +695,7 @@ fn slow_offline_rebuild_and_locked() {
     let o = run_build(
         &b.project,
         &root.path().join("out3"),
-        &cache_dir(),
+        &shared_cache(),
         &["--role", "worker", "--locked", "--force"],
     );
     fs::copy(&tampered, &lp).unwrap();

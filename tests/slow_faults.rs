@@ -22,24 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-fn shared_cache() -> PathBuf {
-    std::env::var_os("KILN_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/kiln-test-cache"))
-}
-
-fn missing_build_capability() -> Option<String> {
-    if !is_root() {
-        return Some("not root (mmdebstrap and image ownership need root)".into());
-    }
-    for t in ["mmdebstrap", "tar2sqfs", "qemu-img"] {
-        if !which(t) {
-            return Some(format!("{t} not installed (see `kiln doctor`)"));
-        }
-    }
-    None
-}
-
 /// The stand-in k3s served over HTTP by this process (base URL, request counter).
 fn server() -> &'static (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     static S: OnceLock<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> = OnceLock::new();

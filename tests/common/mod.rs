@@ -205,3 +205,23 @@ pub fn which(bin: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
         .unwrap_or(false)
 }
+
+/// The base cache shared by the slow tests: `target/kiln-test-cache/` or `KILN_TEST_CACHE`.
+pub fn shared_cache() -> PathBuf {
+    std::env::var_os("KILN_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/kiln-test-cache"))
+}
+
+/// Why a real build cannot run here, if it cannot (the slow tests print it as `SKIP:`).
+pub fn missing_build_capability() -> Option<String> {
+    if !is_root() {
+        return Some("not root (mmdebstrap and image ownership need root)".into());
+    }
+    for t in ["mmdebstrap", "tar2sqfs", "qemu-img"] {
+        if !which(t) {
+            return Some(format!("{t} not installed (see `kiln doctor`)"));
+        }
+    }
+    None
+}
