@@ -472,7 +472,18 @@ pub fn answer(
     server: Ipv4Addr,
 ) -> Option<(Message, SocketAddr)> {
     let port = if proxy_port { "4011" } else { "67" };
-    let msg = match Message::decode(&mut Decoder::new(bytes)) {
+    // dhcproto asserts on some malformed option lengths (debug assertions; found by
+    // `cargo fuzz run dhcp`): a packet must never take the server down, so decoding is isolated.
+    let decoded = std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(bytes)));
+    let Ok(decoded) = decoded else {
+        st.metrics.inc(
+            "kiln_dhcp_ignored_total",
+            &[("reason", "malformed"), ("port", port)],
+        );
+        tracing::debug!(target: "kiln::serve::dhcp", %from, "undecodable packet");
+        return None;
+    };
+    let msg = match decoded {
         // dhcproto decodes any hlen but slices chaddr (16 bytes) by it: refuse > 16 here
         // (found by the mutation test; `Message::chaddr` would panic).
         Ok(m) if m.hlen() <= 16 => m,
