@@ -23,12 +23,54 @@ pub struct BaseSpec {
     /// Sorted, de-duplicated.
     pub packages: Vec<String>,
     pub source_date_epoch: i64,
+    /// Pinned `.deb` files installed with `packages` (recipe order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub debs: Vec<BaseDeb>,
+    /// sha256 of the module-signing certificate DKMS signs with (`debian.sign_modules`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_signing_cert: Option<String>,
 }
 
+/// A pinned `.deb` of a base: its file name (from the URL) and digest.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct BaseDeb {
+    pub file: String,
+    pub sha256: String,
+}
+
+/// What a base build needs besides its spec: the fetched `.deb` files (in `spec.debs` order)
+/// and the module-signing key pair.
+#[derive(Default)]
+pub struct BaseInputs {
+    pub debs: Vec<PathBuf>,
+    pub module_signing: Option<crate::keys::ModuleSigning>,
+}
+
+/// Where DKMS looks for its signing key pair (Debian's dkms 3.0: `mok_signing_key`,
+/// `mok_certificate` defaults); when both exist it uses them instead of generating a key.
+pub const DKMS_MOK_KEY: &str = "var/lib/dkms/mok.key";
+pub const DKMS_MOK_CERT: &str = "var/lib/dkms/mok.pub";
+
 impl BaseSpec {
-    pub fn new(recipe: &Recipe, source_date_epoch: i64) -> Self {
+    /// `module_signing_cert`: sha256 of the module-signing certificate when the recipe sets
+    /// `debian.sign_modules` (see [`crate::keys::module_signing`]).
+    pub fn new(
+        recipe: &Recipe,
+        source_date_epoch: i64,
+        module_signing_cert: Option<String>,
+    ) -> Self {
         let packages: BTreeSet<String> = recipe.debian.packages.iter().cloned().collect();
         BaseSpec {
+            debs: recipe
+                .debian
+                .debs
+                .iter()
+                .map(|d| BaseDeb {
+                    file: crate::recipe::Debian::deb_file_name(&d.url).to_string(),
+                    sha256: d.sha256.clone(),
+                })
+                .collect(),
+            module_signing_cert,
             suite: recipe.debian.suite.clone(),
             variant: recipe.debian.variant.clone(),
             mirror: recipe.debian.mirror.clone(),
@@ -134,7 +176,12 @@ fn lock_base_cache(parent: &Path) -> Result<fs::File> {
 /// Returns the cached base for `spec`, building it with mmdebstrap if absent. A cached base is
 /// checked against its recorded sha256 first; a damaged one is removed and built again (with
 /// `offline`, that is an error).
-pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> {
+pub fn ensure(
+    spec: &BaseSpec,
+    inputs: &BaseInputs,
+    cache_dir: &Path,
+    offline: bool,
+) -> Result<Base> {
     let cache_key = spec.cache_key()?;
     let parent = cache_dir.join("base");
     let dir = parent.join(&cache_key);
@@ -193,20 +240,17 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> 
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
     let tmp_tar = tmp.path().join("rootfs.tar");
+    let staged = stage_inputs(spec, inputs)?;
     let mut cmd = MMDEBSTRAP.command()?;
     cmd.env("SOURCE_DATE_EPOCH", spec.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
-        .arg(format!("--variant={}", spec.variant))
-        .arg("--format=tar")
-        .arg(format!("--components={}", spec.components.join(",")));
-    if !spec.packages.is_empty() {
-        cmd.arg(format!("--include={}", spec.packages.join(",")));
-    }
-    cmd.arg(&spec.suite).arg(&tmp_tar);
-    if let Some(m) = &spec.mirror {
-        cmd.arg(m);
-    }
-    tools::run(&mut cmd).context("base stage: mmdebstrap failed (check the package names and that `apt-get update` works on this host)")?;
+        .args(mmdebstrap_args(
+            spec,
+            staged.as_ref().map(|s| s.path()),
+            &tmp_tar,
+        ));
+    tools::run(&mut cmd).context("base stage: mmdebstrap failed (check the package names, the pinned .deb files' dependencies and that `apt-get update` works on this host)")?;
+    drop(staged);
     util::sync_path(&tmp_tar)?;
     let (digest, _) = util::sha256_file(&tmp_tar)?;
     util::write_atomic(
@@ -231,6 +275,102 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path, offline: bool) -> Result<Base> 
         tar,
         cached: false,
     })
+}
+
+/// Host directory the base's extra inputs are staged in for mmdebstrap's hooks:
+/// `<dir>/debs/*.deb` (copied to the same path inside the chroot, whose `/tmp` mmdebstrap
+/// empties at the end: apt outside the chroot and dpkg inside must see one path) and
+/// `<dir>/mok.key` + `<dir>/mok.pub` (the module-signing pair, installed where DKMS looks).
+/// It lives directly under `/tmp` for that reason, and is removed when dropped.
+fn stage_inputs(spec: &BaseSpec, inputs: &BaseInputs) -> Result<Option<tempfile::TempDir>> {
+    if spec.debs.is_empty() && spec.module_signing_cert.is_none() {
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-base-")
+        .tempdir_in("/tmp")
+        .context("creating a staging dir in /tmp for mmdebstrap")?;
+    if !spec.debs.is_empty() {
+        if inputs.debs.len() != spec.debs.len() {
+            bail!(
+                "internal: {} .deb files fetched for {} pinned",
+                inputs.debs.len(),
+                spec.debs.len()
+            );
+        }
+        let debs = dir.path().join("debs");
+        fs::create_dir(&debs)?;
+        for (d, src) in spec.debs.iter().zip(&inputs.debs) {
+            fs::copy(src, debs.join(&d.file))
+                .with_context(|| format!("staging {} for mmdebstrap", src.display()))?;
+        }
+    }
+    if let Some(want) = &spec.module_signing_cert {
+        let ms = inputs
+            .module_signing
+            .as_ref()
+            .context("internal: the module-signing key was not loaded")?;
+        if &ms.cert_sha256() != want {
+            bail!("keys/module-signing.crt changed while kiln ran; run the build again");
+        }
+        util::write_atomic_mode(&dir.path().join("mok.key"), ms.key_pem.as_bytes(), 0o600)?;
+        util::write_atomic_mode(&dir.path().join("mok.pub"), &ms.cert_der, 0o644)?;
+    }
+    Ok(Some(dir))
+}
+
+/// mmdebstrap's arguments for `spec`, writing `out`; `staged` is the [`stage_inputs`] dir.
+fn mmdebstrap_args(spec: &BaseSpec, staged: Option<&Path>, out: &Path) -> Vec<std::ffi::OsString> {
+    let q = |p: &Path| util::shell_quote(&p.to_string_lossy());
+    let mut a: Vec<std::ffi::OsString> = vec![
+        format!("--variant={}", spec.variant).into(),
+        "--format=tar".into(),
+        format!("--components={}", spec.components.join(",")).into(),
+    ];
+    if !spec.packages.is_empty() {
+        a.push(format!("--include={}", spec.packages.join(",")).into());
+    }
+    if let Some(dir) = staged {
+        if !spec.debs.is_empty() {
+            let debs = dir.join("debs");
+            a.push(
+                format!(
+                    "--setup-hook=mkdir -p \"$1\"{d} && cp {d}/*.deb \"$1\"{d}/",
+                    d = q(&debs)
+                )
+                .into(),
+            );
+            for d in &spec.debs {
+                // A path argument: mmdebstrap hands it to apt as a local package file.
+                a.push(format!("--include={}", debs.join(&d.file).display()).into());
+            }
+        }
+        if spec.module_signing_cert.is_some() {
+            // Before any package is installed: DKMS finds the pair and signs with it.
+            a.push(
+                format!(
+                    "--setup-hook=install -d -m 0755 \"$1/var/lib/dkms\" && install -m 0600 {k} \"$1/{DKMS_MOK_KEY}\" && install -m 0644 {c} \"$1/{DKMS_MOK_CERT}\"",
+                    k = q(&dir.join("mok.key")),
+                    c = q(&dir.join("mok.pub")),
+                )
+                .into(),
+            );
+            // The private half leaves the base (and so every image); DKMS's build logs carry
+            // the build's date and time.
+            a.push(
+                format!(
+                    "--customize-hook=rm -f \"$1/{DKMS_MOK_KEY}\" && find \"$1/var/lib/dkms\" -path '*/log/make.log' -type f -delete"
+                )
+                .into(),
+            );
+        }
+    }
+    a.push(spec.suite.clone().into());
+    a.push(out.into());
+    if let Some(m) = &spec.mirror {
+        a.push(m.into());
+    }
+    a
 }
 
 /// An installed Debian package as recorded in `/var/lib/dpkg/status`.
@@ -274,6 +414,154 @@ pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec() -> BaseSpec {
+        BaseSpec {
+            suite: "bookworm".into(),
+            variant: "minbase".into(),
+            mirror: None,
+            components: vec!["main".into(), "non-free".into()],
+            packages: vec!["nvidia-driver".into(), "systemd".into()],
+            source_date_epoch: 1_700_000_000,
+            debs: vec![],
+            module_signing_cert: None,
+        }
+    }
+
+    fn args(spec: &BaseSpec, staged: Option<&Path>) -> Vec<String> {
+        mmdebstrap_args(spec, staged, Path::new("/o/rootfs.tar"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn plain_base_has_no_hooks_and_an_unchanged_key() {
+        let s = spec();
+        assert_eq!(
+            args(&s, None),
+            [
+                "--variant=minbase",
+                "--format=tar",
+                "--components=main,non-free",
+                "--include=nvidia-driver,systemd",
+                "bookworm",
+                "/o/rootfs.tar"
+            ]
+        );
+        // The fields added for .debs and module signing stay out of a plain spec's key, so
+        // bases cached before them remain valid.
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            !json.contains("debs") && !json.contains("module_signing"),
+            "{json}"
+        );
+        let mut d = s.clone();
+        d.module_signing_cert = Some("ab".repeat(32));
+        assert_ne!(d.key(), s.key());
+        let mut e = s.clone();
+        e.debs.push(BaseDeb {
+            file: "x_1_amd64.deb".into(),
+            sha256: "cd".repeat(32),
+        });
+        assert_ne!(e.key(), s.key());
+        assert_ne!(e.key(), d.key());
+    }
+
+    #[test]
+    fn debs_and_signing_key_go_in_through_hooks() {
+        let mut s = spec();
+        s.debs = vec![
+            BaseDeb {
+                file: "b_1_amd64.deb".into(),
+                sha256: "00".repeat(32),
+            },
+            BaseDeb {
+                file: "a_1_amd64.deb".into(),
+                sha256: "11".repeat(32),
+            },
+        ];
+        s.module_signing_cert = Some("22".repeat(32));
+        let a = args(&s, Some(Path::new("/tmp/kiln-base-X")));
+        // Each .deb is its own --include path argument, in recipe order, after the packages.
+        let inc: Vec<&String> = a.iter().filter(|x| x.starts_with("--include=")).collect();
+        assert_eq!(
+            inc,
+            [
+                "--include=nvidia-driver,systemd",
+                "--include=/tmp/kiln-base-X/debs/b_1_amd64.deb",
+                "--include=/tmp/kiln-base-X/debs/a_1_amd64.deb"
+            ]
+        );
+        let setup: Vec<&String> = a
+            .iter()
+            .filter(|x| x.starts_with("--setup-hook="))
+            .collect();
+        assert_eq!(setup.len(), 2);
+        assert!(setup[0].contains("cp /tmp/kiln-base-X/debs/*.deb \"$1\"/tmp/kiln-base-X/debs/"));
+        assert!(setup[1]
+            .contains("install -m 0600 /tmp/kiln-base-X/mok.key \"$1/var/lib/dkms/mok.key\""));
+        assert!(setup[1]
+            .contains("install -m 0644 /tmp/kiln-base-X/mok.pub \"$1/var/lib/dkms/mok.pub\""));
+        let cust: Vec<&String> = a
+            .iter()
+            .filter(|x| x.starts_with("--customize-hook="))
+            .collect();
+        assert_eq!(cust.len(), 1);
+        assert!(cust[0].contains("rm -f \"$1/var/lib/dkms/mok.key\""));
+        assert!(cust[0].contains("make.log"));
+        assert_eq!(&a[a.len() - 2..], ["bookworm", "/o/rootfs.tar"]);
+    }
+
+    #[test]
+    fn staged_inputs_hold_the_debs_and_the_key_pair() {
+        let d = tempfile::tempdir().unwrap();
+        let deb = d.path().join("cached-blob");
+        fs::write(&deb, b"!<arch>\n").unwrap();
+        let keys = d.path().join("keys");
+        crate::keys::init_with_rsa_bits(&keys, "t", false, 1024).unwrap();
+        let ms = crate::keys::module_signing(&keys).unwrap();
+        let mut s = spec();
+        s.debs = vec![BaseDeb {
+            file: "x_1_amd64.deb".into(),
+            sha256: "00".repeat(32),
+        }];
+        s.module_signing_cert = Some(ms.cert_sha256());
+        let cert = ms.cert_der.clone();
+        let inputs = BaseInputs {
+            debs: vec![deb],
+            module_signing: Some(ms),
+        };
+        let st = stage_inputs(&s, &inputs).unwrap().unwrap();
+        let p = st.path().to_path_buf();
+        assert!(p.parent() == Some(Path::new("/tmp")), "{}", p.display());
+        assert_eq!(
+            fs::read(p.join("debs/x_1_amd64.deb")).unwrap(),
+            b"!<arch>\n"
+        );
+        assert_eq!(fs::read(p.join("mok.pub")).unwrap(), cert);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(p.join("mok.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        drop(st);
+        assert!(
+            !p.exists(),
+            "the staging dir (with the private key) is removed"
+        );
+        // A changed certificate between resolve and build is refused.
+        s.module_signing_cert = Some("ff".repeat(32));
+        assert!(stage_inputs(&s, &inputs).is_err());
+        // Nothing to stage: no dir at all.
+        assert!(stage_inputs(&spec(), &BaseInputs::default())
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn cached_base_digest_is_checked() {

@@ -6,7 +6,6 @@
 //! of the warm part never touches the user's repository, and cold builds use empty caches
 //! there. Parts: `cold`, `warm`, `compress`, `pxe` (points at `cargo bench --bench pxe`, which runs `kiln serve`).
 
-use crate::base::{self, BaseSpec};
 use crate::build::{self, BuildOptions};
 use crate::cli::{BenchArgs, Cli};
 use crate::compose::{self, ComposeInput};
@@ -408,8 +407,9 @@ fn compress(
     let project = copy_project(project_dir, &work.join("compress-project"))?;
     let r = resolve::resolve(&project, role)?;
     let sde = project.cluster.section.source_date_epoch;
-    let spec = BaseSpec::new(&r.recipe, sde);
-    let base = base::ensure(&spec, cache, false)?;
+    let fetcher = crate::fetch::Fetcher::new(cache);
+    let debs = crate::build::fetch_debs(&r.recipe, &fetcher, &mut BTreeMap::new())?;
+    let base = crate::build::ensure_base(&project, &r, debs, cache, false)?;
     let dir = work.join("compress");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let tar = dir.join("rootfs.tar");

@@ -1,6 +1,6 @@
 //! `kiln build`: runs the stages in order for one role and moves the finished build into place.
 
-use crate::base::{self, BaseSpec};
+use crate::base;
 use crate::compose::{self, ComposeInput};
 use crate::emit::{self, disk};
 use crate::recipe::Project;
@@ -176,15 +176,16 @@ pub fn build_role(
     }
 
     let mut st = Stages::new(role, &opts.out_dir);
-    let (fetched, locked_artifacts) = st.stage("fetch", || fetch_stage(project, resolved, opts))?;
+    let (fetched, debs, locked_artifacts) =
+        st.stage("fetch", || fetch_stage(project, resolved, opts))?;
     let token = if resolved.recipe.k3s.mode != "none" {
         Some(resolve::read_token(project)?)
     } else {
         None
     };
-    let spec = BaseSpec::new(&resolved.recipe, project.cluster.section.source_date_epoch);
+    let spec = resolved.base.clone();
     let base = st.stage("base", || {
-        base::ensure(&spec, &opts.cache_dir, opts.offline)
+        ensure_base(project, resolved, debs, &opts.cache_dir, opts.offline)
     })?;
     let k3s_layer = match &token {
         Some(t) => k3s::layer(project, &resolved.recipe, &fetched, t)?,
@@ -422,23 +423,80 @@ pub(crate) fn restrict_permissions(dir: &Path) -> Result<()> {
         .with_context(|| format!("chmod {}", dir.display()))
 }
 
-/// Downloads (or finds in the cache) every pinned artifact the role needs.
-fn fetch_stage(
+/// The role's base from the cache, or built: the pinned `.deb` files (`debs`, fetched, in
+/// recipe order) and, with `debian.sign_modules`, the module-signing key go in.
+pub(crate) fn ensure_base(
     project: &Project,
     r: &Resolved,
-    opts: &BuildOptions,
-) -> Result<(k3s::Fetched, BTreeMap<String, lock::LockedArtifact>)> {
+    debs: Vec<std::path::PathBuf>,
+    cache_dir: &Path,
+    offline: bool,
+) -> Result<base::Base> {
+    let module_signing = if r.recipe.debian.sign_modules {
+        Some(crate::keys::module_signing(&project.root.join("keys"))?)
+    } else {
+        None
+    };
+    base::ensure(
+        &r.base,
+        &base::BaseInputs {
+            debs,
+            module_signing,
+        },
+        cache_dir,
+        offline,
+    )
+}
+
+/// Fetches the recipe's pinned `.deb` files (artifacts `deb/<file name>` in kiln.lock).
+pub(crate) fn fetch_debs(
+    recipe: &crate::recipe::Recipe,
+    fetcher: &fetch::Fetcher,
+    locked: &mut BTreeMap<String, lock::LockedArtifact>,
+) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for d in &recipe.debian.debs {
+        let name = format!("deb/{}", crate::recipe::Debian::deb_file_name(&d.url));
+        let p = fetcher.fetch(&fetch::Artifact {
+            name: name.clone(),
+            url: d.url.clone(),
+            sha256: d.sha256.clone(),
+            size: d.size,
+        })?;
+        let size = fs::metadata(&p)?.len();
+        locked.insert(
+            name,
+            lock::LockedArtifact {
+                url: d.url.clone(),
+                sha256: d.sha256.clone(),
+                size,
+            },
+        );
+        out.push(p);
+    }
+    Ok(out)
+}
+
+type Fetched = (
+    k3s::Fetched,
+    Vec<std::path::PathBuf>,
+    BTreeMap<String, lock::LockedArtifact>,
+);
+
+/// Downloads (or finds in the cache) every pinned artifact the role needs.
+fn fetch_stage(project: &Project, r: &Resolved, opts: &BuildOptions) -> Result<Fetched> {
     let mut out = k3s::Fetched::default();
     let mut locked = BTreeMap::new();
+    let fetcher = fetch::Fetcher::new(&opts.cache_dir).offline(opts.offline);
+    let debs = fetch_debs(&r.recipe, &fetcher, &mut locked)?;
     if r.recipe.k3s.mode == "none" {
-        return Ok((out, locked));
+        return Ok((out, debs, locked));
     }
     let k = project
         .cluster
         .k3s
         .as_ref()
         .context("[k3s] missing in cluster.toml")?;
-    let fetcher = fetch::Fetcher::new(&opts.cache_dir).offline(opts.offline);
     let mut get =
         |name: &str, url: &str, sha256: &str, size: Option<u64>| -> Result<std::path::PathBuf> {
             let a = fetch::Artifact {
@@ -480,7 +538,7 @@ fn fetch_stage(
         let p = get(&format!("chart-{}", c.name), &c.url, &c.sha256, None)?;
         out.charts.insert(c.name.clone(), p);
     }
-    Ok((out, locked))
+    Ok((out, debs, locked))
 }
 
 /// Size of the seed slot (partition 3) of every role disk; per-node disks put their cloud-init

@@ -274,8 +274,12 @@ pub enum KeysCommand {
     /// Generate SSH, image-signing and sealed-secrets keys and the k3s token.
     Init {
         /// Replace existing key files.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "add_missing")]
         force: bool,
+        /// Only make the keys that are missing (e.g. the module-signing key a project made by
+        /// an older kiln lacks); never touches an existing file.
+        #[arg(long)]
+        add_missing: bool,
     },
     /// Print fingerprints (never secrets).
     Show {

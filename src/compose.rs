@@ -264,6 +264,23 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
         if removed(&input.recipe.debian.remove, &key) {
             continue; // debian.remove
         }
+        if key == crate::base::DKMS_MOK_KEY {
+            // DKMS made itself a random signing key while the base was built: a private key in
+            // every image, and a different one (so different modules) on every build.
+            let role_toml = input
+                .project
+                .recipes_dir()
+                .join(format!("{}.toml", input.recipe.role));
+            return Err(crate::recipe::RecipeError {
+                file: role_toml,
+                key: "debian.sign_modules".into(),
+                problem: format!(
+                    "the base has a DKMS module-signing private key (/{key}) that DKMS generated for this build"
+                ),
+                fix: "set `sign_modules = true` under [debian] so DKMS signs with keys/module-signing.key (made by `kiln keys init --add-missing`) and the private key is dropped".into(),
+            }
+            .into());
+        }
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
         if let Some(exts) = e.pax_extensions()? {
             for ext in exts {

@@ -12,11 +12,14 @@
 //! | `sealed-secrets.key` | 0600 | RSA-4096 private key, PKCS#1 PEM (`-----BEGIN RSA PRIVATE KEY-----`), as the controller stores `tls.key` |
 //! | `sealed-secrets.crt` | 0644 | self-signed X.509 certificate for that key (see [`SEALED_SECRETS_CN`]) |
 //! | `k3s-token` | 0600 | 64 lowercase hex characters (32 random bytes) and a newline |
+//! | `module-signing.key` | 0600 | RSA-2048 private key, PKCS#8 PEM: DKMS signs the kernel modules it builds with it |
+//! | `module-signing.crt` | 0644 | its self-signed X.509 certificate (see [`MODULE_SIGNING_CN`]); enrol it as a Secure Boot MOK |
 //! | `.gitignore` | 0644 | written only if missing: ignores everything but public files |
 //!
 //! Every file is written atomically: a temp file in `keys/` gets its final mode before it is renamed
 //! into place, so a private key is never visible with a wider mode, and a crash leaves either the
-//! old file or the new one. `init` refuses to replace an existing file unless `force` is set.
+//! old file or the new one. `init` refuses to replace an existing file unless `force` is set;
+//! [`add_missing`] only writes the keys a project made by an older kiln lacks.
 //!
 //! The sealed-secrets key pair is what the bitnami sealed-secrets controller would generate for
 //! itself (RSA 4096, self-signed, 10 years); restoring it as the controller's key Secret before
@@ -27,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use rand::rngs::OsRng;
 use rand::RngCore;
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
-use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use rsa::traits::PublicKeyParts;
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use serde::Serialize;
@@ -57,6 +60,10 @@ pub const CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const CERT_BACKDATE: Duration = Duration::from_secs(3600);
 /// Length of the k3s token in hex characters.
 pub const K3S_TOKEN_HEX_LEN: usize = 64;
+/// RSA modulus size of the module-signing key (what DKMS itself generates).
+pub const MODULE_SIGNING_RSA_BITS: usize = 2048;
+/// Subject of the module-signing certificate (`modinfo -F signer` shows the CN).
+pub const MODULE_SIGNING_CN: &str = "CN=kiln module signing key,O=kiln";
 
 /// Contents of `keys/.gitignore`: only public material may enter git.
 pub const GITIGNORE: &str = "\
@@ -128,6 +135,10 @@ pub struct KeyPaths {
     pub sealed_secrets_cert: PathBuf,
     /// k3s cluster token (0600).
     pub k3s_token: PathBuf,
+    /// RSA private key DKMS signs kernel modules with, PKCS#8 PEM (0600).
+    pub module_signing_key: PathBuf,
+    /// Its self-signed certificate, PEM (0644).
+    pub module_signing_cert: PathBuf,
     /// `.gitignore` keeping private files out of git.
     pub gitignore: PathBuf,
 }
@@ -145,27 +156,52 @@ impl KeyPaths {
             sealed_secrets_key: dir.join("sealed-secrets.key"),
             sealed_secrets_cert: dir.join("sealed-secrets.crt"),
             k3s_token: dir.join("k3s-token"),
+            module_signing_key: dir.join("module-signing.key"),
+            module_signing_cert: dir.join("module-signing.crt"),
             gitignore: dir.join(".gitignore"),
         }
     }
 
     /// Files that must be mode 0600 and never enter git.
-    pub fn private_files(&self) -> [&Path; 4] {
+    pub fn private_files(&self) -> [&Path; 5] {
         [
             &self.ssh_private,
             &self.signing_private,
             &self.sealed_secrets_key,
             &self.k3s_token,
+            &self.module_signing_key,
         ]
     }
 
     /// Public files (mode 0644, safe to commit), `.gitignore` excluded.
-    pub fn public_files(&self) -> [&Path; 4] {
+    pub fn public_files(&self) -> [&Path; 5] {
         [
             &self.ssh_public,
             &self.authorized_keys,
             &self.signing_public,
             &self.sealed_secrets_cert,
+            &self.module_signing_cert,
+        ]
+    }
+
+    /// The generated files by key: each group is written together or not at all (see
+    /// [`add_missing`]).
+    fn groups(&self) -> [(&'static str, Vec<&Path>); 5] {
+        [
+            (
+                "ssh",
+                vec![&self.ssh_private, &self.ssh_public, &self.authorized_keys],
+            ),
+            ("signing", vec![&self.signing_private, &self.signing_public]),
+            (
+                "sealed-secrets",
+                vec![&self.sealed_secrets_key, &self.sealed_secrets_cert],
+            ),
+            ("k3s-token", vec![&self.k3s_token]),
+            (
+                "module-signing",
+                vec![&self.module_signing_key, &self.module_signing_cert],
+            ),
         ]
     }
 
@@ -208,6 +244,8 @@ struct Material {
     rsa_private: String,
     cert_pem: String,
     k3s_token: String,
+    module_key: String,
+    module_cert_pem: String,
 }
 
 /// Creates every key file in `keys_dir` (created if missing) for cluster `cluster_name`.
@@ -241,10 +279,59 @@ pub fn init_with_rsa_bits(
         }
     }
     let m = generate(cluster_name, rsa_bits)?;
-    fs::create_dir_all(keys_dir).with_context(|| format!("creating {}", keys_dir.display()))?;
+    write_material(&paths, &m, |_| true)
+}
 
+/// Writes the keys of `keys_dir` that are missing, leaving every existing file alone — how a
+/// project made by an older kiln gets a key kind added since (e.g. `module-signing.key`). A key
+/// whose files are only partly there is an error (restore the missing half or move the rest away).
+pub fn add_missing(keys_dir: &Path, cluster_name: &str, rsa_bits: usize) -> Result<Vec<PathBuf>> {
+    validate_cluster_name(cluster_name)?;
+    let paths = KeyPaths::new(keys_dir);
+    let mut wanted = Vec::new();
+    for (name, files) in paths.groups() {
+        let present: Vec<&Path> = files
+            .iter()
+            .copied()
+            .filter(|p| p.symlink_metadata().is_ok())
+            .collect();
+        if present.is_empty() {
+            wanted.push(name);
+        } else if present.len() != files.len() {
+            let missing: Vec<PathBuf> = files
+                .iter()
+                .filter(|p| p.symlink_metadata().is_err())
+                .map(|p| p.to_path_buf())
+                .collect();
+            bail!(
+                "the {name} key is incomplete: {} exist(s) but {} is missing; restore the missing file from your backup, or move the others away to make a new {name} key",
+                list_paths(&present.iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()),
+                list_paths(&missing)
+            );
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let m = generate(cluster_name, rsa_bits)?;
+    let groups = paths.groups();
+    let write: Vec<PathBuf> = groups
+        .iter()
+        .filter(|(n, _)| wanted.contains(n))
+        .flat_map(|(_, f)| f.iter().map(|p| p.to_path_buf()))
+        .collect();
+    write_material(&paths, &m, |p| write.iter().any(|w| w == p))
+}
+
+fn write_material(
+    paths: &KeyPaths,
+    m: &Material,
+    select: impl Fn(&Path) -> bool,
+) -> Result<Vec<PathBuf>> {
+    let keys_dir = &paths.dir;
+    fs::create_dir_all(keys_dir).with_context(|| format!("creating {}", keys_dir.display()))?;
     let mut written = Vec::new();
-    let files: [(&Path, &str, u32); 8] = [
+    let files: [(&Path, &str, u32); 10] = [
         (&paths.ssh_private, &m.ssh_private, 0o600),
         (&paths.ssh_public, &m.ssh_public_line, 0o644),
         (&paths.authorized_keys, &m.ssh_public_line, 0o644),
@@ -253,8 +340,13 @@ pub fn init_with_rsa_bits(
         (&paths.sealed_secrets_key, &m.rsa_private, 0o600),
         (&paths.sealed_secrets_cert, &m.cert_pem, 0o644),
         (&paths.k3s_token, &m.k3s_token, 0o600),
+        (&paths.module_signing_key, &m.module_key, 0o600),
+        (&paths.module_signing_cert, &m.module_cert_pem, 0o644),
     ];
     for (path, content, mode) in files {
+        if !select(path) {
+            continue;
+        }
         crate::util::write_atomic_mode(path, content.as_bytes(), mode)?;
         written.push(path.to_path_buf());
     }
@@ -301,7 +393,17 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
     let rsa_private = rsa
         .to_pkcs1_pem(LineEnding::LF)
         .context("encoding the sealed-secrets key as PKCS#1 PEM")?;
-    let cert_pem = self_signed_cert(&rsa, SystemTime::now())?;
+    let cert_pem = self_signed_cert(&rsa, SEALED_SECRETS_CN, SystemTime::now())?;
+
+    // Module signing: what DKMS would make for itself (RSA-2048, self-signed), made once per
+    // project instead of once per build.
+    let module = RsaPrivateKey::new(&mut OsRng, MODULE_SIGNING_RSA_BITS)
+        .context("generating the RSA module-signing key")?;
+    let module_key = module
+        .to_pkcs8_pem(LineEnding::LF)
+        .context("encoding the module-signing key as PKCS#8 PEM")?
+        .to_string();
+    let module_cert_pem = self_signed_cert(&module, MODULE_SIGNING_CN, SystemTime::now())?;
 
     // k3s token: 32 random bytes as hex.
     let mut token = [0u8; K3S_TOKEN_HEX_LEN / 2];
@@ -315,6 +417,8 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
         rsa_private: rsa_private.to_string(),
         cert_pem,
         k3s_token: format!("{}\n", hex::encode(token)),
+        module_key,
+        module_cert_pem,
     })
 }
 
@@ -343,10 +447,10 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 /// A self-signed X.509 v3 certificate for `key`, PEM: SHA-256 with RSA (PKCS#1 v1.5), subject
-/// and issuer [`SEALED_SECRETS_CN`], random positive 127-bit serial, valid from `now` − 1 h for
+/// and issuer `subject` ([`SEALED_SECRETS_CN`], [`MODULE_SIGNING_CN`]), random positive 127-bit serial, valid from `now` − 1 h for
 /// 10 years; basicConstraints CA:TRUE (as the controller's), keyUsage digitalSignature,
 /// keyEncipherment, keyCertSign; subjectKeyIdentifier.
-fn self_signed_cert(key: &RsaPrivateKey, now: SystemTime) -> Result<String> {
+fn self_signed_cert(key: &RsaPrivateKey, subject: &str, now: SystemTime) -> Result<String> {
     let secs = |t: SystemTime| -> Result<SystemTime> {
         let s = t
             .duration_since(UNIX_EPOCH)
@@ -366,7 +470,7 @@ fn self_signed_cert(key: &RsaPrivateKey, now: SystemTime) -> Result<String> {
     serial[0] = (serial[0] & 0x7f) | 0x40; // positive, minimal DER encoding
     let serial = SerialNumber::new(&serial).context("certificate serial number")?;
 
-    let subject = Name::from_str(SEALED_SECRETS_CN).context("certificate subject")?;
+    let subject = Name::from_str(subject).context("certificate subject")?;
     let public = RsaPublicKey::from(key);
     let spki_der = public
         .to_public_key_der()
@@ -442,7 +546,7 @@ pub fn check_private_permissions(keys_dir: &Path) -> Result<()> {
 pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
     let paths = KeyPaths::new(keys_dir);
     let mut out = Vec::new();
-    let entries: [(&Path, Describe); 8] = [
+    let entries: [(&Path, Describe); 10] = [
         (&paths.ssh_private, describe_ssh_private),
         (&paths.ssh_public, describe_ssh_public),
         (&paths.authorized_keys, describe_authorized_keys),
@@ -451,6 +555,8 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
         (&paths.sealed_secrets_key, describe_rsa_private),
         (&paths.sealed_secrets_cert, describe_cert),
         (&paths.k3s_token, describe_token),
+        (&paths.module_signing_key, describe_module_key),
+        (&paths.module_signing_cert, describe_cert),
     ];
     for (path, describe) in entries {
         let name = path
@@ -489,20 +595,113 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
     // Cross-checks: the public halves must belong to the private ones.
     flag_mismatch(&mut out, "ssh_ed25519", "ssh_ed25519.pub");
     flag_mismatch(&mut out, "signing_ed25519.pem", "signing_ed25519.pub");
-    if let (Ok(key), Ok(cert)) = (
-        fs::read_to_string(&paths.sealed_secrets_key),
-        fs::read_to_string(&paths.sealed_secrets_cert),
-    ) {
-        if let (Ok(k), Ok(c)) = (parse_rsa_private(&key), seal::parse_cert(&cert)) {
-            if RsaPublicKey::from(&k) != c {
-                for i in out.iter_mut().filter(|i| i.name == "sealed-secrets.crt") {
-                    i.kind
-                        .push_str(" — DOES NOT MATCH sealed-secrets.key (re-run kiln keys init)");
+    for (key_p, cert_p) in [
+        (&paths.sealed_secrets_key, &paths.sealed_secrets_cert),
+        (&paths.module_signing_key, &paths.module_signing_cert),
+    ] {
+        if let (Ok(key), Ok(cert)) = (fs::read_to_string(key_p), fs::read_to_string(cert_p)) {
+            if let (Ok(k), Ok(c)) = (parse_rsa_private(&key), seal::parse_cert(&cert)) {
+                if RsaPublicKey::from(&k) != c {
+                    let (kn, cn) = (file_name(key_p), file_name(cert_p));
+                    for i in out.iter_mut().filter(|i| i.name == cn) {
+                        i.kind
+                            .push_str(&format!(" — DOES NOT MATCH {kn} (re-run kiln keys init)"));
+                    }
                 }
             }
         }
     }
     Ok(out)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The module-signing key pair as DKMS takes it: the private key PEM and the certificate DER.
+pub struct ModuleSigning {
+    /// PKCS#8 (or PKCS#1) PEM, as in `keys/module-signing.key`.
+    pub key_pem: zeroize::Zeroizing<String>,
+    /// The certificate in DER (DKMS's `mok.pub`, what `mokutil --import` takes).
+    pub cert_der: Vec<u8>,
+}
+
+impl ModuleSigning {
+    /// sha256 (hex) of the certificate DER: identifies the key in build ids.
+    pub fn cert_sha256(&self) -> String {
+        crate::util::sha256_hex(&self.cert_der)
+    }
+}
+
+/// Reads and cross-checks `keys/module-signing.{key,crt}` (a recipe with
+/// `debian.sign_modules = true` needs them). Errors name the file and how to fix it.
+pub fn module_signing(keys_dir: &Path) -> Result<ModuleSigning> {
+    let paths = KeyPaths::new(keys_dir);
+    let user_err = |file: &Path, problem: String, fix: &str| -> anyhow::Error {
+        crate::recipe::RecipeError {
+            file: file.to_path_buf(),
+            key: "(module-signing key)".into(),
+            problem,
+            fix: fix.into(),
+        }
+        .into()
+    };
+    let fix_missing = "run `kiln keys init --add-missing` (adds the module-signing key, keeps every other key), or set debian.sign_modules = false";
+    let key_pem =
+        zeroize::Zeroizing::new(fs::read_to_string(&paths.module_signing_key).map_err(|e| {
+            user_err(
+                &paths.module_signing_key,
+                format!("cannot read: {e}"),
+                fix_missing,
+            )
+        })?);
+    let cert_pem = fs::read_to_string(&paths.module_signing_cert).map_err(|e| {
+        user_err(
+            &paths.module_signing_cert,
+            format!("cannot read: {e}"),
+            fix_missing,
+        )
+    })?;
+    let key = parse_rsa_private(&key_pem).map_err(|e| {
+        user_err(
+            &paths.module_signing_key,
+            format!("{e:#}"),
+            "restore the key from your backup or make a new pair with `kiln keys init --add-missing` after moving both files away",
+        )
+    })?;
+    let cert_der = seal::first_cert_der(&cert_pem).map_err(|e| {
+        user_err(
+            &paths.module_signing_cert,
+            format!("{e:#}"),
+            "restore the certificate from your backup",
+        )
+    })?;
+    let public = seal::parse_cert(&cert_pem).map_err(|e| {
+        user_err(
+            &paths.module_signing_cert,
+            format!("{e:#}"),
+            "restore the certificate from your backup",
+        )
+    })?;
+    if RsaPublicKey::from(&key) != public {
+        return Err(user_err(
+            &paths.module_signing_cert,
+            "the certificate is not for module-signing.key".into(),
+            "restore the matching pair from your backup (modules signed with the old key need the old certificate enrolled)",
+        ));
+    }
+    Ok(ModuleSigning { key_pem, cert_der })
+}
+
+fn describe_module_key(bytes: &[u8]) -> Result<(String, String)> {
+    let k = parse_rsa_private(utf8(bytes)?)?;
+    let public = RsaPublicKey::from(&k);
+    Ok((
+        format!("RSA-{} module-signing private key (PEM)", public.n().bits()),
+        rsa_ssh_fingerprint(&public)?,
+    ))
 }
 
 type Describe = fn(&[u8]) -> Result<(String, String)>;
@@ -687,7 +886,7 @@ mod tests {
         let keys = d.path().join("keys");
         let written = init_with_rsa_bits(&keys, "lab", false, BITS).unwrap();
         let p = KeyPaths::new(&keys);
-        assert_eq!(written.len(), 9);
+        assert_eq!(written.len(), 11);
         for f in p.private_files() {
             assert_eq!(mode(f), 0o600, "{}", f.display());
         }
@@ -726,6 +925,55 @@ mod tests {
     }
 
     #[test]
+    fn add_missing_makes_only_whole_missing_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let p = KeyPaths::new(d.path());
+        init_with_rsa_bits(d.path(), "lab", false, BITS).unwrap();
+        // A project from before module signing existed.
+        fs::remove_file(&p.module_signing_key).unwrap();
+        fs::remove_file(&p.module_signing_cert).unwrap();
+        let keep: Vec<Vec<u8>> = p
+            .generated_files()
+            .iter()
+            .filter(|f| f.exists())
+            .map(|f| fs::read(f).unwrap())
+            .collect();
+        let w = add_missing(d.path(), "lab", BITS).unwrap();
+        assert_eq!(
+            w,
+            [p.module_signing_key.clone(), p.module_signing_cert.clone()]
+        );
+        assert_eq!(mode(&p.module_signing_key), 0o600);
+        assert_eq!(mode(&p.module_signing_cert), 0o644);
+        let now: Vec<Vec<u8>> = p
+            .generated_files()
+            .iter()
+            .filter(|f| **f != p.module_signing_key && **f != p.module_signing_cert)
+            .map(|f| fs::read(f).unwrap())
+            .collect();
+        assert_eq!(keep, now, "existing keys untouched");
+        let ms = module_signing(d.path()).unwrap();
+        assert_eq!(ms.cert_sha256().len(), 64);
+        assert!(ms.key_pem.contains("-----BEGIN PRIVATE KEY-----"));
+        // The DER certificate carries the subject DKMS's modinfo shows as the signer.
+        let c = x509_cert::Certificate::from_der(&ms.cert_der).unwrap();
+        assert!(c
+            .tbs_certificate
+            .subject
+            .to_string()
+            .contains("kiln module signing key"));
+        // Complete: nothing to do. Half a key: refused, naming both halves.
+        assert!(add_missing(d.path(), "lab", BITS).unwrap().is_empty());
+        fs::remove_file(&p.signing_public).unwrap();
+        let e = format!("{:#}", add_missing(d.path(), "lab", BITS).unwrap_err());
+        assert!(
+            e.contains("signing key is incomplete") && e.contains("signing_ed25519.pub"),
+            "{e}"
+        );
+        assert!(!p.signing_public.exists());
+    }
+
+    #[test]
     fn init_refuses_to_overwrite_and_force_replaces() {
         let d = tempfile::tempdir().unwrap();
         let keys = d.path();
@@ -739,7 +987,7 @@ mod tests {
         assert!(msg.contains("--force"), "{msg}");
         assert!(matches!(
             err.downcast_ref::<KeysError>(),
-            Some(KeysError::AlreadyExists(v)) if v.len() == 8
+            Some(KeysError::AlreadyExists(v)) if v.len() == 10
         ));
         assert_eq!(fs::read(&p.ssh_private).unwrap(), before);
 
@@ -755,7 +1003,7 @@ mod tests {
         // A custom .gitignore is kept, even with --force.
         fs::write(&p.gitignore, "custom\n").unwrap();
         let written = init_with_rsa_bits(keys, "lab", true, BITS).unwrap();
-        assert_eq!(written.len(), 8);
+        assert_eq!(written.len(), 10);
         assert_ne!(fs::read(&p.ssh_private).unwrap(), before);
         assert_eq!(fs::read_to_string(&p.gitignore).unwrap(), "custom\n");
         assert_eq!(mode(&p.ssh_private), 0o600);
@@ -802,7 +1050,7 @@ mod tests {
         init_with_rsa_bits(d.path(), "lab", false, BITS).unwrap();
         let p = KeyPaths::new(d.path());
         let infos = show(d.path()).unwrap();
-        assert_eq!(infos.len(), 8);
+        assert_eq!(infos.len(), 10);
         assert!(infos.iter().all(|i| i.present));
         let get = |n: &str| infos.iter().find(|i| i.name == n).unwrap().clone();
 
@@ -822,6 +1070,11 @@ mod tests {
         assert!(!cert.kind.contains("DOES NOT MATCH"), "{cert:?}");
         assert!(get("sealed-secrets.key").fingerprint.starts_with("SHA256:"));
         assert_eq!(get("k3s-token").fingerprint, "present (64 chars)");
+        let mk = get("module-signing.key");
+        assert!(mk.kind.starts_with("RSA-2048 module-signing"), "{mk:?}");
+        let mc = get("module-signing.crt");
+        assert!(mc.kind.contains("kiln module signing key"), "{mc:?}");
+        assert!(!mc.kind.contains("DOES NOT MATCH"), "{mc:?}");
 
         // Nothing secret anywhere in the output.
         let json = serde_json::to_string(&infos).unwrap();
@@ -857,7 +1110,7 @@ mod tests {
         use rsa::signature::Verifier;
         let key = RsaPrivateKey::new(&mut OsRng, BITS).unwrap();
         let now = SystemTime::now();
-        let pem = self_signed_cert(&key, now).unwrap();
+        let pem = self_signed_cert(&key, SEALED_SECRETS_CN, now).unwrap();
         let der = seal::first_cert_der(&pem).unwrap();
         let cert = x509_cert::Certificate::from_der(&der).unwrap();
         let tbs = &cert.tbs_certificate;

@@ -191,11 +191,20 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Keys(cli::KeysCommand::Init { force }) => {
+        Command::Keys(cli::KeysCommand::Init { force, add_missing }) => {
             let name = recipe::load_project(&cli.dir)
                 .map(|p| p.cluster.section.name)
                 .unwrap_or_else(|_| "kiln".into());
-            let written = keys::init(&cli.dir.join("keys"), &name, *force)?;
+            let dir = cli.dir.join("keys");
+            let written = if *add_missing {
+                let w = keys::add_missing(&dir, &name, keys::SEALED_SECRETS_RSA_BITS)?;
+                if w.is_empty() {
+                    println!("every key is present in {}", dir.display());
+                }
+                w
+            } else {
+                keys::init(&dir, &name, *force)?
+            };
             for w in written {
                 println!("wrote {}", w.display());
             }

@@ -111,6 +111,14 @@ pub struct DebianFile {
     /// everything under it), e.g. a private key a postinst generated.
     #[serde(default)]
     pub remove: Vec<String>,
+    /// Pinned `.deb` files (not in the Debian archive, e.g. NVIDIA's container toolkit)
+    /// installed in the base together with `packages`; their dependencies come from the archive.
+    #[serde(default)]
+    pub debs: Vec<Pinned>,
+    /// Sign the kernel modules DKMS builds in the base with `keys/module-signing.key` (enrol
+    /// `keys/module-signing.crt` as a Secure Boot MOK); without it DKMS makes a random key per
+    /// build, so the image is not reproducible.
+    pub sign_modules: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -341,6 +349,20 @@ pub struct Debian {
     pub packages: Vec<String>,
     /// Normalised (no leading `/`) paths dropped from the base.
     pub remove: Vec<String>,
+    /// Pinned `.deb` files installed in the base (merged by URL, in recipe order).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub debs: Vec<Pinned>,
+    /// DKMS signs modules with the project's module-signing key (see [`DebianFile::sign_modules`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sign_modules: bool,
+}
+
+impl Debian {
+    /// File name a pinned `.deb` is installed under: the last segment of its URL (validated
+    /// by the recipe stage to be a plain `*.deb` name).
+    pub fn deb_file_name(url: &str) -> &str {
+        url.rsplit('/').next().unwrap_or(url)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -791,6 +813,8 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
     let mut components = Vec::new();
     let mut packages = Vec::new();
     let mut remove: Vec<String> = Vec::new();
+    let mut debs: Vec<Pinned> = Vec::new();
+    let mut sign_modules = false;
     let mut cmdline = Vec::new();
     let mut esp_size_mib = None;
     let mut enable = Vec::new();
@@ -940,6 +964,41 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
             }
             merge_list(&mut remove, &[n]);
         }
+        for (i, d) in f.debian.debs.iter().enumerate() {
+            let key = format!("debian.debs[{i}]");
+            validate_pinned(path, &key, d)?;
+            let name = Debian::deb_file_name(&d.url);
+            let plain = name.len() > 4
+                && name.ends_with(".deb")
+                && !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-._~".contains(&b));
+            if !plain {
+                return Err(err(
+                    path,
+                    format!("{key}.url"),
+                    format!("{:?} does not end in a plain .deb file name", d.url),
+                    "give the package's own URL, ending in name_version_arch.deb",
+                ));
+            }
+            if let Some(o) = debs
+                .iter()
+                .find(|o| o.url != d.url && Debian::deb_file_name(&o.url) == name)
+            {
+                return Err(err(
+                    path,
+                    format!("{key}.url"),
+                    format!("{name} is also pinned from {}", o.url),
+                    "pin each .deb file once (an inheriting recipe may repeat the same URL)",
+                ));
+            }
+            debs.retain(|o| o.url != d.url);
+            debs.push(d.clone());
+        }
+        if let Some(b) = f.debian.sign_modules {
+            sign_modules = b;
+        }
         merge_list(&mut cmdline, &f.boot.cmdline);
         merge_list(&mut enable, &f.systemd.enable);
         merge_list(&mut mask, &f.systemd.mask);
@@ -1017,6 +1076,8 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
             components,
             packages,
             remove,
+            debs,
+            sign_modules,
         },
         boot: Boot {
             cmdline,

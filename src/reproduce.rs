@@ -550,7 +550,19 @@ pub(crate) fn copy_project(from: &Path, to: &Path) -> Result<()> {
 
 /// Pinned artifacts (name, sha256, url) the role's build fetches.
 fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
-    let mut v = Vec::new();
+    let mut v: Vec<(String, String, String)> = r
+        .recipe
+        .debian
+        .debs
+        .iter()
+        .map(|d| {
+            (
+                format!("deb/{}", crate::recipe::Debian::deb_file_name(&d.url)),
+                d.sha256.clone(),
+                d.url.clone(),
+            )
+        })
+        .collect();
     if r.recipe.k3s.mode == "none" {
         return v;
     }

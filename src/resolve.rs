@@ -95,7 +95,18 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let recipe = recipe::load_role(project, role)?;
     let overlays = compose::scan_overlays(project, role)?;
     compose::check_templates(project, &overlays)?;
-    let base = BaseSpec::new(&recipe, project.cluster.section.source_date_epoch);
+    // The module-signing certificate (public) names the key in the base spec; the private key
+    // is read only when a base is built.
+    let module_cert = if recipe.debian.sign_modules {
+        Some(crate::keys::module_signing(&project.root.join("keys"))?.cert_sha256())
+    } else {
+        None
+    };
+    let base = BaseSpec::new(
+        &recipe,
+        project.cluster.section.source_date_epoch,
+        module_cert,
+    );
     let mut files = BTreeMap::new();
     let mut referenced: Vec<String> = recipe.k3s.manifests.clone();
     referenced.extend(recipe.k3s.charts.iter().filter_map(|c| c.values.clone()));

@@ -197,3 +197,14 @@ pub fn lock_dir(dir: &Path, waiting: &str) -> Result<fs::File> {
     }
     Ok(f)
 }
+
+/// Single-quotes `s` for POSIX shells.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.,:/=@%+".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}

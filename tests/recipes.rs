@@ -7,7 +7,11 @@ use std::fs;
 /// Runs `kiln build --role worker` on a broken project and checks: exit 2, the message names
 /// the file, the key and a fix, and nothing was written to out/.
 fn rejects(dir: &std::path::Path, file: &str, key: &str) -> String {
-    let o = kiln(dir, &["build", "--role", "worker"]);
+    rejects_role(dir, "worker", file, key)
+}
+
+fn rejects_role(dir: &std::path::Path, role: &str, file: &str, key: &str) -> String {
+    let o = kiln(dir, &["build", "--role", role]);
     let err = stderr(&o);
     assert_eq!(
         o.status.code(),
@@ -243,6 +247,117 @@ fn valid_project_inspects() {
         .unwrap()
         .iter()
         .any(|p| p == "linux-image-amd64"));
+    // The pinned NVIDIA container toolkit .debs (in dependency order) and DKMS signing.
+    let debs: Vec<&str> = r["debian"]["debs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["url"].as_str().unwrap().rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(
+        debs,
+        [
+            "libnvidia-container1_1.17.8-1_amd64.deb",
+            "libnvidia-container-tools_1.17.8-1_amd64.deb",
+            "nvidia-container-toolkit-base_1.17.8-1_amd64.deb",
+            "nvidia-container-toolkit_1.17.8-1_amd64.deb"
+        ]
+    );
+    assert_eq!(r["debian"]["sign_modules"], true);
+    let base = &v["inputs"]["base"];
+    assert_eq!(base["debs"].as_array().unwrap().len(), 4);
+    assert_eq!(base["module_signing_cert"].as_str().unwrap().len(), 64);
+    // Roles without either keep the fields out of their ids (and their cached bases valid).
+    let o = kiln(d.path(), &["inspect", "--role", "worker", "--json"]);
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(w["inputs"]["recipe"]["debian"].get("debs").is_none());
+    assert!(w["inputs"]["recipe"]["debian"]
+        .get("sign_modules")
+        .is_none());
+    assert!(w["inputs"]["base"].get("module_signing_cert").is_none());
+}
+
+#[test]
+fn pinned_deb_must_be_a_plain_deb_url_with_a_sha256() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/gpu.toml",
+        "amd64/libnvidia-container1_1.17.8-1_amd64.deb",
+        "amd64/libnvidia-container1",
+    );
+    let e = rejects_role(d.path(), "gpu", "recipes/gpu.toml", "debian.debs[0].url");
+    assert!(e.contains(".deb"), "{e}");
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/gpu.toml",
+        "0c04cfaff55e2416d5e93396b54ff01262ed4192797c5b09988d89af34456e8d",
+        "0c04cfaff55e",
+    );
+    rejects_role(d.path(), "gpu", "recipes/gpu.toml", "debian.debs[1].sha256");
+    // One file name pinned from two URLs.
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/gpu.toml",
+        "https://nvidia.github.io/libnvidia-container/stable/deb/amd64/libnvidia-container-tools_",
+        "https://mirror.invalid/x/libnvidia-container-tools_",
+    );
+    edit(
+        d.path(),
+        "recipes/gpu.toml",
+        "amd64/nvidia-container-toolkit_1.17.8-1_amd64.deb",
+        "amd64/libnvidia-container-tools_1.17.8-1_amd64.deb",
+    );
+    let e = rejects_role(d.path(), "gpu", "recipes/gpu.toml", "debian.debs[3].url");
+    assert!(e.contains("also pinned"), "{e}");
+}
+
+#[test]
+fn sign_modules_needs_the_module_signing_key() {
+    let d = project_copy();
+    fs::remove_file(d.path().join("keys/module-signing.key")).unwrap();
+    let e = rejects_role(d.path(), "gpu", "keys/module-signing.key", "module-signing");
+    assert!(e.contains("kiln keys init --add-missing"), "{e}");
+    // --add-missing refuses to pair a new key with the old certificate...
+    let o = kiln(d.path(), &["keys", "init", "--add-missing"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("module-signing"), "{}", stderr(&o));
+    // ...and with both gone makes exactly that pair, touching nothing else.
+    fs::remove_file(d.path().join("keys/module-signing.crt")).unwrap();
+    let before = fs::read(d.path().join("keys/sealed-secrets.key")).unwrap();
+    let o = kiln(d.path(), &["keys", "init", "--add-missing"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let wrote: Vec<&str> = out.lines().collect();
+    assert_eq!(wrote.len(), 2, "{wrote:?}");
+    assert!(
+        wrote.iter().all(|l| l.contains("module-signing.")),
+        "{wrote:?}"
+    );
+    assert_eq!(
+        fs::read(d.path().join("keys/sealed-secrets.key")).unwrap(),
+        before
+    );
+    let o = kiln(d.path(), &["inspect", "--role", "gpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = kiln(d.path(), &["keys", "init", "--add-missing"]);
+    assert!(
+        stdout(&o).contains("every key is present"),
+        "{}",
+        stdout(&o)
+    );
+    // A certificate of another key is refused.
+    let other = tempfile::tempdir().unwrap();
+    kiln::keys::init_with_rsa_bits(other.path(), "x", false, 2048).unwrap();
+    fs::copy(
+        other.path().join("module-signing.crt"),
+        d.path().join("keys/module-signing.crt"),
+    )
+    .unwrap();
+    let e = rejects_role(d.path(), "gpu", "keys/module-signing.crt", "module-signing");
+    assert!(e.contains("not for module-signing.key"), "{e}");
 }
 
 #[test]

@@ -15,16 +15,7 @@ pub struct ScriptSettings {
     pub cores: u32,
 }
 
-/// Single-quotes `s` for POSIX shells.
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.,:/=@%+".contains(&b))
-    {
-        return s.to_string();
-    }
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+pub use crate::util::shell_quote;
 
 /// The script text.
 pub fn render(b: &BuildInfo, s: &ScriptSettings) -> String {
