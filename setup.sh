@@ -23,5 +23,6 @@ fi
 command -v qemu-img >/dev/null || $SUDO apt-get install -y -qq --no-install-recommends qemu-utils
 command -v qemu-img >/dev/null || { echo "setup: qemu-img missing after install" >&2; exit 1; }
 cargo build --release --locked
-# The cluster's keys (SSH, image signing, sealed-secrets controller, k3s token), once.
-if [ ! -e keys/k3s-token ]; then ./target/release/kiln keys init; fi
+# The cluster's keys (SSH, image signing, sealed-secrets controller, k3s token, module
+# signing), once; on later runs only key kinds a newer kiln added are made.
+if [ ! -e keys/k3s-token ]; then ./target/release/kiln keys init; else ./target/release/kiln keys init --add-missing; fi

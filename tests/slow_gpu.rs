@@ -2,7 +2,8 @@
 //! for the image's kernel and signed with the project's module-signing key, plus pinned `.deb`
 //! files for the NVIDIA container toolkit (stand-ins from tests/standin/nvidia/, made by
 //! make-nvidia-debs.sh: NVIDIA's packages cannot be downloaded here) served over HTTP with their
-//! sha256 pinned, exactly as the repository's gpu.toml pins NVIDIA's own.
+//! sha256 pinned, exactly as the repository's gpu.toml pins NVIDIA's own. Then `kiln verify
+//! --rebuild` makes it again from a fresh cache and every artifact must be identical.
 //!
 //! Needs root, mmdebstrap, tar2sqfs, qemu-img (the build) and openssl (the signature check);
 //! missing ones print `SKIP: <reason>`. The gpu base (~1.6 GB of packages, a DKMS compile) is
@@ -288,4 +289,50 @@ fn slow_gpu_role_signed_modules_and_container_toolkit() {
     let cfg = fs::read_to_string(tree.join("etc/rancher/k3s/config.yaml")).unwrap();
     assert!(cfg.contains("nvidia.com/gpu.present=true"), "{cfg}");
     assert!(cfg.contains("nvidia.com/gpu=present:NoSchedule"), "{cfg}");
+    fs::remove_dir_all(&tree).unwrap();
+
+    // 4. Bit-identical from scratch: `kiln verify --rebuild` makes the base again with
+    //    mmdebstrap in a fresh cache (DKMS compiles and signs the modules again), copies the
+    //    pinned artifacts from this cache after checking their sha256, and compares every
+    //    artifact byte for byte.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--dir")
+        .arg(&project)
+        .args(["verify", "--rebuild", "--json", "--cache-dir"])
+        .arg(shared_cache())
+        .arg("--work-dir")
+        .arg(root.join("rebuild"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "verify --rebuild of the gpu role: {}\n{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["identical"], true, "{v}");
+    let arts = v["artifacts"].as_array().unwrap();
+    assert_eq!(arts.len(), 11, "{arts:?}");
+    for a in arts {
+        assert_eq!(a["result"], "same", "{a}");
+    }
+    for f in STANDIN_DEBS {
+        assert!(
+            v["artifacts_source"][format!("deb/{f}")]
+                .as_str()
+                .is_some_and(|s| s.starts_with("copied from")),
+            "{v}"
+        );
+    }
+    assert!(
+        v["timings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t[0] == "base" && t[1].as_f64().unwrap() > 5.0),
+        "the base was made again: {}",
+        v["timings"]
+    );
 }

@@ -31,18 +31,28 @@ pub fn populate(dir: &Path) {
 }
 
 /// One set of keys made by `kiln::keys` (RSA-2048 to keep tests fast), shared by every project
-/// copy of this test process.
+/// copy. Kept beside the shared base cache and reused by later test runs: the gpu role's base
+/// is keyed on the module-signing certificate, so new keys would mean a new DKMS build.
 pub fn test_keys() -> &'static Path {
     static K: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     K.get_or_init(|| {
-        let d = tempfile::Builder::new()
-            .prefix("kiln-test-keys-")
-            .tempdir()
-            .unwrap()
-            .keep()
-            .join("keys");
+        let cache = shared_cache();
+        let keys = cache.join("test-keys-v2");
+        if keys.join("module-signing.crt").is_file() {
+            return keys;
+        }
+        fs::create_dir_all(&cache).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-test-keys-")
+            .tempdir_in(&cache)
+            .unwrap();
+        let d = tmp.path().join("keys");
         kiln::keys::init_with_rsa_bits(&d, "homelab", false, 2048).unwrap();
-        d
+        // Another test process may have won the race: keep theirs.
+        if fs::rename(&d, &keys).is_err() {
+            assert!(keys.join("module-signing.crt").is_file());
+        }
+        keys
     })
 }
 
