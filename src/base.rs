@@ -240,16 +240,24 @@ pub fn ensure(
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
     let tmp_tar = tmp.path().join("rootfs.tar");
-    let staged = stage_inputs(spec, inputs)?;
+    // The signing pair sits in the base's temp dir (removed on failure, and by the next
+    // build's stale-dir clean-up after a kill), never in the finished cache entry.
+    let signing_dir = tmp.path().join("signing");
+    let staged = stage_inputs(spec, inputs, &signing_dir)?;
     let mut cmd = MMDEBSTRAP.command()?;
     cmd.env("SOURCE_DATE_EPOCH", spec.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
         .args(mmdebstrap_args(
             spec,
-            staged.as_ref().map(|s| s.path()),
+            staged.debs.as_ref().map(|s| s.path()),
+            staged.signing.as_deref(),
             &tmp_tar,
         ));
-    tools::run(&mut cmd).context("base stage: mmdebstrap failed (check the package names, the pinned .deb files' dependencies and that `apt-get update` works on this host)")?;
+    let run = tools::run(&mut cmd);
+    if let Some(d) = &staged.signing {
+        fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+    }
+    run.context("base stage: mmdebstrap failed (check the package names, the pinned .deb files' dependencies and that `apt-get update` works on this host)")?;
     drop(staged);
     util::sync_path(&tmp_tar)?;
     let (digest, _) = util::sha256_file(&tmp_tar)?;
@@ -277,19 +285,21 @@ pub fn ensure(
     })
 }
 
-/// Host directory the base's extra inputs are staged in for mmdebstrap's hooks:
-/// `<dir>/debs/*.deb` (copied to the same path inside the chroot, whose `/tmp` mmdebstrap
-/// empties at the end: apt outside the chroot and dpkg inside must see one path) and
-/// `<dir>/mok.key` + `<dir>/mok.pub` (the module-signing pair, installed where DKMS looks).
-/// It lives directly under `/tmp` for that reason, and is removed when dropped.
-fn stage_inputs(spec: &BaseSpec, inputs: &BaseInputs) -> Result<Option<tempfile::TempDir>> {
-    if spec.debs.is_empty() && spec.module_signing_cert.is_none() {
-        return Ok(None);
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("kiln-base-")
-        .tempdir_in("/tmp")
-        .context("creating a staging dir in /tmp for mmdebstrap")?;
+/// The base's extra inputs, staged for mmdebstrap's hooks.
+struct Staged {
+    /// `/tmp/kiln-debs-*/`: the pinned `.deb` files, copied to the same path inside the chroot
+    /// (apt outside the chroot and dpkg inside must see one path; mmdebstrap empties the
+    /// chroot's `/tmp` at the end). Removed when dropped.
+    debs: Option<tempfile::TempDir>,
+    /// `mok.key` + `mok.pub`, the module-signing pair, installed where DKMS looks.
+    signing: Option<PathBuf>,
+}
+
+fn stage_inputs(spec: &BaseSpec, inputs: &BaseInputs, signing_dir: &Path) -> Result<Staged> {
+    let mut staged = Staged {
+        debs: None,
+        signing: None,
+    };
     if !spec.debs.is_empty() {
         if inputs.debs.len() != spec.debs.len() {
             bail!(
@@ -298,12 +308,15 @@ fn stage_inputs(spec: &BaseSpec, inputs: &BaseInputs) -> Result<Option<tempfile:
                 spec.debs.len()
             );
         }
-        let debs = dir.path().join("debs");
-        fs::create_dir(&debs)?;
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-debs-")
+            .tempdir_in("/tmp")
+            .context("creating a staging dir in /tmp for mmdebstrap")?;
         for (d, src) in spec.debs.iter().zip(&inputs.debs) {
-            fs::copy(src, debs.join(&d.file))
+            fs::copy(src, dir.path().join(&d.file))
                 .with_context(|| format!("staging {} for mmdebstrap", src.display()))?;
         }
+        staged.debs = Some(dir);
     }
     if let Some(want) = &spec.module_signing_cert {
         let ms = inputs
@@ -313,14 +326,27 @@ fn stage_inputs(spec: &BaseSpec, inputs: &BaseInputs) -> Result<Option<tempfile:
         if &ms.cert_sha256() != want {
             bail!("keys/module-signing.crt changed while kiln ran; run the build again");
         }
-        util::write_atomic_mode(&dir.path().join("mok.key"), ms.key_pem.as_bytes(), 0o600)?;
-        util::write_atomic_mode(&dir.path().join("mok.pub"), &ms.cert_der, 0o644)?;
+        fs::create_dir(signing_dir)
+            .and_then(|_| {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(signing_dir, fs::Permissions::from_mode(0o700))
+            })
+            .with_context(|| format!("creating {}", signing_dir.display()))?;
+        util::write_atomic_mode(&signing_dir.join("mok.key"), ms.key_pem.as_bytes(), 0o600)?;
+        util::write_atomic_mode(&signing_dir.join("mok.pub"), &ms.cert_der, 0o644)?;
+        staged.signing = Some(signing_dir.to_path_buf());
     }
-    Ok(Some(dir))
+    Ok(staged)
 }
 
-/// mmdebstrap's arguments for `spec`, writing `out`; `staged` is the [`stage_inputs`] dir.
-fn mmdebstrap_args(spec: &BaseSpec, staged: Option<&Path>, out: &Path) -> Vec<std::ffi::OsString> {
+/// mmdebstrap's arguments for `spec`, writing `out`; `debs` and `signing` are the
+/// [`Staged`] dirs.
+fn mmdebstrap_args(
+    spec: &BaseSpec,
+    debs: Option<&Path>,
+    signing: Option<&Path>,
+    out: &Path,
+) -> Vec<std::ffi::OsString> {
     let q = |p: &Path| util::shell_quote(&p.to_string_lossy());
     let mut a: Vec<std::ffi::OsString> = vec![
         format!("--variant={}", spec.variant).into(),
@@ -330,24 +356,22 @@ fn mmdebstrap_args(spec: &BaseSpec, staged: Option<&Path>, out: &Path) -> Vec<st
     if !spec.packages.is_empty() {
         a.push(format!("--include={}", spec.packages.join(",")).into());
     }
-    if let Some(dir) = staged {
-        if !spec.debs.is_empty() {
-            let debs = dir.join("debs");
-            a.push(
-                format!(
-                    "--setup-hook=mkdir -p \"$1\"{d} && cp {d}/*.deb \"$1\"{d}/",
-                    d = q(&debs)
-                )
-                .into(),
-            );
-            for d in &spec.debs {
-                // A path argument: mmdebstrap hands it to apt as a local package file.
-                a.push(format!("--include={}", debs.join(&d.file).display()).into());
-            }
+    if let Some(debs) = debs {
+        a.push(
+            format!(
+                "--setup-hook=mkdir -p \"$1\"{d} && cp {d}/*.deb \"$1\"{d}/",
+                d = q(debs)
+            )
+            .into(),
+        );
+        for d in &spec.debs {
+            // A path argument: mmdebstrap hands it to apt as a local package file.
+            a.push(format!("--include={}", debs.join(&d.file).display()).into());
         }
-        if spec.module_signing_cert.is_some() {
-            // Before any package is installed: DKMS finds the pair and signs with it.
-            a.push(
+    }
+    if let Some(dir) = signing {
+        // Before any package is installed: DKMS finds the pair and signs with it.
+        a.push(
                 format!(
                     "--setup-hook=install -d -m 0755 \"$1/var/lib/dkms\" && install -m 0600 {k} \"$1/{DKMS_MOK_KEY}\" && install -m 0644 {c} \"$1/{DKMS_MOK_CERT}\"",
                     k = q(&dir.join("mok.key")),
@@ -355,15 +379,14 @@ fn mmdebstrap_args(spec: &BaseSpec, staged: Option<&Path>, out: &Path) -> Vec<st
                 )
                 .into(),
             );
-            // The private half leaves the base (and so every image); DKMS's build logs carry
-            // the build's date and time.
-            a.push(
+        // The private half leaves the base (and so every image); DKMS's build logs carry
+        // the build's date and time.
+        a.push(
                 format!(
                     "--customize-hook=rm -f \"$1/{DKMS_MOK_KEY}\" && find \"$1/var/lib/dkms\" -path '*/log/make.log' -type f -delete"
                 )
                 .into(),
             );
-        }
     }
     a.push(spec.suite.clone().into());
     a.push(out.into());
@@ -428,8 +451,8 @@ mod tests {
         }
     }
 
-    fn args(spec: &BaseSpec, staged: Option<&Path>) -> Vec<String> {
-        mmdebstrap_args(spec, staged, Path::new("/o/rootfs.tar"))
+    fn args(spec: &BaseSpec, debs: Option<&Path>, signing: Option<&Path>) -> Vec<String> {
+        mmdebstrap_args(spec, debs, signing, Path::new("/o/rootfs.tar"))
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
@@ -439,7 +462,7 @@ mod tests {
     fn plain_base_has_no_hooks_and_an_unchanged_key() {
         let s = spec();
         assert_eq!(
-            args(&s, None),
+            args(&s, None, None),
             [
                 "--variant=minbase",
                 "--format=tar",
@@ -482,15 +505,19 @@ mod tests {
             },
         ];
         s.module_signing_cert = Some("22".repeat(32));
-        let a = args(&s, Some(Path::new("/tmp/kiln-base-X")));
+        let a = args(
+            &s,
+            Some(Path::new("/tmp/kiln-debs-X")),
+            Some(Path::new("/c/.tmp-base-Y/signing")),
+        );
         // Each .deb is its own --include path argument, in recipe order, after the packages.
         let inc: Vec<&String> = a.iter().filter(|x| x.starts_with("--include=")).collect();
         assert_eq!(
             inc,
             [
                 "--include=nvidia-driver,systemd",
-                "--include=/tmp/kiln-base-X/debs/b_1_amd64.deb",
-                "--include=/tmp/kiln-base-X/debs/a_1_amd64.deb"
+                "--include=/tmp/kiln-debs-X/b_1_amd64.deb",
+                "--include=/tmp/kiln-debs-X/a_1_amd64.deb"
             ]
         );
         let setup: Vec<&String> = a
@@ -498,11 +525,13 @@ mod tests {
             .filter(|x| x.starts_with("--setup-hook="))
             .collect();
         assert_eq!(setup.len(), 2);
-        assert!(setup[0].contains("cp /tmp/kiln-base-X/debs/*.deb \"$1\"/tmp/kiln-base-X/debs/"));
-        assert!(setup[1]
-            .contains("install -m 0600 /tmp/kiln-base-X/mok.key \"$1/var/lib/dkms/mok.key\""));
-        assert!(setup[1]
-            .contains("install -m 0644 /tmp/kiln-base-X/mok.pub \"$1/var/lib/dkms/mok.pub\""));
+        assert!(setup[0].contains("cp /tmp/kiln-debs-X/*.deb \"$1\"/tmp/kiln-debs-X/"));
+        assert!(setup[1].contains(
+            "install -m 0600 /c/.tmp-base-Y/signing/mok.key \"$1/var/lib/dkms/mok.key\""
+        ));
+        assert!(setup[1].contains(
+            "install -m 0644 /c/.tmp-base-Y/signing/mok.pub \"$1/var/lib/dkms/mok.pub\""
+        ));
         let cust: Vec<&String> = a
             .iter()
             .filter(|x| x.starts_with("--customize-hook="))
@@ -532,35 +561,27 @@ mod tests {
             debs: vec![deb],
             module_signing: Some(ms),
         };
-        let st = stage_inputs(&s, &inputs).unwrap().unwrap();
-        let p = st.path().to_path_buf();
+        let signing = d.path().join("base-tmp/signing");
+        fs::create_dir_all(signing.parent().unwrap()).unwrap();
+        let st = stage_inputs(&s, &inputs, &signing).unwrap();
+        let p = st.debs.as_ref().unwrap().path().to_path_buf();
         assert!(p.parent() == Some(Path::new("/tmp")), "{}", p.display());
-        assert_eq!(
-            fs::read(p.join("debs/x_1_amd64.deb")).unwrap(),
-            b"!<arch>\n"
-        );
-        assert_eq!(fs::read(p.join("mok.pub")).unwrap(), cert);
+        assert_eq!(fs::read(p.join("x_1_amd64.deb")).unwrap(), b"!<arch>\n");
+        assert_eq!(st.signing.as_deref(), Some(signing.as_path()));
+        assert_eq!(fs::read(signing.join("mok.pub")).unwrap(), cert);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            fs::metadata(p.join("mok.key"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o600
-        );
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&signing.join("mok.key")), 0o600);
+        assert_eq!(mode(&signing), 0o700);
         drop(st);
-        assert!(
-            !p.exists(),
-            "the staging dir (with the private key) is removed"
-        );
+        assert!(!p.exists(), "the .deb staging dir is removed");
         // A changed certificate between resolve and build is refused.
         s.module_signing_cert = Some("ff".repeat(32));
-        assert!(stage_inputs(&s, &inputs).is_err());
-        // Nothing to stage: no dir at all.
-        assert!(stage_inputs(&spec(), &BaseInputs::default())
-            .unwrap()
-            .is_none());
+        assert!(stage_inputs(&s, &inputs, &d.path().join("other")).is_err());
+        // Nothing to stage: no dirs at all.
+        let none = stage_inputs(&spec(), &BaseInputs::default(), &d.path().join("x")).unwrap();
+        assert!(none.debs.is_none() && none.signing.is_none());
+        assert!(!d.path().join("x").exists());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! | `sealed-secrets.crt` | 0644 | self-signed X.509 certificate for that key (see [`SEALED_SECRETS_CN`]) |
 //! | `k3s-token` | 0600 | 64 lowercase hex characters (32 random bytes) and a newline |
 //! | `module-signing.key` | 0600 | RSA-2048 private key, PKCS#8 PEM: DKMS signs the kernel modules it builds with it |
-//! | `module-signing.crt` | 0644 | its self-signed X.509 certificate (see [`MODULE_SIGNING_CN`]); enrol it as a Secure Boot MOK |
+//! | `module-signing.crt` | 0644 | its self-signed X.509 certificate (see [`MODULE_SIGNING_CN`]) (DKMS's `mok.pub` in gpu images) |
 //! | `.gitignore` | 0644 | written only if missing: ignores everything but public files |
 //!
 //! Every file is written atomically: a temp file in `keys/` gets its final mode before it is renamed

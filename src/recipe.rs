@@ -115,9 +115,9 @@ pub struct DebianFile {
     /// installed in the base together with `packages`; their dependencies come from the archive.
     #[serde(default)]
     pub debs: Vec<Pinned>,
-    /// Sign the kernel modules DKMS builds in the base with `keys/module-signing.key` (enrol
-    /// `keys/module-signing.crt` as a Secure Boot MOK); without it DKMS makes a random key per
-    /// build, so the image is not reproducible.
+    /// Sign the kernel modules DKMS builds in the base with `keys/module-signing.key`; without
+    /// it DKMS makes a random key per build, left in the image, so the image is not
+    /// reproducible (and kiln refuses it).
     pub sign_modules: Option<bool>,
 }
 
