@@ -29,6 +29,9 @@ pub struct BaseSpec {
     /// sha256 of the module-signing certificate DKMS signs with (`debian.sign_modules`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_signing_cert: Option<String>,
+    /// `debian.customize`: commands run in the chroot after the packages, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub customize: Vec<String>,
 }
 
 /// A pinned `.deb` of a base: its file name (from the URL) and digest.
@@ -71,6 +74,7 @@ impl BaseSpec {
                 })
                 .collect(),
             module_signing_cert,
+            customize: recipe.debian.customize.clone(),
             suite: recipe.debian.suite.clone(),
             variant: recipe.debian.variant.clone(),
             mirror: recipe.debian.mirror.clone(),
@@ -379,14 +383,25 @@ fn mmdebstrap_args(
                 )
                 .into(),
             );
-        // The private half leaves the base (and so every image); DKMS's build logs carry
-        // the build's date and time.
+    }
+    for c in &spec.customize {
         a.push(
-                format!(
-                    "--customize-hook=rm -f \"$1/{DKMS_MOK_KEY}\" && find \"$1/var/lib/dkms\" -path '*/log/make.log' -type f -delete"
-                )
-                .into(),
-            );
+            format!(
+                "--customize-hook=chroot \"$1\" /bin/sh -euc {}",
+                util::shell_quote(c)
+            )
+            .into(),
+        );
+    }
+    if signing.is_some() {
+        // The private half leaves the base (and so every image); DKMS's build logs carry
+        // the build's date and time. Last, so no recipe command undoes it.
+        a.push(
+            format!(
+                "--customize-hook=rm -f \"$1/{DKMS_MOK_KEY}\" && find \"$1/var/lib/dkms\" -path '*/log/make.log' -type f -delete"
+            )
+            .into(),
+        );
     }
     a.push(spec.suite.clone().into());
     a.push(out.into());
@@ -448,6 +463,7 @@ mod tests {
             source_date_epoch: 1_700_000_000,
             debs: vec![],
             module_signing_cert: None,
+            customize: vec![],
         }
     }
 
@@ -505,6 +521,7 @@ mod tests {
             },
         ];
         s.module_signing_cert = Some("22".repeat(32));
+        s.customize = vec!["echo 'a b' > /etc/x".into()];
         let a = args(
             &s,
             Some(Path::new("/tmp/kiln-debs-X")),
@@ -536,9 +553,14 @@ mod tests {
             .iter()
             .filter(|x| x.starts_with("--customize-hook="))
             .collect();
-        assert_eq!(cust.len(), 1);
-        assert!(cust[0].contains("rm -f \"$1/var/lib/dkms/mok.key\""));
-        assert!(cust[0].contains("make.log"));
+        assert_eq!(cust.len(), 2);
+        // The recipe's commands run in the chroot, quoted for sh; kiln's clean-up comes last.
+        assert_eq!(
+            cust[0],
+            "--customize-hook=chroot \"$1\" /bin/sh -euc 'echo '\\''a b'\\'' > /etc/x'"
+        );
+        assert!(cust[1].contains("rm -f \"$1/var/lib/dkms/mok.key\""));
+        assert!(cust[1].contains("make.log"));
         assert_eq!(&a[a.len() - 2..], ["bookworm", "/o/rootfs.tar"]);
     }
 

@@ -119,6 +119,11 @@ pub struct DebianFile {
     /// it DKMS makes a random key per build, left in the image, so the image is not
     /// reproducible (and kiln refuses it).
     pub sign_modules: Option<bool>,
+    /// Shell commands run inside the base's chroot after every package is installed (mmdebstrap
+    /// customize hooks, `/bin/sh -euc`), in order, parent recipes first — for what a package's
+    /// postinst gets wrong for an image (e.g. a per-machine name made once at build time).
+    #[serde(default)]
+    pub customize: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,6 +360,9 @@ pub struct Debian {
     /// DKMS signs modules with the project's module-signing key (see [`DebianFile::sign_modules`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub sign_modules: bool,
+    /// Commands run in the chroot after the packages (merged along the chain, parent first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub customize: Vec<String>,
 }
 
 impl Debian {
@@ -815,6 +823,7 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
     let mut remove: Vec<String> = Vec::new();
     let mut debs: Vec<Pinned> = Vec::new();
     let mut sign_modules = false;
+    let mut customize: Vec<String> = Vec::new();
     let mut cmdline = Vec::new();
     let mut esp_size_mib = None;
     let mut enable = Vec::new();
@@ -999,6 +1008,17 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
         if let Some(b) = f.debian.sign_modules {
             sign_modules = b;
         }
+        for (i, c) in f.debian.customize.iter().enumerate() {
+            if c.trim().is_empty() || c.contains('\0') {
+                return Err(err(
+                    path,
+                    format!("debian.customize[{i}]"),
+                    "an empty command".to_string(),
+                    "give a shell command, e.g. \"printf 'GenerateName=yes\\n' > /etc/iscsi/initiatorname.iscsi\", or remove the entry",
+                ));
+            }
+            customize.push(c.clone());
+        }
         merge_list(&mut cmdline, &f.boot.cmdline);
         merge_list(&mut enable, &f.systemd.enable);
         merge_list(&mut mask, &f.systemd.mask);
@@ -1078,6 +1098,7 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
             remove,
             debs,
             sign_modules,
+            customize,
         },
         boot: Boot {
             cmdline,

@@ -315,6 +315,31 @@ fn pinned_deb_must_be_a_plain_deb_url_with_a_sha256() {
 }
 
 #[test]
+fn customize_commands_merge_in_order_and_empty_ones_are_refused() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/base.toml",
+        "[debian]\n",
+        "[debian]\ncustomize = [\"echo base\"]\n",
+    );
+    let o = kiln(d.path(), &["inspect", "--role", "storage", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = v["inputs"]["base"]["customize"].as_array().unwrap();
+    assert_eq!(c.len(), 3, "{c:?}");
+    assert_eq!(c[0], "echo base", "parent first");
+    assert!(c[1].as_str().unwrap().contains("GenerateName=yes"));
+    edit(
+        d.path(),
+        "recipes/base.toml",
+        "customize = [\"echo base\"]",
+        "customize = [\" \"]",
+    );
+    rejects(d.path(), "recipes/base.toml", "debian.customize[0]");
+}
+
+#[test]
 fn sign_modules_needs_the_module_signing_key() {
     let d = project_copy();
     fs::remove_file(d.path().join("keys/module-signing.key")).unwrap();

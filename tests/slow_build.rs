@@ -374,19 +374,16 @@ fn slow_build_reproducible_with_fresh_cache() {
         .unwrap();
     let project = standin_project(root.path());
     let out = root.path().join("out");
-    let o = run_build(
-        &project,
-        &out,
-        &root.path().join("fresh-cache"),
-        &["--role", "worker", "--role", "master"],
-    );
+    let o = run_build(&project, &out, &root.path().join("fresh-cache"), ROLES);
     assert!(o.status.success(), "second build failed:\n{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         v["roles"][0]["base_cached"], false,
         "the second build must not reuse the cache"
     );
-    for role in ["worker", "master"] {
+    // storage too: open-iscsi's postinst used to leave a random initiator name in the image
+    // and its initramfs (found by `kiln verify --rebuild`; now GenerateName=yes, see storage.toml).
+    for role in ["worker", "master", "storage"] {
         let dir1 = b.role_dir(role);
         let dir2 = out.join(role).join(&b.ids[role]);
         assert!(
@@ -599,6 +596,15 @@ fn slow_k3s_layout_golden() {
     assert!(s.contains("etc/modules-load.d/longhorn.conf"));
     assert!(s.contains("iscsid"), "iscsid enabled");
     assert!(s.contains("var/lib/longhorn/: 755 0:0 Directory"));
+    // No initiator name baked in: each node's iscsid makes its own (storage.toml customize).
+    let iname = Command::new("unsquashfs")
+        .args(["-cat"])
+        .arg(b.role_dir("storage").join("root.squashfs"))
+        .arg("/etc/iscsi/initiatorname.iscsi")
+        .output()
+        .unwrap();
+    assert!(iname.status.success(), "{}", stderr(&iname));
+    assert_eq!(stdout(&iname), "GenerateName=yes\n");
     // Sealed secrets: the master has the controller, its restored key (0600) and the SealedSecret.
     assert!(
         m.contains("var/lib/rancher/k3s/server/manifests/kiln-sealed-secrets-controller.yaml: 644")
