@@ -877,6 +877,80 @@ mod tests {
     }
 
     #[test]
+    fn a_dkms_generated_private_key_is_refused_unless_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("recipes");
+        fs::create_dir_all(&r).unwrap();
+        fs::write(
+            r.join("cluster.toml"),
+            "[cluster]\nname = \"t\"\nsource_date_epoch = 1700000000\nsuite = \"bookworm\"\n",
+        )
+        .unwrap();
+        fs::write(r.join("base.toml"), "[debian]\npackages = [\"systemd\"]\n").unwrap();
+        fs::write(r.join("gpu.toml"), "inherits = \"base\"\n").unwrap();
+        let project = crate::recipe::load_project(d.path()).unwrap();
+        let mut recipe = crate::recipe::load_role(&project, "gpu").unwrap();
+        let base = d.path().join("base.tar");
+        {
+            let mut b = tar::Builder::new(fs::File::create(&base).unwrap());
+            for (path, data) in [
+                ("boot/vmlinuz-6.1.0-1-amd64", &b"kernel"[..]),
+                ("boot/initrd.img-6.1.0-1-amd64", b"initrd"),
+                (BOOTLOADER_PATH, b"MZ"),
+                ("usr/lib/live/boot/9990-main.sh", b"#!/bin/sh\n"),
+                ("var/lib/dkms/mok.pub", b"0\x82"),
+                ("var/lib/dkms/mok.key", b"-----BEGIN PRIVATE KEY-----\n"),
+            ] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o600);
+                h.set_mtime(0);
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_cksum();
+                b.append_data(&mut h, path, data).unwrap();
+            }
+            b.finish().unwrap();
+        }
+        let out = d.path().join("composed.tar");
+        let run = |recipe: &Recipe| {
+            compose(
+                &ComposeInput {
+                    project: &project,
+                    recipe,
+                    build_id: "test",
+                    overlays: &[],
+                    base_tar: &base,
+                    extra: BTreeMap::new(),
+                    extra_enable: vec![],
+                },
+                &out,
+            )
+        };
+        let e = run(&recipe).unwrap_err();
+        let re = e
+            .downcast_ref::<crate::recipe::RecipeError>()
+            .expect("a user error");
+        assert_eq!(re.key, "debian.sign_modules");
+        assert!(
+            re.file.ends_with("recipes/gpu.toml"),
+            "{}",
+            re.file.display()
+        );
+        assert!(re.fix.contains("sign_modules = true"), "{}", re.fix);
+        // Dropped on purpose (debian.remove), the image is made, without it.
+        recipe.debian.remove.push("var/lib/dkms/mok.key".into());
+        run(&recipe).unwrap();
+        let mut ar = tar::Archive::new(fs::File::open(&out).unwrap());
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| norm(&e.unwrap().path().unwrap()))
+            .collect();
+        assert!(names.iter().any(|n| n == "var/lib/dkms/mok.pub"));
+        assert!(!names.iter().any(|n| n == "var/lib/dkms/mok.key"));
+    }
+
+    #[test]
     fn install_section_parsed() {
         let t = "[Unit]\nDescription=x\nWantedBy=nope\n[Install]\nWantedBy=multi-user.target\nAlso=a.socket b.service\nAlias=dbus-x.service\n";
         let i = parse_install(t);

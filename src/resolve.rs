@@ -95,8 +95,8 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let recipe = recipe::load_role(project, role)?;
     let overlays = compose::scan_overlays(project, role)?;
     compose::check_templates(project, &overlays)?;
-    // The module-signing certificate (public) names the key in the base spec; the private key
-    // is read only when a base is built.
+    // Both halves of the module-signing pair are read and cross-checked here (a bad pair is a
+    // user error before anything is built); only the certificate's digest enters the spec.
     let module_cert = if recipe.debian.sign_modules {
         Some(crate::keys::module_signing(&project.root.join("keys"))?.cert_sha256())
     } else {
