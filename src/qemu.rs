@@ -62,6 +62,14 @@ pub fn uefi_disk_command(
         Some(m) => cmd.arg(format!("virtio-net-pci,netdev=n0,mac={m}")),
         None => cmd.arg("virtio-net-pci,netdev=n0"),
     };
+    // Entropy from the host: under TCG on a loaded host a guest waiting in getrandom() for the
+    // kernel's jitter entropy was seen stuck for 1000+ s (systemd-random-seed, soft lockup).
+    cmd.args([
+        "-object",
+        "rng-random,filename=/dev/urandom,id=rng0",
+        "-device",
+        "virtio-rng-pci,rng=rng0",
+    ]);
     Ok(cmd)
 }
 
