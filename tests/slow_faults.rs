@@ -330,11 +330,22 @@ fn slow_fault_corrupt_cache_entries() {
     // A damaged base tarball: detected by its recorded sha256 before use.
     let o = build(&p, &out, &cache, &[]); // refetch k3s; full build with the linked base
     assert!(o.status.success(), "{}", stderr(&o));
+    // The worker's base: the cached one whose spec.json is the worker's base spec (the cache
+    // also holds the storage and gpu bases).
+    let o = kiln(&p, &["inspect", "--role", "worker", "--json"]);
+    let spec =
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["inputs"]["base"].clone();
     let base = names(&cache.join("base"))
         .into_iter()
         .map(|n| cache.join("base").join(n))
-        .find(|d| d.join("rootfs.tar").is_file())
-        .expect("a base in the cache");
+        .find(|d| {
+            fs::read(d.join("spec.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v == spec)
+                && d.join("rootfs.tar").is_file()
+        })
+        .expect("the worker's base in the cache");
     corrupt(&base.join("rootfs.tar"));
     let o = build(&p, &out, &cache, &["--offline", "--force"]);
     assert!(!o.status.success());
