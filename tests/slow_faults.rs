@@ -286,6 +286,24 @@ fn link_bases(cache: &Path) {
     }
 }
 
+/// The base of `cache` built for project `p`'s worker: the one whose spec.json is the worker's
+/// base spec (a cache holds a base per package set).
+fn worker_base(p: &Path, cache: &Path) -> Option<PathBuf> {
+    let o = kiln(p, &["inspect", "--role", "worker", "--json"]);
+    let spec =
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["inputs"]["base"].clone();
+    names(&cache.join("base"))
+        .into_iter()
+        .map(|n| cache.join("base").join(n))
+        .find(|d| {
+            fs::read(d.join("spec.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v == spec)
+                && d.join("rootfs.tar").is_file()
+        })
+}
+
 #[test]
 fn slow_fault_corrupt_cache_entries() {
     if let Some(r) = missing_build_capability() {
@@ -330,22 +348,8 @@ fn slow_fault_corrupt_cache_entries() {
     // A damaged base tarball: detected by its recorded sha256 before use.
     let o = build(&p, &out, &cache, &[]); // refetch k3s; full build with the linked base
     assert!(o.status.success(), "{}", stderr(&o));
-    // The worker's base: the cached one whose spec.json is the worker's base spec (the cache
-    // also holds the storage and gpu bases).
-    let o = kiln(&p, &["inspect", "--role", "worker", "--json"]);
-    let spec =
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["inputs"]["base"].clone();
-    let base = names(&cache.join("base"))
-        .into_iter()
-        .map(|n| cache.join("base").join(n))
-        .find(|d| {
-            fs::read(d.join("spec.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .is_some_and(|v| v == spec)
-                && d.join("rootfs.tar").is_file()
-        })
-        .expect("the worker's base in the cache");
+    // The worker's base (the cache also holds the storage and gpu bases).
+    let base = worker_base(&p, &cache).expect("the worker's base in the cache");
     corrupt(&base.join("rootfs.tar"));
     let o = build(&p, &out, &cache, &["--offline", "--force"]);
     assert!(!o.status.success());
@@ -379,20 +383,8 @@ fn privileged_disk_full_during_emit() {
     let mnt = root.join("small");
     fs::create_dir_all(&mnt).unwrap();
     // Room for the composed tar (the worker's base plus a few MB) but not for the artifacts
-    // after it. The worker's base is the cached one whose spec.json is the worker's base spec.
-    let o = kiln(&p, &["inspect", "--role", "worker", "--json"]);
-    let spec =
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["inputs"]["base"].clone();
-    let base_tar = names(&shared_cache().join("base"))
-        .into_iter()
-        .map(|n| shared_cache().join("base").join(n))
-        .find(|d| {
-            fs::read(d.join("spec.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .is_some_and(|v| v == spec)
-                && d.join("rootfs.tar").is_file()
-        })
+    // after it.
+    let base_tar = worker_base(&p, &shared_cache())
         .map(|d| fs::metadata(d.join("rootfs.tar")).unwrap().len())
         .expect("the worker's base in the shared cache");
     let size = base_tar / (1 << 20) + 80;
