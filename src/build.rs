@@ -235,22 +235,31 @@ pub fn build_role(
         opts.locked,
     )?;
     let sde = project.cluster.section.source_date_epoch;
-    // Both read the composed tar: run them side by side (tar2sqfs and zstd use every core).
-    st.stage("rootfs.tar.zst+root.squashfs", || {
+    // Both read the composed tar: run them side by side (both use every core).
+    let squashfs = st.stage("rootfs.tar.zst+root.squashfs", || {
         std::thread::scope(|s| {
             let zst = s.spawn(|| {
                 util::test_pause("rootfs.tar.zst");
                 emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"))
             });
             util::test_pause("root.squashfs");
-            let sq = emit::squashfs_from_tar(&tar_path, &sd.join("root.squashfs"), sde);
+            let sq = emit::squashfs_from_tar(
+                &tar_path,
+                &sd.join("root.squashfs"),
+                sde,
+                Some(&opts.cache_dir),
+            );
             let zst = zst
                 .join()
                 .map_err(|_| anyhow::anyhow!("the rootfs.tar.zst thread panicked"))?;
             match (sq, zst) {
                 // Both failed (e.g. the disk filled up): report the clearer error.
                 (Err(a), Err(b)) if util::is_disk_full(&b) && !util::is_disk_full(&a) => Err(b),
-                (sq, zst) => sq.and(zst),
+                (sq, zst) => {
+                    let written = sq?;
+                    zst?;
+                    Ok(written)
+                }
             }
         })
     })?;
@@ -342,6 +351,13 @@ pub fn build_role(
     publish(staging, &final_dir)?;
     util::test_pause("latest");
     point_latest(&role_dir, &resolved.build_id)?;
+    // The next build (of any role) copies this image's unchanged blocks instead of compressing
+    // them again. Only an optimisation: a failure here does not fail the build.
+    let image = fs::canonicalize(final_dir.join("root.squashfs"))?;
+    let index = emit::squashfs_index_dir(&opts.cache_dir).join(format!("{role}.json"));
+    if let Err(e) = squashfs.save_index(&image, &index) {
+        tracing::warn!("not saving {}: {e:#}", index.display());
+    }
     let artifacts = read_sums(&final_dir)?;
     let timings = st.finish(format!("built {role} {}", resolved.build_id));
     Ok(BuildReport {

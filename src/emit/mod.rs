@@ -3,20 +3,20 @@
 
 pub mod disk;
 pub mod iso9660;
+pub mod squashfs;
 
-use crate::tools::{self, QEMU_IMG, TAR2SQFS};
+use crate::tools::{self, QEMU_IMG};
 use crate::util;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fs;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
-use std::process::Stdio;
 
 /// zstd level for `rootfs.tar.zst` (the `zstd` CLI default).
 pub const ZSTD_LEVEL: i32 = 3;
 
-/// zstd level inside `root.squashfs` (tar2sqfs defaults to 15, which is ~4× slower for ~3% size).
+/// zstd level inside `root.squashfs` (mksquashfs and tar2sqfs default to 15, ~4× slower for ~3% size).
 pub const SQUASHFS_ZSTD_LEVEL: u32 = 9;
 
 fn jobs() -> usize {
@@ -54,36 +54,39 @@ pub fn compress_tar_with(tar: &Path, out: &Path, workers: usize) -> Result<()> {
     Ok(())
 }
 
-/// `root.squashfs` streamed from the composed tar by tar2sqfs (zstd, fixed times).
-pub fn squashfs_from_tar(tar: &Path, out: &Path, source_date_epoch: i64) -> Result<()> {
-    let input = fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?;
-    let mut cmd = TAR2SQFS.command()?;
-    cmd.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
-        .arg("--quiet")
-        .arg("--force")
-        .arg("--no-skip")
-        .args(["--compressor", "zstd"])
-        .args(["--comp-extra", &format!("level={SQUASHFS_ZSTD_LEVEL}")])
-        .args(["--num-jobs", &jobs().to_string()])
-        .args(["--block-size", "1048576"])
-        .args([
-            "--defaults",
-            &format!("uid=0,gid=0,mode=0755,mtime={source_date_epoch}"),
-        ])
-        .arg(out)
-        .stdin(Stdio::from(input));
-    tools::die_with_parent(&mut cmd);
-    let line = format!("{cmd:?}");
-    tracing::debug!(command = %line, "running");
-    let o = cmd.output().with_context(|| format!("starting {line}"))?;
-    if !o.status.success() {
-        anyhow::bail!(
-            "{line} failed ({}):\n{}",
-            o.status,
-            tools::tail(&String::from_utf8_lossy(&o.stderr), 30)
-        );
+/// Where the block indexes of earlier images are kept, under the cache dir.
+pub fn squashfs_index_dir(cache_dir: &Path) -> std::path::PathBuf {
+    cache_dir.join("squashfs-blocks")
+}
+
+/// The settings of every `root.squashfs`.
+pub fn squashfs_options(source_date_epoch: i64) -> squashfs::Options {
+    squashfs::Options {
+        block_size: 1 << 20,
+        level: SQUASHFS_ZSTD_LEVEL as i32,
+        mtime: source_date_epoch.clamp(0, u32::MAX as i64) as u32,
+        jobs: jobs(),
     }
-    util::sync_path(out)
+}
+
+/// `root.squashfs` written from the composed tar by kiln's squashfs writer (zstd, 1 MiB
+/// blocks), copying unchanged blocks from the earlier images indexed under `cache_dir` (none
+/// when `None`).
+pub fn squashfs_from_tar(
+    tar: &Path,
+    out: &Path,
+    source_date_epoch: i64,
+    cache_dir: Option<&Path>,
+) -> Result<squashfs::Written> {
+    let opts = squashfs_options(source_date_epoch);
+    let mut reuse = match cache_dir {
+        Some(c) => squashfs::Reuse::load(&squashfs_index_dir(c), &opts),
+        None => squashfs::Reuse::default(),
+    };
+    let w = squashfs::write_from_tar(tar, out, &opts, &mut reuse)
+        .with_context(|| format!("writing {}", out.display()))?;
+    tracing::debug!(stats = ?w.stats, "root.squashfs written");
+    Ok(w)
 }
 
 /// `disk.qcow2` from `disk.raw`.
