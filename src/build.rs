@@ -236,11 +236,11 @@ pub fn build_role(
     )?;
     let sde = project.cluster.section.source_date_epoch;
     // Both read the composed tar: run them side by side (both use every core).
-    let squashfs = st.stage("rootfs.tar.zst+root.squashfs", || {
+    let pieces = st.stage("rootfs.tar.zst+root.squashfs", || {
         std::thread::scope(|s| {
             let zst = s.spawn(|| {
                 util::test_pause("rootfs.tar.zst");
-                emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"))
+                emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"), Some(&opts.cache_dir))
             });
             util::test_pause("root.squashfs");
             let sq = emit::squashfs_from_tar(
@@ -255,11 +255,7 @@ pub fn build_role(
             match (sq, zst) {
                 // Both failed (e.g. the disk filled up): report the clearer error.
                 (Err(a), Err(b)) if util::is_disk_full(&b) && !util::is_disk_full(&a) => Err(b),
-                (sq, zst) => {
-                    let written = sq?;
-                    zst?;
-                    Ok(written)
-                }
+                (sq, zst) => Ok((sq?, zst?)),
             }
         })
     })?;
@@ -353,10 +349,21 @@ pub fn build_role(
     point_latest(&role_dir, &resolved.build_id)?;
     // The next build (of any role) copies this image's unchanged blocks instead of compressing
     // them again. Only an optimisation: a failure here does not fail the build.
-    let image = fs::canonicalize(final_dir.join("root.squashfs"))?;
-    let index = emit::squashfs_index_dir(&opts.cache_dir).join(format!("{role}.json"));
-    if let Err(e) = squashfs.save_index(&image, &index) {
-        tracing::warn!("not saving {}: {e:#}", index.display());
+    let (squashfs, zst) = pieces;
+    for (name, index, dir) in [
+        (
+            "root.squashfs",
+            &squashfs.index,
+            emit::squashfs_index_dir(&opts.cache_dir),
+        ),
+        ("rootfs.tar.zst", &zst, emit::zst_index_dir(&opts.cache_dir)),
+    ] {
+        let path = dir.join(format!("{role}.json"));
+        let saved = fs::canonicalize(final_dir.join(name))
+            .and_then(|image| index.save(&image, &path).map_err(std::io::Error::other));
+        if let Err(e) = saved {
+            tracing::warn!("not saving {}: {e:#}", path.display());
+        }
     }
     let artifacts = read_sums(&final_dir)?;
     let timings = st.finish(format!("built {role} {}", resolved.build_id));

@@ -8,7 +8,8 @@
 mod common;
 
 use common::{is_root, skip, which};
-use kiln::emit::squashfs::{self, Options, Reuse};
+use kiln::emit::reuse::Reuse;
+use kiln::emit::squashfs::{self, Options};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -597,7 +598,12 @@ fn squashfs_reuse_is_byte_identical_and_checked() {
         .unwrap();
     let one = fs::read(d.path().join("one")).unwrap();
 
-    let w2 = write(d.path(), "two", &s.tar, &mut Reuse::load(&idx, &opts()));
+    let w2 = write(
+        d.path(),
+        "two",
+        &s.tar,
+        &mut Reuse::load(&idx, &squashfs::reuse_params(&opts())),
+    );
     assert_eq!(fs::read(d.path().join("two")).unwrap(), one);
     assert_eq!(
         w2.stats.reused, w2.stats.blocks,
@@ -612,7 +618,7 @@ fn squashfs_reuse_is_byte_identical_and_checked() {
         &t,
         &d.path().join("lvl"),
         &other,
-        &mut Reuse::load(&idx, &other),
+        &mut Reuse::load(&idx, &squashfs::reuse_params(&other)),
     )
     .unwrap();
     assert_eq!(w.stats.reused, 0);
@@ -621,7 +627,12 @@ fn squashfs_reuse_is_byte_identical_and_checked() {
     let mut bad = one.clone();
     bad[102] ^= 0xff;
     fs::write(d.path().join("one"), &bad).unwrap();
-    let w3 = write(d.path(), "three", &s.tar, &mut Reuse::load(&idx, &opts()));
+    let w3 = write(
+        d.path(),
+        "three",
+        &s.tar,
+        &mut Reuse::load(&idx, &squashfs::reuse_params(&opts())),
+    );
     assert_eq!(
         fs::read(d.path().join("three")).unwrap(),
         one,
@@ -663,7 +674,12 @@ fn squashfs_reuse_is_byte_identical_and_checked() {
         }
     }
     let edited = b.into_inner().unwrap();
-    let w4 = write(d.path(), "four", &edited, &mut Reuse::load(&idx, &opts()));
+    let w4 = write(
+        d.path(),
+        "four",
+        &edited,
+        &mut Reuse::load(&idx, &squashfs::reuse_params(&opts())),
+    );
     assert_eq!(w4.stats.blocks - w4.stats.reused, 1, "{:?}", w4.stats);
     let w5 = write(d.path(), "five", &edited, &mut Reuse::default());
     assert_eq!(

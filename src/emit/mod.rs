@@ -3,6 +3,7 @@
 
 pub mod disk;
 pub mod iso9660;
+pub mod reuse;
 pub mod squashfs;
 
 use crate::tools::{self, QEMU_IMG};
@@ -25,33 +26,115 @@ fn jobs() -> usize {
         .unwrap_or(1)
 }
 
-/// `rootfs.tar.zst` from the composed tar, compressed by one zstd worker thread per core. zstd's
-/// multi-threaded format does not depend on the number of workers (always at least one), so
-/// the bytes are the same on any machine.
-pub fn compress_tar(tar: &Path, out: &Path) -> Result<()> {
-    compress_tar_with(tar, out, jobs())
+/// Content-defined chunks of the tar (FastCDC min/average/max), one zstd frame each.
+pub const ZST_CHUNKS: (u32, u32, u32) = (1 << 20, 4 << 20, 16 << 20);
+
+/// Settings that decide the frames' bytes (see [`reuse`]).
+pub fn zst_reuse_params() -> String {
+    let (min, avg, max) = ZST_CHUNKS;
+    format!("tar.zst fastcdc={min}/{avg}/{max} zstd_level={ZSTD_LEVEL} checksum")
 }
 
-/// [`compress_tar`] with `workers` zstd threads (at least one).
-pub fn compress_tar_with(tar: &Path, out: &Path, workers: usize) -> Result<()> {
+/// Where the indexes of earlier `rootfs.tar.zst` files are kept, under the cache dir.
+pub fn zst_index_dir(cache_dir: &Path) -> std::path::PathBuf {
+    cache_dir.join("zstd-frames")
+}
+
+/// `rootfs.tar.zst` from the composed tar: the tar is cut into content-defined chunks
+/// (FastCDC, ~4 MiB), each compressed into its own zstd frame (level 3, with checksum and
+/// size) by one thread per core; the frames are concatenated, which is a valid zstd stream.
+/// Chunk boundaries follow the content, so a file added or changed in the tar changes only
+/// the frames around it, and frames of earlier builds indexed under `cache_dir` are copied
+/// instead of compressed again. The bytes do not depend on the core count or the cache.
+pub fn compress_tar(tar: &Path, out: &Path, cache_dir: Option<&Path>) -> Result<reuse::Index> {
+    let mut r = match cache_dir {
+        Some(c) => reuse::Reuse::load(&zst_index_dir(c), &zst_reuse_params()),
+        None => reuse::Reuse::default(),
+    };
+    compress_tar_with(tar, out, jobs(), &mut r)
+}
+
+/// [`compress_tar`] with `workers` zstd threads (at least one) and the given earlier frames.
+pub fn compress_tar_with(
+    tar: &Path,
+    out: &Path,
+    workers: usize,
+    reuse: &mut reuse::Reuse,
+) -> Result<reuse::Index> {
     let input = fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?;
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut enc = zstd::stream::Encoder::new(BufWriter::with_capacity(1 << 20, f), ZSTD_LEVEL)?;
-    enc.multithread(workers.max(1) as u32)?;
-    enc.include_checksum(true)?;
-    enc.set_pledged_src_size(Some(input.metadata()?.len()))?;
-    enc.include_contentsize(true)?;
-    util::copy_large(&mut BufReader::with_capacity(1 << 20, input), &mut enc)
-        .with_context(|| format!("compressing into {}", out.display()))?;
-    let mut w = enc
-        .finish()
-        .with_context(|| format!("compressing into {}", out.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let mut index = reuse::Index::new(zst_reuse_params());
+    let (min, avg, max) = ZST_CHUNKS;
+    let mut chunks =
+        fastcdc::v2020::StreamCDC::new(BufReader::with_capacity(1 << 20, input), min, avg, max);
+    let workers = workers.max(1);
+    let mut pos = 0u64;
+    let mut any = false;
+    loop {
+        // A batch: a few chunks per worker, compressed side by side, written in order.
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        for c in chunks.by_ref() {
+            let c = c.map_err(|e| anyhow::anyhow!("reading {}: {e}", tar.display()))?;
+            batch.push(c.data);
+            if batch.len() >= 2 * workers {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            if any {
+                break;
+            }
+            batch.push(Vec::new()); // an empty tar is still one (empty) frame
+        }
+        any = true;
+        let keys: Vec<[u8; 32]> = batch.iter().map(|c| *blake3::hash(c).as_bytes()).collect();
+        let mut frames: Vec<Option<Vec<u8>>> =
+            keys.iter().map(|k| reuse.get(k).map(|(b, _)| b)).collect();
+        let todo: Vec<usize> = (0..batch.len()).filter(|&i| frames[i].is_none()).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done: Vec<Vec<(usize, Vec<u8>)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..workers.min(todo.len().max(1)))
+                .map(|_| {
+                    s.spawn(|| -> Result<Vec<(usize, Vec<u8>)>> {
+                        let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
+                        c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                        c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))?;
+                        let mut v = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&i) = todo.get(k) else { break };
+                            v.push((i, c.compress(&batch[i])?));
+                        }
+                        Ok(v)
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a zstd thread panicked"))?
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        for (i, b) in done.into_iter().flatten() {
+            frames[i] = Some(b);
+        }
+        for (k, fr) in keys.into_iter().zip(frames) {
+            let fr = fr.expect("every frame made");
+            w.write_all(&fr)
+                .with_context(|| format!("writing {}", out.display()))?;
+            index.push(k, &fr, pos, 0);
+            pos += fr.len() as u64;
+        }
+    }
     w.flush()
         .with_context(|| format!("writing {}", out.display()))?;
     w.get_ref()
         .sync_all()
         .with_context(|| format!("syncing {}", out.display()))?;
-    Ok(())
+    index.image_size = pos;
+    Ok(index)
 }
 
 /// Where the block indexes of earlier images are kept, under the cache dir.
@@ -80,8 +163,8 @@ pub fn squashfs_from_tar(
 ) -> Result<squashfs::Written> {
     let opts = squashfs_options(source_date_epoch);
     let mut reuse = match cache_dir {
-        Some(c) => squashfs::Reuse::load(&squashfs_index_dir(c), &opts),
-        None => squashfs::Reuse::default(),
+        Some(c) => reuse::Reuse::load(&squashfs_index_dir(c), &squashfs::reuse_params(&opts)),
+        None => reuse::Reuse::default(),
     };
     let w = squashfs::write_from_tar(tar, out, &opts, &mut reuse)
         .with_context(|| format!("writing {}", out.display()))?;
@@ -164,11 +247,68 @@ mod tests {
         let mut outs = Vec::new();
         for w in [1, 2, 3] {
             let o = d.path().join(format!("{w}.zst"));
-            compress_tar_with(&input, &o, w).unwrap();
+            compress_tar_with(&input, &o, w, &mut reuse::Reuse::default()).unwrap();
             outs.push(fs::read(&o).unwrap());
         }
         assert_eq!(outs[0], outs[1]);
         assert_eq!(outs[0], outs[2]);
         assert_eq!(zstd::decode_all(outs[0].as_slice()).unwrap(), data);
+    }
+
+    /// Frames of an earlier rootfs.tar.zst are copied, the result is the same bytes, and an
+    /// insertion in the middle only costs the frames around it.
+    #[test]
+    fn zstd_frames_reused_byte_identical() {
+        let d = tempfile::tempdir().unwrap();
+        let mut data = Vec::with_capacity(48 << 20);
+        let mut x: u32 = 7;
+        while data.len() < 48 << 20 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            data.extend_from_slice(format!("entry {} {}\n", x >> 12, x % 1009).as_bytes());
+        }
+        let input = d.path().join("in.tar");
+        fs::write(&input, &data).unwrap();
+        let idx = d.path().join("idx");
+        let a = d.path().join("a.zst");
+        let index = compress_tar_with(&input, &a, 2, &mut reuse::Reuse::default()).unwrap();
+        let frames = index_len(&index);
+        assert!(frames >= 6, "{frames} frames");
+        index.save(&a, &idx.join("a.json")).unwrap();
+
+        let b = d.path().join("b.zst");
+        let mut r = reuse::Reuse::load(&idx, &zst_reuse_params());
+        compress_tar_with(&input, &b, 2, &mut r).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        assert_eq!(r.hits(), frames as u64);
+
+        let mut edited = data.clone();
+        edited.splice(
+            20 << 20..20 << 20,
+            b"a new file in the middle".iter().copied(),
+        );
+        fs::write(&input, &edited).unwrap();
+        let c = d.path().join("c.zst");
+        let mut r = reuse::Reuse::load(&idx, &zst_reuse_params());
+        let ci = compress_tar_with(&input, &c, 2, &mut r).unwrap();
+        assert!(
+            index_len(&ci) as u64 - r.hits() <= 2,
+            "{} of {} frames compressed again",
+            index_len(&ci) as u64 - r.hits(),
+            index_len(&ci)
+        );
+        let e = d.path().join("e.zst");
+        compress_tar_with(&input, &e, 1, &mut reuse::Reuse::default()).unwrap();
+        assert_eq!(fs::read(&c).unwrap(), fs::read(&e).unwrap());
+        assert_eq!(
+            zstd::decode_all(fs::read(&c).unwrap().as_slice()).unwrap(),
+            edited
+        );
+    }
+
+    fn index_len(i: &reuse::Index) -> usize {
+        serde_json::to_value(i).unwrap()["pieces"]
+            .as_array()
+            .unwrap()
+            .len()
     }
 }

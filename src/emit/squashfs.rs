@@ -16,13 +16,13 @@
 //! and at metadata-block boundaries, and large directories carry a lookup index. Identical files
 //! are stored once, identical tail ends share a fragment.
 
+use super::reuse::{Index, Reuse};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const MAGIC: u32 = 0x7371_7368;
@@ -39,7 +39,6 @@ const FLAG_NO_XATTRS: u16 = 0x0200;
 const FLAG_COMP_OPTS: u16 = 0x0400;
 /// Blocks compressed together (in parallel) before they are written in order.
 const BATCH_BLOCKS: usize = 32;
-const INDEX_SCHEMA: &str = "kiln.squashfs-blocks/1";
 
 /// How the image is written.
 #[derive(Debug, Clone)]
@@ -70,138 +69,25 @@ pub struct Stats {
 // ---------------------------------------------------------------------------------------------
 // Block reuse
 
-#[derive(Debug, Serialize, Deserialize)]
-struct IndexFile {
-    schema: String,
-    image: PathBuf,
-    image_size: u64,
-    block_size: u32,
-    level: i32,
-    zstd: u32,
-    /// `uncompressed BLAKE3, stored BLAKE3, offset, size field` (bit 24: stored uncompressed).
-    blocks: Vec<(String, String, u64, u32)>,
-}
-
-struct Source {
-    file: fs::File,
-    path: PathBuf,
-    bad: bool,
-}
-
-/// Blocks of earlier images that a new image may copy.
-#[derive(Default)]
-pub struct Reuse {
-    sources: Vec<Source>,
-    map: HashMap<[u8; 32], (usize, [u8; 32], u64, u32)>,
-}
-
-impl Reuse {
-    /// Loads every index in `dir` written for the same block size, level and zstd version.
-    /// Indexes whose image is gone or has another size are skipped.
-    pub fn load(dir: &Path, opts: &Options) -> Reuse {
-        let mut r = Reuse::default();
-        let Ok(rd) = fs::read_dir(dir) else {
-            return r;
-        };
-        let mut paths: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            if let Err(e) = r.add(&p, opts) {
-                tracing::debug!(index = %p.display(), "squashfs block index not used: {e:#}");
-            }
-        }
-        r
-    }
-
-    fn add(&mut self, index: &Path, opts: &Options) -> Result<()> {
-        let idx: IndexFile = serde_json::from_slice(&fs::read(index)?)?;
-        if idx.schema != INDEX_SCHEMA
-            || idx.block_size != opts.block_size
-            || idx.level != opts.level
-            || idx.zstd != zstd::zstd_safe::version_number()
-        {
-            bail!("written with other settings");
-        }
-        let file = fs::File::open(&idx.image)?;
-        if file.metadata()?.len() != idx.image_size {
-            bail!("{} changed size", idx.image.display());
-        }
-        let n = self.sources.len();
-        self.sources.push(Source {
-            file,
-            path: idx.image.clone(),
-            bad: false,
-        });
-        for (u, c, off, size) in idx.blocks {
-            let (Ok(u), Ok(c)) = (hex32(&u), hex32(&c)) else {
-                bail!("malformed entry");
-            };
-            self.map.entry(u).or_insert((n, c, off, size));
-        }
-        Ok(())
-    }
-
-    /// The stored bytes and size field of a block with this content, if an earlier image has
-    /// it and its bytes still hash to what was recorded.
-    fn get(&mut self, key: &[u8; 32]) -> Option<(Vec<u8>, u32)> {
-        let &(src, want, off, size) = self.map.get(key)?;
-        let s = &mut self.sources[src];
-        if s.bad {
-            return None;
-        }
-        let mut buf = vec![0u8; (size & !BLOCK_UNCOMPRESSED) as usize];
-        let ok =
-            s.file.read_exact_at(&mut buf, off).is_ok() && *blake3::hash(&buf).as_bytes() == want;
-        if !ok {
-            tracing::warn!(
-                image = %s.path.display(),
-                "a block of an earlier root.squashfs does not match its index; not reusing that image"
-            );
-            s.bad = true;
-            return None;
-        }
-        Some((buf, size))
-    }
-}
-
-fn hex32(s: &str) -> Result<[u8; 32]> {
-    let v = hex::decode(s)?;
-    v.try_into()
-        .map_err(|_| anyhow::anyhow!("not a 32-byte hash: {s}"))
+/// Settings that decide a block's stored bytes: indexes written with others are not used.
+pub fn reuse_params(opts: &Options) -> String {
+    format!(
+        "squashfs block_size={} zstd_level={}",
+        opts.block_size, opts.level
+    )
 }
 
 /// The block index of a written image, to be saved with [`Written::save_index`] once the image
 /// has its final path.
 pub struct Written {
     pub stats: Stats,
-    blocks: Vec<(String, String, u64, u32)>,
-    size: u64,
-    block_size: u32,
-    level: i32,
+    pub index: Index,
 }
 
 impl Written {
     /// Saves the index of `image` (its final path) as `index` (write to temp, rename).
     pub fn save_index(&self, image: &Path, index: &Path) -> Result<()> {
-        let f = IndexFile {
-            schema: INDEX_SCHEMA.into(),
-            image: image.to_path_buf(),
-            image_size: self.size,
-            block_size: self.block_size,
-            level: self.level,
-            zstd: zstd::zstd_safe::version_number(),
-            blocks: self.blocks.clone(),
-        };
-        let dir = index.parent().context("index path has no parent")?;
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        serde_json::to_writer(&mut tmp, &f)?;
-        tmp.persist(index)
-            .with_context(|| format!("writing {}", index.display()))?;
-        Ok(())
+        self.index.save(image, index)
     }
 }
 
@@ -290,7 +176,7 @@ struct DataWriter<'a> {
     /// Identical files and tail ends, by content.
     files_seen: HashMap<[u8; 32], FileData>,
     tails_seen: HashMap<[u8; 32], (u32, u32)>,
-    index: Vec<(String, String, u64, u32)>,
+    index: Index,
     stats: Stats,
 }
 
@@ -358,12 +244,7 @@ impl<'a> DataWriter<'a> {
                 .context("writing root.squashfs")?;
             self.pos += bytes.len() as u64;
             self.stats.blocks += 1;
-            self.index.push((
-                hex::encode(job.key),
-                hex::encode(blake3::hash(&bytes).as_bytes()),
-                off,
-                size,
-            ));
+            self.index.push(job.key, &bytes, off, size);
             match job.kind {
                 JobKind::Data(seq) => {
                     debug_assert_eq!(seq as usize, self.data_blocks.len());
@@ -702,7 +583,7 @@ pub fn write_from_tar(
         frag_buf: Vec::new(),
         files_seen: HashMap::new(),
         tails_seen: HashMap::new(),
-        index: Vec::new(),
+        index: Index::new(reuse_params(opts)),
         stats: Stats::default(),
     };
 
@@ -791,7 +672,7 @@ pub fn write_from_tar(
     let fragments = std::mem::take(&mut dw.fragments);
     let data_blocks = std::mem::take(&mut dw.data_blocks);
     let mut stats = std::mem::take(&mut dw.stats);
-    let index = std::mem::take(&mut dw.index);
+    let index = std::mem::replace(&mut dw.index, Index::new(String::new()));
     let mut w = dw.out;
     let data_end = dw.pos;
 
@@ -1096,13 +977,9 @@ pub fn write_from_tar(
         .with_context(|| format!("syncing {}", out.display()))?;
     stats.inodes = inode_count;
     stats.bytes = bytes_used + pad;
-    Ok(Written {
-        stats,
-        blocks: index,
-        size: bytes_used + pad,
-        block_size: opts.block_size,
-        level: opts.level,
-    })
+    let mut index = index;
+    index.image_size = bytes_used + pad;
+    Ok(Written { stats, index })
 }
 
 /// A directory's listing: runs of entries, each after a header, a new run at most every 256
