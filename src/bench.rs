@@ -478,7 +478,7 @@ fn compress(
     let mut r = Row::timed(
         "compress",
         format!(
-            "squashfs: kiln (tar2sqfs, zstd {}, 1 MiB blocks) from the {} tar",
+            "squashfs: kiln (own writer, zstd {}, 1 MiB blocks, cold) from the {} tar",
             emit::SQUASHFS_ZSTD_LEVEL,
             util::human_bytes(tar_size)
         ),
@@ -532,7 +532,10 @@ fn compress(
     let (kzs, zzs) = (fs::metadata(&k_z)?.len(), fs::metadata(&z_z)?.len());
     let mut r = Row::timed(
         "compress",
-        format!("zstd: kiln rootfs.tar.zst (level {})", emit::ZSTD_LEVEL),
+        format!(
+            "zstd: kiln rootfs.tar.zst (level {}, ~4 MiB frames, cold)",
+            emit::ZSTD_LEVEL
+        ),
         kz,
     );
     r.detail = format!("size {}", util::human_bytes(kzs));

@@ -31,8 +31,9 @@ pub const MMDEBSTRAP: Tool = Tool {
 pub const TAR2SQFS: Tool = Tool {
     name: "tar2sqfs",
     package: "squashfs-tools-ng",
-    purpose: "emit: root.squashfs streamed from the composed tar (reproducible)",
-    required_for_build: true,
+    purpose:
+        "tests: sqfs2tar/sqfsdiff read back kiln's root.squashfs (an independent implementation)",
+    required_for_build: false,
 };
 pub const QEMU_IMG: Tool = Tool {
     name: "qemu-img",
@@ -154,7 +155,7 @@ impl Tool {
 }
 
 /// Makes the child get SIGTERM when kiln dies (even by SIGKILL), so a killed build leaves no
-/// mmdebstrap or tar2sqfs running on (SIGTERM lets mmdebstrap clean up its chroot).
+/// mmdebstrap running on (SIGTERM lets mmdebstrap clean up its chroot).
 pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
