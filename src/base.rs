@@ -171,10 +171,37 @@ pub fn check_cached(dir: &Path) -> Result<CacheCheck> {
     }
 }
 
-/// Takes the lock of `<cache>/base/` (every base build and cache check holds it), waiting, with
-/// a message, while another kiln holds it.
-fn lock_base_cache(parent: &Path) -> Result<fs::File> {
-    crate::util::lock_dir(parent, "another kiln is building a base in this cache")
+/// Takes the lock of one base in `<cache>/base/` (its build and its cache check hold it),
+/// waiting, with a message, while another kiln holds it. Different bases build side by side.
+fn lock_base(parent: &Path, key: &str) -> Result<fs::File> {
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    crate::util::lock_file(
+        &parent.join(format!(".lock-{key}")),
+        "another kiln is building this base",
+    )
+}
+
+/// Removes leftovers of killed builds of the base `key` (we hold its lock, so none is live),
+/// and of temp dirs named without a key (kiln before per-base locks).
+fn clean_stale_base(parent: &Path, key: &str) -> Result<()> {
+    let Ok(rd) = fs::read_dir(parent) else {
+        return Ok(());
+    };
+    let ours = format!(".tmp-base-{key}-");
+    for e in rd {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".tmp-base-") else {
+            continue;
+        };
+        let keyed = rest.len() > 65 && rest.as_bytes()[64] == b'-';
+        if name.starts_with(&ours) || !keyed {
+            let p = e.path();
+            tracing::info!(path = %p.display(), "removing leftovers of an interrupted base build");
+            fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Returns the cached base for `spec`, building it with mmdebstrap if absent. A cached base is
@@ -190,9 +217,8 @@ pub fn ensure(
     let parent = cache_dir.join("base");
     let dir = parent.join(&cache_key);
     let tar = dir.join("rootfs.tar");
-    let _lock = lock_base_cache(&parent)?;
-    // Leftovers of a killed base build (we hold the lock, so none is live).
-    crate::build::clean_stale(&parent)?;
+    let _lock = lock_base(&parent, &cache_key)?;
+    clean_stale_base(&parent, &cache_key)?;
     if tar.is_file() && dir.join("spec.json").is_file() {
         match check_cached(&dir)? {
             CacheCheck::Good => {
@@ -240,7 +266,7 @@ pub fn ensure(
         );
     }
     let tmp = tempfile::Builder::new()
-        .prefix(".tmp-base-")
+        .prefix(&format!(".tmp-base-{cache_key}-"))
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
     let tmp_tar = tmp.path().join("rootfs.tar");
@@ -452,6 +478,29 @@ pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A base build cleans only its own leftovers (and unkeyed ones of older kilns): another
+    /// base may be building next to it.
+    #[test]
+    fn stale_base_dirs_of_other_bases_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let (ours, theirs) = ("a".repeat(64), "b".repeat(64));
+        for n in [
+            format!(".tmp-base-{ours}-x1y2z3"),
+            format!(".tmp-base-{theirs}-q1w2e3"),
+            ".tmp-base-r4t5y6".to_string(),
+            ours.clone(),
+        ] {
+            fs::create_dir_all(d.path().join(n).join("sub")).unwrap();
+        }
+        clean_stale_base(d.path(), &ours).unwrap();
+        let mut left: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [format!(".tmp-base-{theirs}-q1w2e3"), ours]);
+    }
 
     fn spec() -> BaseSpec {
         BaseSpec {

@@ -143,6 +143,106 @@ pub(crate) fn clean_stale(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// One base built ahead of the role builds by [`prepare_bases`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PreparedBase {
+    pub key: String,
+    pub roles: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Builds the missing bases of `roles` side by side (up to one per core), before the roles are
+/// composed one after the other: four roles with three distinct bases cost about the longest
+/// base, not the sum. Bases already in the cache, and a single missing one, are left to the
+/// role build (its `base` stage). Returns what was built and how long each took.
+pub fn prepare_bases(
+    project: &Project,
+    roles: &[Resolved],
+    opts: &BuildOptions,
+) -> Result<Vec<PreparedBase>> {
+    let mut missing: BTreeMap<String, Vec<&Resolved>> = BTreeMap::new();
+    for r in roles {
+        let cached = opts
+            .cache_dir
+            .join("base")
+            .join(&r.base_key)
+            .join("rootfs.tar");
+        if !cached.is_file() {
+            missing.entry(r.base_key.clone()).or_default().push(r);
+        }
+    }
+    if missing.len() < 2 || opts.offline {
+        return Ok(Vec::new());
+    }
+    let at_once = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(2);
+    let todo: Vec<(String, Vec<&Resolved>)> = missing.into_iter().collect();
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] bases: {msg}")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message(format!(
+        "building {} bases side by side ({} at a time) for {}",
+        todo.len(),
+        at_once.min(todo.len()),
+        todo.iter()
+            .flat_map(|(_, rs)| rs.iter().map(|r| r.role.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<PreparedBase>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..at_once.min(todo.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((key, rs)) = todo.get(i) else { break };
+                        let r = rs[0];
+                        let t = Instant::now();
+                        let built = (|| {
+                            let fetcher =
+                                fetch::Fetcher::new(&opts.cache_dir).offline(opts.offline);
+                            let debs = fetch_debs(&r.recipe, &fetcher, &mut BTreeMap::new())?;
+                            ensure_base(project, r, debs, &opts.cache_dir, opts.offline)
+                        })()
+                        .with_context(|| format!("base stage failed for role {}", r.role));
+                        tracing::info!(
+                            roles = %rs.iter().map(|r| r.role.as_str()).collect::<Vec<_>>().join(","),
+                            seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
+                            "base built"
+                        );
+                        done.push(built.map(|_| PreparedBase {
+                            key: key.clone(),
+                            roles: rs.iter().map(|r| r.role.clone()).collect(),
+                            seconds: (t.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                        }));
+                    }
+                    done
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![Err(anyhow::anyhow!("a base build thread panicked"))])
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    let mut out = Vec::new();
+    for r in results {
+        out.push(r?);
+    }
+    out.sort_by(|a, b| a.roles.cmp(&b.roles));
+    Ok(out)
+}
+
 /// Builds one role from its resolved inputs (see [`resolve::resolve`]).
 pub fn build_role(
     project: &Project,

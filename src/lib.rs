@@ -102,6 +102,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             // Render and check every node's seed before building anything.
             let planned = node::plan(&project, &resolved)?;
+            build::prepare_bases(&project, &resolved, &opts)?;
             let mut reports = Vec::new();
             for r in &resolved {
                 let rep = build::build_role(&project, r, &opts)?;

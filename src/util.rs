@@ -183,12 +183,17 @@ pub fn human_bytes(n: u64) -> String {
 /// returned file.
 pub fn lock_dir(dir: &Path, waiting: &str) -> Result<fs::File> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let p = dir.join(".kiln.lock");
+    lock_file(&dir.join(".kiln.lock"), waiting)
+}
+
+/// Takes an exclusive lock on the file `p` (created if absent), waiting, with a message, while
+/// another process holds it. Released when the returned file is dropped.
+pub fn lock_file(p: &Path, waiting: &str) -> Result<fs::File> {
     let f = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&p)
+        .open(p)
         .with_context(|| format!("opening {}", p.display()))?;
     if f.try_lock().is_err() {
         tracing::warn!("waiting for {} ({waiting})", p.display());
