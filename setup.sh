@@ -7,7 +7,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(
   mmdebstrap arch-test        # base stage
-  squashfs-tools-ng           # tar2sqfs: root.squashfs from the composed tar
+  squashfs-tools-ng           # sqfs2tar/sqfsdiff: tests read back kiln's root.squashfs
   squashfs-tools              # unsquashfs: read-back in tests; mksquashfs: kiln bench reference
   zstd                        # kiln bench reference (zstd -T0)
   qemu-system-x86 ovmf        # boot tests (TCG, UEFI)
