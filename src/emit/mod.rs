@@ -10,6 +10,7 @@ use crate::tools::{self, QEMU_IMG};
 use crate::util;
 use anyhow::{Context, Result};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
@@ -69,65 +70,104 @@ pub fn compress_tar_with(
     let mut chunks =
         fastcdc::v2020::StreamCDC::new(BufReader::with_capacity(1 << 20, input), min, avg, max);
     let workers = workers.max(1);
+    // A pipeline: this thread writes frames in order while a reader thread cuts chunks and
+    // `workers` threads hash and compress them (or copy earlier frames).
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(2 * workers);
+    let job_rx = std::sync::Mutex::new(job_rx);
+    let (res_tx, res_rx) =
+        std::sync::mpsc::sync_channel::<Result<(usize, [u8; 32], Vec<u8>)>>(2 * workers);
+    let reuse = std::sync::Mutex::new(reuse);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
     let mut pos = 0u64;
-    let mut any = false;
-    loop {
-        // A batch: a few chunks per worker, compressed side by side, written in order.
-        let mut batch: Vec<Vec<u8>> = Vec::new();
-        for c in chunks.by_ref() {
-            let c = c.map_err(|e| anyhow::anyhow!("reading {}: {e}", tar.display()))?;
-            batch.push(c.data);
-            if batch.len() >= 2 * workers {
-                break;
-            }
-        }
-        if batch.is_empty() {
-            if any {
-                break;
-            }
-            batch.push(Vec::new()); // an empty tar is still one (empty) frame
-        }
-        any = true;
-        let keys: Vec<[u8; 32]> = batch.iter().map(|c| *blake3::hash(c).as_bytes()).collect();
-        let mut frames: Vec<Option<Vec<u8>>> =
-            keys.iter().map(|k| reuse.get(k).map(|(b, _)| b)).collect();
-        let todo: Vec<usize> = (0..batch.len()).filter(|&i| frames[i].is_none()).collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let done: Vec<Vec<(usize, Vec<u8>)>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..workers.min(todo.len().max(1)))
-                .map(|_| {
-                    s.spawn(|| -> Result<Vec<(usize, Vec<u8>)>> {
-                        let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
-                        c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
-                        c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))?;
-                        let mut v = Vec::new();
-                        loop {
-                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(&i) = todo.get(k) else { break };
-                            v.push((i, c.compress(&batch[i])?));
+    std::thread::scope(|s| -> Result<()> {
+        let reader_res = res_tx.clone();
+        s.spawn(move || {
+            let mut n = 0usize;
+            for c in chunks.by_ref() {
+                if stopped() {
+                    return;
+                }
+                match c {
+                    Ok(c) => {
+                        if job_tx.send((n, c.data)).is_err() {
+                            return;
                         }
-                        Ok(v)
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| anyhow::anyhow!("a zstd thread panicked"))?
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        for (i, b) in done.into_iter().flatten() {
-            frames[i] = Some(b);
+                        n += 1;
+                    }
+                    Err(e) => {
+                        let _ =
+                            reader_res.send(Err(anyhow::anyhow!("reading {}: {e}", tar.display())));
+                        return;
+                    }
+                }
+            }
+            if n == 0 {
+                let _ = job_tx.send((0, Vec::new())); // an empty tar is still one (empty) frame
+            }
+        });
+        for _ in 0..workers {
+            let res_tx = res_tx.clone();
+            let (job_rx, reuse) = (&job_rx, &reuse);
+            s.spawn(move || {
+                let mut c = match zstd::bulk::Compressor::new(ZSTD_LEVEL).and_then(|mut c| {
+                    c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                    c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))?;
+                    Ok(c)
+                }) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = res_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                loop {
+                    let job = job_rx.lock().expect("job queue").recv();
+                    let Ok((i, data)) = job else { return };
+                    if stopped() {
+                        continue; // drain the queue so the reader can finish
+                    }
+                    let key = *blake3::hash(&data).as_bytes();
+                    let earlier = reuse.lock().expect("reuse").get(&key);
+                    let frame = match earlier {
+                        Some((b, _)) => Ok(b),
+                        None => c.compress(&data).map_err(anyhow::Error::from),
+                    };
+                    if res_tx.send(frame.map(|f| (i, key, f))).is_err() {
+                        return;
+                    }
+                }
+            });
         }
-        for (k, fr) in keys.into_iter().zip(frames) {
-            let fr = fr.expect("every frame made");
-            w.write_all(&fr)
-                .with_context(|| format!("writing {}", out.display()))?;
-            index.push(k, &fr, pos, 0);
-            pos += fr.len() as u64;
+        drop(res_tx);
+        let mut ahead: BTreeMap<usize, ([u8; 32], Vec<u8>)> = BTreeMap::new();
+        let mut next = 0usize;
+        let mut failed: Option<anyhow::Error> = None;
+        for r in res_rx.iter() {
+            if failed.is_some() {
+                continue;
+            }
+            let step = r.and_then(|(i, k, f)| {
+                ahead.insert(i, (k, f));
+                while let Some((k, f)) = ahead.remove(&next) {
+                    w.write_all(&f)
+                        .with_context(|| format!("writing {}", out.display()))?;
+                    index.push(k, &f, pos, 0);
+                    pos += f.len() as u64;
+                    next += 1;
+                }
+                Ok(())
+            });
+            if let Err(e) = step {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                failed = Some(e);
+            }
         }
-    }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })?;
     w.flush()
         .with_context(|| format!("writing {}", out.display()))?;
     w.get_ref()
