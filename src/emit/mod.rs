@@ -72,10 +72,10 @@ pub fn compress_tar_with(
     let workers = workers.max(1);
     // A pipeline: this thread writes frames in order while a reader thread cuts chunks and
     // `workers` threads hash and compress them (or copy earlier frames).
-    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(2 * workers);
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(4 * workers);
     let job_rx = std::sync::Mutex::new(job_rx);
     let (res_tx, res_rx) =
-        std::sync::mpsc::sync_channel::<Result<(usize, [u8; 32], Vec<u8>)>>(2 * workers);
+        std::sync::mpsc::sync_channel::<Result<(usize, [u8; 32], Vec<u8>)>>(4 * workers);
     let reuse = std::sync::Mutex::new(reuse);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
@@ -121,6 +121,7 @@ pub fn compress_tar_with(
                         return;
                     }
                 };
+                let mut buf: Vec<u8> = Vec::new();
                 loop {
                     let job = job_rx.lock().expect("job queue").recv();
                     let Ok((i, data)) = job else { return };
@@ -131,7 +132,14 @@ pub fn compress_tar_with(
                     let earlier = reuse.lock().expect("reuse").get(&key);
                     let frame = match earlier {
                         Some((b, _)) => Ok(b),
-                        None => c.compress(&data).map_err(anyhow::Error::from),
+                        None => {
+                            // One output buffer per worker (no fresh 4 MiB allocation per frame).
+                            buf.clear();
+                            buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
+                            c.compress_to_buffer(&data, &mut buf)
+                                .map(|_| buf.clone())
+                                .map_err(anyhow::Error::from)
+                        }
                     };
                     if res_tx.send(frame.map(|f| (i, key, f))).is_err() {
                         return;
