@@ -52,7 +52,13 @@ pub fn compress_tar(tar: &Path, out: &Path, cache_dir: Option<&Path>) -> Result<
         Some(c) => reuse::Reuse::load(&zst_index_dir(c), &zst_reuse_params()),
         None => reuse::Reuse::default(),
     };
-    compress_tar_with(tar, out, jobs(), &mut r)
+    let index = compress_tar_with(tar, out, jobs(), &mut r)?;
+    tracing::debug!(
+        frames = index.len(),
+        reused = r.hits(),
+        "rootfs.tar.zst written"
+    );
+    Ok(index)
 }
 
 /// [`compress_tar`] with `workers` zstd threads (at least one) and the given earlier frames.

@@ -46,6 +46,16 @@ impl Index {
         }
     }
 
+    /// Number of pieces recorded.
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Whether no piece is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
     /// Records that `stored` (whose uncompressed content has `key`) is at `offset`.
     pub fn push(&mut self, key: [u8; 32], stored: &[u8], offset: u64, field: u32) {
         self.pieces.push((
