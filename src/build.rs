@@ -162,6 +162,13 @@ pub fn prepare_bases(
 ) -> Result<Vec<PreparedBase>> {
     let mut missing: BTreeMap<String, Vec<&Resolved>> = BTreeMap::new();
     for r in roles {
+        let built = opts.out_dir.join(&r.role).join(&r.build_id);
+        if !opts.force
+            && built.join("SHA256SUMS").is_file()
+            && built.join("SHA256SUMS.sig").is_file()
+        {
+            continue; // up to date: its role build needs no base
+        }
         let cached = opts
             .cache_dir
             .join("base")
