@@ -512,3 +512,35 @@ fn doctor_lists_tools() {
         assert!(!t["package"].as_str().unwrap().is_empty());
     }
 }
+
+/// Roles whose builds are already complete in out/ need no base: `prepare_bases` builds none
+/// for them (with an empty cache it would otherwise start two mmdebstrap runs).
+#[test]
+fn prepare_bases_skips_up_to_date_roles() {
+    let d = project_copy();
+    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let roles: Vec<_> = ["worker", "master", "storage"]
+        .iter()
+        .map(|r| kiln::resolve::resolve(&project, r).unwrap())
+        .collect();
+    let out = d.path().join("out");
+    for r in &roles {
+        let dir = out.join(&r.role).join(&r.build_id);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("SHA256SUMS"), "").unwrap();
+        fs::write(dir.join("SHA256SUMS.sig"), "").unwrap();
+    }
+    let opts = kiln::build::BuildOptions {
+        out_dir: out,
+        cache_dir: d.path().join("empty-cache"),
+        force: false,
+        offline: false,
+        locked: false,
+    };
+    let built = kiln::build::prepare_bases(&project, &roles, &opts).unwrap();
+    assert!(built.is_empty(), "{built:?}");
+    assert!(
+        !d.path().join("empty-cache/base").exists(),
+        "no base build started"
+    );
+}
