@@ -51,27 +51,64 @@ struct Sample {
     links: Vec<(String, String)>,
 }
 
+/// One tar entry of the sample: kind ('d', 'f', 'l' symlink, 'h' hard link, 'c', 'b', 'p'),
+/// mode, owner, data, link target, device numbers, xattrs.
+#[derive(Clone, Copy)]
+struct E<'a> {
+    kind: char,
+    mode: u32,
+    owner: (u64, u64),
+    data: &'a [u8],
+    link: &'a str,
+    dev: (u32, u32),
+    xattrs: &'a [(&'a str, &'a [u8])],
+}
+
+impl<'a> E<'a> {
+    fn new(kind: char, mode: u32) -> Self {
+        E {
+            kind,
+            mode,
+            owner: (0, 0),
+            data: b"",
+            link: "",
+            dev: (0, 0),
+            xattrs: &[],
+        }
+    }
+    fn file(mode: u32, data: &'a [u8]) -> Self {
+        E {
+            data,
+            ..E::new('f', mode)
+        }
+    }
+    fn link(kind: char, target: &'a str) -> Self {
+        E {
+            link: target,
+            ..E::new(kind, if kind == 'l' { 0o777 } else { 0 })
+        }
+    }
+    fn dev(kind: char, mode: u32, dev: (u32, u32)) -> Self {
+        E {
+            dev,
+            ..E::new(kind, mode)
+        }
+    }
+}
+
 /// A tar with every kind of entry the writer handles.
 fn sample() -> Sample {
     let mut b = tar::Builder::new(Vec::new());
     let mut want = BTreeMap::new();
     let mut links = Vec::new();
-    let mut add = |b: &mut tar::Builder<Vec<u8>>,
-                   path: &str,
-                   kind: char,
-                   mode: u32,
-                   owner: (u64, u64),
-                   data: &[u8],
-                   link: &str,
-                   dev: (u32, u32),
-                   xattrs: &[(&str, &[u8])]| {
+    let mut add = |b: &mut tar::Builder<Vec<u8>>, path: &str, e: E| {
         let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_uid(owner.0);
-        h.set_gid(owner.1);
+        h.set_mode(e.mode);
+        h.set_uid(e.owner.0);
+        h.set_gid(e.owner.1);
         let mtime = 1_600_000_000 + path.len() as u64;
         h.set_mtime(mtime);
-        h.set_entry_type(match kind {
+        h.set_entry_type(match e.kind {
             'd' => tar::EntryType::Directory,
             'f' => tar::EntryType::Regular,
             'l' => tar::EntryType::Symlink,
@@ -81,236 +118,140 @@ fn sample() -> Sample {
             'p' => tar::EntryType::Fifo,
             _ => unreachable!(),
         });
-        if matches!(kind, 'c' | 'b') {
-            h.set_device_major(dev.0).unwrap();
-            h.set_device_minor(dev.1).unwrap();
+        if matches!(e.kind, 'c' | 'b') {
+            h.set_device_major(e.dev.0).unwrap();
+            h.set_device_minor(e.dev.1).unwrap();
         }
-        h.set_size(data.len() as u64);
-        if !xattrs.is_empty() {
-            b.append_pax_extensions(
-                xattrs
-                    .iter()
-                    .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
-                    .collect::<Vec<_>>()
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), *v)),
-            )
-            .unwrap();
+        h.set_size(e.data.len() as u64);
+        if !e.xattrs.is_empty() {
+            let pax: Vec<(String, &[u8])> = e
+                .xattrs
+                .iter()
+                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+                .collect();
+            b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v)))
+                .unwrap();
         }
         let p = format!("./{path}");
-        match kind {
-            'l' | 'h' => b.append_link(&mut h, &p, link).unwrap(),
-            _ => b.append_data(&mut h, &p, data).unwrap(),
+        match e.kind {
+            'l' | 'h' => b.append_link(&mut h, &p, e.link).unwrap(),
+            _ => b.append_data(&mut h, &p, e.data).unwrap(),
         }
-        if kind == 'h' {
-            links.push((path.to_string(), link.to_string()));
+        if e.kind == 'h' {
+            links.push((path.to_string(), e.link.to_string()));
             return;
         }
         want.insert(
             path.to_string(),
             Want {
-                kind,
-                mode,
-                uid: owner.0,
-                gid: owner.1,
+                kind: e.kind,
+                mode: e.mode,
+                uid: e.owner.0,
+                gid: e.owner.1,
                 mtime,
-                data: data.to_vec(),
-                link: link.as_bytes().to_vec(),
-                dev,
-                xattrs: xattrs
+                data: e.data.to_vec(),
+                link: e.link.as_bytes().to_vec(),
+                dev: e.dev,
+                xattrs: e
+                    .xattrs
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_vec()))
                     .collect(),
             },
         );
     };
-    let root = (0, 0);
     let cap: &[u8] = &[
         1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     ];
-    add(&mut b, "", 'd', 0o755, root, b"", "", (0, 0), &[]);
+    let dir = E::new('d', 0o755);
+    let dup = pseudo_random(10_000, 1);
+    let ping = pseudo_random(300_000, 2);
+    let zeros = vec![0u8; 50_000];
+    let exact = vec![7u8; 2 * BS as usize];
+    add(&mut b, "", dir);
+    let etc_x: &[(&str, &[u8])] = &[("user.comment", b"config")];
     add(
         &mut b,
         "etc",
-        'd',
-        0o755,
-        root,
-        b"",
-        "",
-        (0, 0),
-        &[("user.comment", b"config")],
+        E {
+            xattrs: etc_x,
+            ..dir
+        },
     );
-    add(
-        &mut b,
-        "etc/a",
-        'f',
-        0o644,
-        root,
-        b"hello\n",
-        "",
-        (0, 0),
-        &[],
-    );
+    add(&mut b, "etc/a", E::file(0o644, b"hello\n"));
     add(
         &mut b,
         "etc/empty",
-        'f',
-        0o600,
-        (1000, 1000),
-        b"",
-        "",
-        (0, 0),
-        &[],
+        E {
+            owner: (1000, 1000),
+            ..E::file(0o600, b"")
+        },
     );
-    let dup = pseudo_random(10_000, 1);
-    add(&mut b, "etc/dup1", 'f', 0o644, root, &dup, "", (0, 0), &[]);
+    add(&mut b, "etc/dup1", E::file(0o644, &dup));
     add(
         &mut b,
         "etc/dup2",
-        'f',
-        0o640,
-        (0, 42),
-        &dup,
-        "",
-        (0, 0),
-        &[],
+        E {
+            owner: (0, 42),
+            ..E::file(0o640, &dup)
+        },
     );
-    add(
-        &mut b,
-        "etc/exact",
-        'f',
-        0o644,
-        root,
-        &[7u8; 2 * BS as usize],
-        "",
-        (0, 0),
-        &[],
-    );
-    add(&mut b, "etc/hl", 'h', 0, root, b"", "./etc/a", (0, 0), &[]);
-    add(&mut b, "usr", 'd', 0o755, root, b"", "", (0, 0), &[]);
-    add(&mut b, "usr/bin", 'd', 0o755, root, b"", "", (0, 0), &[]);
+    add(&mut b, "etc/exact", E::file(0o644, &exact));
+    add(&mut b, "etc/hl", E::link('h', "./etc/a"));
+    add(&mut b, "usr", dir);
+    add(&mut b, "usr/bin", dir);
+    let cap_x: &[(&str, &[u8])] = &[("security.capability", cap)];
     add(
         &mut b,
         "usr/bin/ping",
-        'f',
-        0o4755,
-        root,
-        &pseudo_random(300_000, 2),
-        "",
-        (0, 0),
-        &[("security.capability", cap)],
+        E {
+            xattrs: cap_x,
+            ..E::file(0o4755, &ping)
+        },
     );
     add(
         &mut b,
         "usr/zeros",
-        'f',
-        0o644,
-        (65534, 65534),
-        &vec![0u8; 50_000],
-        "",
-        (0, 0),
-        &[],
+        E {
+            owner: (65534, 65534),
+            ..E::file(0o644, &zeros)
+        },
     );
-    add(&mut b, "bin", 'l', 0o777, root, b"", "usr/bin", (0, 0), &[]);
+    add(&mut b, "bin", E::link('l', "usr/bin"));
+    let t_x: &[(&str, &[u8])] = &[("trusted.t", b"x")];
     add(
         &mut b,
         "usr/bin/ping6",
-        'l',
-        0o777,
-        root,
-        b"",
-        "ping",
-        (0, 0),
-        &[("trusted.t", b"x")],
+        E {
+            xattrs: t_x,
+            ..E::link('l', "ping")
+        },
     );
+    add(&mut b, "usr/bin/ping6-hl", E::link('h', "usr/bin/ping6"));
+    add(&mut b, "dev", dir);
+    add(&mut b, "dev/null", E::dev('c', 0o666, (1, 3)));
     add(
         &mut b,
-        "usr/bin/ping6-hl",
-        'h',
-        0,
-        root,
-        b"",
-        "usr/bin/ping6",
-        (0, 0),
-        &[],
+        "dev/sda",
+        E {
+            owner: (0, 6),
+            ..E::dev('b', 0o660, (8, 0))
+        },
     );
-    add(&mut b, "dev", 'd', 0o755, root, b"", "", (0, 0), &[]);
-    add(&mut b, "dev/null", 'c', 0o666, root, b"", "", (1, 3), &[]);
-    add(&mut b, "dev/sda", 'b', 0o660, (0, 6), b"", "", (8, 0), &[]);
-    add(
-        &mut b,
-        "dev/big",
-        'c',
-        0o600,
-        root,
-        b"",
-        "",
-        (259, 70_000),
-        &[],
-    );
-    add(
-        &mut b,
-        "run/initctl",
-        'p',
-        0o600,
-        root,
-        b"",
-        "",
-        (0, 0),
-        &[],
-    );
+    add(&mut b, "dev/big", E::dev('c', 0o600, (259, 70_000)));
+    add(&mut b, "run/initctl", E::new('p', 0o600));
     // Directories implied by a path, without their own entries.
-    add(
-        &mut b,
-        "opt/x/y/file",
-        'f',
-        0o644,
-        root,
-        b"deep",
-        "",
-        (0, 0),
-        &[],
-    );
+    add(&mut b, "opt/x/y/file", E::file(0o644, b"deep"));
     // Larger than a basic directory inode can describe (64 KiB listing): extended inode with
     // an index; more than 256 entries per header run.
     for i in 0..3000 {
         let name = format!("many/a-file-with-a-rather-long-name-{i:05}");
         let data = format!("{i}\n");
-        add(
-            &mut b,
-            &name,
-            'f',
-            0o644,
-            root,
-            data.as_bytes(),
-            "",
-            (0, 0),
-            &[],
-        );
+        add(&mut b, &name, E::file(0o644, data.as_bytes()));
     }
     // The same path twice: the later entry wins (as when extracting).
-    add(
-        &mut b,
-        "etc/twice",
-        'f',
-        0o644,
-        root,
-        b"first",
-        "",
-        (0, 0),
-        &[],
-    );
-    add(
-        &mut b,
-        "etc/twice",
-        'f',
-        0o644,
-        root,
-        b"second",
-        "",
-        (0, 0),
-        &[],
-    );
+    add(&mut b, "etc/twice", E::file(0o644, b"first"));
+    add(&mut b, "etc/twice", E::file(0o644, b"second"));
     Sample {
         tar: b.into_inner().unwrap(),
         want,
