@@ -152,9 +152,10 @@ pub struct PreparedBase {
 }
 
 /// Builds the missing bases of `roles` side by side (up to one per core), before the roles are
-/// composed one after the other: four roles with three distinct bases cost about the longest
-/// base, not the sum. Bases already in the cache, and a single missing one, are left to the
-/// role build (its `base` stage). Returns what was built and how long each took.
+/// composed one after the other: on two cores, three distinct bases take about as long as the
+/// slowest one plus whatever runs after it, not the sum of all three. Bases already in the
+/// cache, bases of roles already built, and a single missing base are left to the role build
+/// (its `base` stage). Returns what was built and how long each took.
 pub fn prepare_bases(
     project: &Project,
     roles: &[Resolved],
