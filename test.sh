@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 mkdir -p target
-cargo test --release --locked -- --nocapture 2>&1 | tee target/test.log
+cargo test --release --locked --no-fail-fast -- --nocapture 2>&1 | tee target/test.log
 status=${PIPESTATUS[0]}
 # Coverage-guided fuzzing of the PXE server's parsers, bounded (FUZZ_SECONDS per target).
 if [ "$status" -eq 0 ]; then

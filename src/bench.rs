@@ -253,13 +253,7 @@ fn build_roles(
         offline: false,
         locked: false,
     };
-    let (reports, roles_t) = measure(|| {
-        build::prepare_bases(project, &resolved, &opts)?;
-        resolved
-            .iter()
-            .map(|r| build::build_role(project, r, &opts))
-            .collect::<Result<Vec<_>>>()
-    })?;
+    let (reports, roles_t) = measure(|| build::build_roles(project, &resolved, &opts, |_| {}))?;
     let (nodes, nodes_t) = measure(|| node::build_nodes(project, &planned, &reports, &opts))?;
     Ok((reports, roles_t, nodes_t, nodes.len()))
 }

@@ -251,6 +251,27 @@ pub fn prepare_bases(
     Ok(out)
 }
 
+/// Builds `roles` in order after [`prepare_bases`]; a role whose base was built by it in this
+/// run reports `base_cached: false`, as if its own base stage had built it.
+pub fn build_roles(
+    project: &Project,
+    roles: &[Resolved],
+    opts: &BuildOptions,
+    mut each: impl FnMut(&BuildReport),
+) -> Result<Vec<BuildReport>> {
+    let prepared = prepare_bases(project, roles, opts)?;
+    let mut reports = Vec::new();
+    for r in roles {
+        let mut rep = build_role(project, r, opts)?;
+        if !rep.up_to_date && prepared.iter().any(|p| p.key == r.base_key) {
+            rep.base_cached = false;
+        }
+        each(&rep);
+        reports.push(rep);
+    }
+    Ok(reports)
+}
+
 /// Builds one role from its resolved inputs (see [`resolve::resolve`]).
 pub fn build_role(
     project: &Project,

@@ -102,10 +102,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             // Render and check every node's seed before building anything.
             let planned = node::plan(&project, &resolved)?;
-            build::prepare_bases(&project, &resolved, &opts)?;
-            let mut reports = Vec::new();
-            for r in &resolved {
-                let rep = build::build_role(&project, r, &opts)?;
+            let reports = build::build_roles(&project, &resolved, &opts, |rep| {
                 if !a.json {
                     let state = if rep.up_to_date {
                         "up to date"
@@ -114,8 +111,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     };
                     println!("{} {state}: {}", rep.role, rep.dir.display());
                 }
-                reports.push(rep);
-            }
+            })?;
             // Per-node outputs (seed, CIDATA volume, flashable disk) for the roles just built.
             let nodes = node::build_nodes(&project, &planned, &reports, &opts)?;
             if !a.json {
