@@ -298,11 +298,7 @@ fn cold(
         // One base alone, from an empty cache: the reference.
         let cache = work.join(format!("cold-one-cache-{i}"));
         let r = resolve::resolve(&project, reference)?;
-        let (_, t) = measure(|| {
-            let fetcher = crate::fetch::Fetcher::new(&cache);
-            let debs = crate::build::fetch_debs(&r.recipe, &fetcher, &mut BTreeMap::new())?;
-            crate::build::ensure_base(&project, &r, debs, &cache, false)
-        })?;
+        let (_, t) = measure(|| crate::build::base_of(&project, &r, &cache, false))?;
         base_s.push(t);
         fs::remove_dir_all(&cache).with_context(|| format!("removing {}", cache.display()))?;
 
@@ -429,9 +425,7 @@ fn compress(
     let project = copy_project(project_dir, &work.join("compress-project"))?;
     let r = resolve::resolve(&project, role)?;
     let sde = project.cluster.section.source_date_epoch;
-    let fetcher = crate::fetch::Fetcher::new(cache);
-    let debs = crate::build::fetch_debs(&r.recipe, &fetcher, &mut BTreeMap::new())?;
-    let base = crate::build::ensure_base(&project, &r, debs, cache, false)?;
+    let base = crate::build::base_of(&project, &r, cache, false)?;
     let dir = work.join("compress");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let tar = dir.join("rootfs.tar");

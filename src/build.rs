@@ -213,13 +213,8 @@ pub fn prepare_bases(
                         let Some((key, rs)) = todo.get(i) else { break };
                         let r = rs[0];
                         let t = Instant::now();
-                        let built = (|| {
-                            let fetcher =
-                                fetch::Fetcher::new(&opts.cache_dir).offline(opts.offline);
-                            let debs = fetch_debs(&r.recipe, &fetcher, &mut BTreeMap::new())?;
-                            ensure_base(project, r, debs, &opts.cache_dir, opts.offline)
-                        })()
-                        .with_context(|| format!("base stage failed for role {}", r.role));
+                        let built = base_of(project, r, &opts.cache_dir, opts.offline)
+                            .with_context(|| format!("base stage failed for role {}", r.role));
                         tracing::info!(
                             roles = %rs.iter().map(|r| r.role.as_str()).collect::<Vec<_>>().join(","),
                             seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
@@ -598,6 +593,19 @@ pub(crate) fn ensure_base(
         cache_dir,
         offline,
     )
+}
+
+/// The role's base from the cache, or built after fetching its pinned `.deb` files — the base
+/// stage on its own, outside a role build (nothing is recorded in kiln.lock).
+pub(crate) fn base_of(
+    project: &Project,
+    r: &Resolved,
+    cache_dir: &Path,
+    offline: bool,
+) -> Result<base::Base> {
+    let fetcher = fetch::Fetcher::new(cache_dir).offline(offline);
+    let debs = fetch_debs(&r.recipe, &fetcher, &mut BTreeMap::new())?;
+    ensure_base(project, r, debs, cache_dir, offline)
 }
 
 /// Fetches the recipe's pinned `.deb` files (artifacts `deb/<file name>` in kiln.lock).
