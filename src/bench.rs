@@ -480,7 +480,9 @@ fn compress(
                         "-all-time",
                         &sde.to_string(),
                     ]),
-            )
+            )?;
+            // kiln fsyncs what it writes (artifacts are published durable): so does the reference.
+            util::sync_path(&m_sq)
         })?);
     }
     let (ksz, msz) = (fs::metadata(&k_sq)?.len(), fs::metadata(&m_sq)?.len());
@@ -535,7 +537,8 @@ fn compress(
                     .arg(&tar)
                     .arg("-o")
                     .arg(&z_z),
-            )
+            )?;
+            util::sync_path(&z_z)
         })?);
     }
     let (kzs, zzs) = (fs::metadata(&k_z)?.len(), fs::metadata(&z_z)?.len());
