@@ -181,8 +181,8 @@ struct DataWriter<'a> {
 }
 
 impl<'a> DataWriter<'a> {
-    fn push(&mut self, kind: JobKind, data: Vec<u8>) -> Result<()> {
-        let key = *blake3::hash(&data).as_bytes();
+    /// Queues a block whose key (BLAKE3 of `data`) the caller already has.
+    fn push(&mut self, kind: JobKind, key: [u8; 32], data: Vec<u8>) -> Result<()> {
         self.pending.push(Job { kind, key, data });
         if self.pending.len() >= BATCH_BLOCKS {
             self.flush()?;
@@ -262,12 +262,12 @@ impl<'a> DataWriter<'a> {
         }
         let data = std::mem::take(&mut self.frag_buf);
         let i = self.fragments.len() as u32 - 1;
-        self.push(JobKind::Fragment(i), data)
+        let key = *blake3::hash(&data).as_bytes();
+        self.push(JobKind::Fragment(i), key, data)
     }
 
-    /// Index and offset of `tail` in a fragment block.
-    fn add_tail(&mut self, tail: &[u8]) -> Result<(u32, u32)> {
-        let key: [u8; 32] = *blake3::hash(tail).as_bytes();
+    /// Index and offset of `tail` (whose BLAKE3 is `key`) in a fragment block.
+    fn add_tail(&mut self, tail: &[u8], key: [u8; 32]) -> Result<(u32, u32)> {
         if let Some(&at) = self.tails_seen.get(&key) {
             return Ok(at);
         }
@@ -296,15 +296,18 @@ impl<'a> DataWriter<'a> {
             let mut buf = vec![0u8; bs as usize];
             r.read_exact(&mut buf)
                 .context("reading file data from the tar")?;
-            whole.update(blake3::hash(&buf).as_bytes());
+            // Each block is hashed once: its key, and a link of the whole file's key.
+            let key = *blake3::hash(&buf).as_bytes();
+            whole.update(&key);
             let seq = self.next_data;
             self.next_data += 1;
-            self.push(JobKind::Data(seq), buf)?;
+            self.push(JobKind::Data(seq), key, buf)?;
         }
         let mut tail = vec![0u8; (size % bs) as usize];
         r.read_exact(&mut tail)
             .context("reading file data from the tar")?;
-        whole.update(&tail);
+        let tail_key = *blake3::hash(&tail).as_bytes();
+        whole.update(&tail_key);
         let key: [u8; 32] = *whole.finalize().as_bytes();
         if let Some(prev) = self.files_seen.get(&key) {
             // Take the blocks back if none was written yet; otherwise keep both copies.
@@ -320,7 +323,7 @@ impl<'a> DataWriter<'a> {
         let frag = if tail.is_empty() {
             None
         } else {
-            Some(self.add_tail(&tail)?)
+            Some(self.add_tail(&tail, tail_key)?)
         };
         let fd = FileData {
             size,
