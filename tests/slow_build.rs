@@ -70,10 +70,11 @@ const TEST_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n
 fn built() -> &'static Built {
     static B: OnceLock<Built> = OnceLock::new();
     B.get_or_init(|| {
-        // Kept after the run for inspection (boot logs, images); replaced by the next run.
+        // Kept after a failed run for inspection (boot logs, images); replaced by the next run.
         let root = repo_root().join("target/kiln-slow-out");
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
+        remove_on_success(&root);
         let project = standin_project(&root);
         let out = root.join("out");
         let o = run_build(&project, &out, &shared_cache(), ROLES);

@@ -32,11 +32,12 @@ fn hits() -> usize {
     server().1.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// A fresh directory under target/ for one test (replaced each run, kept for inspection).
+/// A fresh directory under target/ for one test (replaced each run, kept after a failure).
 fn test_root(name: &str) -> PathBuf {
     let root = repo_root().join("target/kiln-fault-out").join(name);
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(&root).unwrap();
+    remove_on_success(&root);
     root
 }
 

@@ -113,6 +113,7 @@ fn slow_gpu_role_signed_modules_and_container_toolkit() {
     let root = repo_root().join("target/kiln-gpu-out");
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(&root).unwrap();
+    remove_on_success(&root);
     let mut files = standin_files();
     for f in STANDIN_DEBS {
         files.push((

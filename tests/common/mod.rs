@@ -235,3 +235,35 @@ pub fn missing_build_capability() -> Option<String> {
     }
     None
 }
+
+/// Marks `dir` (a test's output directory under target/) for removal when this test process
+/// exits with no test having panicked. After a failure it stays, for inspection (boot logs,
+/// images); after a clean run it would only hold gigabytes of images the next run replaces,
+/// and the slow suites together would not fit on a small CI disk.
+pub fn remove_on_success(dir: &Path) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, Once};
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+    static INIT: Once = Once::new();
+    extern "C" fn at_exit() {
+        if PANICKED.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Ok(dirs) = DIRS.lock() {
+            for d in dirs.iter() {
+                let _ = fs::remove_dir_all(d);
+            }
+        }
+    }
+    INIT.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.store(true, Ordering::SeqCst);
+            prev(info)
+        }));
+        // SAFETY: registers a plain function with no captured state; it runs once, at exit.
+        unsafe { libc::atexit(at_exit) };
+    });
+    DIRS.lock().unwrap().push(dir.to_path_buf());
+}
