@@ -86,7 +86,9 @@ impl BaseSpec {
 
     /// Machine-independent key of the recipe-level inputs (part of the build id).
     pub fn key(&self) -> String {
-        let json = serde_json::to_vec(&("kiln.base/1", self)).expect("serialisable");
+        // Bumped when kiln makes a base differently from the same spec (2: one initramfs,
+        // made after the recipe's commands).
+        let json = serde_json::to_vec(&("kiln.base/2", self)).expect("serialisable");
         util::sha256_hex(&json)
     }
 
@@ -213,6 +215,18 @@ pub fn ensure(
     cache_dir: &Path,
     offline: bool,
 ) -> Result<Base> {
+    ensure_with(spec, inputs, cache_dir, offline, false)
+}
+
+/// [`ensure`]; `checked`: the caller built or checked this cache entry moments ago in this
+/// process, so a present entry is used without hashing its `rootfs.tar` again.
+pub fn ensure_with(
+    spec: &BaseSpec,
+    inputs: &BaseInputs,
+    cache_dir: &Path,
+    offline: bool,
+    checked: bool,
+) -> Result<Base> {
     let cache_key = spec.cache_key()?;
     let parent = cache_dir.join("base");
     let dir = parent.join(&cache_key);
@@ -220,7 +234,12 @@ pub fn ensure(
     let _lock = lock_base(&parent, &cache_key)?;
     clean_stale_base(&parent, &cache_key)?;
     if tar.is_file() && dir.join("spec.json").is_file() {
-        match check_cached(&dir)? {
+        let state = if checked && dir.join(DIGEST_FILE).is_file() {
+            CacheCheck::Good
+        } else {
+            check_cached(&dir)?
+        };
+        match state {
             CacheCheck::Good => {
                 return Ok(Base {
                     spec: spec.clone(),
@@ -277,6 +296,8 @@ pub fn ensure(
     let mut cmd = MMDEBSTRAP.command()?;
     cmd.env("SOURCE_DATE_EPOCH", spec.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
+        // The kernel's postinst makes no initramfs; INITRAMFS_HOOK makes it once at the end.
+        .env("INITRD", "No")
         .args(mmdebstrap_args(
             spec,
             staged.debs.as_ref().map(|s| s.path()),
@@ -369,6 +390,18 @@ fn stage_inputs(spec: &BaseSpec, inputs: &BaseInputs, signing_dir: &Path) -> Res
     Ok(staged)
 }
 
+/// Makes each kernel's initramfs once, at the end of the base build.
+///
+/// mmdebstrap runs with `INITRD=No`, which Debian's kernel hooks (initramfs-tools', dracut's)
+/// honour, so the kernel's postinst does not make an initramfs that a later package
+/// (live-boot, cryptsetup, …) then triggers again: each generation of Debian's default
+/// `MODULES=most` image takes ~20 s, a quarter of a worker base. With no initramfs present
+/// the deferred `update-initramfs -u` triggers find nothing to do; this hook then makes it
+/// as the kernel's hook would have, after the recipe's own commands (so it also sees what
+/// they changed), and sets the `/initrd.img` links the kernel's postinst could not.
+/// The initramfs is byte-identical to the one made the usual way (checked on the worker base).
+pub const INITRAMFS_HOOK: &str = r#"for k in "$1"/boot/vmlinuz-*; do [ -e "$k" ] || continue; v="${k##*/vmlinuz-}"; if [ -x "$1/usr/sbin/update-initramfs" ]; then if [ -e "$1/boot/initrd.img-$v" ]; then m=-u; else m=-c; fi; chroot "$1" env -u INITRD update-initramfs "$m" -k "$v"; elif [ -x "$1/etc/kernel/postinst.d/dracut" ]; then chroot "$1" env -u INITRD /etc/kernel/postinst.d/dracut "$v" "/boot/vmlinuz-$v"; fi; if [ -x "$1/usr/bin/linux-update-symlinks" ]; then chroot "$1" env -u INITRD linux-update-symlinks install "$v" "/boot/vmlinuz-$v"; fi; done"#;
+
 /// mmdebstrap's arguments for `spec`, writing `out`; `debs` and `signing` are the
 /// [`Staged`] dirs.
 fn mmdebstrap_args(
@@ -419,6 +452,8 @@ fn mmdebstrap_args(
             .into(),
         );
     }
+    // The initramfs, once, after every package and recipe command (see INITRAMFS_HOOK).
+    a.push(format!("--customize-hook={INITRAMFS_HOOK}").into());
     if signing.is_some() {
         // The private half leaves the base (and so every image); DKMS's build logs carry
         // the build's date and time. Last, so no recipe command undoes it.
@@ -524,7 +559,7 @@ mod tests {
     }
 
     #[test]
-    fn plain_base_has_no_hooks_and_an_unchanged_key() {
+    fn plain_base_has_only_the_initramfs_hook_and_an_unchanged_key() {
         let s = spec();
         assert_eq!(
             args(&s, None, None),
@@ -533,6 +568,7 @@ mod tests {
                 "--format=tar",
                 "--components=main,non-free",
                 "--include=nvidia-driver,systemd",
+                &format!("--customize-hook={INITRAMFS_HOOK}"),
                 "bookworm",
                 "/o/rootfs.tar"
             ]
@@ -602,14 +638,16 @@ mod tests {
             .iter()
             .filter(|x| x.starts_with("--customize-hook="))
             .collect();
-        assert_eq!(cust.len(), 2);
-        // The recipe's commands run in the chroot, quoted for sh; kiln's clean-up comes last.
+        assert_eq!(cust.len(), 3);
+        // The recipe's commands run in the chroot, quoted for sh; then the initramfs, after
+        // them; kiln's clean-up comes last.
         assert_eq!(
             cust[0],
             "--customize-hook=chroot \"$1\" /bin/sh -euc 'echo '\\''a b'\\'' > /etc/x'"
         );
-        assert!(cust[1].contains("rm -f \"$1/var/lib/dkms/mok.key\""));
-        assert!(cust[1].contains("make.log"));
+        assert!(cust[1].contains("update-initramfs \"$m\" -k \"$v\""));
+        assert!(cust[2].contains("rm -f \"$1/var/lib/dkms/mok.key\""));
+        assert!(cust[2].contains("make.log"));
         assert_eq!(&a[a.len() - 2..], ["bookworm", "/o/rootfs.tar"]);
     }
 

@@ -13,6 +13,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where builds go and how.
@@ -65,7 +66,7 @@ struct Stages {
 
 impl Stages {
     fn new(role: &str, out_dir: &Path) -> Self {
-        let bar = ProgressBar::new_spinner();
+        let bar = progress().add(ProgressBar::new_spinner());
         bar.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {msg}")
                 .expect("valid template"),
@@ -143,25 +144,13 @@ pub(crate) fn clean_stale(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One base built ahead of the role builds by [`prepare_bases`].
-#[derive(Debug, Clone, Serialize)]
-pub struct PreparedBase {
-    pub key: String,
-    pub roles: Vec<String>,
-    pub seconds: f64,
-}
-
-/// Builds the missing bases of `roles` side by side (up to one per core), before the roles are
-/// composed one after the other: on two cores, three distinct bases take about as long as the
-/// slowest one plus whatever runs after it, not the sum of all three. Bases already in the
-/// cache, bases of roles already built, and a single missing base are left to the role build
-/// (its `base` stage). Returns what was built and how long each took.
-pub fn prepare_bases(
-    project: &Project,
-    roles: &[Resolved],
+/// The bases `roles` need that are not in the cache, one entry per distinct base in the order
+/// of the roles needing them; roles already built (and not forced) need none.
+pub fn missing_bases<'a>(
+    roles: &'a [Resolved],
     opts: &BuildOptions,
-) -> Result<Vec<PreparedBase>> {
-    let mut missing: BTreeMap<String, Vec<&Resolved>> = BTreeMap::new();
+) -> Vec<(String, Vec<&'a Resolved>)> {
+    let mut missing: Vec<(String, Vec<&Resolved>)> = Vec::new();
     for r in roles {
         let built = opts.out_dir.join(&r.role).join(&r.build_id);
         if !opts.force
@@ -175,96 +164,133 @@ pub fn prepare_bases(
             .join("base")
             .join(&r.base_key)
             .join("rootfs.tar");
-        if !cached.is_file() {
-            missing.entry(r.base_key.clone()).or_default().push(r);
+        if cached.is_file() {
+            continue;
+        }
+        match missing.iter_mut().find(|(k, _)| *k == r.base_key) {
+            Some((_, rs)) => rs.push(r),
+            None => missing.push((r.base_key.clone(), vec![r])),
         }
     }
-    if missing.len() < 2 || opts.offline {
-        return Ok(Vec::new());
-    }
-    let at_once = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .max(2);
-    let todo: Vec<(String, Vec<&Resolved>)> = missing.into_iter().collect();
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] bases: {msg}")
-            .expect("valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar.set_message(format!(
-        "building {} bases side by side ({} at a time) for {}",
-        todo.len(),
-        at_once.min(todo.len()),
-        todo.iter()
-            .flat_map(|(_, rs)| rs.iter().map(|r| r.role.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Result<PreparedBase>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..at_once.min(todo.len()))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((key, rs)) = todo.get(i) else { break };
-                        let r = rs[0];
-                        let t = Instant::now();
-                        let built = base_of(project, r, &opts.cache_dir, opts.offline)
-                            .with_context(|| format!("base stage failed for role {}", r.role));
-                        tracing::info!(
-                            roles = %rs.iter().map(|r| r.role.as_str()).collect::<Vec<_>>().join(","),
-                            seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
-                            "base built"
-                        );
-                        done.push(built.map(|_| PreparedBase {
-                            key: key.clone(),
-                            roles: rs.iter().map(|r| r.role.clone()).collect(),
-                            seconds: (t.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                        }));
-                    }
-                    done
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err(anyhow::anyhow!("a base build thread panicked"))])
-            })
-            .collect()
-    });
-    bar.finish_and_clear();
-    let mut out = Vec::new();
-    for r in results {
-        out.push(r?);
-    }
-    out.sort_by(|a, b| a.roles.cmp(&b.roles));
-    Ok(out)
+    missing
 }
 
-/// Builds `roles` in order after [`prepare_bases`]; a role whose base was built by it in this
-/// run reports `base_cached: false`, as if its own base stage had built it.
+/// Builds `roles` in order. Their missing bases are built side by side in the background (up
+/// to one per core, in the order the roles need them) while the roles are composed one after
+/// the other as soon as each one's base is ready: on two cores, worker+master+storage from an
+/// empty cache cost the two bases side by side, with the worker and master composes overlapping
+/// the storage base. A role whose base was built in this run reports `base_cached: false`, as if
+/// its own base stage had built it; its base stage then does not hash the base again.
 pub fn build_roles(
     project: &Project,
     roles: &[Resolved],
     opts: &BuildOptions,
     mut each: impl FnMut(&BuildReport),
 ) -> Result<Vec<BuildReport>> {
-    let prepared = prepare_bases(project, roles, opts)?;
-    let mut reports = Vec::new();
-    for r in roles {
-        let mut rep = build_role(project, r, opts)?;
-        if !rep.up_to_date && prepared.iter().any(|p| p.key == r.base_key) {
-            rep.base_cached = false;
+    let todo = if opts.offline {
+        Vec::new()
+    } else {
+        missing_bases(roles, opts)
+    };
+    if todo.is_empty() {
+        let mut reports = Vec::new();
+        for r in roles {
+            let rep = build_role(project, r, opts)?;
+            each(&rep);
+            reports.push(rep);
         }
-        each(&rep);
-        reports.push(rep);
+        return Ok(reports);
     }
-    Ok(reports)
+    let at_once = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(2)
+        .min(todo.len());
+    let bar = progress().add(ProgressBar::new_spinner());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] bases: {msg}")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message(format!(
+        "building {} base(s), {} at a time, for {}",
+        todo.len(),
+        at_once,
+        todo.iter()
+            .flat_map(|(_, rs)| rs.iter().map(|r| r.role.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let next = AtomicUsize::new(0);
+    // Set when a role fails: builders take no further base (those running finish).
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<()>)>();
+    let result = std::thread::scope(|s| {
+        for _ in 0..at_once {
+            let tx = tx.clone();
+            let (todo, next, stop) = (&todo, &next, &stop);
+            s.spawn(move || loop {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Some((key, rs)) = todo.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                    break;
+                };
+                let t = Instant::now();
+                let built = base_of(project, rs[0], &opts.cache_dir, false)
+                    .map(|_| ())
+                    .with_context(|| format!("base stage failed for role {}", rs[0].role));
+                tracing::info!(
+                    roles = %rs.iter().map(|r| r.role.as_str()).collect::<Vec<_>>().join(","),
+                    seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
+                    "base built"
+                );
+                if tx.send((key.clone(), built)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut ready: BTreeMap<String, Result<()>> = BTreeMap::new();
+        let mut reports = Vec::new();
+        let mut run = || -> Result<()> {
+            for r in roles {
+                let prepared = todo.iter().any(|(k, _)| *k == r.base_key);
+                if prepared {
+                    while !ready.contains_key(&r.base_key) {
+                        let (k, res) = rx
+                            .recv()
+                            .context("internal: the base builders stopped early")?;
+                        ready.insert(k, res);
+                    }
+                    if let Some(Err(e)) = ready.remove(&r.base_key) {
+                        return Err(e);
+                    }
+                    ready.insert(r.base_key.clone(), Ok(()));
+                }
+                let mut rep = build_role_inner(project, r, opts, prepared)?;
+                if prepared && !rep.up_to_date {
+                    rep.base_cached = false;
+                }
+                each(&rep);
+                reports.push(rep);
+            }
+            Ok(())
+        };
+        let r = run();
+        if r.is_err() {
+            stop.store(true, Ordering::SeqCst);
+        }
+        r.map(|_| reports)
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// Where every progress line of a build is drawn (role stages and background bases at once).
+fn progress() -> &'static indicatif::MultiProgress {
+    static P: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    P.get_or_init(indicatif::MultiProgress::new)
 }
 
 /// Builds one role from its resolved inputs (see [`resolve::resolve`]).
@@ -272,6 +298,17 @@ pub fn build_role(
     project: &Project,
     resolved: &Resolved,
     opts: &BuildOptions,
+) -> Result<BuildReport> {
+    build_role_inner(project, resolved, opts, false)
+}
+
+/// `base_checked`: this process built or checked the role's cached base moments ago, so the
+/// base stage does not hash its 800 MB again.
+fn build_role_inner(
+    project: &Project,
+    resolved: &Resolved,
+    opts: &BuildOptions,
+    base_checked: bool,
 ) -> Result<BuildReport> {
     let role = resolved.role.as_str();
     let keys_dir = project.root.join("keys");
@@ -309,7 +346,14 @@ pub fn build_role(
     };
     let spec = resolved.base.clone();
     let base = st.stage("base", || {
-        ensure_base(project, resolved, debs, &opts.cache_dir, opts.offline)
+        ensure_base(
+            project,
+            resolved,
+            debs,
+            &opts.cache_dir,
+            opts.offline,
+            base_checked,
+        )
     })?;
     let k3s_layer = match &token {
         Some(t) => k3s::layer(project, &resolved.recipe, &fetched, t)?,
@@ -578,13 +622,14 @@ pub(crate) fn ensure_base(
     debs: Vec<std::path::PathBuf>,
     cache_dir: &Path,
     offline: bool,
+    checked: bool,
 ) -> Result<base::Base> {
     let module_signing = if r.recipe.debian.sign_modules {
         Some(crate::keys::module_signing(&project.root.join("keys"))?)
     } else {
         None
     };
-    base::ensure(
+    base::ensure_with(
         &r.base,
         &base::BaseInputs {
             debs,
@@ -592,6 +637,7 @@ pub(crate) fn ensure_base(
         },
         cache_dir,
         offline,
+        checked,
     )
 }
 
@@ -605,7 +651,7 @@ pub(crate) fn base_of(
 ) -> Result<base::Base> {
     let fetcher = fetch::Fetcher::new(cache_dir).offline(offline);
     let debs = fetch_debs(&r.recipe, &fetcher, &mut BTreeMap::new())?;
-    ensure_base(project, r, debs, cache_dir, offline)
+    ensure_base(project, r, debs, cache_dir, offline, false)
 }
 
 /// Fetches the recipe's pinned `.deb` files (artifacts `deb/<file name>` in kiln.lock).

@@ -492,7 +492,7 @@ fn build_id_golden() {
     );
 }
 
-const GOLDEN_ID: &str = "542d868230ff16ff3cef8ed541a8872beba427e3f985c36af44ee8a8954e4edf";
+const GOLDEN_ID: &str = "dc872312e95eac1b020a6e2cdddb746dae9039144b38b05d4294d724719d6e51";
 
 #[test]
 fn doctor_lists_tools() {
@@ -513,10 +513,10 @@ fn doctor_lists_tools() {
     }
 }
 
-/// Roles whose builds are already complete in out/ need no base: `prepare_bases` builds none
+/// Roles whose builds are already complete in out/ need no base: `build_roles` builds none
 /// for them (with an empty cache it would otherwise start two mmdebstrap runs).
 #[test]
-fn prepare_bases_skips_up_to_date_roles() {
+fn missing_bases_skip_up_to_date_roles() {
     let d = project_copy();
     let project = kiln::recipe::load_project(d.path()).unwrap();
     let roles: Vec<_> = ["worker", "master", "storage"]
@@ -530,15 +530,36 @@ fn prepare_bases_skips_up_to_date_roles() {
         fs::write(dir.join("SHA256SUMS"), "").unwrap();
         fs::write(dir.join("SHA256SUMS.sig"), "").unwrap();
     }
-    let opts = kiln::build::BuildOptions {
-        out_dir: out,
+    let mut opts = kiln::build::BuildOptions {
+        out_dir: out.clone(),
         cache_dir: d.path().join("empty-cache"),
         force: false,
         offline: false,
         locked: false,
     };
-    let built = kiln::build::prepare_bases(&project, &roles, &opts).unwrap();
-    assert!(built.is_empty(), "{built:?}");
+    assert!(kiln::build::missing_bases(&roles, &opts).is_empty());
+    // The master's build gone: only its base (shared with the worker, which is built) is due.
+    fs::remove_dir_all(out.join("master").join(&roles[1].build_id)).unwrap();
+    let m = kiln::build::missing_bases(&roles, &opts);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].0, roles[1].base_key);
+    assert_eq!(
+        m[0].1.iter().map(|r| r.role.as_str()).collect::<Vec<_>>(),
+        ["master"]
+    );
+    // --force: every role's base, distinct bases once each, in role order.
+    opts.force = true;
+    let m = kiln::build::missing_bases(&roles, &opts);
+    assert_eq!(m.len(), 2);
+    assert_eq!(roles[0].base_key, roles[1].base_key);
+    assert_eq!(
+        m[0].1.iter().map(|r| r.role.as_str()).collect::<Vec<_>>(),
+        ["worker", "master"]
+    );
+    assert_eq!(
+        m[1].1.iter().map(|r| r.role.as_str()).collect::<Vec<_>>(),
+        ["storage"]
+    );
     assert!(
         !d.path().join("empty-cache/base").exists(),
         "no base build started"
