@@ -176,7 +176,7 @@ pub fn missing_bases<'a>(
 }
 
 /// Builds `roles` in order. Their missing bases are built side by side in the background (up
-/// to one per core, in the order the roles need them) while the roles are composed one after
+/// to one per core, DKMS bases first, then in the order the roles need them) while the roles are composed one after
 /// the other as soon as each one's base is ready: on two cores, worker+master+storage from an
 /// empty cache cost the two bases side by side, with the worker and master composes overlapping
 /// the storage base. A role whose base was built in this run reports `base_cached: false`, as if
@@ -187,11 +187,15 @@ pub fn build_roles(
     opts: &BuildOptions,
     mut each: impl FnMut(&BuildReport),
 ) -> Result<Vec<BuildReport>> {
-    let todo = if opts.offline {
+    let mut todo = if opts.offline {
         Vec::new()
     } else {
         missing_bases(roles, opts)
     };
+    // Longest first: a base whose DKMS compiles kernel modules (sign_modules; the gpu role's
+    // NVIDIA driver) takes several times longer than the others, so it starts at once and the
+    // other core works through the rest meanwhile (stable: otherwise in role order).
+    todo.sort_by_key(|(_, rs)| rs[0].base.module_signing_cert.is_none());
     if todo.is_empty() {
         let mut reports = Vec::new();
         for r in roles {
