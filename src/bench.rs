@@ -332,7 +332,9 @@ fn cold(
         total_s,
     );
     let t = r.median_seconds.unwrap_or(0.0);
-    r.detail = format!("{bases} distinct base(s) built, side by side");
+    r.detail = format!(
+        "{bases} distinct base(s) built side by side in the background; each role composed once its base was ready"
+    );
     r.target = Some(format!("≤ {TARGET_COLD_RATIO}× one base"));
     if b > 0.0 {
         r.ratio = Some(round2(t / b));
