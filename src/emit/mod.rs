@@ -81,7 +81,7 @@ pub fn compress_tar_with(
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(4 * workers);
     let job_rx = std::sync::Mutex::new(job_rx);
     let (res_tx, res_rx) =
-        std::sync::mpsc::sync_channel::<Result<(usize, [u8; 32], Vec<u8>)>>(4 * workers);
+        std::sync::mpsc::sync_channel::<Result<(usize, [u8; 32], reuse::Stored)>>(4 * workers);
     let reuse = std::sync::Mutex::new(reuse);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
@@ -137,13 +137,13 @@ pub fn compress_tar_with(
                     let key = *blake3::hash(&data).as_bytes();
                     let earlier = reuse.lock().expect("reuse").get(&key);
                     let frame = match earlier {
-                        Some((b, _)) => Ok(b),
+                        Some(st) => Ok(st),
                         None => {
                             // One output buffer per worker (no fresh 4 MiB allocation per frame).
                             buf.clear();
                             buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
                             c.compress_to_buffer(&data, &mut buf)
-                                .map(|_| buf.clone())
+                                .map(|_| reuse::Stored::new(buf.clone(), 0))
                                 .map_err(anyhow::Error::from)
                         }
                     };
@@ -154,7 +154,7 @@ pub fn compress_tar_with(
             });
         }
         drop(res_tx);
-        let mut ahead: BTreeMap<usize, ([u8; 32], Vec<u8>)> = BTreeMap::new();
+        let mut ahead: BTreeMap<usize, ([u8; 32], reuse::Stored)> = BTreeMap::new();
         let mut next = 0usize;
         let mut failed: Option<anyhow::Error> = None;
         for r in res_rx.iter() {
@@ -164,10 +164,10 @@ pub fn compress_tar_with(
             let step = r.and_then(|(i, k, f)| {
                 ahead.insert(i, (k, f));
                 while let Some((k, f)) = ahead.remove(&next) {
-                    w.write_all(&f)
+                    w.write_all(&f.bytes)
                         .with_context(|| format!("writing {}", out.display()))?;
-                    index.push(k, &f, pos, 0);
-                    pos += f.len() as u64;
+                    index.push(k, &f, pos);
+                    pos += f.bytes.len() as u64;
                     next += 1;
                 }
                 Ok(())

@@ -56,17 +56,16 @@ impl Index {
         self.pieces.is_empty()
     }
 
-    /// Records that `stored` (whose uncompressed content has `key`) is at `offset`.
-    pub fn push(&mut self, key: [u8; 32], stored: &[u8], offset: u64, field: u32) {
+    /// Records that `stored` (a piece whose uncompressed content has `key`) is at `offset`.
+    pub fn push(&mut self, key: [u8; 32], stored: &Stored, offset: u64) {
         self.pieces.push((
             hex::encode(key),
-            hex::encode(blake3::hash(stored).as_bytes()),
+            hex::encode(stored.hash),
             offset,
-            stored.len() as u64,
-            field,
+            stored.bytes.len() as u64,
+            stored.field,
         ));
     }
-
     /// Saves the index of `image` (its final path) as `index` (write to temp, rename).
     pub fn save(&self, image: &Path, index: &Path) -> Result<()> {
         let mut f = self.clone();
@@ -156,9 +155,9 @@ impl Reuse {
         self.map.is_empty()
     }
 
-    /// The stored bytes and format field of a piece with this content, if an earlier artifact
-    /// has it and its bytes still hash to what was recorded.
-    pub fn get(&mut self, key: &[u8; 32]) -> Option<(Vec<u8>, u32)> {
+    /// The stored piece with this content, if an earlier artifact has it and its bytes still
+    /// hash to what was recorded.
+    pub fn get(&mut self, key: &[u8; 32]) -> Option<Stored> {
         let &(src, want, off, len, field) = self.map.get(key)?;
         let s = &mut self.sources[src];
         if s.bad {
@@ -176,7 +175,28 @@ impl Reuse {
             return None;
         }
         self.hits += 1;
-        Some((buf, field))
+        Some(Stored {
+            bytes: buf,
+            field,
+            hash: want,
+        })
+    }
+}
+
+/// A piece as it sits in an artifact: its stored (compressed) bytes, the format's field for it
+/// (squashfs: the block size word; zstd frames: 0) and the BLAKE3 hash of the stored bytes,
+/// which the index records and checks before reuse.
+pub struct Stored {
+    pub bytes: Vec<u8>,
+    pub field: u32,
+    pub hash: [u8; 32],
+}
+
+impl Stored {
+    /// A freshly made piece (hashed here, on the thread that made it).
+    pub fn new(bytes: Vec<u8>, field: u32) -> Stored {
+        let hash = *blake3::hash(&bytes).as_bytes();
+        Stored { bytes, field, hash }
     }
 }
 

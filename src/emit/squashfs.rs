@@ -16,7 +16,7 @@
 //! and at metadata-block boundaries, and large directories carry a lookup index. Identical files
 //! are stored once, identical tail ends share a fragment.
 
-use super::reuse::{Index, Reuse};
+use super::reuse::{Index, Reuse, Stored};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -196,17 +196,16 @@ impl<'a> DataWriter<'a> {
             return Ok(());
         }
         let jobs = std::mem::take(&mut self.pending);
-        let mut stored: Vec<Option<(Vec<u8>, u32)>> =
-            jobs.iter().map(|j| self.reuse.get(&j.key)).collect();
+        let mut stored: Vec<Option<Stored>> = jobs.iter().map(|j| self.reuse.get(&j.key)).collect();
         self.stats.reused += stored.iter().filter(|s| s.is_some()).count() as u64;
         let todo: Vec<usize> = (0..jobs.len()).filter(|&i| stored[i].is_none()).collect();
         let next = AtomicUsize::new(0);
         let level = self.opts.level;
         let threads = self.opts.jobs.clamp(1, todo.len().max(1));
-        let results: Vec<Vec<(usize, Vec<u8>, u32)>> = std::thread::scope(|s| {
+        let results: Vec<Vec<(usize, Stored)>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
-                    s.spawn(|| -> Result<Vec<(usize, Vec<u8>, u32)>> {
+                    s.spawn(|| -> Result<Vec<(usize, Stored)>> {
                         let mut c = zstd::bulk::Compressor::new(level)?;
                         let mut done = Vec::new();
                         loop {
@@ -214,12 +213,14 @@ impl<'a> DataWriter<'a> {
                             let Some(&i) = todo.get(k) else { break };
                             let data = &jobs[i].data;
                             let z = c.compress(data)?;
-                            done.push(if z.len() < data.len() {
+                            let (bytes, field) = if z.len() < data.len() {
                                 let n = z.len() as u32;
-                                (i, z, n)
+                                (z, n)
                             } else {
-                                (i, data.clone(), data.len() as u32 | BLOCK_UNCOMPRESSED)
-                            });
+                                (data.clone(), data.len() as u32 | BLOCK_UNCOMPRESSED)
+                            };
+                            // Hashed here, in parallel, for the reuse index.
+                            done.push((i, Stored::new(bytes, field)));
                         }
                         Ok(done)
                     })
@@ -233,18 +234,17 @@ impl<'a> DataWriter<'a> {
                 })
                 .collect::<Result<Vec<_>>>()
         })?;
-        for (i, bytes, size) in results.into_iter().flatten() {
-            stored[i] = Some((bytes, size));
+        for (i, st) in results.into_iter().flatten() {
+            stored[i] = Some(st);
         }
         for (job, s) in jobs.into_iter().zip(stored) {
-            let (bytes, size) = s.expect("every block stored");
+            let st = s.expect("every block stored");
+            let (bytes, size) = (&st.bytes, st.field);
             let off = self.pos;
-            self.out
-                .write_all(&bytes)
-                .context("writing root.squashfs")?;
+            self.out.write_all(bytes).context("writing root.squashfs")?;
             self.pos += bytes.len() as u64;
             self.stats.blocks += 1;
-            self.index.push(job.key, &bytes, off, size);
+            self.index.push(job.key, &st, off);
             match job.kind {
                 JobKind::Data(seq) => {
                     debug_assert_eq!(seq as usize, self.data_blocks.len());
