@@ -176,11 +176,13 @@ pub fn missing_bases<'a>(
 }
 
 /// Builds `roles` in order. Their missing bases are built side by side in the background (up
-/// to one per core, DKMS bases first, then in the order the roles need them) while the roles are composed one after
-/// the other as soon as each one's base is ready: on two cores, worker+master+storage from an
-/// empty cache cost the two bases side by side, with the worker and master composes overlapping
-/// the storage base. A role whose base was built in this run reports `base_cached: false`, as if
-/// its own base stage had built it; its base stage then does not hash the base again.
+/// to one per core, DKMS bases first, then in the order the roles need them) while the roles
+/// are composed one after the other, each as soon as its base is ready: on two cores,
+/// worker+master+storage from an empty cache cost the two bases side by side, with the worker
+/// and master composes overlapping the storage base. A role whose base was built in this run
+/// reports `base_cached: false`, as if its own base stage had built it; its base stage then
+/// does not hash the base again. After a failed role, the bases being built are finished (an
+/// mmdebstrap run is not interrupted) and no further one is started.
 pub fn build_roles(
     project: &Project,
     roles: &[Resolved],
