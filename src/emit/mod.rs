@@ -267,46 +267,33 @@ pub fn hash_artifacts(dir: &Path, names: &[&str]) -> Result<Vec<Artifact>> {
         .map(|(i, n)| (fs::metadata(dir.join(n)).map(|m| m.len()).unwrap_or(0), i))
         .collect();
     order.sort_unstable_by(|a, b| b.cmp(a));
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(names.len())
-        .max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut slots: Vec<Option<Result<Artifact>>> = (0..names.len()).map(|_| None).collect();
-    let done: Vec<Vec<(usize, Result<Artifact>)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
+    let mut done: Vec<(usize, Result<Artifact>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..jobs().clamp(1, names.len().max(1)))
             .map(|_| {
                 s.spawn(|| {
                     let mut mine = Vec::new();
-                    loop {
-                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(_, i)) = order.get(k) else { break };
+                    while let Some(&(_, i)) =
+                        order.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
                         let n = names[i];
-                        mine.push((
-                            i,
-                            util::sha256_file(&dir.join(n)).map(|(sha256, size)| Artifact {
-                                name: n.to_string(),
-                                sha256,
-                                size,
-                            }),
-                        ));
+                        let r = util::sha256_file(&dir.join(n)).map(|(sha256, size)| Artifact {
+                            name: n.to_string(),
+                            sha256,
+                            size,
+                        });
+                        mine.push((i, r));
                     }
                     mine
                 })
             })
             .collect();
         hs.into_iter()
-            .map(|h| h.join().expect("hashing thread panicked"))
+            .flat_map(|h| h.join().expect("hashing thread panicked"))
             .collect()
     });
-    for (i, r) in done.into_iter().flatten() {
-        slots[i] = Some(r);
-    }
-    slots
-        .into_iter()
-        .map(|r| r.expect("every artifact hashed"))
-        .collect()
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// `SHA256SUMS` in coreutils format, sorted by name.
