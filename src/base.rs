@@ -107,9 +107,15 @@ impl BaseSpec {
     }
 }
 
+/// `mmdebstrap --version`, asked once per process (every role's cache key needs it).
 fn mmdebstrap_version() -> Result<String> {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(v) = V.get() {
+        return Ok(v.clone());
+    }
     let out = tools::run(MMDEBSTRAP.command()?.arg("--version"))?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok(V.get_or_init(|| v).clone())
 }
 
 /// The host's apt source definitions, concatenated in a fixed order.

@@ -283,6 +283,22 @@ fn reference_role(roles: &[String]) -> &str {
         .unwrap_or(&roles[0])
 }
 
+/// The references of the cold part, each a base built alone: the shared one (see
+/// [`reference_role`]) and, when a role's base compiles modules with DKMS (gpu) and is another
+/// base, that one too — the longest base is the critical path no build of these roles can beat.
+fn cold_references(project: &Project, roles: &[String]) -> Result<Vec<(String, Resolved)>> {
+    let shared = reference_role(roles);
+    let mut refs = vec![(shared.to_string(), resolve::resolve(project, shared)?)];
+    for role in roles {
+        let r = resolve::resolve(project, role)?;
+        if r.base.module_signing_cert.is_some() && r.base_key != refs[0].1.base_key {
+            refs.push((role.clone(), r));
+            break;
+        }
+    }
+    Ok(refs)
+}
+
 fn cold(
     project_dir: &Path,
     work: &Path,
@@ -291,16 +307,18 @@ fn cold(
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let project = copy_project(project_dir, &work.join("cold-project"))?;
-    let reference = reference_role(roles);
-    let (mut base_s, mut total_s) = (vec![], vec![]);
+    let refs = cold_references(&project, roles)?;
+    let mut base_s: Vec<Vec<Timing>> = refs.iter().map(|_| vec![]).collect();
+    let mut total_s = vec![];
     let mut bases = 0;
     for i in 0..runs {
-        // One base alone, from an empty cache: the reference.
-        let cache = work.join(format!("cold-one-cache-{i}"));
-        let r = resolve::resolve(&project, reference)?;
-        let (_, t) = measure(|| crate::build::base_of(&project, &r, &cache, false))?;
-        base_s.push(t);
-        fs::remove_dir_all(&cache).with_context(|| format!("removing {}", cache.display()))?;
+        // Each reference base alone, from an empty cache.
+        for (j, (_, r)) in refs.iter().enumerate() {
+            let cache = work.join(format!("cold-one-cache-{i}-{j}"));
+            let (_, t) = measure(|| crate::build::base_of(&project, r, &cache, false))?;
+            base_s[j].push(t);
+            fs::remove_dir_all(&cache).with_context(|| format!("removing {}", cache.display()))?;
+        }
 
         // Every role, from another empty cache.
         let cache = work.join(format!("cold-cache-{i}"));
@@ -320,12 +338,20 @@ fn cold(
             fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
         }
     }
-    let b = median(&base_s.iter().map(|t| t.wall).collect::<Vec<_>>()).unwrap_or(0.0);
-    rows.push(Row::timed(
-        "cold",
-        format!("one base build alone (mmdebstrap, role {reference}), empty cache"),
-        base_s,
-    ));
+    let mut base_median = vec![];
+    for ((role, r), ts) in refs.iter().zip(base_s) {
+        base_median.push(median(&ts.iter().map(|t| t.wall).collect::<Vec<_>>()).unwrap_or(0.0));
+        let dkms = if r.base.module_signing_cert.is_some() {
+            ", DKMS"
+        } else {
+            ""
+        };
+        rows.push(Row::timed(
+            "cold",
+            format!("one base build alone (mmdebstrap, role {role}{dkms}), empty cache"),
+            ts,
+        ));
+    }
     let mut r = Row::timed(
         "cold",
         format!("roles {} from an empty cache", roles.join("+")),
@@ -335,12 +361,24 @@ fn cold(
     r.detail = format!(
         "{bases} distinct base(s) built side by side in the background; each role composed once its base was ready"
     );
-    r.target = Some(format!("≤ {TARGET_COLD_RATIO}× one base"));
-    if b > 0.0 {
-        r.ratio = Some(round2(t / b));
-        r.met = Some(t / b <= TARGET_COLD_RATIO);
-    }
+    let ratio_row = |r: &mut Row, b: f64| {
+        r.target = Some(format!("≤ {TARGET_COLD_RATIO}× one base"));
+        if b > 0.0 {
+            r.ratio = Some(round2(t / b));
+            r.met = Some(t / b <= TARGET_COLD_RATIO);
+        }
+    };
+    ratio_row(&mut r, base_median[0]);
     rows.push(r);
+    if let (Some((role, _)), Some(&b)) = (refs.get(1), base_median.get(1)) {
+        let mut r = Row::note(
+            "cold",
+            format!("the same against the longest base alone (role {role}: the critical path)"),
+            "",
+        );
+        ratio_row(&mut r, b);
+        rows.push(r);
+    }
     Ok(())
 }
 

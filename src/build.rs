@@ -159,12 +159,13 @@ pub fn missing_bases<'a>(
         {
             continue; // up to date: its role build needs no base
         }
-        let cached = opts
-            .cache_dir
-            .join("base")
-            .join(&r.base_key)
-            .join("rootfs.tar");
-        if cached.is_file() {
+        // The cache entry is named by the cache key (the spec plus this host's mmdebstrap and
+        // apt sources); when that cannot be computed, the base stage will say why.
+        let cached = r.base.cache_key().ok().is_some_and(|k| {
+            let dir = opts.cache_dir.join("base").join(k);
+            dir.join("rootfs.tar").is_file() && dir.join("spec.json").is_file()
+        });
+        if cached {
             continue;
         }
         match missing.iter_mut().find(|(k, _)| *k == r.base_key) {
@@ -175,11 +176,14 @@ pub fn missing_bases<'a>(
     missing
 }
 
-/// Builds `roles` in order. Their missing bases are built side by side in the background (up
-/// to one per core, DKMS bases first, then in the order the roles need them) while the roles
-/// are composed one after the other, each as soon as its base is ready: on two cores,
+/// Builds `roles`; the reports are in the order given. Their missing bases are built side by
+/// side in the background (up to one per core, DKMS bases first, then in the order the roles
+/// need them) while the roles are composed one after the other, each as soon as its base is
+/// ready (a role whose base is still building lets the next ready one go first): on two cores,
 /// worker+master+storage from an empty cache cost the two bases side by side, with the worker
-/// and master composes overlapping the storage base. A role whose base was built in this run
+/// and master composes overlapping the storage base. With a DKMS base (gpu) among them, the
+/// other bases run at a lower CPU priority so that the longest one — the critical path — is
+/// slowed as little as possible. A role whose base was built in this run
 /// reports `base_cached: false`, as if its own base stage had built it; its base stage then
 /// does not hash the base again. After a failed role, the bases being built are finished (an
 /// mmdebstrap run is not interrupted) and no further one is started.
@@ -228,6 +232,7 @@ pub fn build_roles(
             .join(", ")
     ));
     let next = AtomicUsize::new(0);
+    let critical_first = todo.len() > 1 && todo[0].1[0].base.module_signing_cert.is_some();
     // Set when a role fails: builders take no further base (those running finish).
     let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel::<(String, Result<()>)>();
@@ -239,9 +244,16 @@ pub fn build_roles(
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                let Some((key, rs)) = todo.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                let idx = next.fetch_add(1, Ordering::SeqCst);
+                let Some((key, rs)) = todo.get(idx) else {
                     break;
                 };
+                if idx > 0 && critical_first {
+                    // The DKMS base is the critical path of the whole build: the other bases
+                    // (and their mmdebstrap, dpkg, compilers) yield the CPU to it and use what
+                    // it leaves idle (its unpacking and linking phases are single-threaded).
+                    util::lower_thread_priority(10);
+                }
                 let t = Instant::now();
                 let built = base_of(project, rs[0], &opts.cache_dir, false)
                     .map(|_| ())
@@ -257,21 +269,32 @@ pub fn build_roles(
             });
         }
         drop(tx);
+        // Results of the bases built here, by key, as they arrive.
         let mut ready: BTreeMap<String, Result<()>> = BTreeMap::new();
-        let mut reports = Vec::new();
+        let mut done: Vec<Option<BuildReport>> = roles.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..roles.len()).collect();
         let mut run = || -> Result<()> {
-            for r in roles {
-                let prepared = todo.iter().any(|(k, _)| *k == r.base_key);
+            while !pending.is_empty() {
+                // The first role (in the given order) whose base is ready: a role waiting for a
+                // long base (gpu, listed first by name) does not hold up the others.
+                let pick = pending.iter().position(|&i| {
+                    let k = &roles[i].base_key;
+                    !todo.iter().any(|(t, _)| t == k) || ready.contains_key(k)
+                });
+                let Some(pos) = pick else {
+                    let (k, res) = rx
+                        .recv()
+                        .context("internal: the base builders stopped early")?;
+                    ready.insert(k, res);
+                    continue;
+                };
+                let i = pending.remove(pos);
+                let r = &roles[i];
+                let prepared = ready.contains_key(&r.base_key);
+                if let Some(Err(e)) = ready.remove(&r.base_key) {
+                    return Err(e);
+                }
                 if prepared {
-                    while !ready.contains_key(&r.base_key) {
-                        let (k, res) = rx
-                            .recv()
-                            .context("internal: the base builders stopped early")?;
-                        ready.insert(k, res);
-                    }
-                    if let Some(Err(e)) = ready.remove(&r.base_key) {
-                        return Err(e);
-                    }
                     ready.insert(r.base_key.clone(), Ok(()));
                 }
                 let mut rep = build_role_inner(project, r, opts, prepared)?;
@@ -279,7 +302,7 @@ pub fn build_roles(
                     rep.base_cached = false;
                 }
                 each(&rep);
-                reports.push(rep);
+                done[i] = Some(rep);
             }
             Ok(())
         };
@@ -287,7 +310,7 @@ pub fn build_roles(
         if r.is_err() {
             stop.store(true, Ordering::SeqCst);
         }
-        r.map(|_| reports)
+        r.map(|_| done.into_iter().flatten().collect())
     });
     bar.finish_and_clear();
     result

@@ -62,6 +62,15 @@ pub enum Command {
     /// after a one-file overlay edit, per stage), compress (kiln's squashfs and zstd stages vs
     /// mksquashfs and zstd -T0 on the same tree), pxe (not available yet).
     Bench(BenchArgs),
+    /// Show what the cache holds and what uses it; remove what the project no longer uses.
+    ///
+    /// Kept: the bases of the project's roles as their recipes are now, the pinned artifacts
+    /// they fetch or that builds still in <out> recorded, the block/frame indexes of its roles.
+    /// Removed by `prune`: every other base, artifact and index, and leftovers of killed builds.
+    /// A base a running kiln holds is left alone. With a cache shared by several projects
+    /// (--cache-dir), prune from each project removes the others' entries: list first.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Write a node's verified disk image to a block device or an image file.
     ///
     /// The image is <out>/nodes/<HOSTNAME>/disk.raw. Its signature and sha256 are checked
@@ -283,6 +292,31 @@ pub enum KeysCommand {
     },
     /// Print fingerprints (never secrets).
     Show {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List every cache entry with its size and what uses it.
+    List {
+        /// Cache directory [default: <out>/cache].
+        #[arg(long, env = "KILN_CACHE")]
+        cache_dir: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the entries nothing in the project uses; print what was removed and the space freed.
+    Prune {
+        /// Cache directory [default: <out>/cache].
+        #[arg(long, env = "KILN_CACHE")]
+        cache_dir: Option<PathBuf>,
+        /// Print what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// JSON output.
         #[arg(long)]
         json: bool,

@@ -6,6 +6,7 @@
 pub mod base;
 pub mod bench;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod compose;
 pub mod emit;
@@ -77,6 +78,71 @@ fn read_input(p: Option<&std::path::Path>) -> Result<String> {
 
 pub(crate) fn out_dir(cli: &Cli) -> PathBuf {
     cli.out.clone().unwrap_or_else(|| cli.dir.join("out"))
+}
+
+/// `kiln cache list|prune`.
+fn cache_command(cli: &Cli, c: &cli::CacheCommand) -> Result<()> {
+    let project = recipe::load_project(&cli.dir)?;
+    let out = out_dir(cli);
+    let dir = |d: &Option<std::path::PathBuf>| d.clone().unwrap_or_else(|| out.join("cache"));
+    let mut o = std::io::stdout().lock();
+    match c {
+        cli::CacheCommand::List { cache_dir, json } => {
+            let entries = cache::list(&project, &out, &dir(cache_dir))?;
+            if *json {
+                serde_json::to_writer_pretty(&mut o, &entries)?;
+                writeln!(o)?;
+            } else {
+                cache::print_entries(&entries, &mut o)?;
+                let total: u64 = entries.iter().map(|e| e.bytes).sum();
+                let free: u64 = entries
+                    .iter()
+                    .filter(|e| e.removable)
+                    .map(|e| e.bytes)
+                    .sum();
+                writeln!(
+                    o,
+                    "{} entries, {}; `kiln cache prune` would free {}",
+                    entries.len(),
+                    util::human_bytes(total),
+                    util::human_bytes(free)
+                )?;
+            }
+        }
+        cli::CacheCommand::Prune {
+            cache_dir,
+            dry_run,
+            json,
+        } => {
+            let r = cache::prune(&project, &out, &dir(cache_dir), *dry_run)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut o, &r)?;
+                writeln!(o)?;
+            } else {
+                let verb = if r.dry_run { "would remove" } else { "removed" };
+                for e in &r.removed {
+                    writeln!(
+                        o,
+                        "{verb} {} ({}{}{})",
+                        e.path,
+                        util::human_bytes(e.bytes),
+                        if e.about.is_empty() { "" } else { ", " },
+                        e.about
+                    )?;
+                }
+                let kept: u64 = r.kept.iter().map(|e| e.bytes).sum();
+                writeln!(
+                    o,
+                    "{verb} {} entries, {}; kept {} entries, {}",
+                    r.removed.len(),
+                    util::human_bytes(r.freed_bytes),
+                    r.kept.len(),
+                    util::human_bytes(kept)
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs a parsed command line.
@@ -311,6 +377,7 @@ pub fn run(cli: Cli) -> Result<()> {
             reproduce::rebuild_command(&opts, a.json)
         }
         Command::Bench(a) => bench::bench_command(&cli, a),
+        Command::Cache(c) => cache_command(&cli, c),
         Command::Verify(a) => {
             let key = a
                 .key

@@ -549,7 +549,7 @@ pub(crate) fn copy_project(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Pinned artifacts (name, sha256, url) the role's build fetches.
-fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
+pub(crate) fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
     let mut v: Vec<(String, String, String)> = r
         .recipe
         .debian

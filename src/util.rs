@@ -213,3 +213,136 @@ pub fn shell_quote(s: &str) -> String {
     }
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+/// Raises the calling thread's nice value to at least `nice` (Linux: per thread; the processes
+/// and threads it starts inherit it). Lowering it again would need CAP_SYS_NICE, so it is never
+/// lowered; a failure only costs scheduling order and is logged.
+pub fn lower_thread_priority(nice: i32) {
+    // SAFETY: plain syscalls on the calling thread's own id.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if *libc::__errno_location() == 0 && now >= nice {
+            return;
+        }
+        if libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0 {
+            tracing::debug!(err = %io::Error::last_os_error(), "setpriority");
+        }
+    }
+}
+
+/// Maps `f` over `items` on up to `threads` threads, each with its own state made by `init`
+/// (a compressor, a buffer); the threads take the items in order from a shared counter, so
+/// the slow ones do not hold up the rest. The results are in the order of `items`, whatever the
+/// threads do. A panic in `f` is raised again in the caller.
+pub fn par_map<T, S, R>(
+    items: &[T],
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, &T) -> R + Sync,
+) -> Vec<R>
+where
+    T: Sync,
+    R: Send,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let threads = threads.clamp(1, items.len().max(1));
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut state = init();
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(&mut state, item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(items.len());
+        for h in handles {
+            match h.join() {
+                Ok(v) => all.extend(v),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        all
+    });
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_nice() -> i32 {
+        // SAFETY: as above.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn par_map_keeps_order_and_state_per_thread() {
+        let items: Vec<u64> = (0..1000).collect();
+        for threads in [0, 1, 3, 64] {
+            // Each thread counts the items it took; the results stay in input order.
+            let out = par_map(
+                &items,
+                threads,
+                || 0u64,
+                |seen, x| {
+                    *seen += 1;
+                    (*x * 2, *seen)
+                },
+            );
+            assert_eq!(
+                out.iter().map(|r| r.0).collect::<Vec<_>>(),
+                items.iter().map(|x| x * 2).collect::<Vec<_>>()
+            );
+            let firsts = out.iter().filter(|r| r.1 == 1).count();
+            assert!(
+                firsts >= 1 && firsts <= threads.max(1),
+                "{threads}: {firsts} thread states"
+            );
+        }
+        assert!(par_map(&[] as &[u8], 4, || (), |_, x| *x).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "item 7")]
+    fn par_map_raises_a_panic_again() {
+        let items: Vec<u32> = (0..20).collect();
+        par_map(
+            &items,
+            2,
+            || (),
+            |_, x| {
+                if *x == 7 {
+                    panic!("item 7");
+                }
+                *x
+            },
+        );
+    }
+
+    #[test]
+    fn priority_lowered_for_this_thread_only() {
+        let before = thread_nice();
+        let (inner, child) = std::thread::spawn(|| {
+            lower_thread_priority(10);
+            lower_thread_priority(5); // never raised back
+            let child = std::thread::spawn(thread_nice).join().unwrap();
+            (thread_nice(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inner, before.max(10));
+        assert_eq!(child, before.max(10), "threads it starts inherit it");
+        assert_eq!(thread_nice(), before, "the calling thread is untouched");
+    }
+}

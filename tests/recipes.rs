@@ -564,4 +564,22 @@ fn missing_bases_skip_up_to_date_roles() {
         !d.path().join("empty-cache/base").exists(),
         "no base build started"
     );
+    // A base in the cache (named by its cache key, which adds this host's mmdebstrap version
+    // and apt sources to the base key) is not missing.
+    let Ok(key) = roles[2].base.cache_key() else {
+        println!("SKIP: cached-base part of missing_bases_skip_up_to_date_roles: mmdebstrap not installed");
+        return;
+    };
+    assert_ne!(key, roles[2].base_key);
+    let entry = d.path().join("empty-cache/base").join(&key);
+    fs::create_dir_all(&entry).unwrap();
+    fs::write(entry.join("rootfs.tar"), "").unwrap();
+    fs::write(entry.join("spec.json"), "{}").unwrap();
+    let m = kiln::build::missing_bases(&roles, &opts);
+    assert_eq!(
+        m.iter()
+            .flat_map(|(_, rs)| rs.iter().map(|r| r.role.as_str()))
+            .collect::<Vec<_>>(),
+        ["worker", "master"]
+    );
 }

@@ -267,31 +267,20 @@ pub fn hash_artifacts(dir: &Path, names: &[&str]) -> Result<Vec<Artifact>> {
         .map(|(i, n)| (fs::metadata(dir.join(n)).map(|m| m.len()).unwrap_or(0), i))
         .collect();
     order.sort_unstable_by(|a, b| b.cmp(a));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut done: Vec<(usize, Result<Artifact>)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..jobs().clamp(1, names.len().max(1)))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    while let Some(&(_, i)) =
-                        order.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                    {
-                        let n = names[i];
-                        let r = util::sha256_file(&dir.join(n)).map(|(sha256, size)| Artifact {
-                            name: n.to_string(),
-                            sha256,
-                            size,
-                        });
-                        mine.push((i, r));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("hashing thread panicked"))
-            .collect()
-    });
+    let mut done = util::par_map(
+        &order,
+        jobs(),
+        || (),
+        |_, &(_, i)| {
+            let n = names[i];
+            let r = util::sha256_file(&dir.join(n)).map(|(sha256, size)| Artifact {
+                name: n.to_string(),
+                sha256,
+                size,
+            });
+            (i, r)
+        },
+    );
     done.sort_unstable_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, r)| r).collect()
 }

@@ -17,13 +17,13 @@
 //! are stored once, identical tail ends share a fragment.
 
 use super::reuse::{Index, Reuse, Stored};
+use crate::util;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 const MAGIC: u32 = 0x7371_7368;
 const SUPERBLOCK_SIZE: u64 = 96;
@@ -199,42 +199,29 @@ impl<'a> DataWriter<'a> {
         let mut stored: Vec<Option<Stored>> = jobs.iter().map(|j| self.reuse.get(&j.key)).collect();
         self.stats.reused += stored.iter().filter(|s| s.is_some()).count() as u64;
         let todo: Vec<usize> = (0..jobs.len()).filter(|&i| stored[i].is_none()).collect();
-        let next = AtomicUsize::new(0);
         let level = self.opts.level;
-        let threads = self.opts.jobs.clamp(1, todo.len().max(1));
-        let results: Vec<Vec<(usize, Stored)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| -> Result<Vec<(usize, Stored)>> {
-                        let mut c = zstd::bulk::Compressor::new(level)?;
-                        let mut done = Vec::new();
-                        loop {
-                            let k = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(&i) = todo.get(k) else { break };
-                            let data = &jobs[i].data;
-                            let z = c.compress(data)?;
-                            let (bytes, field) = if z.len() < data.len() {
-                                let n = z.len() as u32;
-                                (z, n)
-                            } else {
-                                (data.clone(), data.len() as u32 | BLOCK_UNCOMPRESSED)
-                            };
-                            // Hashed here, in parallel, for the reuse index.
-                            done.push((i, Stored::new(bytes, field)));
-                        }
-                        Ok(done)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| anyhow::anyhow!("a squashfs compression thread panicked"))?
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        for (i, st) in results.into_iter().flatten() {
+        let results = util::par_map(
+            &todo,
+            self.opts.jobs,
+            || zstd::bulk::Compressor::new(level),
+            |c, &i| -> Result<(usize, Stored)> {
+                let c = c
+                    .as_mut()
+                    .map_err(|e| anyhow::anyhow!("making a zstd compressor: {e}"))?;
+                let data = &jobs[i].data;
+                let z = c.compress(data)?;
+                let (bytes, field) = if z.len() < data.len() {
+                    let n = z.len() as u32;
+                    (z, n)
+                } else {
+                    (data.clone(), data.len() as u32 | BLOCK_UNCOMPRESSED)
+                };
+                // Hashed here, in parallel, for the reuse index.
+                Ok((i, Stored::new(bytes, field)))
+            },
+        );
+        for r in results {
+            let (i, st) = r?;
             stored[i] = Some(st);
         }
         for (job, s) in jobs.into_iter().zip(stored) {
