@@ -4,7 +4,8 @@
 //!
 //! Everything runs on a copy of the project in a scratch directory: the one-file overlay edit
 //! of the warm part never touches the user's repository, and cold builds use empty caches
-//! there. Parts: `cold`, `warm`, `compress`, `pxe` (points at `cargo bench --bench pxe`, which runs `kiln serve`).
+//! there. Parts: `cold`, `warm`, `compress`, `pxe` (`kiln serve` on loopback with HTTP and TFTP
+//! clients; `cargo bench --bench pxe` runs the same).
 
 use crate::build::{self, BuildOptions};
 use crate::cli::{BenchArgs, Cli};
@@ -13,7 +14,7 @@ use crate::recipe::{self, Project};
 use crate::resolve::{self, Resolved};
 use crate::tools;
 use crate::{emit, node, util};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs;
@@ -654,11 +655,20 @@ pub fn run_bench(
         )?;
     }
     if has("pxe") {
-        rows.push(Row::note(
-            "pxe",
-            "HTTP with 32 concurrent clients; TFTP with and without windowsize",
-            "measured by `cargo bench --bench pxe` (benches/pxe.rs: kiln serve on loopback with a signed build of real sizes)",
-        ));
+        let exe = std::env::current_exe().context("finding the kiln binary to run `kiln serve`")?;
+        let scale = std::env::var("KILN_BENCH_PXE_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        pxe(
+            project_dir,
+            &exe,
+            work,
+            reference_role(roles),
+            runs.unwrap_or(3),
+            scale,
+            &mut rows,
+        )?;
     }
     Ok(BenchReport {
         schema: "kiln.bench/1",
@@ -666,6 +676,305 @@ pub fn run_bench(
         roles: roles.to_vec(),
         rows,
     })
+}
+
+/// Sizes of the files a PXE client fetches (a worker build's kernel, initrd and root.squashfs).
+const PXE_FILES: [(&str, usize); 3] = [
+    ("vmlinuz", 8_247_232),
+    ("initrd.img", 42_393_027),
+    ("root.squashfs", 237_240_320),
+];
+const PXE_CLIENTS: usize = 32;
+const PXE_TFTP_BYTES: usize = 8 << 20;
+const PXE_TFTP_BLKSIZE: usize = 1468;
+const PXE_BUILD_ID: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+/// Reproducible filler (xorshift): incompressible like a squashfs, no RNG state.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// CPU seconds (user + system) a live process has used so far, from /proc/<pid>/stat.
+fn process_cpu(pid: u32) -> Option<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+/// `kiln serve` started for the PXE part; stopped (SIGTERM, then SIGKILL) when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fetches `name` over TFTP (RFC 1350 + blksize 2348 + windowsize 7440); returns the bytes.
+fn tftp_fetch(server: std::net::SocketAddr, name: &str, window: u16) -> Result<usize> {
+    use std::net::UdpSocket;
+    let sock = UdpSocket::bind("127.0.0.1:0").context("TFTP client socket")?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut req = vec![0, 1];
+    for s in [
+        name,
+        "octet",
+        "blksize",
+        &PXE_TFTP_BLKSIZE.to_string(),
+        "windowsize",
+        &window.to_string(),
+    ] {
+        req.extend_from_slice(s.as_bytes());
+        req.push(0);
+    }
+    sock.send_to(&req, server)?;
+    let mut buf = vec![0u8; PXE_TFTP_BLKSIZE + 4];
+    let mut expected: u16 = 1;
+    let mut total = 0;
+    loop {
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .with_context(|| format!("TFTP: no packet from {server} for 10 s"))?;
+        anyhow::ensure!(n >= 4, "TFTP: short packet from {from}");
+        match buf[1] {
+            6 => {
+                sock.send_to(&[0, 4, 0, 0], from)?;
+            }
+            3 => {
+                let block = u16::from_be_bytes([buf[2], buf[3]]);
+                if block != expected {
+                    continue;
+                }
+                total += n - 4;
+                let last = n - 4 < PXE_TFTP_BLKSIZE;
+                if last || block % window == 0 {
+                    let b = block.to_be_bytes();
+                    sock.send_to(&[0, 4, b[0], b[1]], from)?;
+                }
+                expected = expected.wrapping_add(1);
+                if last {
+                    return Ok(total);
+                }
+            }
+            _ => bail!(
+                "TFTP error from kiln serve: {}",
+                String::from_utf8_lossy(&buf[4..n])
+            ),
+        }
+    }
+}
+
+/// The PXE part: `exe serve` on loopback with a signed build of a worker's real sizes (random
+/// bytes: serving does not look inside), 32 concurrent HTTP clients each fetching kernel, initrd
+/// and root.squashfs, and an 8 MiB TFTP transfer with windowsize 1, 4 and 16. `scale` divides
+/// the file sizes (tests only).
+pub fn pxe(
+    project_dir: &Path,
+    exe: &Path,
+    work: &Path,
+    role: &str,
+    runs: usize,
+    scale: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    use std::io::{BufRead, Read};
+    let project = work.join("pxe-project");
+    crate::reproduce::copy_project(project_dir, &project)?;
+    // A key of the bench's own signs the stand-in build (the project's keys stay untouched).
+    fs::create_dir_all(project.join("keys"))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let (_, public) = crate::keys::encode_signing_key(&key)?;
+    util::write_atomic(&project.join("keys/signing_ed25519.pub"), public.as_bytes())?;
+    let dir = project.join("out").join(role).join(PXE_BUILD_ID);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let scale = scale.max(1);
+    let sizes: Vec<(&str, usize)> = PXE_FILES.iter().map(|(n, l)| (*n, l / scale)).collect();
+    for (i, (n, len)) in sizes.iter().enumerate() {
+        fs::write(dir.join(n), noise(*len, i as u64 + 1))?;
+    }
+    fs::write(
+        dir.join("manifest.json"),
+        br#"{"kernel":{"cmdline":"boot=live console=ttyS0"}}"#,
+    )?;
+    let arts = emit::hash_artifacts(
+        &dir,
+        &["vmlinuz", "initrd.img", "root.squashfs", "manifest.json"],
+    )?;
+    fs::write(dir.join("SHA256SUMS"), emit::sha256sums(&arts))?;
+    crate::sign::sign_dir(&dir, &key)?;
+    std::os::unix::fs::symlink(PXE_BUILD_ID, project.join("out").join(role).join("latest"))?;
+    let ipxe = work.join("pxe-tftp");
+    fs::create_dir_all(&ipxe)?;
+    let tftp_bytes = PXE_TFTP_BYTES / scale;
+    fs::write(ipxe.join("big.bin"), noise(tftp_bytes, 9))?;
+
+    let mut child = Command::new(exe)
+        .arg("--dir")
+        .arg(&project)
+        .args([
+            "serve",
+            "--json",
+            "--listen",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--tftp-port",
+            "0",
+            "--dhcp",
+            "off",
+            "--default-role",
+            role,
+            "--ipxe-dir",
+        ])
+        .arg(&ipxe)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} serve", exe.display()))?;
+    let stdout = child.stdout.take().context("kiln serve stdout")?;
+    let server = Server(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let status: serde_json::Value = serde_json::from_str(&line)
+        .with_context(|| format!("kiln serve did not start (said {line:?})"))?;
+    let http = status["http"]
+        .as_str()
+        .context("no http address")?
+        .to_string();
+    let tftp: std::net::SocketAddr = status["tftp"]
+        .as_str()
+        .context("no tftp address")?
+        .parse()?;
+    let per_client: usize = sizes.iter().map(|(_, l)| l).sum();
+    let pid = server.0.id();
+
+    // 1. 32 concurrent HTTP clients.
+    let (mut times, mut agg, mut p50, mut slowest) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let cpu0 = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN);
+        let t0 = Instant::now();
+        let res: Vec<Result<(usize, f64)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..PXE_CLIENTS)
+                .map(|_| {
+                    let (http, sizes) = (&http, &sizes);
+                    s.spawn(move || -> Result<(usize, f64)> {
+                        let c = reqwest::blocking::Client::builder()
+                            .timeout(std::time::Duration::from_secs(600))
+                            .build()?;
+                        let t = Instant::now();
+                        let mut got = 0;
+                        let mut buf = vec![0u8; 1 << 20];
+                        for (n, _) in sizes {
+                            let url = format!("http://{http}/roles/{role}/{PXE_BUILD_ID}/{n}");
+                            let mut r = c.get(&url).send()?.error_for_status()?;
+                            loop {
+                                let k = r.read(&mut buf)?;
+                                if k == 0 {
+                                    break;
+                                }
+                                got += k;
+                            }
+                        }
+                        Ok((got, t.elapsed().as_secs_f64()))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+                })
+                .collect()
+        });
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN) - cpu0;
+        let res = res.into_iter().collect::<Result<Vec<_>>>()?;
+        anyhow::ensure!(
+            res.iter().all(|(g, _)| *g == per_client),
+            "a PXE HTTP client got fewer bytes than were served"
+        );
+        let mut t: Vec<f64> = res.iter().map(|(_, t)| *t).collect();
+        t.sort_by(f64::total_cmp);
+        agg.push((PXE_CLIENTS * per_client) as f64 / wall / 1e6);
+        p50.push(median(&t).unwrap_or(0.0));
+        slowest.push(*t.last().unwrap_or(&0.0));
+        times.push(Timing { wall, cpu });
+    }
+    let mut r = Row::timed(
+        "pxe",
+        format!(
+            "HTTP: {PXE_CLIENTS} clients × kernel+initrd+squashfs ({:.0} MB each)",
+            per_client as f64 / 1e6
+        ),
+        times,
+    );
+    r.detail = format!(
+        "{:.0} MB/s aggregate; per client median {:.1} s, slowest {:.1} s (cpu: kiln serve and the clients)",
+        median(&agg).unwrap_or(0.0),
+        median(&p50).unwrap_or(0.0),
+        median(&slowest).unwrap_or(0.0)
+    );
+    rows.push(r);
+
+    // 2. TFTP with and without windowsize.
+    let mut base = 0.0;
+    for w in [1u16, 4, 16] {
+        let mut times = vec![];
+        let mut speeds = vec![];
+        for _ in 0..runs.max(3) {
+            let cpu0 = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN);
+            let t = Instant::now();
+            let n = tftp_fetch(tftp, "big.bin", w)?;
+            let wall = t.elapsed().as_secs_f64();
+            anyhow::ensure!(n == tftp_bytes, "TFTP: got {n} bytes of {tftp_bytes}");
+            let cpu = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN) - cpu0;
+            times.push(Timing { wall, cpu });
+            speeds.push(n as f64 / wall / 1e6);
+        }
+        let m = median(&speeds).unwrap_or(0.0);
+        if w == 1 {
+            base = m;
+        }
+        let mut r = Row::timed(
+            "pxe",
+            format!(
+                "TFTP: {:.1} MiB, blksize {PXE_TFTP_BLKSIZE}, windowsize {w}",
+                tftp_bytes as f64 / 1048576.0
+            ),
+            times,
+        );
+        r.detail = format!("{m:.1} MB/s");
+        if w > 1 && base > 0.0 {
+            r.detail.push_str(" (value: speed / windowsize 1)");
+            r.ratio = Some(round2(m / base));
+        }
+        rows.push(r);
+    }
+    drop(server);
+    Ok(())
 }
 
 /// Prints the report as a table.
@@ -742,7 +1051,12 @@ pub fn bench_command(cli: &Cli, a: &BenchArgs) -> Result<()> {
     }
     anyhow::ensure!(!roles.is_empty(), "no role to measure");
     let parts: Vec<String> = if a.parts.is_empty() {
-        vec!["cold".into(), "warm".into(), "compress".into()]
+        vec![
+            "cold".into(),
+            "warm".into(),
+            "compress".into(),
+            "pxe".into(),
+        ]
     } else {
         a.parts.clone()
     };

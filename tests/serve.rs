@@ -877,3 +877,63 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
     let (code, _) = s.stop();
     assert_eq!(code, 0);
 }
+
+/// `kiln bench --part pxe`: `kiln serve` measured by 32 HTTP clients and TFTP at three window
+/// sizes (files shrunk 64× here; the full-size run is in the README).
+#[test]
+fn bench_pxe_part_measures_http_and_tftp() {
+    let d = common::project_copy();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--dir")
+        .arg(d.path())
+        .args([
+            "bench", "--part", "pxe", "--role", "worker", "--runs", "1", "--json",
+        ])
+        .env("KILN_BENCH_PXE_SCALE", "64")
+        .env_remove("KILN_OUT")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{v:#}");
+    assert!(rows.iter().all(|r| r["part"] == "pxe"));
+    let http = &rows[0];
+    assert!(
+        http["what"].as_str().unwrap().contains("32 clients"),
+        "{http}"
+    );
+    assert!(http["median_seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        http["detail"].as_str().unwrap().contains("MB/s aggregate"),
+        "{http}"
+    );
+    for (r, w) in rows[1..].iter().zip(["1", "4", "16"]) {
+        assert!(
+            r["what"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("windowsize {w}")),
+            "{r}"
+        );
+        assert_eq!(
+            r["runs"].as_array().unwrap().len(),
+            3,
+            "TFTP runs at least 3 times"
+        );
+    }
+    assert!(rows[1]["ratio"].is_null());
+    assert!(rows[3]["ratio"].as_f64().unwrap() > 0.0);
+    // The table form names the parts and the machine.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--dir")
+        .arg(d.path())
+        .args(["bench", "--part", "pxe", "--role", "worker", "--runs", "1"])
+        .env("KILN_BENCH_PXE_SCALE", "256")
+        .env_remove("KILN_OUT")
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && t.starts_with("machine: "), "{t}");
+    assert!(t.contains("windowsize 16"), "{t}");
+}
