@@ -977,6 +977,15 @@ pub fn pxe(
     Ok(())
 }
 
+/// Seconds for the table: one decimal, three under a second (a TFTP transfer takes 0.1 s).
+fn secs(s: f64) -> String {
+    if s < 1.0 {
+        format!("{s:.3} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
 /// Prints the report as a table.
 pub fn print_table(r: &BenchReport, o: &mut dyn Write) -> Result<()> {
     let m = &r.machine;
@@ -1011,12 +1020,10 @@ pub fn print_table(r: &BenchReport, o: &mut dyn Write) -> Result<()> {
             "{:<9} {:<66} {:>9} {:>9} {:>5} {:>14} {:>7} {:>4}",
             row.part,
             row.what,
-            row.median_seconds
-                .map(|s| format!("{s:.1} s"))
-                .unwrap_or_default(),
+            row.median_seconds.map(secs).unwrap_or_default(),
             row.median_cpu_seconds
                 .filter(|c| c.is_finite())
-                .map(|s| format!("{s:.1} s"))
+                .map(secs)
                 .unwrap_or_default(),
             if row.runs.is_empty() {
                 String::new()
