@@ -770,7 +770,7 @@ fn tftp_fetch(server: std::net::SocketAddr, name: &str, window: u16) -> Result<u
                 }
                 total += n - 4;
                 let last = n - 4 < PXE_TFTP_BLKSIZE;
-                if last || block % window == 0 {
+                if last || block.is_multiple_of(window) {
                     let b = block.to_be_bytes();
                     sock.send_to(&[0, 4, b[0], b[1]], from)?;
                 }
