@@ -179,10 +179,7 @@ fn sorted_dir(p: &Path) -> Result<Vec<(String, PathBuf)>> {
 
 /// Whether another process holds the lock file `p` now (a missing file is not held).
 fn lock_held(p: &Path) -> bool {
-    match fs::OpenOptions::new().write(true).open(p) {
-        Ok(f) => f.try_lock().is_err(),
-        Err(_) => false,
-    }
+    p.is_file() && matches!(util::try_lock_file(p), Ok(None))
 }
 
 /// A base's spec summary: "bookworm, 24 packages".
@@ -378,17 +375,10 @@ fn remove_entry(cache_dir: &Path, e: &Entry, p: &Path) -> Result<()> {
     };
     let lock = match &key {
         Some(k) => {
-            let lp = base.join(format!(".lock-{k}"));
-            let f = fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lp)
-                .with_context(|| format!("opening {}", lp.display()))?;
-            if f.try_lock().is_err() {
+            let Some(f) = util::try_lock_file(&base.join(format!(".lock-{k}")))? else {
                 tracing::warn!("{} is in use by a running kiln; left alone", p.display());
                 return Ok(());
-            }
+            };
             Some(f)
         }
         None => None,

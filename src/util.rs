@@ -189,18 +189,29 @@ pub fn lock_dir(dir: &Path, waiting: &str) -> Result<fs::File> {
 /// Takes an exclusive lock on the file `p` (created if absent), waiting, with a message, while
 /// another process holds it. Released when the returned file is dropped.
 pub fn lock_file(p: &Path, waiting: &str) -> Result<fs::File> {
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .with_context(|| format!("opening {}", p.display()))?;
+    let f = open_lock(p)?;
     if f.try_lock().is_err() {
         tracing::warn!("waiting for {} ({waiting})", p.display());
         f.lock()
             .with_context(|| format!("locking {}", p.display()))?;
     }
     Ok(f)
+}
+
+/// Takes the exclusive lock on the file `p` (created if absent) if no other process holds it;
+/// `None` when one does.
+pub fn try_lock_file(p: &Path) -> Result<Option<fs::File>> {
+    let f = open_lock(p)?;
+    Ok(f.try_lock().is_ok().then_some(f))
+}
+
+fn open_lock(p: &Path) -> Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .with_context(|| format!("opening {}", p.display()))
 }
 
 /// Single-quotes `s` for POSIX shells.
