@@ -870,11 +870,13 @@ pub fn pxe(
         .parse()?;
     let per_client: usize = sizes.iter().map(|(_, l)| l).sum();
     let pid = server.0.id();
+    // CPU of this process (the clients) and of kiln serve.
+    let cpu_both = || cpu_now() + process_cpu(pid).unwrap_or(f64::NAN);
 
     // 1. 32 concurrent HTTP clients.
     let (mut times, mut agg, mut p50, mut slowest) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
-        let cpu0 = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN);
+        let cpu0 = cpu_both();
         let t0 = Instant::now();
         let res: Vec<Result<(usize, f64)>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..PXE_CLIENTS)
@@ -910,7 +912,7 @@ pub fn pxe(
                 .collect()
         });
         let wall = t0.elapsed().as_secs_f64();
-        let cpu = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN) - cpu0;
+        let cpu = cpu_both() - cpu0;
         let res = res.into_iter().collect::<Result<Vec<_>>>()?;
         anyhow::ensure!(
             res.iter().all(|(g, _)| *g == per_client),
@@ -945,12 +947,12 @@ pub fn pxe(
         let mut times = vec![];
         let mut speeds = vec![];
         for _ in 0..runs.max(3) {
-            let cpu0 = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN);
+            let cpu0 = cpu_both();
             let t = Instant::now();
             let n = tftp_fetch(tftp, "big.bin", w)?;
             let wall = t.elapsed().as_secs_f64();
             anyhow::ensure!(n == tftp_bytes, "TFTP: got {n} bytes of {tftp_bytes}");
-            let cpu = cpu_now() + process_cpu(pid).unwrap_or(f64::NAN) - cpu0;
+            let cpu = cpu_both() - cpu0;
             times.push(Timing { wall, cpu });
             speeds.push(n as f64 / wall / 1e6);
         }

@@ -267,20 +267,21 @@ pub fn hash_artifacts(dir: &Path, names: &[&str]) -> Result<Vec<Artifact>> {
         .map(|(i, n)| (fs::metadata(dir.join(n)).map(|m| m.len()).unwrap_or(0), i))
         .collect();
     order.sort_unstable_by(|a, b| b.cmp(a));
-    let mut done = util::par_map(
+    let hashed = util::par_map(
         &order,
         jobs(),
         || (),
         |_, &(_, i)| {
             let n = names[i];
-            let r = util::sha256_file(&dir.join(n)).map(|(sha256, size)| Artifact {
+            util::sha256_file(&dir.join(n)).map(|(sha256, size)| Artifact {
                 name: n.to_string(),
                 sha256,
                 size,
-            });
-            (i, r)
+            })
         },
     );
+    let mut done: Vec<(usize, Result<Artifact>)> =
+        order.iter().map(|&(_, i)| i).zip(hashed).collect();
     done.sort_unstable_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, r)| r).collect()
 }

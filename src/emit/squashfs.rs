@@ -204,7 +204,7 @@ impl<'a> DataWriter<'a> {
             &todo,
             self.opts.jobs,
             || zstd::bulk::Compressor::new(level),
-            |c, &i| -> Result<(usize, Stored)> {
+            |c, &i| -> Result<Stored> {
                 let c = c
                     .as_mut()
                     .map_err(|e| anyhow::anyhow!("making a zstd compressor: {e}"))?;
@@ -217,12 +217,11 @@ impl<'a> DataWriter<'a> {
                     (data.clone(), data.len() as u32 | BLOCK_UNCOMPRESSED)
                 };
                 // Hashed here, in parallel, for the reuse index.
-                Ok((i, Stored::new(bytes, field)))
+                Ok(Stored::new(bytes, field))
             },
         );
-        for r in results {
-            let (i, st) = r?;
-            stored[i] = Some(st);
+        for (&i, r) in todo.iter().zip(results) {
+            stored[i] = Some(r?);
         }
         for (job, s) in jobs.into_iter().zip(stored) {
             let st = s.expect("every block stored");
