@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    let cli = kiln::cli::Cli::parse();
+    let cli = kiln::Cli::parse();
     let default = match cli.verbose {
         0 => "kiln=warn",
         1 => "kiln=info",

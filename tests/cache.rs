@@ -26,9 +26,9 @@ fn prune_removes_only_what_nothing_uses() {
     }
     let d = project_copy();
     let dir = d.path();
-    let project = kiln::recipe::load_project(dir).unwrap();
-    let worker = kiln::resolve::resolve(&project, "worker").unwrap();
-    let gpu = kiln::resolve::resolve(&project, "gpu").unwrap();
+    let project = kiln::project::recipe::load_project(dir).unwrap();
+    let worker = kiln::pipeline::resolve::resolve(&project, "worker").unwrap();
+    let gpu = kiln::pipeline::resolve::resolve(&project, "gpu").unwrap();
     let worker_key = worker.base.cache_key().unwrap();
     let k3s_sha = worker.cluster.k3s.as_ref().unwrap().binary.sha256.clone();
     let deb_sha = gpu.recipe.debian.debs[0].sha256.clone();

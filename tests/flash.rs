@@ -121,7 +121,7 @@ fn dry_run_writes_nothing() {
     let (code, stdout, stderr) = flash(d.path(), "node1", &t, &["--dry-run"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(!t.exists());
-    let (sha, _) = kiln::util::sha256_file(&image(d.path())).unwrap();
+    let (sha, _) = kiln::sys::util::sha256_file(&image(d.path())).unwrap();
     for want in [
         "dry run",
         "nothing was written",
@@ -191,7 +191,7 @@ fn tampered_sums_and_wrong_key_are_refused() {
     fs::write(&sums, orig).unwrap();
 
     let other = d.path().join("other.pub");
-    let (_, public) = kiln::keys::encode_signing_key(&test_key(8)).unwrap();
+    let (_, public) = kiln::trust::keys::encode_signing_key(&test_key(8)).unwrap();
     fs::write(&other, public).unwrap();
     let (code, _, stderr) = flash(d.path(), "node1", &t, &["--key", other.to_str().unwrap()]);
     assert_eq!(code, 3, "{stderr}");

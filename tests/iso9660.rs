@@ -1,12 +1,12 @@
-//! cidata seed ISOs from `kiln::emit::iso9660` read back by real tools: isoinfo (Rock Ridge,
+//! cidata seed ISOs from `kiln::formats::iso9660` read back by real tools: isoinfo (Rock Ridge,
 //! Joliet and plain ISO 9660 trees), blkid (what cloud-init finds the seed by), xorriso and 7z
 //! as second and third opinions, genisoimage's own image of the same files as the reference,
 //! and — when root and loop mounts work — the kernel's isofs driver.
 //!
 //! A missing tool prints `SKIP: <tool> not installed`; nothing passes silently.
 
-use kiln::emit::iso9660::{write_iso, IsoFile};
-use kiln::tools::{self, Tool, BLKID, GENISOIMAGE, ISOINFO, SEVENZIP, XORRISO};
+use kiln::formats::iso9660::{write_iso, IsoFile};
+use kiln::sys::tools::{self, Tool, BLKID, GENISOIMAGE, ISOINFO, SEVENZIP, XORRISO};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -15,11 +15,11 @@ fn add_master2(dir: &std::path::Path) {
 fn two_masters_one_worker_get_distinct_configs() {
     let d = project_copy();
     add_master2(d.path());
-    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
     let k = project.cluster.k3s.clone().unwrap();
-    let master = kiln::recipe::load_role(&project, "master").unwrap();
-    let worker = kiln::recipe::load_role(&project, "worker").unwrap();
-    let m = kiln::k3s::node_configs(&project.cluster, &k, &master);
+    let master = kiln::project::recipe::load_role(&project, "master").unwrap();
+    let worker = kiln::project::recipe::load_role(&project, "worker").unwrap();
+    let m = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &master);
     assert_eq!(m.keys().collect::<Vec<_>>(), ["master-1", "master-2"]);
     assert!(
         m["master-1"].contains("cluster-init: true\n"),
@@ -34,7 +34,7 @@ fn two_masters_one_worker_get_distinct_configs() {
     );
     assert!(!m["master-2"].contains("cluster-init"));
     assert!(m["master-2"].contains("node-ip: \"10.0.0.12\"\n"));
-    let rc = kiln::k3s::role_config(&project.cluster, &k, &master);
+    let rc = kiln::pipeline::k3s::role_config(&project.cluster, &k, &master);
     for want in [
         "token-file: \"/etc/rancher/k3s/token\"",
         "tls-san:\n  - \"10.0.0.10\"\n  - \"k3s.lab.internal\"",
@@ -48,13 +48,13 @@ fn two_masters_one_worker_get_distinct_configs() {
         !rc.contains("server:"),
         "server roles join per node, not in the role config"
     );
-    let wc = kiln::k3s::role_config(&project.cluster, &k, &worker);
+    let wc = kiln::pipeline::k3s::role_config(&project.cluster, &k, &worker);
     assert!(wc.contains("server: \"https://10.0.0.10:6443\"\n"), "{wc}");
     assert!(
         !wc.contains("tls-san") && !wc.contains("disable"),
         "server-only keys on an agent:\n{wc}"
     );
-    let w = kiln::k3s::node_configs(&project.cluster, &k, &worker);
+    let w = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &worker);
     assert_eq!(w.keys().collect::<Vec<_>>(), ["worker-1", "worker-2"]);
     assert!(
         w["worker-1"].contains("node-name: \"worker-1\"") && !w["worker-1"].contains("node-ip")
@@ -68,7 +68,7 @@ fn two_masters_one_worker_get_distinct_configs() {
     // Once bootstrapped, the first master joins too (reflashing it must not found a new cluster).
     let mut k2 = k.clone();
     k2.bootstrapped = true;
-    let m2 = kiln::k3s::node_configs(&project.cluster, &k2, &master);
+    let m2 = kiln::pipeline::k3s::node_configs(&project.cluster, &k2, &master);
     assert!(m2["master-1"].contains("server: \"https://10.0.0.10:6443\""));
     assert!(!m2["master-1"].contains("cluster-init"));
 }
@@ -76,10 +76,10 @@ fn two_masters_one_worker_get_distinct_configs() {
 #[test]
 fn gpu_and_storage_roles_carry_labels_and_taints() {
     let d = project_copy();
-    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
     let k = project.cluster.k3s.clone().unwrap();
-    let gpu = kiln::recipe::load_role(&project, "gpu").unwrap();
-    let c = kiln::k3s::role_config(&project.cluster, &k, &gpu);
+    let gpu = kiln::project::recipe::load_role(&project, "gpu").unwrap();
+    let c = kiln::pipeline::k3s::role_config(&project.cluster, &k, &gpu);
     assert!(
         c.contains("  - \"nvidia.com/gpu.present=true\"")
             && c.contains("node-taint:\n  - \"nvidia.com/gpu=present:NoSchedule\""),
@@ -87,16 +87,16 @@ fn gpu_and_storage_roles_carry_labels_and_taints() {
     );
     assert!(gpu.debian.packages.contains(&"nvidia-driver".to_string()));
     assert!(gpu.debian.components.contains(&"non-free".to_string()));
-    let st = kiln::recipe::load_role(&project, "storage").unwrap();
-    let c = kiln::k3s::role_config(&project.cluster, &k, &st);
+    let st = kiln::project::recipe::load_role(&project, "storage").unwrap();
+    let c = kiln::pipeline::k3s::role_config(&project.cluster, &k, &st);
     assert!(c.contains("node.longhorn.io/create-default-disk=true"));
     for p in ["open-iscsi", "nfs-common", "cryptsetup", "dmsetup"] {
         assert!(st.debian.packages.contains(&p.to_string()), "{p}");
     }
     assert!(st.systemd.enable.contains(&"iscsid.service".to_string()));
-    assert_eq!(kiln::k3s::unit_name("server"), "k3s.service");
-    assert_eq!(kiln::k3s::unit_name("agent"), "k3s-agent.service");
-    let u = kiln::k3s::unit("agent");
+    assert_eq!(kiln::pipeline::k3s::unit_name("server"), "k3s.service");
+    assert_eq!(kiln::pipeline::k3s::unit_name("agent"), "k3s-agent.service");
+    let u = kiln::pipeline::k3s::unit("agent");
     for l in [
         "Type=notify",
         "Delegate=yes",
@@ -183,10 +183,10 @@ fn standin_download_is_cached_and_served_once() {
     let (url, hits) = serve(standin_files());
     pin_standin(d.path(), &url);
     let cache = d.path().join("cache");
-    let p = kiln::recipe::load_project(d.path()).unwrap();
+    let p = kiln::project::recipe::load_project(d.path()).unwrap();
     let k = p.cluster.k3s.unwrap();
-    let f = kiln::fetch::Fetcher::new(&cache).quiet(true);
-    let a = kiln::fetch::Artifact {
+    let f = kiln::pipeline::fetch::Fetcher::new(&cache).quiet(true);
+    let a = kiln::pipeline::fetch::Artifact {
         name: "k3s".into(),
         url: k.binary.url.clone(),
         sha256: k.binary.sha256.clone(),
@@ -295,7 +295,7 @@ fn manifests_only_on_servers_and_validated() {
 
 #[test]
 fn helm_chart_embeds_archive() {
-    let y = kiln::k3s::helm_chart(
+    let y = kiln::pipeline::k3s::helm_chart(
         "metallb",
         "metallb-system",
         b"\x1f\x8bfake-tgz",

@@ -375,7 +375,7 @@ fn sign_modules_needs_the_module_signing_key() {
     );
     // A certificate of another key is refused.
     let other = tempfile::tempdir().unwrap();
-    kiln::keys::init_with_rsa_bits(other.path(), "x", false, 2048).unwrap();
+    kiln::trust::keys::init_with_rsa_bits(other.path(), "x", false, 2048).unwrap();
     fs::copy(
         other.path().join("module-signing.crt"),
         d.path().join("keys/module-signing.crt"),
@@ -518,10 +518,10 @@ fn doctor_lists_tools() {
 #[test]
 fn missing_bases_skip_up_to_date_roles() {
     let d = project_copy();
-    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
     let roles: Vec<_> = ["worker", "master", "storage"]
         .iter()
-        .map(|r| kiln::resolve::resolve(&project, r).unwrap())
+        .map(|r| kiln::pipeline::resolve::resolve(&project, r).unwrap())
         .collect();
     let out = d.path().join("out");
     for r in &roles {
@@ -530,17 +530,17 @@ fn missing_bases_skip_up_to_date_roles() {
         fs::write(dir.join("SHA256SUMS"), "").unwrap();
         fs::write(dir.join("SHA256SUMS.sig"), "").unwrap();
     }
-    let mut opts = kiln::build::BuildOptions {
+    let mut opts = kiln::pipeline::build::BuildOptions {
         out_dir: out.clone(),
         cache_dir: d.path().join("empty-cache"),
         force: false,
         offline: false,
         locked: false,
     };
-    assert!(kiln::build::missing_bases(&roles, &opts).is_empty());
+    assert!(kiln::pipeline::build::missing_bases(&roles, &opts).is_empty());
     // The master's build gone: only its base (shared with the worker, which is built) is due.
     fs::remove_dir_all(out.join("master").join(&roles[1].build_id)).unwrap();
-    let m = kiln::build::missing_bases(&roles, &opts);
+    let m = kiln::pipeline::build::missing_bases(&roles, &opts);
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].0, roles[1].base_key);
     assert_eq!(
@@ -549,7 +549,7 @@ fn missing_bases_skip_up_to_date_roles() {
     );
     // --force: every role's base, distinct bases once each, in role order.
     opts.force = true;
-    let m = kiln::build::missing_bases(&roles, &opts);
+    let m = kiln::pipeline::build::missing_bases(&roles, &opts);
     assert_eq!(m.len(), 2);
     assert_eq!(roles[0].base_key, roles[1].base_key);
     assert_eq!(
@@ -575,7 +575,7 @@ fn missing_bases_skip_up_to_date_roles() {
     fs::create_dir_all(&entry).unwrap();
     fs::write(entry.join("rootfs.tar"), "").unwrap();
     fs::write(entry.join("spec.json"), "{}").unwrap();
-    let m = kiln::build::missing_bases(&roles, &opts);
+    let m = kiln::pipeline::build::missing_bases(&roles, &opts);
     assert_eq!(
         m.iter()
             .flat_map(|(_, rs)| rs.iter().map(|r| r.role.as_str()))

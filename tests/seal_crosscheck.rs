@@ -1,7 +1,8 @@
 //! Cross-checks kiln's keys and sealed secrets against an independent Python implementation
 //! (tests/seal_crosscheck.py, Python `cryptography` + PyYAML). Skipped when those are missing.
 
-use kiln::{keys, seal};
+use kiln::trust::keys;
+use kiln::trust::seal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -47,15 +47,15 @@ fn render(dir: &Path) -> BTreeMap<String, BTreeMap<String, String>> {
 /// Replaces build ids and instance ids (they depend on the per-process test keys' fingerprints)
 /// with placeholders.
 fn normalise(dir: &Path, host: &str, text: &str) -> String {
-    let project = kiln::recipe::load_project(dir).unwrap();
+    let project = kiln::project::recipe::load_project(dir).unwrap();
     let node = project
         .cluster
         .nodes
         .iter()
         .find(|n| n.hostname == host)
         .unwrap();
-    let r = kiln::resolve::resolve(&project, &node.role).unwrap();
-    let iid = kiln::seed::instance_id(&r.build_id, host);
+    let r = kiln::pipeline::resolve::resolve(&project, &node.role).unwrap();
+    let iid = kiln::pipeline::seed::instance_id(&r.build_id, host);
     text.replace(&iid, "<instance-id>")
         .replace(&r.build_id, "<role-build-id>")
 }
@@ -238,13 +238,13 @@ fn bad_templates_are_refused_with_file_key_and_fix() {
 #[test]
 fn cidata_volume_reads_back_with_mtools_and_blkid() {
     let d = project();
-    let project = kiln::recipe::load_project(d.path()).unwrap();
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
     let node = &project.cluster.nodes[0];
-    let s = kiln::seed::render(&project, node, "0123abcd", true, &[AUTHORIZED_KEY.into()]).unwrap();
+    let s = kiln::pipeline::seed::render(&project, node, "0123abcd", true, &[AUTHORIZED_KEY.into()]).unwrap();
     let img = d.path().join("cidata.img");
-    kiln::node::write_cidata(&img, &s, 1_700_000_000).unwrap();
+    kiln::pipeline::node::write_cidata(&img, &s, 1_700_000_000).unwrap();
     let again = d.path().join("cidata2.img");
-    kiln::node::write_cidata(&again, &s, 1_700_000_000).unwrap();
+    kiln::pipeline::node::write_cidata(&again, &s, 1_700_000_000).unwrap();
     assert_eq!(
         fs::read(&img).unwrap(),
         fs::read(&again).unwrap(),
@@ -306,8 +306,8 @@ fn cidata_volume_reads_back_with_mtools_and_blkid() {
 fn token_delivery_seed_moves_the_token_from_the_image_to_the_seed() {
     let d = project();
     let id = |d: &Path| {
-        let p = kiln::recipe::load_project(d).unwrap();
-        kiln::resolve::resolve(&p, "worker").unwrap().build_id
+        let p = kiln::project::recipe::load_project(d).unwrap();
+        kiln::pipeline::resolve::resolve(&p, "worker").unwrap().build_id
     };
     let token2 = "f".repeat(64);
     // Baked (default): the token is an input of the role image.
@@ -332,14 +332,14 @@ fn token_delivery_seed_moves_the_token_from_the_image_to_the_seed() {
         "a token in the seed is not an image input"
     );
 
-    let project = kiln::recipe::load_project(d.path()).unwrap();
-    let worker = kiln::recipe::load_role(&project, "worker").unwrap();
-    let fetched = kiln::k3s::Fetched {
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
+    let worker = kiln::project::recipe::load_role(&project, "worker").unwrap();
+    let fetched = kiln::pipeline::k3s::Fetched {
         binary: repo_root().join("tests/standin/k3s"),
         ..Default::default()
     };
-    let layer = kiln::k3s::layer(&project, &worker, &fetched, &token2).unwrap();
-    assert!(!layer.entries.contains_key(kiln::k3s::TOKEN), "token baked");
+    let layer = kiln::pipeline::k3s::layer(&project, &worker, &fetched, &token2).unwrap();
+    assert!(!layer.entries.contains_key(kiln::pipeline::k3s::TOKEN), "token baked");
     assert!(!layer.contains_secrets);
 
     let out = d.path().join("seeds");

@@ -54,7 +54,7 @@ fn bytes(n: usize, seed: u8) -> Vec<u8> {
 fn fixture() -> (tempfile::TempDir, PathBuf) {
     let project = common::project_copy();
     let out = project.path().join("out");
-    let key = kiln::sign::load_signing_key(&project.path().join("keys")).unwrap();
+    let key = kiln::trust::sign::load_signing_key(&project.path().join("keys")).unwrap();
     let role = out.join("worker").join(BUILD_ID);
     let manifest = serde_json::json!({
         "kernel": {"version": "6.1.0-test", "cmdline": "boot=live plainroot root=/dev/disk/by-partuuid/abc console=tty0 console=ttyS0,115200n8"}
@@ -766,7 +766,7 @@ fn tftp_with_curl() {
 fn proxy_dhcp_request_on_port_4011() {
     let s = start(&[]);
     let port: SocketAddr = s.status["proxy_dhcp"].as_str().unwrap().parse().unwrap();
-    let mut m = kiln::serve::dhcp::sample_request(
+    let mut m = kiln::deliver::serve::dhcp::sample_request(
         [0x52, 0x54, 0, 0, 0, 0x21],
         dhcproto::v4::MessageType::Request,
         Some(0),
@@ -838,7 +838,7 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
         .unwrap();
     assert!(script.contains("seed=none"));
     // Give worker-2 signed outputs, reload: it now boots with its seed.
-    let key = kiln::sign::load_signing_key(&s._project.path().join("keys")).unwrap();
+    let key = kiln::trust::sign::load_signing_key(&s._project.path().join("keys")).unwrap();
     let node = s.out.join("nodes/by-id/worker-2-0123456789abcdef");
     signing::make_signed_dir(
         &node,

@@ -65,7 +65,7 @@ fn signature_is_bit_identical_across_runs() {
         sig_a,
         fs::read(b.path().join("out/SHA256SUMS.sig")).unwrap()
     );
-    kiln::sign::sign_dir(&a.path().join("out"), &key).unwrap();
+    kiln::trust::sign::sign_dir(&a.path().join("out"), &key).unwrap();
     assert_eq!(
         sig_a,
         fs::read(a.path().join("out/SHA256SUMS.sig")).unwrap()
@@ -137,9 +137,9 @@ fn missing_file_is_refused_by_name() {
 fn wrong_key_is_refused() {
     let (d, _) = fixture();
     let other = d.path().join("other.pub");
-    let (_, public) = kiln::keys::encode_signing_key(&test_key(2)).unwrap();
+    let (_, public) = kiln::trust::keys::encode_signing_key(&test_key(2)).unwrap();
     fs::write(&other, public).unwrap();
-    let fp = kiln::sign::fingerprint(&test_key(1).verifying_key());
+    let fp = kiln::trust::sign::fingerprint(&test_key(1).verifying_key());
     assert_fails(
         d.path(),
         &["--key", other.to_str().unwrap()],
@@ -171,7 +171,7 @@ fn keys_show_prints_the_allowed_signers_line() {
     let (d, key) = fixture();
     let (code, stdout, stderr) = run(&["--dir", d.path().to_str().unwrap(), "keys", "show"]);
     assert_eq!(code, 0, "{stderr}");
-    let want = kiln::sign::allowed_signers_line(&key.verifying_key());
+    let want = kiln::trust::sign::allowed_signers_line(&key.verifying_key());
     assert!(
         stdout.contains(&format!("allowed_signers: {want}\n")),
         "{stdout}"
@@ -233,7 +233,7 @@ fn ssh_keygen_accepts_kiln_signatures() {
         &allowed,
         format!(
             "{}\n",
-            kiln::sign::allowed_signers_line(&key.verifying_key())
+            kiln::trust::sign::allowed_signers_line(&key.verifying_key())
         ),
     )
     .unwrap();

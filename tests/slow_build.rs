@@ -50,7 +50,7 @@ fn standin_project(root: &Path) -> PathBuf {
     static SEALED: OnceLock<String> = OnceLock::new();
     let sealed = SEALED.get_or_init(|| {
         let cert = fs::read_to_string(test_keys().join("sealed-secrets.crt")).unwrap();
-        kiln::seal::seal(TEST_SECRET, &cert, None).unwrap()
+        kiln::trust::seal::seal(TEST_SECRET, &cert, None).unwrap()
     });
     fs::create_dir_all(project.join("recipes/secrets")).unwrap();
     fs::write(project.join("recipes/secrets/db.yaml"), sealed).unwrap();
@@ -438,7 +438,7 @@ fn slow_boot_uefi_disk_prints_marker() {
     if let Some(r) = missing_build_capability() {
         return skip("slow_boot_uefi_disk_prints_marker", &r);
     }
-    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+    if !which("qemu-system-x86_64") || !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
         return skip(
             "slow_boot_uefi_disk_prints_marker",
             "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
@@ -446,7 +446,7 @@ fn slow_boot_uefi_disk_prints_marker() {
     }
     let b = built();
     let tmp = tempfile::tempdir().unwrap();
-    let cmd = kiln::qemu::uefi_disk_command(
+    let cmd = kiln::testing::qemu::uefi_disk_command(
         &b.dir.join("disk.qcow2"),
         &tmp.path().join("vars.fd"),
         2048,
@@ -455,7 +455,7 @@ fn slow_boot_uefi_disk_prints_marker() {
     .unwrap();
     let marker = format!("kiln: booted role=worker build={}", b.build_id);
     let log = b.out.join("boot-uefi.log");
-    let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(900), &log)
+    let booted = kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(900), &log)
         .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "booted in {:.0}s: {}",
@@ -723,7 +723,7 @@ fn slow_boot_master_starts_k3s() {
     if let Some(r) = missing_build_capability() {
         return skip("slow_boot_master_starts_k3s", &r);
     }
-    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+    if !which("qemu-system-x86_64") || !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
         return skip(
             "slow_boot_master_starts_k3s",
             "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
@@ -732,7 +732,7 @@ fn slow_boot_master_starts_k3s() {
     let b = built();
     let tmp = tempfile::tempdir().unwrap();
     // master-1's MAC from the inventory: the image takes master-1's identity and founds the cluster.
-    let cmd = kiln::qemu::uefi_disk_command(
+    let cmd = kiln::testing::qemu::uefi_disk_command(
         &b.role_dir("master").join("disk.qcow2"),
         &tmp.path().join("vars.fd"),
         2048,
@@ -740,7 +740,7 @@ fn slow_boot_master_starts_k3s() {
     )
     .unwrap();
     let log = b.out.join("boot-master.log");
-    let booted = kiln::qemu::wait_for_marker(
+    let booted = kiln::testing::qemu::wait_for_marker(
         cmd,
         "kiln-k3s-standin: argv=[server]",
         Duration::from_secs(900),
@@ -897,7 +897,7 @@ fn slow_node_outputs() {
         assert_eq!(node["role"], role);
         assert_eq!(node["role_build_id"], b.ids[role].as_str());
         let iid = node["instance_id"].as_str().unwrap();
-        assert_eq!(iid, kiln::seed::instance_id(&b.ids[role], host));
+        assert_eq!(iid, kiln::pipeline::seed::instance_id(&b.ids[role], host));
         let meta = fs::read_to_string(dir.join("meta-data")).unwrap();
         assert!(meta.contains(&format!("instance-id: {iid}\n")), "{meta}");
         assert!(
@@ -910,7 +910,7 @@ fn slow_node_outputs() {
         let node_disk = fs::read(dir.join("disk.raw")).unwrap();
         assert_eq!(role_disk.len(), node_disk.len());
         let mut f = fs::File::open(dir.join("disk.raw")).unwrap();
-        let (first, last, name) = kiln::emit::disk::read_partition(&mut f, 2)
+        let (first, last, name) = kiln::formats::disk::read_partition(&mut f, 2)
             .unwrap()
             .unwrap();
         assert_eq!(name, "kiln-seed");
@@ -954,7 +954,7 @@ fn slow_boot_node_disk_cloud_init_sets_hostname() {
     if let Some(r) = missing_build_capability() {
         return skip("slow_boot_node_disk_cloud_init_sets_hostname", &r);
     }
-    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+    if !which("qemu-system-x86_64") || !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
         return skip(
             "slow_boot_node_disk_cloud_init_sets_hostname",
             "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
@@ -966,7 +966,7 @@ fn slow_boot_node_disk_cloud_init_sets_hostname() {
         serde_json::from_slice(&fs::read(dir.join("node.json")).unwrap()).unwrap();
     let iid = node["instance_id"].as_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let cmd = kiln::qemu::uefi_disk_command(
+    let cmd = kiln::testing::qemu::uefi_disk_command(
         &dir.join("disk.qcow2"),
         &tmp.path().join("vars.fd"),
         2048,
@@ -975,7 +975,7 @@ fn slow_boot_node_disk_cloud_init_sets_hostname() {
     .unwrap();
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
     let log = b.out.join("boot-node-worker-2.log");
-    let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+    let booted = kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
         .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "node disk booted in {:.0}s: {}",
@@ -1053,7 +1053,7 @@ fn slow_boot_role_disk_with_seed_iso() {
     if let Some(r) = missing_build_capability() {
         return skip("slow_boot_role_disk_with_seed_iso", &r);
     }
-    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+    if !which("qemu-system-x86_64") || !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
         return skip(
             "slow_boot_role_disk_with_seed_iso",
             "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
@@ -1061,9 +1061,9 @@ fn slow_boot_role_disk_with_seed_iso() {
     }
     let b = built();
     let node = b.out.join("nodes/worker-1").canonicalize().unwrap();
-    let iid = kiln::seed::instance_id(&b.ids["worker"], "worker-1");
+    let iid = kiln::pipeline::seed::instance_id(&b.ids["worker"], "worker-1");
     let tmp = tempfile::tempdir().unwrap();
-    let mut cmd = kiln::qemu::uefi_disk_command(
+    let mut cmd = kiln::testing::qemu::uefi_disk_command(
         &b.role_dir("worker").join("disk.qcow2"),
         &tmp.path().join("vars.fd"),
         2048,
@@ -1079,7 +1079,7 @@ fn slow_boot_role_disk_with_seed_iso() {
     ]);
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
     let log = b.out.join("boot-seed-iso.log");
-    let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+    let booted = kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
         .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "role disk + seed ISO booted in {:.0}s: {}",
@@ -1104,7 +1104,7 @@ fn slow_boot_node_disk_applies_static_network() {
     if let Some(r) = missing_build_capability() {
         return skip("slow_boot_node_disk_applies_static_network", &r);
     }
-    if !which("qemu-system-x86_64") || !Path::new(kiln::tools::OVMF_CODE).is_file() {
+    if !which("qemu-system-x86_64") || !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
         return skip(
             "slow_boot_node_disk_applies_static_network",
             "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
@@ -1112,9 +1112,9 @@ fn slow_boot_node_disk_applies_static_network() {
     }
     let b = built();
     let dir = b.out.join("nodes/master-1").canonicalize().unwrap();
-    let iid = kiln::seed::instance_id(&b.ids["master"], "master-1");
+    let iid = kiln::pipeline::seed::instance_id(&b.ids["master"], "master-1");
     let tmp = tempfile::tempdir().unwrap();
-    let cmd = kiln::qemu::uefi_disk_command(
+    let cmd = kiln::testing::qemu::uefi_disk_command(
         &dir.join("disk.qcow2"),
         &tmp.path().join("vars.fd"),
         2048,
@@ -1123,7 +1123,7 @@ fn slow_boot_node_disk_applies_static_network() {
     .unwrap();
     let marker = format!("kiln: booted role=master build={}", b.ids["master"]);
     let log = b.out.join("boot-node-master-1.log");
-    let booted = kiln::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+    let booted = kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
         .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "master-1 node disk booted in {:.0}s: {}",
@@ -1421,10 +1421,10 @@ fn privileged_pxe_boot_worker_diskless() {
         "-device",
         "e1000,netdev=n0,mac=52:54:00:00:00:21,romfile=/usr/lib/ipxe/qemu/pxe-e1000.rom",
     ]);
-    let iid = kiln::seed::instance_id(&b.ids["worker"], "worker-1");
+    let iid = kiln::pipeline::seed::instance_id(&b.ids["worker"], "worker-1");
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
     let log = b.out.join("boot-pxe-worker-1.log");
-    let booted = kiln::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(1500), &log)
+    let booted = kiln::testing::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(1500), &log)
         .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
     println!(
         "PXE boot to the marker in {:.0}s: {}",
@@ -1479,7 +1479,7 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
     if let Some(r) = missing_pxe_capability() {
         return skip(T, &r);
     }
-    if !Path::new(kiln::tools::OVMF_CODE).is_file() {
+    if !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
         return skip(T, "OVMF not installed (apt-get install ovmf)");
     }
     let b = built();
@@ -1502,11 +1502,11 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
     );
     assert_eq!(status["dhcp_mode"], "full");
     let vars = tmp.path().join("vars.fd");
-    fs::copy(kiln::tools::OVMF_VARS, &vars).unwrap();
+    fs::copy(kiln::sys::tools::OVMF_VARS, &vars).unwrap();
     let mut qemu = lan.exec(&lan.ns.clone());
     qemu.args(["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2"])
         .args(["-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none"])
-        .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", kiln::tools::OVMF_CODE)])
+        .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", kiln::sys::tools::OVMF_CODE)])
         .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", vars.display())])
         .args(["-drive", &format!("file={},if=virtio,format=raw", empty_disk(tmp.path()).display())])
         .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
@@ -1514,7 +1514,7 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
     let worker = &b.ids["worker"];
     let marker = format!("fetch=http://10.231.0.1:8081/roles/worker/{worker}/root.squashfs");
     let log = b.out.join("boot-pxe-uefi-default.log");
-    let booted = kiln::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(900), &log)
+    let booted = kiln::testing::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(900), &log)
         .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
     println!(
         "UEFI PXE kernel started in {:.0}s",

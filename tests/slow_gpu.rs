@@ -170,7 +170,7 @@ fn slow_gpu_role_signed_modules_and_container_toolkit() {
     // 1. The NVIDIA container toolkit from the pinned .debs, installed by dpkg with its
     //    dependencies from the archive (libseccomp2 is not in the other roles' bases).
     let status = fs::read_to_string(tree.join("var/lib/dpkg/status")).unwrap();
-    let installed = kiln::base::parse_dpkg_status(&status);
+    let installed = kiln::pipeline::base::parse_dpkg_status(&status);
     for name in [
         "libnvidia-container1",
         "libnvidia-container-tools",

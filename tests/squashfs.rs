@@ -8,8 +8,8 @@
 mod common;
 
 use common::{is_root, skip, which};
-use kiln::emit::reuse::Reuse;
-use kiln::emit::squashfs::{self, Options};
+use kiln::formats::reuse::Reuse;
+use kiln::formats::squashfs::{self, Options};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    kiln::serve::fuzz_dhcp(data);
+    kiln::testing::fuzz::fuzz_dhcp(data);
 });

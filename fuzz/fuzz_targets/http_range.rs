@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    kiln::serve::fuzz_range(data);
+    kiln::testing::fuzz::fuzz_range(data);
 });

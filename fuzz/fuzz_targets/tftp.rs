@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    kiln::serve::fuzz_tftp(data);
+    kiln::testing::fuzz::fuzz_tftp(data);
 });

@@ -30,7 +30,7 @@ pub fn populate(dir: &Path) {
     fs::set_permissions(&t, fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// One set of keys made by `kiln::keys` (RSA-2048 to keep tests fast), shared by every project
+/// One set of keys made by `kiln::trust::keys` (RSA-2048 to keep tests fast), shared by every project
 /// copy. Kept beside the shared base cache and reused by later test runs: the gpu role's base
 /// is keyed on the module-signing certificate, so new keys would mean a new DKMS build.
 pub fn test_keys() -> &'static Path {
@@ -47,7 +47,7 @@ pub fn test_keys() -> &'static Path {
             .tempdir_in(&cache)
             .unwrap();
         let d = tmp.path().join("keys");
-        kiln::keys::init_with_rsa_bits(&d, "homelab", false, 2048).unwrap();
+        kiln::trust::keys::init_with_rsa_bits(&d, "homelab", false, 2048).unwrap();
         // Another test process may have won the race: keep theirs.
         if fs::rename(&d, &keys).is_err() {
             assert!(keys.join("module-signing.crt").is_file());

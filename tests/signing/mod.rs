@@ -38,7 +38,7 @@ pub fn test_key(seed: u8) -> ed25519_dalek::SigningKey {
 /// the formats `kiln keys init` uses.
 pub fn write_keys(keys_dir: &Path, key: &ed25519_dalek::SigningKey) {
     fs::create_dir_all(keys_dir).unwrap();
-    let (pem, public) = kiln::keys::encode_signing_key(key).unwrap();
+    let (pem, public) = kiln::trust::keys::encode_signing_key(key).unwrap();
     let p = keys_dir.join("signing_ed25519.pem");
     fs::write(&p, pem).unwrap();
     fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
@@ -55,9 +55,9 @@ pub fn make_signed_dir(dir: &Path, files: &[(&str, &[u8])], key: &ed25519_dalek:
 }
 
 pub fn write_sums_and_sign(dir: &Path, names: &[&str], key: &ed25519_dalek::SigningKey) {
-    let arts = kiln::emit::hash_artifacts(dir, names).unwrap();
-    fs::write(dir.join("SHA256SUMS"), kiln::emit::sha256sums(&arts)).unwrap();
-    kiln::sign::sign_dir(dir, key).unwrap();
+    let arts = kiln::pipeline::emit::hash_artifacts(dir, names).unwrap();
+    fs::write(dir.join("SHA256SUMS"), kiln::pipeline::emit::sha256sums(&arts)).unwrap();
+    kiln::trust::sign::sign_dir(dir, key).unwrap();
 }
 
 /// ssh-keygen's path, or None after printing the SKIP line for `test`.

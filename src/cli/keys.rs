@@ -1,0 +1,77 @@
+//! `kiln keys init|show`, `kiln seal`, `kiln unseal`.
+
+use super::args::{KeysCommand, SealArgs, UnsealArgs};
+use super::{print_json, read_input, Ctx};
+use crate::project::layout::key;
+use crate::sys::util;
+use crate::trust::{keys, seal};
+use anyhow::{Context, Result};
+
+pub(crate) fn keys(cx: &Ctx, k: &KeysCommand) -> Result<()> {
+    let dir = cx.layout.keys();
+    match k {
+        KeysCommand::Init { force, add_missing } => {
+            let name = cx
+                .project()
+                .map(|p| p.cluster.section.name)
+                .unwrap_or_else(|_| "kiln".into());
+            let written = if *add_missing {
+                let w = keys::add_missing(&dir, &name, keys::SEALED_SECRETS_RSA_BITS)?;
+                if w.is_empty() {
+                    println!("every key is present in {}", dir.display());
+                }
+                w
+            } else {
+                keys::init(&dir, &name, *force)?
+            };
+            for w in written {
+                println!("wrote {}", w.display());
+            }
+            Ok(())
+        }
+        KeysCommand::Show { json } => {
+            let info = keys::show(&dir)?;
+            if *json {
+                return print_json(&info);
+            }
+            for k in &info {
+                println!("{:<24} {:<34} {}", k.name, k.kind, k.fingerprint);
+            }
+            if let Some(line) = info.iter().find_map(|k| k.allowed_signers.as_deref()) {
+                println!("allowed_signers: {line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn seal(cx: &Ctx, a: &SealArgs) -> Result<()> {
+    let input = read_input(a.input.as_deref())?;
+    let cert_path = cx.key(&a.cert, key::SEALED_SECRETS_CRT);
+    let cert = std::fs::read_to_string(&cert_path).with_context(|| {
+        format!(
+            "reading the controller certificate {} (run `kiln keys init`, or pass --cert)",
+            cert_path.display()
+        )
+    })?;
+    let scope = a
+        .scope
+        .as_deref()
+        .map(str::parse::<seal::Scope>)
+        .transpose()?;
+    let out = seal::seal(&input, &cert, scope)?;
+    match &a.output {
+        Some(p) => util::write_atomic(p, out.as_bytes())?,
+        None => print!("{out}"),
+    }
+    Ok(())
+}
+
+pub(crate) fn unseal(cx: &Ctx, a: &UnsealArgs) -> Result<()> {
+    let input = read_input(a.input.as_deref())?;
+    let key_path = cx.key(&a.key, key::SEALED_SECRETS_KEY);
+    let key = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("reading the controller key {}", key_path.display()))?;
+    print!("{}", seal::unseal(&input, &key)?);
+    Ok(())
+}

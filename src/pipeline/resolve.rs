@@ -1,0 +1,180 @@
+//! Resolve stage: the build id = sha256 of the canonical JSON of every input that shapes a
+//! role's artifacts — merged recipe, cluster inventory, base spec, overlay contents, kiln's
+//! version. No absolute paths and no host state go in, so the same inputs give the same id on
+//! any machine. Secrets never go in (later stages keep them out of the hashed recipe).
+
+use crate::pipeline::base::BaseSpec;
+use crate::pipeline::compose::{self, OverlayFile};
+use crate::project::recipe::{self, Cluster, Project, Recipe};
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The k3s cluster token, made by `kiln keys init`.
+pub fn token_path(project: &Project) -> PathBuf {
+    project.root.join("keys").join("k3s-token")
+}
+
+/// Domain-separated sha256 of a high-entropy secret. It identifies the secret's version in the
+/// build id and the manifest; it cannot be inverted for a random 256-bit token.
+pub fn secret_fingerprint(name: &str, secret: &[u8]) -> String {
+    let mut v = format!("kiln-secret-fingerprint/v1\0{name}\0").into_bytes();
+    v.extend_from_slice(secret);
+    crate::sys::util::sha256_hex(&v)
+}
+
+/// Reads a text file a recipe references; failure is a user error naming the file.
+fn read_text(p: &std::path::Path, key: &str, fix: &str) -> Result<String> {
+    std::fs::read_to_string(p).map_err(|e| {
+        recipe::RecipeError {
+            file: p.to_path_buf(),
+            key: key.into(),
+            problem: format!("cannot read as text: {e}"),
+            fix: fix.into(),
+        }
+        .into()
+    })
+}
+
+/// Reads the k3s token for a role that runs k3s.
+pub fn read_token(project: &Project) -> Result<String> {
+    let p = token_path(project);
+    let t = std::fs::read_to_string(&p).map_err(|e| recipe::RecipeError {
+        file: p.clone(),
+        key: "(k3s token)".into(),
+        problem: format!("cannot read the cluster token: {e}"),
+        fix: "run `kiln keys init` (or put a random secret in keys/k3s-token, mode 0600)".into(),
+    })?;
+    let t = t.trim().to_string();
+    if t.len() < 16 || t.contains(char::is_whitespace) {
+        return Err(recipe::RecipeError {
+            file: p,
+            key: "(k3s token)".into(),
+            problem: "the token is shorter than 16 characters or contains whitespace".into(),
+            fix: "run `kiln keys init --force` to make a new one".into(),
+        }
+        .into());
+    }
+    Ok(t)
+}
+
+/// Version of the build-id schema; bump when the meaning of the inputs changes.
+pub const SCHEMA: &str = "kiln.build-id/1";
+
+/// Everything that determines a role build.
+#[derive(Debug, Clone, Serialize)]
+pub struct Resolved {
+    pub schema: &'static str,
+    pub kiln_version: &'static str,
+    pub role: String,
+    pub recipe: Recipe,
+    pub cluster: Cluster,
+    pub base: BaseSpec,
+    pub base_key: String,
+    pub overlays: Vec<OverlayFile>,
+    /// Files the recipe references (manifests, chart values, registries): path under recipes/ → sha256.
+    pub files: BTreeMap<String, String>,
+    /// Secrets baked into the image, by fingerprint only (see [`secret_fingerprint`]): a new
+    /// token gives a new build id without the token itself entering the hashed inputs.
+    pub secrets: BTreeMap<String, String>,
+    /// sha256 of `canonical_json()` — the build id.
+    #[serde(skip)]
+    pub build_id: String,
+}
+
+impl Resolved {
+    /// Canonical JSON of the inputs (struct field order is fixed; maps are BTreeMaps).
+    pub fn canonical_json(&self) -> String {
+        serde_json::to_string(self).expect("serialisable")
+    }
+}
+
+/// Loads the role's recipe and computes its build id.
+pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
+    let recipe = recipe::load_role(project, role)?;
+    let overlays = compose::scan_overlays(project, role)?;
+    compose::check_templates(project, &overlays)?;
+    // Both halves of the module-signing pair are read and cross-checked here (a bad pair is a
+    // user error before anything is built); only the certificate's digest enters the spec.
+    let module_cert = if recipe.debian.sign_modules {
+        Some(crate::trust::keys::module_signing(&project.root.join("keys"))?.cert_sha256())
+    } else {
+        None
+    };
+    let base = BaseSpec::new(
+        &recipe,
+        project.cluster.section.source_date_epoch,
+        module_cert,
+    );
+    let mut files = BTreeMap::new();
+    let mut referenced: Vec<String> = recipe.k3s.manifests.clone();
+    referenced.extend(recipe.k3s.charts.iter().filter_map(|c| c.values.clone()));
+    let mut secrets = BTreeMap::new();
+    if recipe.k3s.mode != "none" {
+        if let Some(r) = project
+            .cluster
+            .k3s
+            .as_ref()
+            .and_then(|k| k.registries.clone())
+        {
+            referenced.push(r);
+        }
+        let token = read_token(project)?;
+        if let (Some(ss), "server") = (&project.cluster.sealed_secrets, recipe.k3s.mode.as_str()) {
+            let (_, key_p) = crate::pipeline::k3s::sealing_key_paths(project);
+            let key = std::fs::read(&key_p).map_err(|e| recipe::RecipeError {
+                file: key_p.clone(),
+                key: "(sealed-secrets key)".into(),
+                problem: format!("cannot read the controller key: {e}"),
+                fix: "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml".into(),
+            })?;
+            secrets.insert(
+                "sealed-secrets-key".to_string(),
+                secret_fingerprint("sealed-secrets-key", &key),
+            );
+            for f in &ss.secrets {
+                let p = project.recipes_dir().join(f);
+                let text = read_text(&p, "(sealed secret)", "make it with `kiln seal`")?;
+                crate::pipeline::k3s::validate_sealed(&p, &text)?;
+                referenced.push(f.clone());
+            }
+        }
+        // The token is part of the image only when it is baked (else it is in the node seeds).
+        if project
+            .cluster
+            .k3s
+            .as_ref()
+            .is_some_and(|k| k.token_delivery == recipe::TokenDelivery::Image)
+        {
+            secrets.insert(
+                "k3s-token".to_string(),
+                secret_fingerprint("k3s-token", token.as_bytes()),
+            );
+        }
+    }
+    for m in &recipe.k3s.manifests {
+        let p = project.recipes_dir().join(m);
+        let text = read_text(&p, "(manifest)", "save it as UTF-8 YAML")?;
+        crate::pipeline::k3s::validate_manifest(&p, &text)?;
+    }
+    for f in referenced {
+        let (sha, _) = crate::sys::util::sha256_file(&project.recipes_dir().join(&f))?;
+        files.insert(f, sha);
+    }
+    let mut r = Resolved {
+        schema: SCHEMA,
+        kiln_version: env!("CARGO_PKG_VERSION"),
+        role: role.to_string(),
+        base_key: base.key(),
+        recipe,
+        cluster: project.cluster.clone(),
+        base,
+        overlays,
+        files,
+        secrets,
+        build_id: String::new(),
+    };
+    r.build_id = crate::sys::util::sha256_hex(r.canonical_json().as_bytes());
+    Ok(r)
+}

@@ -1,0 +1,130 @@
+//! `kiln.lock`: what a build resolved — every downloaded artifact (URL, sha256, size) and the
+//! Debian package versions of every base. `kiln build` updates it; `kiln build --locked` fails
+//! instead of changing it, so CI can prove a build used exactly the recorded inputs.
+
+use crate::sys::util;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub const FILE: &str = "kiln.lock";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    pub version: u32,
+    /// Artifact name → pin.
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, LockedArtifact>,
+    /// Base key → packages.
+    #[serde(default)]
+    pub bases: BTreeMap<String, LockedBase>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedArtifact {
+    pub url: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedBase {
+    pub suite: String,
+    /// `name version arch`, sorted.
+    pub packages: Vec<String>,
+}
+
+pub fn path(project_root: &Path) -> PathBuf {
+    project_root.join(FILE)
+}
+
+/// Reads kiln.lock (an absent file is an empty lock).
+pub fn read(project_root: &Path) -> Result<Lock> {
+    let p = path(project_root);
+    match fs::read_to_string(&p) {
+        Ok(t) => {
+            let l: Lock = toml::from_str(&t).map_err(|e| crate::project::recipe::RecipeError {
+                file: p.clone(),
+                key: "(lock)".into(),
+                problem: format!("cannot parse: {}", e.message()),
+                fix: "delete kiln.lock and run `kiln build` to regenerate it".into(),
+            })?;
+            Ok(l)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lock {
+            version: 1,
+            ..Lock::default()
+        }),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// Human-readable differences `old → new` (empty when equal).
+pub fn diff(old: &Lock, new: &Lock) -> Vec<String> {
+    let mut d = Vec::new();
+    for (k, v) in &new.artifacts {
+        match old.artifacts.get(k) {
+            None => d.push(format!("artifact {k}: new ({} {})", v.url, v.sha256)),
+            Some(o) if o != v => d.push(format!(
+                "artifact {k}: {} {} → {} {}",
+                o.url, o.sha256, v.url, v.sha256
+            )),
+            _ => {}
+        }
+    }
+    for (k, v) in &new.bases {
+        match old.bases.get(k) {
+            None => d.push(format!(
+                "base {}: new ({} packages)",
+                &k[..12.min(k.len())],
+                v.packages.len()
+            )),
+            Some(o) if o != v => {
+                let old: std::collections::BTreeSet<&String> = o.packages.iter().collect();
+                let new: std::collections::BTreeSet<&String> = v.packages.iter().collect();
+                for p in new.difference(&old) {
+                    d.push(format!("base {}: + {p}", &k[..12]));
+                }
+                for p in old.difference(&new) {
+                    d.push(format!("base {}: - {p}", &k[..12]));
+                }
+            }
+            _ => {}
+        }
+    }
+    d
+}
+
+/// Merges `update` into the lock on disk. With `locked`, any change is an error listing it.
+pub fn apply(project_root: &Path, update: &Lock, locked: bool) -> Result<()> {
+    let old = read(project_root)?;
+    let mut merged = old.clone();
+    merged.version = 1;
+    for (k, v) in &update.artifacts {
+        merged.artifacts.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &update.bases {
+        merged.bases.insert(k.clone(), v.clone());
+    }
+    let changes = diff(&old, &merged);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    if locked {
+        bail!(
+            "--locked: the build would change {}:\n  {}\nfix: run `kiln build` without --locked and commit the new kiln.lock, or restore the inputs that changed",
+            FILE,
+            changes.join("\n  ")
+        );
+    }
+    let text = format!(
+        "# kiln.lock — written by `kiln build`; commit it. `kiln build --locked` refuses to change it.\n{}",
+        toml::to_string_pretty(&merged).context("serialising kiln.lock")?
+    );
+    util::write_atomic(&path(project_root), text.as_bytes())
+}
