@@ -19,18 +19,18 @@
 //!   `unsafe`.
 //! - [`testing`] — qemu helpers and fuzz entry points (`cfg(test)` or the `testing` feature).
 //!
-//! The modules are private: what integration tests, benches and fuzz targets use is
-//! re-exported below, so the compiler sees every unused item.
-
-pub mod bench;
-pub mod cli;
-pub mod deliver;
-pub mod formats;
-pub mod pipeline;
-pub mod project;
-pub mod sys;
+/// The layers are private modules in the product, so the compiler sees every unused item;
+/// integration tests, benches and fuzz targets see them with the `testing` feature.
+macro_rules! layers {
+    ($($m:ident),* $(,)?) => {$(
+        #[cfg(any(test, feature = "testing"))]
+        pub mod $m;
+        #[cfg(not(any(test, feature = "testing")))]
+        mod $m;
+    )*};
+}
+layers!(bench, cli, deliver, formats, pipeline, project, sys, trust);
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
-pub mod trust;
 
 pub use cli::{exit_code, run, Cli};

@@ -3,6 +3,9 @@
 //! curl's), ProxyDHCP on the proxy port, metrics, malformed input, reload and shutdown.
 //! The real PXE boot of a built image is in tests/slow_build.rs (`privileged_pxe_*`).
 
+// Signals to the kiln serve child.
+#![allow(unsafe_code)]
+
 mod common;
 mod signing;
 

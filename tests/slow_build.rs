@@ -1502,7 +1502,7 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
     );
     assert_eq!(status["dhcp_mode"], "full");
     let vars = tmp.path().join("vars.fd");
-    fs::copy(kiln::sys::tools::OVMF_VARS, &vars).unwrap();
+    fs::copy(kiln::testing::qemu::OVMF_VARS, &vars).unwrap();
     let mut qemu = lan.exec(&lan.ns.clone());
     qemu.args(["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2"])
         .args(["-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none"])

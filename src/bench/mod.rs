@@ -114,14 +114,7 @@ pub struct Timing {
 
 /// CPU seconds (user + system) used so far by this process and its waited-for children.
 fn cpu_now() -> f64 {
-    let get = |who| {
-        // SAFETY: getrusage fills a plain C struct.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(who, &mut ru) };
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(ru.ru_utime) + tv(ru.ru_stime)
-    };
-    get(libc::RUSAGE_SELF) + get(libc::RUSAGE_CHILDREN)
+    crate::sys::os::cpu_seconds_self_and_children()
 }
 
 /// Runs `f`, returning its result and how long it took (wall and CPU).
@@ -222,7 +215,7 @@ pub fn describe_machine(disk_path: &Path) -> Machine {
             .unwrap_or(1),
         memory_gib: round1(mem_kib / 1024.0 / 1024.0),
         kernel,
-        disk_free_gb: round1(util::free_bytes(&probe).unwrap_or(0) as f64 / 1e9),
+        disk_free_gb: round1(crate::sys::os::free_bytes(&probe).unwrap_or(0) as f64 / 1e9),
         disk_path: probe,
         load_average: load,
         tools,
@@ -711,8 +704,7 @@ fn process_cpu(pid: u32) -> Option<f64> {
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = crate::sys::os::clock_ticks_per_second();
     Some(ticks / hz.max(1.0))
 }
 
@@ -721,8 +713,7 @@ struct Server(std::process::Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SAFETY: signals our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        crate::sys::os::terminate(self.0.id());
         for _ in 0..50 {
             if let Ok(Some(_)) = self.0.try_wait() {
                 return;

@@ -29,7 +29,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// File name of the flashable image in a node directory.
@@ -420,36 +419,11 @@ fn block_users(bd: &BlockDev) -> Result<Vec<String>> {
     Ok(reasons)
 }
 
-// BLKGETSIZE64 = _IOR(0x12, 114, u64). Architectures differ in where the direction bits sit.
-#[cfg(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-const IOC_READ: u64 = 2 << 29;
-#[cfg(not(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-const IOC_READ: u64 = 2 << 30;
-const BLKGETSIZE64: u64 = IOC_READ | (8 << 16) | (0x12 << 8) | 114;
 
 /// Size in bytes of an open block device (BLKGETSIZE64).
 fn block_size(f: &File, path: &Path) -> Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("reading the size of {} (BLKGETSIZE64)", path.display()));
-    }
+    let size = crate::sys::os::block_device_size(f)
+        .with_context(|| format!("reading the size of {} (BLKGETSIZE64)", path.display()))?;
     Ok(size)
 }
 
@@ -908,9 +882,7 @@ fn read_back(path: &Path, len: u64, expected: &str, progress: bool) -> Result<()
         File::open(path).with_context(|| format!("opening {} to read it back", path.display()))?;
     // The data was fsynced, so its cached pages are clean and DONTNEED drops them: the read
     // below comes from the device, not from memory.
-    // SAFETY: plain syscall on an open descriptor.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
+    if let Err(rc) = crate::sys::os::drop_cached_pages(&f) {
         tracing::debug!("posix_fadvise(DONTNEED) on {}: error {rc}", path.display());
     }
     let bar = sign::byte_bar(len, format!("reading back {}", path.display()), progress);
@@ -998,12 +970,6 @@ Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority
         };
         assert_eq!(dev_split(makedev(259, 65536)), (259, 65536));
         assert_eq!(dev_split(makedev(4096, 3)), (4096, 3));
-    }
-
-    #[test]
-    fn blkgetsize64_number() {
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(BLKGETSIZE64, 0x8008_1272);
     }
 
     #[test]

@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{ensure, Context, Result};
@@ -87,8 +87,6 @@ pub struct EspFile {
 pub enum EspSource {
     /// Literal bytes.
     Bytes(Vec<u8>),
-    /// A file on the host, streamed into the ESP.
-    File(PathBuf),
 }
 
 /// Parameters of the disk image produced by [`write_disk`].
@@ -385,9 +383,6 @@ fn auto_esp_size(esp_files: &[EspFile]) -> Result<u64> {
     for f in esp_files {
         let len = match &f.source {
             EspSource::Bytes(b) => b.len() as u64,
-            EspSource::File(p) => std::fs::metadata(p)
-                .with_context(|| format!("stat ESP source {}", p.display()))?
-                .len(),
         };
         content = content.saturating_add(len);
     }
@@ -850,13 +845,6 @@ fn build_esp(
                 EspSource::Bytes(bytes) => dst
                     .write_all(bytes)
                     .with_context(|| format!("write ESP file {}", f.path))?,
-                EspSource::File(src) => {
-                    let mut input = File::open(src)
-                        .with_context(|| format!("open ESP source {}", src.display()))?;
-                    io::copy(&mut input, &mut dst).with_context(|| {
-                        format!("copy {} to ESP file {}", src.display(), f.path)
-                    })?;
-                }
             }
             dst.flush()
                 .with_context(|| format!("flush ESP file {}", f.path))?;
@@ -1179,7 +1167,7 @@ mod tests {
             },
             EspFile {
                 path: "EFI/Linux/kiln-1.0.efi".into(),
-                source: EspSource::File(kernel_path),
+                source: EspSource::Bytes(std::fs::read(&kernel_path).unwrap()),
             },
             EspFile {
                 path: "loader/loader.conf".into(),

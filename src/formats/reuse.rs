@@ -51,11 +51,6 @@ impl Index {
         self.pieces.len()
     }
 
-    /// Whether no piece is recorded.
-    pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
-    }
-
     /// Records that `stored` (a piece whose uncompressed content has `key`) is at `offset`.
     pub fn push(&mut self, key: [u8; 32], stored: &Stored, offset: u64) {
         self.pieces.push((
@@ -148,11 +143,6 @@ impl Reuse {
     /// How many pieces were copied so far.
     pub fn hits(&self) -> u64 {
         self.hits
-    }
-
-    /// Whether no earlier piece is known.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     /// The stored piece with this content, if an earlier artifact has it and its bytes still

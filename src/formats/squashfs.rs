@@ -84,13 +84,6 @@ pub struct Written {
     pub index: Index,
 }
 
-impl Written {
-    /// Saves the index of `image` (its final path) as `index` (write to temp, rename).
-    pub fn save_index(&self, image: &Path, index: &Path) -> Result<()> {
-        self.index.save(image, index)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The tree read from the tar
 

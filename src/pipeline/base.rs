@@ -136,9 +136,6 @@ fn host_apt_sources() -> String {
 /// A built (or cached) base.
 #[derive(Debug, Clone)]
 pub struct Base {
-    pub spec: BaseSpec,
-    pub cache_key: String,
-    pub dir: PathBuf,
     /// `rootfs.tar` as written by mmdebstrap.
     pub tar: PathBuf,
     /// Whether it came from the cache.
@@ -215,16 +212,7 @@ fn clean_stale_base(parent: &Path, key: &str) -> Result<()> {
 /// Returns the cached base for `spec`, building it with mmdebstrap if absent. A cached base is
 /// checked against its recorded sha256 first; a damaged one is removed and built again (with
 /// `offline`, that is an error).
-pub fn ensure(
-    spec: &BaseSpec,
-    inputs: &BaseInputs,
-    cache_dir: &Path,
-    offline: bool,
-) -> Result<Base> {
-    ensure_with(spec, inputs, cache_dir, offline, false)
-}
-
-/// [`ensure`]; `checked`: the caller built or checked this cache entry moments ago in this
+/// The base of `spec` from the cache, or made by mmdebstrap and cached; `checked`: the caller built or checked this cache entry moments ago in this
 /// process, so a present entry is used without hashing its `rootfs.tar` again.
 pub fn ensure_with(
     spec: &BaseSpec,
@@ -248,9 +236,6 @@ pub fn ensure_with(
         match state {
             CacheCheck::Good => {
                 return Ok(Base {
-                    spec: spec.clone(),
-                    cache_key,
-                    dir,
                     tar,
                     cached: true,
                 })
@@ -259,9 +244,6 @@ pub fn ensure_with(
                 tracing::info!("recording the digest of the cached base {}", dir.display());
                 util::write_atomic(&dir.join(DIGEST_FILE), format!("{actual}\n").as_bytes())?;
                 return Ok(Base {
-                    spec: spec.clone(),
-                    cache_key,
-                    dir,
                     tar,
                     cached: true,
                 });
@@ -334,9 +316,6 @@ pub fn ensure_with(
         util::sync_path(&parent)?;
     }
     Ok(Base {
-        spec: spec.clone(),
-        cache_key,
-        dir,
         tar,
         cached: false,
     })

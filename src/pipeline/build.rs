@@ -110,7 +110,7 @@ pub(crate) fn disk_full_hint(e: anyhow::Error, out_dir: &Path) -> anyhow::Error 
     if !util::is_disk_full(&e) {
         return e;
     }
-    let free = util::free_bytes(out_dir)
+    let free = crate::sys::os::free_bytes(out_dir)
         .map(util::human_bytes)
         .unwrap_or_else(|| "unknown".into());
     e.context(format!(
@@ -255,7 +255,7 @@ pub fn build_roles(
                     // The DKMS base is the critical path of the whole build: the other bases
                     // (and their mmdebstrap, dpkg, compilers) yield the CPU to it and use what
                     // it leaves idle (its unpacking and linking phases are single-threaded).
-                    util::lower_thread_priority(10);
+                    crate::sys::os::lower_thread_priority(10);
                 }
                 let t = Instant::now();
                 let built = base_of(project, rs[0], &opts.cache_dir, false)
@@ -587,7 +587,7 @@ pub(crate) fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()
     let parent = final_dir.parent().context("publish target has no parent")?;
     let staged = staging.keep();
     if final_dir.exists() {
-        match exchange(&staged, final_dir) {
+        match crate::sys::os::rename_exchange(&staged, final_dir) {
             Ok(()) => {
                 fs::remove_dir_all(&staged)
                     .with_context(|| format!("removing the old build, now {}", staged.display()))?;
@@ -612,27 +612,6 @@ pub(crate) fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()
     util::sync_path(parent)
 }
 
-/// Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`).
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let ca = std::ffi::CString::new(a.as_os_str().as_bytes())?;
-    let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
-    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them like open(2).
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
 
 /// Images that carry key material are readable by their owner only (dir 0700, files 0600).
 pub(crate) fn restrict_permissions(dir: &Path) -> Result<()> {

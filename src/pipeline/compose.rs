@@ -207,7 +207,6 @@ pub struct Composed {
     /// systemd-boot's EFI binary from the image.
     pub bootloader_efi: Vec<u8>,
     pub dpkg_status: String,
-    pub entries: u64,
 }
 
 pub const BOOTLOADER_PATH: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
@@ -245,7 +244,6 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
     let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, file));
     builder.follow_symlinks(false);
-    let mut entries = 0u64;
 
     // 1. Base entries, minus the ones the upper layer replaces.
     let f = fs::File::open(input.base_tar)
@@ -304,7 +302,6 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
             header.as_old_mut().name[..2].copy_from_slice(b"./");
             header.set_cksum();
             builder.append(&header, std::io::empty())?;
-            entries += 1;
             continue;
         }
         let link = e.link_name()?.map(|l| l.into_owned());
@@ -315,7 +312,6 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
             Some(target) => builder.append_link(&mut header, &path, &target)?,
             None => builder.append_data(&mut header, &path, &mut e)?,
         }
-        entries += 1;
     }
 
     // 2. Upper layer in path order (parents before children); dirs already in the base are kept as they were.
@@ -358,7 +354,6 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
                 builder.append_link(&mut h, &p, target)?;
             }
         }
-        entries += 1;
     }
     let mut w = builder.into_inner().context("finishing the root tarball")?;
     // Not fsynced: the tar is a scratch file of the staging dir, read back at once and removed.
@@ -371,7 +366,6 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
         initrd: scan.initrd,
         bootloader_efi: scan.bootloader,
         dpkg_status: scan.dpkg_status,
-        entries,
     })
 }
 

@@ -110,30 +110,35 @@ impl Fetcher {
     }
 
     /// Sets (or, with `None`, clears) the mirror base URL; see [`effective_url`].
+    #[cfg(test)]
     pub fn mirror(mut self, mirror: Option<String>) -> Self {
         self.mirror = mirror.filter(|m| !m.trim().is_empty());
         self
     }
 
     /// Number of retries after the first attempt for transient failures.
+    #[cfg(test)]
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
     }
 
     /// Timeout for connecting and for each read from the server.
+    #[cfg(test)]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// Hides the progress bar.
+    #[cfg(test)]
     pub fn quiet(mut self, quiet: bool) -> Self {
         self.quiet = quiet;
         self
     }
 
     /// First backoff delay between attempts (doubled each time, capped at 30 s). Default 0.5 s.
+    #[cfg(test)]
     pub fn backoff_base(mut self, base: Duration) -> Self {
         self.backoff_base = base;
         self

@@ -129,7 +129,6 @@ pub const ALL: &[Tool] = &[
 
 /// UEFI firmware used by boot tests (file, not a binary in PATH).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 impl Tool {
     /// Full path of the binary, if present in `PATH`.
@@ -156,6 +155,7 @@ impl Tool {
 
 /// Makes the child get SIGTERM when kiln dies (even by SIGKILL), so a killed build leaves no
 /// mmdebstrap running on (SIGTERM lets mmdebstrap clean up its chroot).
+#[allow(unsafe_code)]
 pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.

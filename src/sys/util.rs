@@ -74,20 +74,6 @@ pub fn sync_path(path: &Path) -> Result<()> {
         .with_context(|| format!("syncing {}", path.display()))
 }
 
-/// Copies a reader into a writer with a large buffer, returning the byte count.
-pub fn copy_large(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            return Ok(total);
-        }
-        w.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-}
-
 /// Copies `src` to `dst` (created or truncated), leaving holes where `src` has all-zero
 /// 1 MiB blocks, so sparse disk images stay sparse. Returns the size.
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
@@ -152,17 +138,6 @@ pub fn is_disk_full(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Free bytes on the file system holding `path` (statvfs), if it can be asked.
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated path; `st` is a plain C struct filled by statvfs.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
 
 /// Human-readable byte count (MB/GB, decimal, one decimal place).
 pub fn human_bytes(n: u64) -> String {
@@ -225,23 +200,6 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Raises the calling thread's nice value to at least `nice` (Linux: per thread; the processes
-/// and threads it starts inherit it). Lowering it again would need CAP_SYS_NICE, so it is never
-/// lowered; a failure only costs scheduling order and is logged.
-pub fn lower_thread_priority(nice: i32) {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        *libc::__errno_location() = 0;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        if *libc::__errno_location() == 0 && now >= nice {
-            return;
-        }
-        if libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0 {
-            tracing::debug!(err = %io::Error::last_os_error(), "setpriority");
-        }
-    }
-}
 
 /// Maps `f` over `items` on up to `threads` threads, each with its own state made by `init`
 /// (a compressor, a buffer); the threads take the items in order from a shared counter, so
@@ -293,8 +251,7 @@ mod tests {
     use super::*;
 
     fn thread_nice() -> i32 {
-        // SAFETY: as above.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+        crate::sys::os::thread_nice()
     }
 
     #[test]
@@ -345,8 +302,8 @@ mod tests {
     fn priority_lowered_for_this_thread_only() {
         let before = thread_nice();
         let (inner, child) = std::thread::spawn(|| {
-            lower_thread_priority(10);
-            lower_thread_priority(5); // never raised back
+            crate::sys::os::lower_thread_priority(10);
+            crate::sys::os::lower_thread_priority(5); // never raised back
             let child = std::thread::spawn(thread_nice).join().unwrap();
             (thread_nice(), child)
         })

@@ -3,7 +3,10 @@
 //! Used by the boot tests and by `kiln` itself wherever a real boot is the check. KVM hangs on
 //! the machines kiln is developed on, so the accelerator is TCG unless the caller says otherwise.
 
-use crate::sys::tools::{self, OVMF_CODE, OVMF_VARS, QEMU_SYSTEM};
+use crate::sys::tools::{self, OVMF_CODE, QEMU_SYSTEM};
+
+/// OVMF's variable store template (each boot gets a copy).
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 use anyhow::{bail, Context, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};

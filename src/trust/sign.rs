@@ -35,7 +35,7 @@ pub const PRINCIPAL: &str = "kiln";
 pub const SUMS: &str = "SHA256SUMS";
 /// The signature over [`SUMS`].
 pub const SIG: &str = "SHA256SUMS.sig";
-pub use crate::project::layout::key::{SIGNING_KEY, VERIFYING_KEY};
+use crate::project::layout::key::SIGNING_KEY;
 /// Read buffer for hashing and flashing.
 pub const BUF_SIZE: usize = 4 << 20;
 

@@ -1,5 +1,7 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
+// Test support: euid and atexit through libc.
+#![allow(unsafe_code)]
 
 use std::fs;
 use std::path::{Path, PathBuf};

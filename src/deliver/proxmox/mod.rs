@@ -159,7 +159,8 @@ pub fn upload_name(role: &str, build_id: &str, sha256: &str, ext: &str) -> Strin
 }
 
 /// PVE's upload file name rule (after its normalisation, which kiln's names never need).
-pub fn is_valid_import_name(name: &str) -> bool {
+#[cfg(test)]
+fn is_valid_import_name(name: &str) -> bool {
     let Some((stem, ext)) = name.rsplit_once('.') else {
         return false;
     };

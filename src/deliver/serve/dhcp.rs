@@ -8,9 +8,9 @@
 //! ends the chainload loop.
 
 use super::State;
-use dhcproto::v4::{
-    Architecture, DhcpOption, DhcpOptions, Flags, Message, MessageType, Opcode, OptionCode,
-};
+#[cfg(any(test, feature = "testing"))]
+use dhcproto::v4::{Architecture, Flags};
+use dhcproto::v4::{DhcpOption, DhcpOptions, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -605,6 +605,7 @@ fn msg_type_label(t: MessageType) -> &'static str {
 }
 
 /// A request as a PXE client sends it (for tests and fuzz seeds).
+#[cfg(any(test, feature = "testing"))]
 pub fn sample_request(
     mac: [u8; 6],
     msg_type: MessageType,

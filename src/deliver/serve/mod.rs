@@ -190,33 +190,6 @@ pub fn safe_path(root: &Path, name: &str) -> Result<PathBuf, PathRefusal> {
     Ok(full)
 }
 
-/// The first IPv4 address of a network interface.
-pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
-    let mut found = None;
-    unsafe {
-        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return Err(std::io::Error::last_os_error()).context("listing network interfaces");
-        }
-        let mut p = ifap;
-        while !p.is_null() {
-            let ifa = &*p;
-            if !ifa.ifa_addr.is_null()
-                && (*ifa.ifa_addr).sa_family as i32 == libc::AF_INET
-                && std::ffi::CStr::from_ptr(ifa.ifa_name).to_str() == Ok(name)
-            {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-                break;
-            }
-            p = ifa.ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    found.with_context(|| {
-        format!("network interface {name:?} has no IPv4 address (see `ip -4 addr`)")
-    })
-}
 
 fn bind_error(e: std::io::Error, what: &str, port: u16, hint: &str) -> anyhow::Error {
     let why = match e.kind() {
@@ -264,7 +237,7 @@ pub fn serve_command(
     let advertise = match (o.advertise, &o.interface) {
         (Some(a), _) => a,
         (None, _) if !o.listen.is_unspecified() => o.listen,
-        (None, Some(i)) => interface_ipv4(i)?,
+        (None, Some(i)) => crate::sys::os::interface_ipv4(i)?,
         (None, None) => bail!(
             "kiln serve needs the address machines reach it at: pass --interface <nic>, \
              --listen <ip> or --advertise <ip>"

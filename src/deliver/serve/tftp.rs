@@ -24,8 +24,6 @@ pub const ERR_NOT_DEFINED: u16 = 0;
 pub const ERR_NOT_FOUND: u16 = 1;
 pub const ERR_ACCESS: u16 = 2;
 pub const ERR_ILLEGAL_OP: u16 = 4;
-pub const ERR_UNKNOWN_TID: u16 = 5;
-pub const ERR_OPTION: u16 = 8;
 
 /// A decoded TFTP packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
