@@ -340,7 +340,8 @@ fn read_dev(dev: &str, len: usize) -> Vec<u8> {
 fn privileged_flash_to_a_loop_device() {
     const T: &str = "privileged_flash_to_a_loop_device";
     // SAFETY: geteuid has no preconditions.
-    if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+    {
         println!("SKIP: {T}: needs root for loop devices");
         return;
     }

@@ -240,7 +240,9 @@ fn cidata_volume_reads_back_with_mtools_and_blkid() {
     let d = project();
     let project = kiln::project::recipe::load_project(d.path()).unwrap();
     let node = &project.cluster.nodes[0];
-    let s = kiln::pipeline::seed::render(&project, node, "0123abcd", true, &[AUTHORIZED_KEY.into()]).unwrap();
+    let s =
+        kiln::pipeline::seed::render(&project, node, "0123abcd", true, &[AUTHORIZED_KEY.into()])
+            .unwrap();
     let img = d.path().join("cidata.img");
     kiln::pipeline::node::write_cidata(&img, &s, 1_700_000_000).unwrap();
     let again = d.path().join("cidata2.img");
@@ -307,7 +309,9 @@ fn token_delivery_seed_moves_the_token_from_the_image_to_the_seed() {
     let d = project();
     let id = |d: &Path| {
         let p = kiln::project::recipe::load_project(d).unwrap();
-        kiln::pipeline::resolve::resolve(&p, "worker").unwrap().build_id
+        kiln::pipeline::resolve::resolve(&p, "worker")
+            .unwrap()
+            .build_id
     };
     let token2 = "f".repeat(64);
     // Baked (default): the token is an input of the role image.
@@ -339,7 +343,10 @@ fn token_delivery_seed_moves_the_token_from_the_image_to_the_seed() {
         ..Default::default()
     };
     let layer = kiln::pipeline::k3s::layer(&project, &worker, &fetched, &token2).unwrap();
-    assert!(!layer.entries.contains_key(kiln::pipeline::k3s::TOKEN), "token baked");
+    assert!(
+        !layer.entries.contains_key(kiln::pipeline::k3s::TOKEN),
+        "token baked"
+    );
     assert!(!layer.contains_secrets);
 
     let out = d.path().join("seeds");

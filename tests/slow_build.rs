@@ -975,8 +975,9 @@ fn slow_boot_node_disk_cloud_init_sets_hostname() {
     .unwrap();
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
     let log = b.out.join("boot-node-worker-2.log");
-    let booted = kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let booted =
+        kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "node disk booted in {:.0}s: {}",
         booted.elapsed.as_secs_f64(),
@@ -1079,8 +1080,9 @@ fn slow_boot_role_disk_with_seed_iso() {
     ]);
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
     let log = b.out.join("boot-seed-iso.log");
-    let booted = kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let booted =
+        kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "role disk + seed ISO booted in {:.0}s: {}",
         booted.elapsed.as_secs_f64(),
@@ -1123,8 +1125,9 @@ fn slow_boot_node_disk_applies_static_network() {
     .unwrap();
     let marker = format!("kiln: booted role=master build={}", b.ids["master"]);
     let log = b.out.join("boot-node-master-1.log");
-    let booted = kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let booted =
+        kiln::testing::qemu::wait_for_marker(cmd, &marker, Duration::from_secs(1200), &log)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "master-1 node disk booted in {:.0}s: {}",
         booted.elapsed.as_secs_f64(),
@@ -1424,8 +1427,9 @@ fn privileged_pxe_boot_worker_diskless() {
     let iid = kiln::pipeline::seed::instance_id(&b.ids["worker"], "worker-1");
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
     let log = b.out.join("boot-pxe-worker-1.log");
-    let booted = kiln::testing::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(1500), &log)
-        .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
+    let booted =
+        kiln::testing::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(1500), &log)
+            .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
     println!(
         "PXE boot to the marker in {:.0}s: {}",
         booted.elapsed.as_secs_f64(),
@@ -1514,8 +1518,9 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
     let worker = &b.ids["worker"];
     let marker = format!("fetch=http://10.231.0.1:8081/roles/worker/{worker}/root.squashfs");
     let log = b.out.join("boot-pxe-uefi-default.log");
-    let booted = kiln::testing::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(900), &log)
-        .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
+    let booted =
+        kiln::testing::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(900), &log)
+            .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
     println!(
         "UEFI PXE kernel started in {:.0}s",
         booted.elapsed.as_secs_f64()

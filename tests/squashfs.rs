@@ -535,7 +535,8 @@ fn squashfs_reuse_is_byte_identical_and_checked() {
     let idx = d.path().join("index");
     let w1 = write(d.path(), "one", &s.tar, &mut Reuse::default());
     assert!(w1.stats.blocks > 10, "{:?}", w1.stats);
-    w1.save_index(&d.path().join("one"), &idx.join("one.json"))
+    w1.index
+        .save(&d.path().join("one"), &idx.join("one.json"))
         .unwrap();
     let one = fs::read(d.path().join("one")).unwrap();
 

@@ -1115,6 +1115,7 @@ fn fix_fat_directories<D: Read + Write + Seek>(dev: &mut D) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use std::process::Command;
 
     const EPOCH: i64 = 1_700_000_000; // 2023-11-14 22:13:20 UTC

@@ -110,35 +110,35 @@ impl Fetcher {
     }
 
     /// Sets (or, with `None`, clears) the mirror base URL; see [`effective_url`].
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn mirror(mut self, mirror: Option<String>) -> Self {
         self.mirror = mirror.filter(|m| !m.trim().is_empty());
         self
     }
 
     /// Number of retries after the first attempt for transient failures.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
     }
 
     /// Timeout for connecting and for each read from the server.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// Hides the progress bar.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn quiet(mut self, quiet: bool) -> Self {
         self.quiet = quiet;
         self
     }
 
     /// First backoff delay between attempts (doubled each time, capped at 30 s). Default 0.5 s.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn backoff_base(mut self, base: Duration) -> Self {
         self.backoff_base = base;
         self
