@@ -9,6 +9,7 @@
 
 use crate::pipeline::build::{self, BuildOptions};
 use crate::pipeline::compose::{self, ComposeInput};
+use crate::project::layout::{key, Cache, Layout, Out};
 use crate::project::recipe::{self, Project};
 use crate::pipeline::resolve::{self, Resolved};
 use crate::sys::tools;
@@ -320,7 +321,7 @@ fn cold(
         let out = work.join(format!("cold-out-{i}"));
         let (_, roles_s, _, _) = build_roles(&project, roles, &out, &cache)?;
         bases = {
-            fs::read_dir(cache.join("base"))
+            fs::read_dir(Cache::new(&cache).bases())
                 .map(|rd| {
                     rd.filter_map(|e| e.ok())
                         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
@@ -395,7 +396,10 @@ fn warm(
         let mut prev = Some(first[0].dir.clone());
         let (mut role_s, mut node_s, mut stages) = (vec![], vec![], vec![]);
         let mut n_nodes = 0;
-        let edit = pdir.join("overlays").join(role).join("etc/kiln-bench-edit");
+        let edit = Layout::new(&pdir)
+            .overlays()
+            .join(role)
+            .join("etc/kiln-bench-edit");
         for i in 0..runs {
             fs::create_dir_all(edit.parent().expect("has parent"))?;
             fs::write(
@@ -796,11 +800,13 @@ pub fn pxe(
     let project = work.join("pxe-project");
     crate::pipeline::reproduce::copy_project(project_dir, &project)?;
     // A key of the bench's own signs the stand-in build (the project's keys stay untouched).
-    fs::create_dir_all(project.join("keys"))?;
+    let layout = Layout::new(&project);
+    fs::create_dir_all(layout.keys())?;
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let (_, public) = crate::trust::keys::encode_signing_key(&key)?;
-    util::write_atomic(&project.join("keys/signing_ed25519.pub"), public.as_bytes())?;
-    let dir = project.join("out").join(role).join(PXE_BUILD_ID);
+    util::write_atomic(&layout.key(key::VERIFYING_KEY), public.as_bytes())?;
+    let out = Out::new(layout.default_out());
+    let dir = out.build(role, PXE_BUILD_ID);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let scale = scale.max(1);
     let sizes: Vec<(&str, usize)> = PXE_FILES.iter().map(|(n, l)| (*n, l / scale)).collect();
@@ -811,13 +817,13 @@ pub fn pxe(
         dir.join("manifest.json"),
         br#"{"kernel":{"cmdline":"boot=live console=ttyS0"}}"#,
     )?;
-    let arts = emit::hash_artifacts(
+    let arts = crate::trust::sums::hash_artifacts(
         &dir,
         &["vmlinuz", "initrd.img", "root.squashfs", "manifest.json"],
     )?;
-    fs::write(dir.join("SHA256SUMS"), emit::sha256sums(&arts))?;
+    fs::write(dir.join("SHA256SUMS"), crate::trust::sums::sha256sums(&arts))?;
     crate::trust::sign::sign_dir(&dir, &key)?;
-    std::os::unix::fs::symlink(PXE_BUILD_ID, project.join("out").join(role).join("latest"))?;
+    std::os::unix::fs::symlink(PXE_BUILD_ID, out.latest(role))?;
     let ipxe = work.join("pxe-tftp");
     fs::create_dir_all(&ipxe)?;
     let tftp_bytes = PXE_TFTP_BYTES / scale;

@@ -47,7 +47,7 @@ impl Index {
     }
 
     /// Number of pieces recorded.
-    pub fn len(&self) -> usize {
+    pub fn piece_count(&self) -> usize {
         self.pieces.len()
     }
 

@@ -222,7 +222,7 @@ pub fn ensure_with(
     checked: bool,
 ) -> Result<Base> {
     let cache_key = spec.cache_key()?;
-    let parent = cache_dir.join("base");
+    let parent = crate::project::layout::Cache::new(cache_dir).bases();
     let dir = parent.join(&cache_key);
     let tar = dir.join("rootfs.tar");
     let _lock = lock_base(&parent, &cache_key)?;

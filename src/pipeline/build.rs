@@ -43,7 +43,7 @@ pub struct BuildReport {
     pub base_cached: bool,
     /// Seconds per stage.
     pub timings: Vec<(String, f64)>,
-    pub artifacts: Vec<emit::Artifact>,
+    pub artifacts: Vec<crate::trust::sums::Artifact>,
 }
 
 /// Names of the artifacts every role build emits (besides SHA256SUMS).
@@ -165,7 +165,7 @@ pub fn missing_bases<'a>(
         // The cache entry is named by the cache key (the spec plus this host's mmdebstrap and
         // apt sources); when that cannot be computed, the base stage will say why.
         let cached = r.base.cache_key().ok().is_some_and(|k| {
-            let dir = opts.cache_dir.join("base").join(k);
+            let dir = crate::project::layout::Cache::new(&opts.cache_dir).base(&k);
             dir.join("rootfs.tar").is_file() && dir.join("spec.json").is_file()
         });
         if cached {
@@ -343,7 +343,7 @@ fn build_role_inner(
     base_checked: bool,
 ) -> Result<BuildReport> {
     let role = resolved.role.as_str();
-    let keys_dir = project.root.join("keys");
+    let keys_dir = crate::project::layout::Layout::new(&project.root).keys();
     if keys_dir.is_dir() {
         crate::trust::keys::check_private_permissions(&keys_dir)?;
     }
@@ -496,7 +496,7 @@ fn build_role_inner(
             .copied()
             .filter(|n| *n != "manifest.json")
             .collect();
-        let artifacts = emit::hash_artifacts(sd, &names)?;
+        let artifacts = crate::trust::sums::hash_artifacts(sd, &names)?;
         let manifest = serde_json::json!({
             "schema": "kiln.manifest/1",
             "build_id": resolved.build_id,
@@ -525,8 +525,8 @@ fn build_role_inner(
         )?;
         // Every artifact is hashed once: the manifest's list plus the manifest itself.
         let mut all = artifacts;
-        all.extend(emit::hash_artifacts(sd, &["manifest.json"])?);
-        fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all))?;
+        all.extend(crate::trust::sums::hash_artifacts(sd, &["manifest.json"])?);
+        fs::write(sd.join("SHA256SUMS"), crate::trust::sums::sha256sums(&all))?;
         util::test_pause("sign");
         crate::trust::sign::sign_dir(sd, &crate::trust::sign::load_signing_key(&keys_dir)?)?;
         for n in ARTIFACTS
@@ -636,7 +636,7 @@ pub(crate) fn ensure_base(
     checked: bool,
 ) -> Result<base::Base> {
     let module_signing = if r.recipe.debian.sign_modules {
-        Some(crate::trust::keys::module_signing(&project.root.join("keys"))?)
+        Some(crate::trust::keys::module_signing(&crate::project::layout::Layout::new(&project.root).keys())?)
     } else {
         None
     };
@@ -820,11 +820,11 @@ fn esp_files(r: &Resolved, c: &compose::Composed, cmdline: &str) -> Vec<disk::Es
 }
 
 fn point_latest(role_dir: &Path, build_id: &str) -> Result<()> {
-    util::symlink_atomic(build_id, &role_dir.join("latest"))
+    util::symlink_atomic(build_id, &role_dir.join(crate::project::layout::LATEST))
 }
 
 /// Reads `SHA256SUMS` of a finished build back into artifacts (sizes from the files).
-pub fn read_sums(dir: &Path) -> Result<Vec<emit::Artifact>> {
+pub fn read_sums(dir: &Path) -> Result<Vec<crate::trust::sums::Artifact>> {
     let p = dir.join("SHA256SUMS");
     let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     text.lines()
@@ -833,7 +833,7 @@ pub fn read_sums(dir: &Path) -> Result<Vec<emit::Artifact>> {
                 .split_once("  ")
                 .with_context(|| format!("{}: malformed line {l:?}", p.display()))?;
             let size = fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0);
-            Ok(emit::Artifact {
+            Ok(crate::trust::sums::Artifact {
                 name: name.to_string(),
                 sha256: sha.to_string(),
                 size,

@@ -18,6 +18,7 @@
 //! without that kiln cannot tell what is in use, and removes nothing.
 
 use crate::project::recipe::Project;
+use crate::project::layout::Cache;
 use crate::pipeline::resolve::{self, Resolved};
 use crate::sys::util;
 use anyhow::{Context, Result};
@@ -214,7 +215,8 @@ pub fn list(project: &Project, out_dir: &Path, cache_dir: &Path) -> Result<Vec<E
         note: None,
     };
 
-    let base = cache_dir.join("base");
+    let cache = Cache::new(cache_dir);
+    let base = cache.bases();
     for (name, p) in sorted_dir(&base)? {
         if is_hex64(&name) && p.is_dir() {
             let used = u.bases.get(&name).cloned().unwrap_or_default();
@@ -258,8 +260,7 @@ pub fn list(project: &Project, out_dir: &Path, cache_dir: &Path) -> Result<Vec<E
         }
     }
 
-    let store = cache_dir.join("sha256");
-    for (name, p) in sorted_dir(&store)? {
+    for (name, p) in sorted_dir(&cache.artifacts())? {
         if is_hex64(&name) {
             let (used, about) = u.artifacts.get(&name).cloned().unwrap_or_default();
             entries.push(mk(
@@ -294,8 +295,11 @@ pub fn list(project: &Project, out_dir: &Path, cache_dir: &Path) -> Result<Vec<E
         }
     }
 
-    for sub in ["squashfs-blocks", "zstd-frames"] {
-        for (name, p) in sorted_dir(&cache_dir.join(sub))? {
+    for (sub, dir) in [
+        ("squashfs-blocks", cache.squashfs_blocks()),
+        ("zstd-frames", cache.zstd_frames()),
+    ] {
+        for (name, p) in sorted_dir(&dir)? {
             let role = name.strip_suffix(".json");
             let used = match role {
                 Some(r) if u.roles.contains(r) => vec![r.to_string()],
@@ -317,7 +321,7 @@ pub fn list(project: &Project, out_dir: &Path, cache_dir: &Path) -> Result<Vec<E
     }
 
     for (name, p) in sorted_dir(cache_dir)? {
-        if !["base", "sha256", "squashfs-blocks", "zstd-frames"].contains(&name.as_str()) {
+        if !Cache::ENTRIES.contains(&name.as_str()) {
             entries.push(mk("other", name, disk_bytes(&p), vec![], String::new()));
         }
     }
@@ -360,7 +364,7 @@ pub fn prune(
 }
 
 fn remove_entry(cache_dir: &Path, e: &Entry, p: &Path) -> Result<()> {
-    let base = cache_dir.join("base");
+    let base = Cache::new(cache_dir).bases();
     // A base (or a killed base build's temp dir) is removed holding its lock, so a kiln that
     // starts building or checking it meanwhile waits, then finds it gone and builds it.
     let key = match e.kind {

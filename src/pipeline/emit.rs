@@ -5,7 +5,6 @@ use crate::formats::{reuse, squashfs};
 use crate::sys::tools::{self, QEMU_IMG};
 use crate::sys::util;
 use anyhow::{Context, Result};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufReader, BufWriter, Write};
@@ -34,7 +33,7 @@ pub fn zst_reuse_params() -> String {
 
 /// Where the indexes of earlier `rootfs.tar.zst` files are kept, under the cache dir.
 pub fn zst_index_dir(cache_dir: &Path) -> std::path::PathBuf {
-    cache_dir.join("zstd-frames")
+    crate::project::layout::Cache::new(cache_dir).zstd_frames()
 }
 
 /// `rootfs.tar.zst` from the composed tar: the tar is cut into content-defined chunks
@@ -50,7 +49,7 @@ pub fn compress_tar(tar: &Path, out: &Path, cache_dir: Option<&Path>) -> Result<
     };
     let index = compress_tar_with(tar, out, jobs(), &mut r)?;
     tracing::debug!(
-        frames = index.len(),
+        frames = index.piece_count(),
         reused = r.hits(),
         "rootfs.tar.zst written"
     );
@@ -189,7 +188,7 @@ pub fn compress_tar_with(
 
 /// Where the block indexes of earlier images are kept, under the cache dir.
 pub fn squashfs_index_dir(cache_dir: &Path) -> std::path::PathBuf {
-    cache_dir.join("squashfs-blocks")
+    crate::project::layout::Cache::new(cache_dir).squashfs_blocks()
 }
 
 /// The settings of every `root.squashfs`.
@@ -241,54 +240,6 @@ pub fn qcow2_from_raw(raw: &Path, out: &Path) -> Result<()> {
             .arg(out),
     )?;
     util::sync_path(out)
-}
-
-/// One artifact as listed in the manifest and SHA256SUMS.
-#[derive(Debug, Clone, Serialize)]
-pub struct Artifact {
-    pub name: String,
-    pub sha256: String,
-    pub size: u64,
-}
-
-/// Hashes the named files of `dir`, sorted by name.
-pub fn hash_artifacts(dir: &Path, names: &[&str]) -> Result<Vec<Artifact>> {
-    let mut names: Vec<&str> = names.to_vec();
-    names.sort_unstable();
-    // One file per thread, largest first (a role's four images are ~1.1 GB together); the
-    // result is in name order whatever the threads do.
-    let mut order: Vec<(u64, usize)> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (fs::metadata(dir.join(n)).map(|m| m.len()).unwrap_or(0), i))
-        .collect();
-    order.sort_unstable_by(|a, b| b.cmp(a));
-    let hashed = util::par_map(
-        &order,
-        jobs(),
-        || (),
-        |_, &(_, i)| {
-            let n = names[i];
-            util::sha256_file(&dir.join(n)).map(|(sha256, size)| Artifact {
-                name: n.to_string(),
-                sha256,
-                size,
-            })
-        },
-    );
-    let mut done: Vec<(usize, Result<Artifact>)> =
-        order.iter().map(|&(_, i)| i).zip(hashed).collect();
-    done.sort_unstable_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
-}
-
-/// `SHA256SUMS` in coreutils format, sorted by name.
-pub fn sha256sums(artifacts: &[Artifact]) -> String {
-    let mut v: Vec<&Artifact> = artifacts.iter().collect();
-    v.sort_by(|a, b| a.name.cmp(&b.name));
-    v.iter()
-        .map(|a| format!("{}  {}\n", a.sha256, a.name))
-        .collect()
 }
 
 #[cfg(test)]

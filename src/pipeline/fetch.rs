@@ -146,7 +146,7 @@ impl Fetcher {
 
     /// The directory holding verified artifacts: `<cache_dir>/sha256`.
     pub fn store_dir(&self) -> PathBuf {
-        self.cache_dir.join("sha256")
+        crate::project::layout::Cache::new(&self.cache_dir).artifacts()
     }
 
     /// Where the artifact with this sha256 lives once fetched: `<cache_dir>/sha256/<hex>`.

@@ -279,8 +279,11 @@ pub fn validate_sealed(
 
 /// Paths of the sealed-secrets controller key pair in keys/.
 pub fn sealing_key_paths(project: &Project) -> (PathBuf, PathBuf) {
-    let k = project.root.join("keys");
-    (k.join("sealed-secrets.crt"), k.join("sealed-secrets.key"))
+    let l = crate::project::layout::Layout::new(&project.root);
+    (
+        l.key(crate::project::layout::key::SEALED_SECRETS_CRT),
+        l.key(crate::project::layout::key::SEALED_SECRETS_KEY),
+    )
 }
 
 /// The controller's key as a `kubernetes.io/tls` Secret labelled active, so a rebuilt

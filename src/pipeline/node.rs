@@ -45,12 +45,12 @@ pub struct NodeReport {
     pub link: PathBuf,
     pub dir: PathBuf,
     pub up_to_date: bool,
-    pub artifacts: Vec<emit::Artifact>,
+    pub artifacts: Vec<crate::trust::sums::Artifact>,
 }
 
 /// `out/nodes`.
 pub fn nodes_dir(out_dir: &Path) -> PathBuf {
-    out_dir.join("nodes")
+    crate::project::layout::Out::new(out_dir).nodes()
 }
 
 /// One inventory node's seed, rendered before any role is built.
@@ -234,7 +234,7 @@ fn write_node(
     let mut names: Vec<&str> = ARTIFACTS.to_vec();
     names.extend(s.ordered().iter().map(|(n, _)| *n));
     names.retain(|n| *n != "node.json");
-    let artifacts = emit::hash_artifacts(sd, &names)?;
+    let artifacts = crate::trust::sums::hash_artifacts(sd, &names)?;
     let node_json = serde_json::json!({
         "schema": "kiln.node/1",
         "hostname": node.hostname,
@@ -257,11 +257,11 @@ fn write_node(
     .context("writing node.json")?;
     names.push("node.json");
     let mut all = artifacts;
-    all.extend(emit::hash_artifacts(sd, &["node.json"])?);
-    fs::write(sd.join("SHA256SUMS"), emit::sha256sums(&all)).context("writing SHA256SUMS")?;
+    all.extend(crate::trust::sums::hash_artifacts(sd, &["node.json"])?);
+    fs::write(sd.join("SHA256SUMS"), crate::trust::sums::sha256sums(&all)).context("writing SHA256SUMS")?;
     crate::trust::sign::sign_dir(
         sd,
-        &crate::trust::sign::load_signing_key(&project.root.join("keys"))?,
+        &crate::trust::sign::load_signing_key(&crate::project::layout::Layout::new(&project.root).keys())?,
     )?;
     for n in names.iter().chain(["SHA256SUMS", "SHA256SUMS.sig"].iter()) {
         util::sync_path(&sd.join(n))?;

@@ -540,9 +540,9 @@ pub(crate) fn copy_project(from: &Path, to: &Path) -> Result<()> {
             }
         }
     }
-    let lock = from.join("kiln.lock");
+    let lock = crate::project::layout::Layout::new(from).lock_file();
     if lock.is_file() {
-        fs::copy(&lock, to.join("kiln.lock"))
+        fs::copy(&lock, crate::project::layout::Layout::new(to).lock_file())
             .with_context(|| format!("copying {}", lock.display()))?;
     }
     Ok(())
@@ -590,11 +590,11 @@ pub(crate) fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
 /// Copies a pinned artifact from the old cache into the fresh one if its sha256 matches the pin
 /// (hashed while copying); returns whether it did.
 fn seed_artifact(old_cache: &Path, new_cache: &Path, sha256: &str) -> Result<bool> {
-    let src = old_cache.join("sha256").join(sha256);
+    let src = crate::project::layout::Cache::new(old_cache).artifact(sha256);
     if crate::pipeline::fetch::validate_sha256(sha256).is_err() || !src.is_file() {
         return Ok(false);
     }
-    let dir = new_cache.join("sha256");
+    let dir = crate::project::layout::Cache::new(new_cache).artifacts();
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".partial-{sha256}"));
     let mut r = fs::File::open(&src).with_context(|| format!("opening {}", src.display()))?;
@@ -692,7 +692,7 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
         let how = if seed_artifact(&opts.cache_dir, &cache, &sha)? {
             format!(
                 "copied from {} (sha256 checked)",
-                opts.cache_dir.join("sha256").join(&sha).display()
+                crate::project::layout::Cache::new(&opts.cache_dir).artifact(&sha).display()
             )
         } else {
             format!("fetched from {url}")

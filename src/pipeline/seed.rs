@@ -86,7 +86,7 @@ struct BuildCtx<'a> {
 
 /// Reads `keys/authorized_keys` (public: it is in git), one key per non-comment line.
 pub fn authorized_keys(project: &Project) -> Result<Vec<String>> {
-    let p = project.root.join("keys/authorized_keys");
+    let p = crate::project::layout::Layout::new(&project.root).key(crate::project::layout::key::AUTHORIZED_KEYS);
     match fs::read_to_string(&p) {
         Ok(t) => Ok(t
             .lines()

@@ -201,6 +201,13 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 
+/// The number of CPUs this process may use (at least 1).
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 /// Maps `f` over `items` on up to `threads` threads, each with its own state made by `init`
 /// (a compressor, a buffer); the threads take the items in order from a shared counter, so
 /// the slow ones do not hold up the rest. The results are in the order of `items`, whatever the

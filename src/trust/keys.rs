@@ -26,17 +26,16 @@
 //! the controller starts lets a rebuilt cluster decrypt the SealedSecrets in git (see `seal`).
 
 use crate::project::layout::key;
-use crate::trust::seal;
+use crate::trust::pem::{self, cert_fingerprint, parse_rsa_private};
 use anyhow::{bail, Context, Result};
 use rand::rngs::OsRng;
 use rand::RngCore;
-use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
-use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::pkcs1::EncodeRsaPrivateKey;
+use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use rsa::traits::PublicKeyParts;
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -601,7 +600,7 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
         (&paths.module_signing_key, &paths.module_signing_cert),
     ] {
         if let (Ok(key), Ok(cert)) = (fs::read_to_string(key_p), fs::read_to_string(cert_p)) {
-            if let (Ok(k), Ok(c)) = (parse_rsa_private(&key), seal::parse_cert(&cert)) {
+            if let (Ok(k), Ok(c)) = (parse_rsa_private(&key), pem::parse_cert(&cert)) {
                 if RsaPublicKey::from(&k) != c {
                     let (kn, cn) = (file_name(key_p), file_name(cert_p));
                     for i in out.iter_mut().filter(|i| i.name == cn) {
@@ -672,14 +671,14 @@ pub fn module_signing(keys_dir: &Path) -> Result<ModuleSigning> {
             "restore the key from your backup or make a new pair with `kiln keys init --add-missing` after moving both files away",
         )
     })?;
-    let cert_der = seal::first_cert_der(&cert_pem).map_err(|e| {
+    let cert_der = pem::first_cert_der(&cert_pem).map_err(|e| {
         user_err(
             &paths.module_signing_cert,
             format!("{e:#}"),
             "restore the certificate from your backup",
         )
     })?;
-    let public = seal::parse_cert(&cert_pem).map_err(|e| {
+    let public = pem::parse_cert(&cert_pem).map_err(|e| {
         user_err(
             &paths.module_signing_cert,
             format!("{e:#}"),
@@ -792,22 +791,6 @@ fn describe_signing_public(bytes: &[u8]) -> Result<(String, String)> {
     ))
 }
 
-/// Parses an RSA private key from PKCS#1 (`RSA PRIVATE KEY`) or PKCS#8 (`PRIVATE KEY`) PEM.
-pub fn parse_rsa_private(pem: &str) -> Result<RsaPrivateKey> {
-    if pem.contains("-----BEGIN RSA PRIVATE KEY-----") {
-        RsaPrivateKey::from_pkcs1_pem(pem.trim()).context("invalid PKCS#1 RSA private key PEM")
-    } else if pem.contains("-----BEGIN PRIVATE KEY-----") {
-        RsaPrivateKey::from_pkcs8_pem(pem.trim())
-            .context("invalid PKCS#8 private key PEM, or not an RSA key")
-    } else if pem.contains("-----BEGIN CERTIFICATE-----") {
-        bail!("this is a certificate, not a private key: pass sealed-secrets.key")
-    } else {
-        bail!(
-            "not a PEM RSA private key (expected -----BEGIN RSA PRIVATE KEY----- or \
-             -----BEGIN PRIVATE KEY-----)"
-        )
-    }
-}
 
 /// `SHA256:<base64 unpadded>` of an RSA public key in SSH wire form: what the sealed-secrets
 /// controller logs as the key's fingerprint.
@@ -831,24 +814,12 @@ fn describe_rsa_private(bytes: &[u8]) -> Result<(String, String)> {
     ))
 }
 
-/// SHA-256 of a certificate's DER, uppercase hex pairs joined by `:`.
-pub fn cert_fingerprint(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
-    let mut s = String::with_capacity(digest.len() * 3);
-    for (i, b) in digest.iter().enumerate() {
-        if i > 0 {
-            s.push(':');
-        }
-        let _ = write!(s, "{b:02X}");
-    }
-    s
-}
 
 fn describe_cert(bytes: &[u8]) -> Result<(String, String)> {
     let pem = utf8(bytes)?;
-    let der = seal::first_cert_der(pem)?;
+    let der = pem::first_cert_der(pem)?;
     let cert = x509_cert::Certificate::from_der(&der).context("invalid X.509 certificate")?;
-    let public = seal::parse_cert(pem)?;
+    let public = pem::parse_cert(pem)?;
     let not_after = cert.tbs_certificate.validity.not_after.to_date_time();
     let kind = format!(
         "X.509 certificate RSA-{}, subject {}, valid until {:04}-{:02}-{:02}",
@@ -921,7 +892,7 @@ mod tests {
             .unwrap()
             .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
         let key = parse_rsa_private(&fs::read_to_string(&p.sealed_secrets_key).unwrap()).unwrap();
-        let cert = seal::parse_cert(&fs::read_to_string(&p.sealed_secrets_cert).unwrap()).unwrap();
+        let cert = pem::parse_cert(&fs::read_to_string(&p.sealed_secrets_cert).unwrap()).unwrap();
         assert_eq!(RsaPublicKey::from(&key), cert);
     }
 
@@ -1112,7 +1083,7 @@ mod tests {
         let key = RsaPrivateKey::new(&mut OsRng, BITS).unwrap();
         let now = SystemTime::now();
         let pem = self_signed_cert(&key, SEALED_SECRETS_CN, now).unwrap();
-        let der = seal::first_cert_der(&pem).unwrap();
+        let der = pem::first_cert_der(&pem).unwrap();
         let cert = x509_cert::Certificate::from_der(&der).unwrap();
         let tbs = &cert.tbs_certificate;
         assert_eq!(tbs.subject.to_string(), tbs.issuer.to_string());

@@ -33,11 +33,11 @@
 //! the secret in clear; `spec.template.type`/`immutable` are copied. `data` (base64) and
 //! `stringData` (plain) are merged, `stringData` winning, as the API server does.
 
+use crate::trust::pem::{parse_cert, parse_rsa_private, CertError};
 use anyhow::{Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rand::rngs::OsRng;
-use rsa::pkcs8::DecodePublicKey;
 use rsa::rand_core::CryptoRngCore;
 use rsa::traits::PublicKeyParts;
 use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
@@ -47,7 +47,6 @@ use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use x509_cert::der::{Decode, Encode};
 
 /// Annotation that makes a Secret/SealedSecret namespace-wide (value `"true"`).
 pub const NAMESPACE_WIDE_ANNOTATION: &str = "sealedsecrets.bitnami.com/namespace-wide";
@@ -64,8 +63,6 @@ pub const LAST_APPLIED_ANNOTATIONS: [&str; 2] = [
 const SESSION_KEY_BYTES: usize = 32;
 /// AES-GCM tag size.
 const GCM_TAG_BYTES: usize = 16;
-/// OID of `rsaEncryption` in a SubjectPublicKeyInfo.
-const RSA_ENCRYPTION_OID: &str = "1.2.840.113549.1.1.1";
 
 /// Where a sealed secret may be unsealed; selects the OAEP label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -250,15 +247,9 @@ pub enum SealError {
     /// Unknown `--scope`.
     #[error("unknown scope {0:?}: use strict, namespace-wide or cluster-wide")]
     BadScope(String),
-    /// The certificate PEM is not a certificate.
-    #[error("not a PEM X.509 certificate: {0}")]
-    NotACertificate(String),
-    /// The certificate's key is not RSA.
-    #[error(
-        "the certificate's public key is {0}, not RSA: sealed secrets need the sealed-secrets \
-         controller's RSA certificate (keys/sealed-secrets.crt)"
-    )]
-    NotRsa(String),
+    /// The certificate is unusable (not a PEM X.509 certificate, or not RSA).
+    #[error(transparent)]
+    Cert(#[from] CertError),
     /// A value did not decrypt.
     #[error("cannot decrypt key {key:?} (scope {scope}, label {label:?}): {source}")]
     CannotDecrypt {
@@ -656,57 +647,7 @@ fn parse_secret(text: &str) -> Result<SecretIn, SealError> {
     })
 }
 
-/// Extracts the DER of the first `CERTIFICATE` block of a PEM text.
-pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, SealError> {
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    const END: &str = "-----END CERTIFICATE-----";
-    let Some(start) = pem.find(BEGIN) else {
-        let hint = if pem.contains("PRIVATE KEY-----") {
-            "this is a private key; pass the certificate (keys/sealed-secrets.crt)"
-        } else if pem.contains("-----BEGIN PUBLIC KEY-----") {
-            "this is a bare public key; pass the certificate (keys/sealed-secrets.crt)"
-        } else {
-            "no -----BEGIN CERTIFICATE----- block found"
-        };
-        return Err(SealError::NotACertificate(hint.to_string()));
-    };
-    let body_start = start + BEGIN.len();
-    let Some(len) = pem[body_start..].find(END) else {
-        return Err(SealError::NotACertificate(
-            "-----END CERTIFICATE----- missing".to_string(),
-        ));
-    };
-    let body: String = pem[body_start..body_start + len]
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    B64.decode(body.as_bytes())
-        .map_err(|e| SealError::NotACertificate(format!("bad base64 in the PEM block: {e}")))
-}
 
-/// The RSA public key of the first certificate in an X.509 PEM (e.g. `keys/sealed-secrets.crt`
-/// or the controller's `/v1/cert.pem`). Validity dates are not checked, as kubeseal does not.
-pub fn parse_cert(pem: &str) -> Result<RsaPublicKey, SealError> {
-    let der = first_cert_der(pem)?;
-    let cert = x509_cert::Certificate::from_der(&der)
-        .map_err(|e| SealError::NotACertificate(format!("invalid X.509 DER: {e}")))?;
-    let spki = &cert.tbs_certificate.subject_public_key_info;
-    let oid = spki.algorithm.oid.to_string();
-    if oid != RSA_ENCRYPTION_OID {
-        let name = match oid.as_str() {
-            "1.2.840.10045.2.1" => "EC".to_string(),
-            "1.3.101.112" => "Ed25519".to_string(),
-            "1.3.101.113" => "Ed448".to_string(),
-            _ => format!("algorithm {oid}"),
-        };
-        return Err(SealError::NotRsa(name));
-    }
-    let spki_der = spki.to_der().map_err(|e| {
-        SealError::NotACertificate(format!("cannot re-encode the public key info: {e}"))
-    })?;
-    RsaPublicKey::from_public_key_der(&spki_der)
-        .map_err(|e| SealError::NotACertificate(format!("invalid RSA public key: {e}")))
-}
 
 /// Seals a Secret into a [`SealedSecret`] (see [`seal`]).
 pub fn seal_document(
@@ -787,7 +728,7 @@ pub fn seal(secret_yaml: &str, cert_pem: &str, scope_override: Option<Scope>) ->
 /// PEM) back into a `v1` `Secret` YAML with base64 `data`, as the controller would create it.
 /// For round trips and debugging: the output holds the secrets in clear.
 pub fn unseal(sealed_yaml: &str, key_pem: &str) -> Result<String> {
-    let privkey = crate::trust::keys::parse_rsa_private(key_pem)?;
+    let privkey = parse_rsa_private(key_pem)?;
     let root = parse_one_document(sealed_yaml)?;
     let map = root
         .as_mapping()
@@ -858,6 +799,7 @@ pub fn unseal(sealed_yaml: &str, key_pem: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use x509_cert::der::Decode;
     use std::sync::OnceLock;
 
     /// One 2048-bit key and certificate shared by the tests (key generation is slow).
@@ -868,7 +810,7 @@ mod tests {
             crate::trust::keys::init_with_rsa_bits(d.path(), "test", false, 2048).unwrap();
             let key_pem = std::fs::read_to_string(d.path().join("sealed-secrets.key")).unwrap();
             let cert = std::fs::read_to_string(d.path().join("sealed-secrets.crt")).unwrap();
-            let key = crate::trust::keys::parse_rsa_private(&key_pem).unwrap();
+            let key = parse_rsa_private(&key_pem).unwrap();
             (key, key_pem, cert)
         })
     }
@@ -1162,7 +1104,7 @@ stringData:
         let e = seal("", "", None).unwrap_err();
         assert!(matches!(
             e.downcast_ref::<SealError>(),
-            Some(SealError::NotACertificate(_))
+            Some(SealError::Cert(CertError::NotACertificate(_)))
         ));
         let (_, key_pem, _) = fixture();
         let m = format!("{:#}", seal(SECRET, key_pem, None).unwrap_err());
@@ -1181,12 +1123,12 @@ stringData:
         assert!(parse_cert(&noisy).is_ok());
         assert!(matches!(
             parse_cert("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
-            Err(SealError::NotACertificate(_))
+            Err(CertError::NotACertificate(_))
         ));
         // An Ed25519 certificate (made with the same builder) is "not RSA".
         let ed = ed25519_cert();
         match parse_cert(&ed) {
-            Err(SealError::NotRsa(n)) => assert_eq!(n, "Ed25519"),
+            Err(CertError::NotRsa(n)) => assert_eq!(n, "Ed25519"),
             other => panic!("{other:?}"),
         }
     }

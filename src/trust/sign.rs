@@ -630,7 +630,7 @@ fn scan_unlisted(
         if prefix.is_empty() && (name == SUMS || name == SIG) {
             continue;
         }
-        if ft.is_symlink() && name == "latest" {
+        if ft.is_symlink() && name == crate::project::layout::LATEST {
             continue;
         }
         if ft.is_dir() {
@@ -654,8 +654,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("a.txt"), b"alpha\n").unwrap();
         fs::write(d.path().join("b.bin"), vec![7u8; 3 << 20]).unwrap();
-        let arts = crate::pipeline::emit::hash_artifacts(d.path(), &["b.bin", "a.txt"]).unwrap();
-        fs::write(d.path().join(SUMS), crate::pipeline::emit::sha256sums(&arts)).unwrap();
+        let arts = crate::trust::sums::hash_artifacts(d.path(), &["b.bin", "a.txt"]).unwrap();
+        fs::write(d.path().join(SUMS), crate::trust::sums::sha256sums(&arts)).unwrap();
         sign_dir(d.path(), key).unwrap();
         d
     }

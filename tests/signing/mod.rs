@@ -55,12 +55,8 @@ pub fn make_signed_dir(dir: &Path, files: &[(&str, &[u8])], key: &ed25519_dalek:
 }
 
 pub fn write_sums_and_sign(dir: &Path, names: &[&str], key: &ed25519_dalek::SigningKey) {
-    let arts = kiln::pipeline::emit::hash_artifacts(dir, names).unwrap();
-    fs::write(
-        dir.join("SHA256SUMS"),
-        kiln::pipeline::emit::sha256sums(&arts),
-    )
-    .unwrap();
+    let arts = kiln::trust::sums::hash_artifacts(dir, names).unwrap();
+    fs::write(dir.join("SHA256SUMS"), kiln::trust::sums::sha256sums(&arts)).unwrap();
     kiln::trust::sign::sign_dir(dir, key).unwrap();
 }
 

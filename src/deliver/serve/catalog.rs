@@ -238,7 +238,7 @@ impl Catalog {
         }
         if let Some(role) = default_role {
             let id = latest(out_dir, role).ok_or_else(|| crate::project::recipe::RecipeError {
-                file: out_dir.join(role).join("latest"),
+                file: crate::project::layout::Out::new(out_dir).latest(role),
                 key: "--default-role".into(),
                 problem: format!("there is no {role} build to boot unknown machines with"),
                 fix: format!("run `kiln build --role {role}` first, or drop --default-role"),
@@ -377,7 +377,7 @@ fn load_node_dir(
 
 /// The build id `out/<role>/latest` points at, if that build is complete.
 fn latest(out_dir: &Path, role: &str) -> Option<String> {
-    let link = out_dir.join(role).join("latest");
+    let link = crate::project::layout::Out::new(out_dir).latest(role);
     let target = std::fs::read_link(&link).ok()?;
     let id = target.file_name()?.to_str()?.to_string();
     out_dir
