@@ -62,11 +62,20 @@ pub fn read_token(project: &Project) -> Result<String> {
 /// Version of the build-id schema; bump when the meaning of the inputs changes.
 pub const SCHEMA: &str = "kiln.build-id/1";
 
+/// kiln's output-format generation: raise it whenever kiln writes different bytes for the same
+/// inputs (a format writer, a compression setting, the composed tree, a manifest's layout), so
+/// the build id changes with the bytes — the version string alone does not (two kiln binaries
+/// of one version may differ). tests/formats_golden.rs pins every emitted format's sha256 per
+/// generation and fails until this is raised and a new row is added there.
+pub const FORMAT_GENERATION: u32 = 1;
+
 /// Everything that determines a role build.
 #[derive(Debug, Clone, Serialize)]
 pub struct Resolved {
     pub schema: &'static str,
     pub kiln_version: &'static str,
+    /// [`FORMAT_GENERATION`].
+    pub format_generation: u32,
     pub role: String,
     pub recipe: Recipe,
     pub cluster: Cluster,
@@ -165,6 +174,7 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let mut r = Resolved {
         schema: SCHEMA,
         kiln_version: env!("CARGO_PKG_VERSION"),
+        format_generation: FORMAT_GENERATION,
         role: role.to_string(),
         base_key: base.key(),
         recipe,
