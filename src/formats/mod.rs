@@ -5,3 +5,4 @@ pub mod disk;
 pub mod iso9660;
 pub mod reuse;
 pub mod squashfs;
+pub mod zstd_frames;
