@@ -1390,37 +1390,12 @@ fn privileged_pxe_boot_worker_diskless() {
     assert_eq!(status["base_url"], "http://10.231.0.1:8080");
 
     let mut qemu = lan.exec(&lan.ns.clone());
-    qemu.args([
-        "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-m",
-        "2048",
-        "-smp",
-        "2",
-    ])
-    .args([
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-        "-boot",
-        "n",
-    ])
-    .args([
-        "-drive",
-        &format!(
-            "file={},if=virtio,format=raw",
-            empty_disk(tmp.path()).display()
-        ),
-    ])
-    .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-    .args([
-        "-device",
-        "e1000,netdev=n0,mac=52:54:00:00:00:21,romfile=/usr/lib/ipxe/qemu/pxe-e1000.rom",
-    ]);
+    qemu.args(kiln::testing::qemu::pxe_args(
+        kiln::testing::qemu::PxeFirmware::Bios,
+        &empty_disk(tmp.path()),
+        "tap0",
+        "52:54:00:00:00:21",
+    ));
     let iid = kiln::pipeline::seed::instance_id(&b.ids["worker"], "worker-1");
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
     let log = b.out.join("boot-pxe-worker-1.log");
@@ -1505,13 +1480,12 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
     let vars = tmp.path().join("vars.fd");
     fs::copy(kiln::testing::qemu::OVMF_VARS, &vars).unwrap();
     let mut qemu = lan.exec(&lan.ns.clone());
-    qemu.args(["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2"])
-        .args(["-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none"])
-        .args(["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", kiln::sys::tools::OVMF_CODE)])
-        .args(["-drive", &format!("if=pflash,format=raw,unit=1,file={}", vars.display())])
-        .args(["-drive", &format!("file={},if=virtio,format=raw", empty_disk(tmp.path()).display())])
-        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-        .args(["-device", "e1000,netdev=n0,mac=52:54:00:77:00:01,romfile=/usr/lib/ipxe/qemu/efi-e1000.rom,bootindex=1"]);
+    qemu.args(kiln::testing::qemu::pxe_args(
+        kiln::testing::qemu::PxeFirmware::Uefi { vars: &vars },
+        &empty_disk(tmp.path()),
+        "tap0",
+        "52:54:00:77:00:01",
+    ));
     let worker = &b.ids["worker"];
     let marker = format!("fetch=http://10.231.0.1:8081/roles/worker/{worker}/root.squashfs");
     let log = b.out.join("boot-pxe-uefi-default.log");

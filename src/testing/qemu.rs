@@ -85,6 +85,63 @@ pub struct Booted {
     pub line: String,
 }
 
+/// How a PXE test machine boots: legacy BIOS (iPXE's `pxe-e1000.rom`) or UEFI (OVMF with
+/// `efi-e1000.rom`; `vars` is a scratch copy of the variable store).
+pub enum PxeFirmware<'a> {
+    Bios,
+    Uefi { vars: &'a Path },
+}
+
+/// qemu's arguments (without the program: the caller may run it inside a network namespace)
+/// for a diskless PXE boot under TCG: 2 GiB, the serial console on stdout, an empty `disk`, one
+/// e1000 NIC with `mac` on the tap device `tap`.
+pub fn pxe_args(firmware: PxeFirmware, disk: &Path, tap: &str, mac: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-m",
+        "2048",
+        "-smp",
+        "2",
+    ]
+    .into_iter()
+    .chain([
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+    ])
+    .map(String::from)
+    .collect();
+    let rom = match firmware {
+        PxeFirmware::Bios => {
+            a.extend(["-boot".into(), "n".into()]);
+            "pxe-e1000.rom"
+        }
+        PxeFirmware::Uefi { vars } => {
+            a.extend([
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+            ]);
+            "efi-e1000.rom,bootindex=1"
+        }
+    };
+    a.extend([
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", disk.display()),
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        "-device".into(),
+        format!("e1000,netdev=n0,mac={mac},romfile=/usr/lib/ipxe/qemu/{rom}"),
+    ]);
+    a
+}
+
 /// Runs `cmd`, copies its console output to `log`, and returns as soon as a line containing
 /// `marker` appears; kills the process then. Fails (with the console tail) if the process exits
 /// or `timeout` passes first.
@@ -193,6 +250,41 @@ pub fn wait_for_marker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pxe_command_lines() {
+        let bios = pxe_args(
+            PxeFirmware::Bios,
+            Path::new("/t/d.raw"),
+            "tap0",
+            "52:54:00:00:00:21",
+        );
+        assert_eq!(
+            bios.join(" "),
+            "qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -nographic -no-reboot -serial stdio \
+             -monitor none -boot n -drive file=/t/d.raw,if=virtio,format=raw -netdev \
+             tap,id=n0,ifname=tap0,script=no,downscript=no -device \
+             e1000,netdev=n0,mac=52:54:00:00:00:21,romfile=/usr/lib/ipxe/qemu/pxe-e1000.rom"
+        );
+        let vars = Path::new("/t/vars.fd");
+        let uefi = pxe_args(
+            PxeFirmware::Uefi { vars },
+            Path::new("/t/d.raw"),
+            "tap0",
+            "52:54:00:77:00:01",
+        );
+        assert_eq!(
+            uefi.join(" "),
+            format!(
+                "qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -nographic -no-reboot -serial stdio \
+                 -monitor none -drive if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE} \
+                 -drive if=pflash,format=raw,unit=1,file=/t/vars.fd \
+                 -drive file=/t/d.raw,if=virtio,format=raw -netdev \
+                 tap,id=n0,ifname=tap0,script=no,downscript=no -device \
+                 e1000,netdev=n0,mac=52:54:00:77:00:01,romfile=/usr/lib/ipxe/qemu/efi-e1000.rom,bootindex=1"
+            )
+        );
+    }
 
     fn sh(script: &str) -> Command {
         let mut c = Command::new("sh");
