@@ -196,6 +196,39 @@ pub fn build_roles(
     opts: &BuildOptions,
     mut each: impl FnMut(&BuildReport),
 ) -> Result<Vec<BuildReport>> {
+    let todo = bases_to_build(roles, opts);
+    if todo.is_empty() {
+        return build_in_order(project, roles, opts, each);
+    }
+    let at_once = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(2)
+        .min(todo.len());
+    let bar = bases_bar(&todo, at_once);
+    let queue = BaseQueue::new(&todo);
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<()>)>();
+    let result = std::thread::scope(|s| {
+        for _ in 0..at_once {
+            let (tx, queue) = (tx.clone(), &queue);
+            s.spawn(move || queue.build_bases(project, &opts.cache_dir, tx));
+        }
+        drop(tx);
+        let r = build_as_bases_arrive(project, roles, opts, &queue, &rx, &mut each);
+        if r.is_err() {
+            queue.stop.store(true, Ordering::SeqCst);
+        }
+        r
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// The missing bases to build in the background (none offline), longest first.
+fn bases_to_build<'a>(
+    roles: &'a [Resolved],
+    opts: &BuildOptions,
+) -> Vec<(String, Vec<&'a Resolved>)> {
     let mut todo = if opts.offline {
         Vec::new()
     } else {
@@ -205,20 +238,27 @@ pub fn build_roles(
     // NVIDIA driver) takes several times longer than the others, so it starts at once and the
     // other core works through the rest meanwhile (stable: otherwise in role order).
     todo.sort_by_key(|(_, rs)| rs[0].base.module_signing_cert.is_none());
-    if todo.is_empty() {
-        let mut reports = Vec::new();
-        for r in roles {
-            let rep = build_role(project, r, opts)?;
-            each(&rep);
-            reports.push(rep);
-        }
-        return Ok(reports);
+    todo
+}
+
+/// Builds the roles one after the other when no base is to be built first.
+fn build_in_order(
+    project: &Project,
+    roles: &[Resolved],
+    opts: &BuildOptions,
+    mut each: impl FnMut(&BuildReport),
+) -> Result<Vec<BuildReport>> {
+    let mut reports = Vec::new();
+    for r in roles {
+        let rep = build_role(project, r, opts)?;
+        each(&rep);
+        reports.push(rep);
     }
-    let at_once = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .max(2)
-        .min(todo.len());
+    Ok(reports)
+}
+
+/// The progress line of the bases built in the background.
+fn bases_bar(todo: &[(String, Vec<&Resolved>)], at_once: usize) -> ProgressBar {
     let bar = progress().add(ProgressBar::new_spinner());
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] bases: {msg}")
@@ -234,89 +274,117 @@ pub fn build_roles(
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let next = AtomicUsize::new(0);
-    let critical_first = todo.len() > 1 && todo[0].1[0].base.module_signing_cert.is_some();
-    // Set when a role fails: builders take no further base (those running finish).
-    let stop = AtomicBool::new(false);
-    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<()>)>();
-    let result = std::thread::scope(|s| {
-        for _ in 0..at_once {
-            let tx = tx.clone();
-            let (todo, next, stop) = (&todo, &next, &stop);
-            s.spawn(move || loop {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let idx = next.fetch_add(1, Ordering::SeqCst);
-                let Some((key, rs)) = todo.get(idx) else {
-                    break;
-                };
-                if idx > 0 && critical_first {
-                    // The DKMS base is the critical path of the whole build: the other bases
-                    // (and their mmdebstrap, dpkg, compilers) yield the CPU to it and use what
-                    // it leaves idle (its unpacking and linking phases are single-threaded).
-                    crate::sys::os::lower_thread_priority(10);
-                }
-                let t = Instant::now();
-                let built = base_of(project, rs[0], &opts.cache_dir, false)
-                    .map(|_| ())
-                    .with_context(|| format!("base stage failed for role {}", rs[0].role));
-                tracing::info!(
-                    roles = %rs.iter().map(|r| r.role.as_str()).collect::<Vec<_>>().join(","),
-                    seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
-                    "base built"
-                );
-                if tx.send((key.clone(), built)).is_err() {
-                    break;
-                }
-            });
+    bar
+}
+
+/// The bases built in the background, taken in order by the builder threads.
+struct BaseQueue<'a> {
+    todo: &'a [(String, Vec<&'a Resolved>)],
+    next: AtomicUsize,
+    /// The first base compiles modules with DKMS and others follow it.
+    critical_first: bool,
+    /// Set when a role fails: builders take no further base (those running finish).
+    stop: AtomicBool,
+}
+
+impl<'a> BaseQueue<'a> {
+    fn new(todo: &'a [(String, Vec<&'a Resolved>)]) -> Self {
+        BaseQueue {
+            todo,
+            next: AtomicUsize::new(0),
+            critical_first: todo.len() > 1 && todo[0].1[0].base.module_signing_cert.is_some(),
+            stop: AtomicBool::new(false),
         }
-        drop(tx);
-        // Results of the bases built here, by key, as they arrive.
-        let mut ready: BTreeMap<String, Result<()>> = BTreeMap::new();
-        let mut done: Vec<Option<BuildReport>> = roles.iter().map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..roles.len()).collect();
-        let mut run = || -> Result<()> {
-            while !pending.is_empty() {
-                // The first role (in the given order) whose base is ready: a role waiting for a
-                // long base (gpu, listed first by name) does not hold up the others.
-                let pick = pending.iter().position(|&i| {
-                    let k = &roles[i].base_key;
-                    !todo.iter().any(|(t, _)| t == k) || ready.contains_key(k)
-                });
-                let Some(pos) = pick else {
-                    let (k, res) = rx
-                        .recv()
-                        .context("internal: the base builders stopped early")?;
-                    ready.insert(k, res);
-                    continue;
-                };
-                let i = pending.remove(pos);
-                let r = &roles[i];
-                let prepared = ready.contains_key(&r.base_key);
-                if let Some(Err(e)) = ready.remove(&r.base_key) {
-                    return Err(e);
-                }
-                if prepared {
-                    ready.insert(r.base_key.clone(), Ok(()));
-                }
-                let mut rep = build_role_inner(project, r, opts, prepared)?;
-                if prepared && !rep.up_to_date {
-                    rep.base_cached = false;
-                }
-                each(&rep);
-                done[i] = Some(rep);
+    }
+
+    /// Whether the base `key` is built here (the roles needing it wait for it).
+    fn builds(&self, key: &str) -> bool {
+        self.todo.iter().any(|(t, _)| t == key)
+    }
+
+    /// One builder thread: takes the next base until none is left or a role failed, and sends
+    /// each result.
+    fn build_bases(
+        &self,
+        project: &Project,
+        cache_dir: &Path,
+        tx: std::sync::mpsc::Sender<(String, Result<()>)>,
+    ) {
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
             }
-            Ok(())
-        };
-        let r = run();
-        if r.is_err() {
-            stop.store(true, Ordering::SeqCst);
+            let idx = self.next.fetch_add(1, Ordering::SeqCst);
+            let Some((key, rs)) = self.todo.get(idx) else {
+                break;
+            };
+            if idx > 0 && self.critical_first {
+                // The DKMS base is the critical path of the whole build: the other bases
+                // (and their mmdebstrap, dpkg, compilers) yield the CPU to it and use what
+                // it leaves idle (its unpacking and linking phases are single-threaded).
+                crate::sys::os::lower_thread_priority(10);
+            }
+            let t = Instant::now();
+            let built = base_of(project, rs[0], cache_dir, false)
+                .map(|_| ())
+                .with_context(|| format!("base stage failed for role {}", rs[0].role));
+            tracing::info!(
+                roles = %rs.iter().map(|r| r.role.as_str()).collect::<Vec<_>>().join(","),
+                seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
+                "base built"
+            );
+            if tx.send((key.clone(), built)).is_err() {
+                break;
+            }
         }
-        r.map(|_| done.into_iter().flatten().collect())
-    });
-    bar.finish_and_clear();
-    result
+    }
+}
+
+/// Builds the roles while `queue`'s bases arrive on `rx`; the reports are in the order of
+/// `roles`.
+fn build_as_bases_arrive(
+    project: &Project,
+    roles: &[Resolved],
+    opts: &BuildOptions,
+    queue: &BaseQueue,
+    rx: &std::sync::mpsc::Receiver<(String, Result<()>)>,
+    each: &mut impl FnMut(&BuildReport),
+) -> Result<Vec<BuildReport>> {
+    // Results of the bases built here, by key, as they arrive.
+    let mut ready: BTreeMap<String, Result<()>> = BTreeMap::new();
+    let mut done: Vec<Option<BuildReport>> = roles.iter().map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..roles.len()).collect();
+    while !pending.is_empty() {
+        // The first role (in the given order) whose base is ready: a role waiting for a
+        // long base (gpu, listed first by name) does not hold up the others.
+        let pick = pending.iter().position(|&i| {
+            let k = &roles[i].base_key;
+            !queue.builds(k) || ready.contains_key(k)
+        });
+        let Some(pos) = pick else {
+            let (k, res) = rx
+                .recv()
+                .context("internal: the base builders stopped early")?;
+            ready.insert(k, res);
+            continue;
+        };
+        let i = pending.remove(pos);
+        let r = &roles[i];
+        let prepared = ready.contains_key(&r.base_key);
+        if let Some(Err(e)) = ready.remove(&r.base_key) {
+            return Err(e);
+        }
+        if prepared {
+            ready.insert(r.base_key.clone(), Ok(()));
+        }
+        let mut rep = build_role_inner(project, r, opts, prepared)?;
+        if prepared && !rep.up_to_date {
+            rep.base_cached = false;
+        }
+        each(&rep);
+        done[i] = Some(rep);
+    }
+    Ok(done.into_iter().flatten().collect())
 }
 
 /// Where every progress line of a build is drawn (role stages and background bases at once).
@@ -334,8 +402,10 @@ pub fn build_role(
     build_role_inner(project, resolved, opts, false)
 }
 
-/// `base_checked`: this process built or checked the role's cached base moments ago, so the
-/// base stage does not hash its 800 MB again.
+/// The role build, step by step: up to date already, or the stages (fetch, base, compose,
+/// compression, kernel, disk.raw, disk.qcow2, manifest and signature) into a staging dir that is
+/// then published. `base_checked`: this process built or checked the role's cached base moments
+/// ago, so the base stage does not hash its 800 MB again.
 fn build_role_inner(
     project: &Project,
     resolved: &Resolved,
@@ -343,29 +413,12 @@ fn build_role_inner(
     base_checked: bool,
 ) -> Result<BuildReport> {
     let role = resolved.role.as_str();
-    let keys_dir = crate::project::layout::Layout::new(&project.root).keys();
-    if keys_dir.is_dir() {
-        crate::trust::keys::check_private_permissions(&keys_dir)?;
-    }
+    let keys_dir = check_keys(project)?;
     let _lock = lock_out(&opts.out_dir)?;
-    let role_dir = opts.out_dir.join(role);
-    fs::create_dir_all(&role_dir).with_context(|| format!("creating {}", role_dir.display()))?;
-    clean_stale(&role_dir)?;
+    let role_dir = prepare_role_dir(&opts.out_dir, role)?;
     let final_dir = role_dir.join(&resolved.build_id);
-    if final_dir.join("SHA256SUMS").is_file()
-        && final_dir.join("SHA256SUMS.sig").is_file()
-        && !opts.force
-    {
-        point_latest(&role_dir, &resolved.build_id)?;
-        return Ok(BuildReport {
-            role: role.into(),
-            build_id: resolved.build_id.clone(),
-            dir: final_dir.clone(),
-            up_to_date: true,
-            base_cached: true,
-            timings: vec![],
-            artifacts: read_sums(&final_dir)?,
-        });
+    if is_published(&final_dir) && !opts.force {
+        return up_to_date(resolved, &role_dir, final_dir);
     }
 
     let mut st = Stages::new(role, &opts.out_dir);
@@ -376,195 +429,58 @@ fn build_role_inner(
     } else {
         None
     };
-    let spec = resolved.base.clone();
     let base = st.stage("base", || {
-        ensure_base(
-            project,
-            resolved,
-            debs,
-            &opts.cache_dir,
-            opts.offline,
-            base_checked,
-        )
+        base_stage(project, resolved, debs, opts, base_checked)
     })?;
     let k3s_layer = match &token {
         Some(t) => k3s::layer(project, &resolved.recipe, &fetched, t)?,
         None => k3s::Layer::default(),
     };
     let contains_secrets = k3s_layer.contains_secrets;
-    let staging = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempdir_in(&role_dir)
-        .with_context(|| format!("creating a staging dir in {}", role_dir.display()))?;
+    let staging = staging_dir(&role_dir)?;
     let sd = staging.path();
     let tar_path = sd.join(".rootfs.tar");
     let composed = st.stage("compose", || {
-        compose::compose(
-            &ComposeInput {
-                project,
-                recipe: &resolved.recipe,
-                build_id: &resolved.build_id,
-                overlays: &resolved.overlays,
-                base_tar: &base.tar,
-                extra: k3s_layer.entries,
-                extra_enable: k3s_layer.enable,
-            },
-            &tar_path,
-        )
+        compose_root(project, resolved, &base, k3s_layer, &tar_path)
     })?;
     let packages = base::parse_dpkg_status(&composed.dpkg_status);
-    let package_lines: Vec<String> = packages
-        .iter()
-        .map(|p| format!("{} {} {}", p.name, p.version, p.architecture))
-        .collect();
-    // Before any artifact is emitted: record (or, with --locked, check) artifacts and packages.
-    lock::apply(
-        &project.root,
-        &lock::Lock {
-            version: 1,
-            artifacts: locked_artifacts,
-            bases: [(
-                resolved.base_key.clone(),
-                lock::LockedBase {
-                    suite: spec.suite.clone(),
-                    packages: package_lines.clone(),
-                },
-            )]
-            .into(),
-        },
-        opts.locked,
-    )?;
+    let package_lines = package_lines(&packages);
+    record_lock(project, resolved, locked_artifacts, &package_lines, opts)?;
     let sde = project.cluster.section.source_date_epoch;
-    // Both read the composed tar: run them side by side (both use every core).
     let pieces = st.stage("rootfs.tar.zst+root.squashfs", || {
-        std::thread::scope(|s| {
-            let zst = s.spawn(|| {
-                util::test_pause("rootfs.tar.zst");
-                emit::compress_tar(&tar_path, &sd.join("rootfs.tar.zst"), Some(&opts.cache_dir))
-            });
-            util::test_pause("root.squashfs");
-            let sq = emit::squashfs_from_tar(
-                &tar_path,
-                &sd.join("root.squashfs"),
-                sde,
-                Some(&opts.cache_dir),
-            );
-            let zst = zst
-                .join()
-                .map_err(|_| anyhow::anyhow!("the rootfs.tar.zst thread panicked"))?;
-            match (sq, zst) {
-                // Both failed (e.g. the disk filled up): report the clearer error.
-                (Err(a), Err(b)) if util::is_disk_full(&b) && !util::is_disk_full(&a) => Err(b),
-                (sq, zst) => Ok((sq?, zst?)),
-            }
-        })
+        compress_root(&tar_path, sd, sde, &opts.cache_dir)
     })?;
     fs::remove_file(&tar_path).with_context(|| format!("removing {}", tar_path.display()))?;
 
     let layout = disk_layout(resolved);
     let cmdline = kernel_cmdline(resolved, &disk::guid_to_string(&layout.root_guid));
     st.stage("kernel", || {
-        fs::write(sd.join("vmlinuz"), &composed.vmlinuz)?;
-        fs::write(sd.join("initrd.img"), &composed.initrd)?;
-        let txt: String = package_lines.iter().map(|l| format!("{l}\n")).collect();
-        fs::write(sd.join("packages.txt"), txt)?;
-        let json = serde_json::to_string_pretty(&serde_json::json!({
-            "schema": "kiln.packages/1",
-            "suite": resolved.recipe.debian.suite,
-            "packages": packages,
-        }))? + "\n";
-        fs::write(sd.join("packages.json"), json)?;
-        Ok(())
+        write_kernel_and_packages(sd, resolved, &composed, &packages, &package_lines)
     })?;
     let disk_info = st.stage("disk.raw", || {
-        let files = esp_files(resolved, &composed, &cmdline);
-        disk::write_disk(
-            &sd.join("disk.raw"),
-            &layout,
-            &files,
-            &sd.join("root.squashfs"),
-            sde,
-        )
+        write_disk_raw(sd, resolved, &composed, &layout, &cmdline, sde)
     })?;
     st.stage("disk.qcow2", || {
         emit::qcow2_from_raw(&sd.join("disk.raw"), &sd.join("disk.qcow2"))
     })?;
-
+    let facts = ManifestFacts {
+        kernel_version: &composed.kernel_version,
+        cmdline: &cmdline,
+        contains_secrets,
+        packages: packages.len(),
+        layout: &layout,
+        disk: &disk_info,
+    };
     st.stage("manifest", || {
-        let names: Vec<&str> = ARTIFACTS
-            .iter()
-            .copied()
-            .filter(|n| *n != "manifest.json")
-            .collect();
-        let artifacts = crate::trust::sums::hash_artifacts(sd, &names)?;
-        let manifest = serde_json::json!({
-            "schema": "kiln.manifest/1",
-            "build_id": resolved.build_id,
-            "role": role,
-            "cluster": project.cluster.section.name,
-            "kiln_version": env!("CARGO_PKG_VERSION"),
-            "source_date_epoch": sde,
-            "contains_secrets": contains_secrets,
-            "secrets": resolved.secrets,
-            "kernel": { "version": composed.kernel_version, "cmdline": cmdline },
-            "base": { "key": resolved.base_key, "spec": resolved.base, "packages": packages.len() },
-            "disk": {
-                "size": disk_info.size_bytes,
-                "disk_guid": disk::guid_to_string(&layout.disk_guid),
-                "esp_partuuid": disk::guid_to_string(&layout.esp_guid),
-                "root_partuuid": disk::guid_to_string(&layout.root_guid),
-                "seed_partuuid": disk::guid_to_string(&layout.seed_guid),
-                "seed_lba": disk_info.seed,
-            },
-            "inputs": resolved,
-            "artifacts": &artifacts,
-        });
-        fs::write(
-            sd.join("manifest.json"),
-            serde_json::to_string_pretty(&manifest)? + "\n",
-        )?;
-        // Every artifact is hashed once: the manifest's list plus the manifest itself.
-        let mut all = artifacts;
-        all.extend(crate::trust::sums::hash_artifacts(sd, &["manifest.json"])?);
-        fs::write(sd.join("SHA256SUMS"), crate::trust::sums::sha256sums(&all))?;
-        util::test_pause("sign");
-        crate::trust::sign::sign_dir(sd, &crate::trust::sign::load_signing_key(&keys_dir)?)?;
-        for n in ARTIFACTS
-            .iter()
-            .chain(["SHA256SUMS", "SHA256SUMS.sig"].iter())
-        {
-            util::sync_path(&sd.join(n))?;
-        }
-        Ok(())
+        write_manifest_and_sums(project, resolved, &facts, sd)?;
+        sign_and_sync(sd, &keys_dir)
     })?;
 
     if contains_secrets {
         restrict_permissions(sd)?;
     }
-
-    // Publish: rename the complete staging dir into place, then move `latest`.
-    util::test_pause("publish");
-    publish(staging, &final_dir)?;
-    util::test_pause("latest");
-    point_latest(&role_dir, &resolved.build_id)?;
-    // The next build (of any role) copies this image's unchanged blocks instead of compressing
-    // them again. Only an optimisation: a failure here does not fail the build.
-    let (squashfs, zst) = pieces;
-    for (name, index, dir) in [
-        (
-            "root.squashfs",
-            &squashfs.index,
-            emit::squashfs_index_dir(&opts.cache_dir),
-        ),
-        ("rootfs.tar.zst", &zst, emit::zst_index_dir(&opts.cache_dir)),
-    ] {
-        let path = dir.join(format!("{role}.json"));
-        let saved = fs::canonicalize(final_dir.join(name))
-            .and_then(|image| index.save(&image, &path).map_err(std::io::Error::other));
-        if let Err(e) = saved {
-            tracing::warn!("not saving {}: {e:#}", path.display());
-        }
-    }
+    publish_and_point_latest(staging, &final_dir, &role_dir, &resolved.build_id)?;
+    save_reuse_indexes(role, &final_dir, pieces, &opts.cache_dir);
     let artifacts = read_sums(&final_dir)?;
     let timings = st.finish(format!("built {role} {}", resolved.build_id));
     Ok(BuildReport {
@@ -576,6 +492,311 @@ fn build_role_inner(
         timings,
         artifacts,
     })
+}
+
+/// Checks that the project's private keys are readable by their owner only (when there are
+/// keys); returns the keys directory.
+fn check_keys(project: &Project) -> Result<PathBuf> {
+    let keys_dir = crate::project::layout::Layout::new(&project.root).keys();
+    if keys_dir.is_dir() {
+        crate::trust::keys::check_private_permissions(&keys_dir)?;
+    }
+    Ok(keys_dir)
+}
+
+/// `out/<role>/`, created, without the staging dirs an interrupted build left (the `out/` lock
+/// is held).
+fn prepare_role_dir(out_dir: &Path, role: &str) -> Result<PathBuf> {
+    let role_dir = out_dir.join(role);
+    fs::create_dir_all(&role_dir).with_context(|| format!("creating {}", role_dir.display()))?;
+    clean_stale(&role_dir)?;
+    Ok(role_dir)
+}
+
+/// Whether `dir` holds a published build (its sums and their signature are written last).
+fn is_published(dir: &Path) -> bool {
+    dir.join("SHA256SUMS").is_file() && dir.join("SHA256SUMS.sig").is_file()
+}
+
+/// The report of a build that exists already; `latest` points at it again.
+fn up_to_date(resolved: &Resolved, role_dir: &Path, final_dir: PathBuf) -> Result<BuildReport> {
+    point_latest(role_dir, &resolved.build_id)?;
+    Ok(BuildReport {
+        role: resolved.role.clone(),
+        build_id: resolved.build_id.clone(),
+        dir: final_dir.clone(),
+        up_to_date: true,
+        base_cached: true,
+        timings: vec![],
+        artifacts: read_sums(&final_dir)?,
+    })
+}
+
+/// The base stage: the role's base from the cache, or built (`base_checked`: see
+/// [`build_role_inner`]).
+fn base_stage(
+    project: &Project,
+    resolved: &Resolved,
+    debs: Vec<PathBuf>,
+    opts: &BuildOptions,
+    base_checked: bool,
+) -> Result<base::Base> {
+    ensure_base(
+        project,
+        resolved,
+        debs,
+        &opts.cache_dir,
+        opts.offline,
+        base_checked,
+    )
+}
+
+/// A staging dir (`.tmp-*`) in `role_dir`: removed when dropped, renamed by [`publish`].
+fn staging_dir(role_dir: &Path) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(role_dir)
+        .with_context(|| format!("creating a staging dir in {}", role_dir.display()))
+}
+
+/// The compose stage: the role's root tarball at `tar_path`, with the k3s layer.
+fn compose_root(
+    project: &Project,
+    resolved: &Resolved,
+    base: &base::Base,
+    k3s_layer: k3s::Layer,
+    tar_path: &Path,
+) -> Result<compose::Composed> {
+    compose::compose(
+        &ComposeInput {
+            project,
+            recipe: &resolved.recipe,
+            build_id: &resolved.build_id,
+            overlays: &resolved.overlays,
+            base_tar: &base.tar,
+            extra: k3s_layer.entries,
+            extra_enable: k3s_layer.enable,
+        },
+        tar_path,
+    )
+}
+
+/// `name version architecture` of each installed package (packages.txt, kiln.lock).
+fn package_lines(packages: &[base::Package]) -> Vec<String> {
+    packages
+        .iter()
+        .map(|p| format!("{} {} {}", p.name, p.version, p.architecture))
+        .collect()
+}
+
+/// Before any artifact is emitted: records (or, with --locked, checks) artifacts and packages
+/// in kiln.lock.
+fn record_lock(
+    project: &Project,
+    resolved: &Resolved,
+    artifacts: BTreeMap<String, lock::LockedArtifact>,
+    package_lines: &[String],
+    opts: &BuildOptions,
+) -> Result<()> {
+    lock::apply(
+        &project.root,
+        &lock::Lock {
+            version: 1,
+            artifacts,
+            bases: [(
+                resolved.base_key.clone(),
+                lock::LockedBase {
+                    suite: resolved.base.suite.clone(),
+                    packages: package_lines.to_vec(),
+                },
+            )]
+            .into(),
+        },
+        opts.locked,
+    )
+}
+
+/// What the compression stage made: root.squashfs and the frame index of rootfs.tar.zst.
+type RootImages = (
+    crate::formats::squashfs::Written,
+    crate::formats::reuse::Index,
+);
+
+/// rootfs.tar.zst and root.squashfs in `sd` from the composed tar. Both read the tar: they run
+/// side by side (both use every core).
+fn compress_root(tar_path: &Path, sd: &Path, sde: i64, cache_dir: &Path) -> Result<RootImages> {
+    std::thread::scope(|s| {
+        let zst = s.spawn(|| {
+            util::test_pause("rootfs.tar.zst");
+            emit::compress_tar(tar_path, &sd.join("rootfs.tar.zst"), Some(cache_dir))
+        });
+        util::test_pause("root.squashfs");
+        let sq = emit::squashfs_from_tar(tar_path, &sd.join("root.squashfs"), sde, Some(cache_dir));
+        let zst = zst
+            .join()
+            .map_err(|_| anyhow::anyhow!("the rootfs.tar.zst thread panicked"))?;
+        match (sq, zst) {
+            // Both failed (e.g. the disk filled up): report the clearer error.
+            (Err(a), Err(b)) if util::is_disk_full(&b) && !util::is_disk_full(&a) => Err(b),
+            (sq, zst) => Ok((sq?, zst?)),
+        }
+    })
+}
+
+/// The kernel stage: vmlinuz, initrd.img, packages.txt and packages.json in `sd`.
+fn write_kernel_and_packages(
+    sd: &Path,
+    resolved: &Resolved,
+    composed: &compose::Composed,
+    packages: &[base::Package],
+    package_lines: &[String],
+) -> Result<()> {
+    fs::write(sd.join("vmlinuz"), &composed.vmlinuz)?;
+    fs::write(sd.join("initrd.img"), &composed.initrd)?;
+    let txt: String = package_lines.iter().map(|l| format!("{l}\n")).collect();
+    fs::write(sd.join("packages.txt"), txt)?;
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "schema": "kiln.packages/1",
+        "suite": resolved.recipe.debian.suite,
+        "packages": packages,
+    }))? + "\n";
+    fs::write(sd.join("packages.json"), json)?;
+    Ok(())
+}
+
+/// The disk.raw stage: GPT disk with the ESP (systemd-boot, kernel, initrd), root.squashfs
+/// and an empty seed slot.
+fn write_disk_raw(
+    sd: &Path,
+    resolved: &Resolved,
+    composed: &compose::Composed,
+    layout: &disk::DiskLayout,
+    cmdline: &str,
+    sde: i64,
+) -> Result<disk::DiskInfo> {
+    let files = esp_files(resolved, composed, cmdline);
+    disk::write_disk(
+        &sd.join("disk.raw"),
+        layout,
+        &files,
+        &sd.join("root.squashfs"),
+        sde,
+    )
+}
+
+/// What manifest.json records of the build's outputs besides the artifacts.
+struct ManifestFacts<'a> {
+    kernel_version: &'a str,
+    cmdline: &'a str,
+    contains_secrets: bool,
+    /// How many packages are installed.
+    packages: usize,
+    layout: &'a disk::DiskLayout,
+    disk: &'a disk::DiskInfo,
+}
+
+/// manifest.json: the build's inputs (`resolved`), what it made, and `artifacts` (every
+/// artifact but the manifest).
+fn manifest_json(
+    project: &Project,
+    resolved: &Resolved,
+    f: &ManifestFacts,
+    artifacts: &[crate::trust::sums::Artifact],
+) -> serde_json::Value {
+    serde_json::json!({
+        "schema": "kiln.manifest/1",
+        "build_id": resolved.build_id,
+        "role": resolved.role,
+        "cluster": project.cluster.section.name,
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "source_date_epoch": project.cluster.section.source_date_epoch,
+        "contains_secrets": f.contains_secrets,
+        "secrets": resolved.secrets,
+        "kernel": { "version": f.kernel_version, "cmdline": f.cmdline },
+        "base": { "key": resolved.base_key, "spec": resolved.base, "packages": f.packages },
+        "disk": {
+            "size": f.disk.size_bytes,
+            "disk_guid": disk::guid_to_string(&f.layout.disk_guid),
+            "esp_partuuid": disk::guid_to_string(&f.layout.esp_guid),
+            "root_partuuid": disk::guid_to_string(&f.layout.root_guid),
+            "seed_partuuid": disk::guid_to_string(&f.layout.seed_guid),
+            "seed_lba": f.disk.seed,
+        },
+        "inputs": resolved,
+        "artifacts": artifacts,
+    })
+}
+
+/// Hashes the artifacts in `sd`, writes manifest.json, then SHA256SUMS of all of them.
+fn write_manifest_and_sums(
+    project: &Project,
+    resolved: &Resolved,
+    facts: &ManifestFacts,
+    sd: &Path,
+) -> Result<()> {
+    let names: Vec<&str> = ARTIFACTS
+        .iter()
+        .copied()
+        .filter(|n| *n != "manifest.json")
+        .collect();
+    let artifacts = crate::trust::sums::hash_artifacts(sd, &names)?;
+    let manifest = manifest_json(project, resolved, facts, &artifacts);
+    fs::write(
+        sd.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )?;
+    // Every artifact is hashed once: the manifest's list plus the manifest itself.
+    let mut all = artifacts;
+    all.extend(crate::trust::sums::hash_artifacts(sd, &["manifest.json"])?);
+    fs::write(sd.join("SHA256SUMS"), crate::trust::sums::sha256sums(&all))?;
+    Ok(())
+}
+
+/// Signs SHA256SUMS with the project's key and syncs every file of the build to disk.
+fn sign_and_sync(sd: &Path, keys_dir: &Path) -> Result<()> {
+    util::test_pause("sign");
+    crate::trust::sign::sign_dir(sd, &crate::trust::sign::load_signing_key(keys_dir)?)?;
+    for n in ARTIFACTS
+        .iter()
+        .chain(["SHA256SUMS", "SHA256SUMS.sig"].iter())
+    {
+        util::sync_path(&sd.join(n))?;
+    }
+    Ok(())
+}
+
+/// Publish: renames the complete staging dir into place, then moves `latest`.
+fn publish_and_point_latest(
+    staging: tempfile::TempDir,
+    final_dir: &Path,
+    role_dir: &Path,
+    build_id: &str,
+) -> Result<()> {
+    util::test_pause("publish");
+    publish(staging, final_dir)?;
+    util::test_pause("latest");
+    point_latest(role_dir, build_id)
+}
+
+/// The next build (of any role) copies this image's unchanged blocks instead of compressing
+/// them again. Only an optimisation: a failure here does not fail the build.
+fn save_reuse_indexes(role: &str, final_dir: &Path, pieces: RootImages, cache_dir: &Path) {
+    let (squashfs, zst) = pieces;
+    for (name, index, dir) in [
+        (
+            "root.squashfs",
+            &squashfs.index,
+            emit::squashfs_index_dir(cache_dir),
+        ),
+        ("rootfs.tar.zst", &zst, emit::zst_index_dir(cache_dir)),
+    ] {
+        let path = dir.join(format!("{role}.json"));
+        let saved = fs::canonicalize(final_dir.join(name))
+            .and_then(|image| index.save(&image, &path).map_err(std::io::Error::other));
+        if let Err(e) = saved {
+            tracing::warn!("not saving {}: {e:#}", path.display());
+        }
+    }
 }
 
 /// Renames a complete staging dir (made in `final_dir`'s parent) to `final_dir`. A forced

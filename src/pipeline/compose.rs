@@ -555,12 +555,32 @@ pub fn marker_unit(role: &str, build_id: &str) -> String {
     )
 }
 
+/// The upper layer: the overlays, then what kiln generates, then the unit links of
+/// `systemd.enable`/`systemd.mask`, then the parent directories all of them need.
 fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String, Upper>> {
+    let mut upper = overlay_layer(input)?;
+    add_generated(input, &mut upper)?;
+    enable_units(input, scan, &mut upper)?;
+    mask_units(input.recipe, &mut upper);
+    with_parent_dirs(scan, upper)
+}
+
+/// Overlays (already merged common → role), templates rendered.
+fn overlay_layer(input: &ComposeInput) -> Result<BTreeMap<String, Upper>> {
+    let mut upper: BTreeMap<String, Upper> = BTreeMap::new();
+    let tctx = template_context(input)?;
+    for o in input.overlays {
+        let u = overlay_entry(input.project, o, &tctx)?;
+        upper.insert(o.image_path.clone(), u);
+    }
+    Ok(upper)
+}
+
+/// The variables templates see: cluster, nodes, role.{name,description,nodes},
+/// build.{id,kiln_version}.
+fn template_context(input: &ComposeInput) -> Result<tera::Context> {
     let project = input.project;
     let recipe = input.recipe;
-    let mut upper: BTreeMap<String, Upper> = BTreeMap::new();
-
-    // Overlays (already merged common → role), templates rendered.
     let ctx = TemplateContext {
         cluster: &project.cluster,
         nodes: &project.cluster.nodes,
@@ -579,47 +599,59 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
             kiln_version: env!("CARGO_PKG_VERSION"),
         },
     };
-    let tctx = tera::Context::from_serialize(&ctx).context("building the template context")?;
-    for o in input.overlays {
-        let src = project.overlays_dir().join(&o.source);
-        let origin = format!("overlays/{}", o.source);
-        let u = match o.kind.as_str() {
-            "dir" => Upper::Dir,
-            "symlink" => Upper::Symlink {
-                target: fs::read_link(&src)?.to_string_lossy().into_owned(),
-                origin,
-            },
-            _ => {
-                let raw = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
-                let data = if o.template {
-                    let text = String::from_utf8(raw).map_err(|_| RecipeError {
-                        file: src.clone(),
-                        key: "(template)".into(),
-                        problem: "template is not UTF-8".into(),
-                        fix: "save it as UTF-8 or drop the .tera suffix".into(),
-                    })?;
-                    tera::Tera::one_off(&text, &tctx, false)
-                        .map_err(|e| RecipeError {
-                            file: src.clone(),
-                            key: "(template)".into(),
-                            problem: format!("cannot render: {}", tera_error_chain(&e)),
-                            fix: "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}".into(),
-                        })?
-                        .into_bytes()
-                } else {
-                    raw
-                };
-                Upper::File {
-                    data,
-                    mode: o.mode,
-                    origin,
-                }
-            }
-        };
-        upper.insert(o.image_path.clone(), u);
-    }
+    tera::Context::from_serialize(&ctx).context("building the template context")
+}
 
-    // Generated files (win over overlays: kiln owns them).
+/// One overlay file as an upper entry: a directory, a symlink, or the file's bytes (rendered
+/// when it is a template).
+fn overlay_entry(project: &Project, o: &OverlayFile, tctx: &tera::Context) -> Result<Upper> {
+    let src = project.overlays_dir().join(&o.source);
+    let origin = format!("overlays/{}", o.source);
+    let u = match o.kind.as_str() {
+        "dir" => Upper::Dir,
+        "symlink" => Upper::Symlink {
+            target: fs::read_link(&src)?.to_string_lossy().into_owned(),
+            origin,
+        },
+        _ => {
+            let raw = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            let data = if o.template {
+                render_template(&src, raw, tctx)?
+            } else {
+                raw
+            };
+            Upper::File {
+                data,
+                mode: o.mode,
+                origin,
+            }
+        }
+    };
+    Ok(u)
+}
+
+/// Renders the template `src` (its bytes `raw`) with `tctx`.
+fn render_template(src: &Path, raw: Vec<u8>, tctx: &tera::Context) -> Result<Vec<u8>> {
+    let text = String::from_utf8(raw).map_err(|_| RecipeError {
+        file: src.to_path_buf(),
+        key: "(template)".into(),
+        problem: "template is not UTF-8".into(),
+        fix: "save it as UTF-8 or drop the .tera suffix".into(),
+    })?;
+    Ok(tera::Tera::one_off(&text, tctx, false)
+        .map_err(|e| RecipeError {
+            file: src.to_path_buf(),
+            key: "(template)".into(),
+            problem: format!("cannot render: {}", tera_error_chain(&e)),
+            fix: "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}".into(),
+        })?
+        .into_bytes())
+}
+
+/// Generated files (win over overlays: kiln owns them), then the entries of other stages.
+fn add_generated(input: &ComposeInput, upper: &mut BTreeMap<String, Upper>) -> Result<()> {
+    let project = input.project;
+    let recipe = input.recipe;
     let gen = |data: String| Upper::File {
         data: data.into_bytes(),
         mode: 0o644,
@@ -660,8 +692,18 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
     for (p, e) in &input.extra {
         upper.insert(p.clone(), e.clone());
     }
+    Ok(())
+}
 
-    // systemd enable/mask, resolved against the upper layer first, then the base.
+/// systemd enable, resolved against the upper layer first, then the base: the links of each
+/// unit's `[Install]` section (and of the units it names in `Also=`).
+fn enable_units(
+    input: &ComposeInput,
+    scan: &BaseScan,
+    upper: &mut BTreeMap<String, Upper>,
+) -> Result<()> {
+    let project = input.project;
+    let recipe = input.recipe;
     let mut to_enable: Vec<String> = recipe.systemd.enable.clone();
     to_enable.push("kiln-booted.service".into());
     to_enable.push("kiln-identify.service".into());
@@ -678,22 +720,7 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
             }
             None => (unit.clone(), None),
         };
-        let found = UNIT_DIRS.iter().find_map(|dir| {
-            let p = format!("{dir}/{template}");
-            match upper.get(&p) {
-                Some(Upper::File { data, .. }) => Some((
-                    format!("/{dir}/{template}"),
-                    String::from_utf8_lossy(data).into_owned(),
-                )),
-                _ => None,
-            }
-        });
-        let found = found.or_else(|| {
-            scan.units
-                .get(&template)
-                .map(|(dir, text)| (format!("/{dir}/{template}"), text.clone()))
-        });
-        let Some((unit_path, text)) = found else {
+        let Some((unit_path, text)) = find_unit(&template, upper, scan) else {
             return Err(RecipeError {
                 file: project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
                 key: "systemd.enable".into(),
@@ -721,35 +748,69 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
             }
             .into());
         }
-        for t in &install.wanted_by {
-            upper.insert(
-                format!("etc/systemd/system/{t}.wants/{unit}"),
-                Upper::Symlink {
-                    target: unit_path.clone(),
-                    origin: "systemd.enable".into(),
-                },
-            );
-        }
-        for t in &install.required_by {
-            upper.insert(
-                format!("etc/systemd/system/{t}.requires/{unit}"),
-                Upper::Symlink {
-                    target: unit_path.clone(),
-                    origin: "systemd.enable".into(),
-                },
-            );
-        }
-        for a in &install.alias {
-            upper.insert(
-                format!("etc/systemd/system/{a}"),
-                Upper::Symlink {
-                    target: unit_path.clone(),
-                    origin: "systemd.enable".into(),
-                },
-            );
-        }
+        link_unit(upper, &unit, &unit_path, &install);
         to_enable.extend(install.also.iter().cloned());
     }
+    Ok(())
+}
+
+/// The unit file `template` (a unit name, `foo@.service` for instances): its path in the image
+/// and its text, from the upper layer's unit dirs, else from the base's.
+fn find_unit(
+    template: &str,
+    upper: &BTreeMap<String, Upper>,
+    scan: &BaseScan,
+) -> Option<(String, String)> {
+    let found = UNIT_DIRS.iter().find_map(|dir| {
+        let p = format!("{dir}/{template}");
+        match upper.get(&p) {
+            Some(Upper::File { data, .. }) => Some((
+                format!("/{dir}/{template}"),
+                String::from_utf8_lossy(data).into_owned(),
+            )),
+            _ => None,
+        }
+    });
+    found.or_else(|| {
+        scan.units
+            .get(template)
+            .map(|(dir, text)| (format!("/{dir}/{template}"), text.clone()))
+    })
+}
+
+/// The symlinks enabling `unit` (at `unit_path`): `WantedBy=`, `RequiredBy=` and `Alias=`.
+fn link_unit(upper: &mut BTreeMap<String, Upper>, unit: &str, unit_path: &str, install: &Install) {
+    for t in &install.wanted_by {
+        upper.insert(
+            format!("etc/systemd/system/{t}.wants/{unit}"),
+            Upper::Symlink {
+                target: unit_path.to_string(),
+                origin: "systemd.enable".into(),
+            },
+        );
+    }
+    for t in &install.required_by {
+        upper.insert(
+            format!("etc/systemd/system/{t}.requires/{unit}"),
+            Upper::Symlink {
+                target: unit_path.to_string(),
+                origin: "systemd.enable".into(),
+            },
+        );
+    }
+    for a in &install.alias {
+        upper.insert(
+            format!("etc/systemd/system/{a}"),
+            Upper::Symlink {
+                target: unit_path.to_string(),
+                origin: "systemd.enable".into(),
+            },
+        );
+    }
+}
+
+/// systemd mask: a link to /dev/null per unit.
+fn mask_units(recipe: &Recipe, upper: &mut BTreeMap<String, Upper>) {
     for m in &recipe.systemd.mask {
         upper.insert(
             format!("etc/systemd/system/{m}"),
@@ -759,7 +820,14 @@ fn build_upper(input: &ComposeInput, scan: &BaseScan) -> Result<BTreeMap<String,
             },
         );
     }
+}
 
+/// The upper layer with the parent directories its entries need; fails where they conflict
+/// with the base's file types.
+fn with_parent_dirs(
+    scan: &BaseScan,
+    mut upper: BTreeMap<String, Upper>,
+) -> Result<BTreeMap<String, Upper>> {
     // Parent directories, and conflicts with the base's file types.
     let paths: Vec<String> = upper.keys().cloned().collect();
     for p in &paths {

@@ -168,38 +168,93 @@ impl Settings {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings> {
         let (file, path) = load_file_with_env(dir, over, env)?;
-        let pname = path.display().to_string();
-        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let key = |k: &str| format!("{pname}:{k}");
-
-        // value, where it came from
-        let pick = |flag: Option<(&Option<String>, &str)>,
-                    envk: Option<&str>,
-                    filev: &Option<String>,
-                    k: &str|
-         -> Option<(String, String)> {
-            if let Some((Some(v), f)) = flag {
-                return Some((v.clone(), f.to_string()));
-            }
-            if let Some(e) = envk {
-                if let Some(v) = env(e) {
-                    return Some((v, format!("${e}")));
-                }
-            }
-            filev.clone().map(|v| (v, key(k)))
+        let src = Sources {
+            pname: path.display().to_string(),
+            base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            file,
+            env,
         };
-        let need = |v: Option<(String, String)>, k: &str, how: &str| -> Result<(String, String)> {
-            v.ok_or_else(|| {
-                cfg_err(
-                    pname.clone(),
-                    format!("no `{k}` setting"),
-                    format!("set `{k}` in {pname}{how}"),
-                )
-            })
-        };
+        let api = src.api_url()?;
+        let (node, storage) = src.node_and_storage(over)?;
+        let import_storage = src.import_storage(&storage)?;
+        let bridge = src.bridge()?;
+        let token_id = src.token_id()?;
+        let token_secret = src.token_secret()?;
+        let tls = src.tls(over)?;
+        let (memory, cores) = src.memory_and_cores()?;
+        let poll = env("KILN_PVE_POLL_MS")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(1));
+        Ok(Settings {
+            api,
+            node,
+            storage,
+            import_storage,
+            bridge,
+            token_id,
+            token_secret,
+            tls,
+            memory,
+            cores,
+            timeout: Duration::from_secs(60),
+            poll,
+        })
+    }
+}
 
-        let (url_s, url_src) = need(
-            pick(None, Some("KILN_PVE_URL"), &file.url, "url"),
+/// Where the settings come from: flags, the environment, the config file.
+struct Sources<'a> {
+    file: ConfigFile,
+    /// The config file's path, as shown in messages.
+    pname: String,
+    /// The config file's folder: paths in the file are relative to it.
+    base: PathBuf,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Sources<'_> {
+    /// A key of the config file, as shown in messages (`<file>:<key>`).
+    fn key(&self, k: &str) -> String {
+        format!("{}:{k}", self.pname)
+    }
+
+    /// The value of a setting and where it came from: the flag, else the environment variable,
+    /// else the file's value (`filev`, key `k`).
+    fn pick(
+        &self,
+        flag: Option<(&Option<String>, &str)>,
+        envk: Option<&str>,
+        filev: &Option<String>,
+        k: &str,
+    ) -> Option<(String, String)> {
+        if let Some((Some(v), f)) = flag {
+            return Some((v.clone(), f.to_string()));
+        }
+        if let Some(e) = envk {
+            if let Some(v) = (self.env)(e) {
+                return Some((v, format!("${e}")));
+            }
+        }
+        filev.clone().map(|v| (v, self.key(k)))
+    }
+
+    /// A required setting: `how` says where else it can be given.
+    fn need(&self, v: Option<(String, String)>, k: &str, how: &str) -> Result<(String, String)> {
+        let pname = &self.pname;
+        v.ok_or_else(|| {
+            cfg_err(
+                pname.clone(),
+                format!("no `{k}` setting"),
+                format!("set `{k}` in {pname}{how}"),
+            )
+        })
+    }
+
+    /// The API's base URL (`https://HOST:PORT/api2/json/`).
+    fn api_url(&self) -> Result<url::Url> {
+        let (url_s, url_src) = self.need(
+            self.pick(None, Some("KILN_PVE_URL"), &self.file.url, "url"),
             "url",
             " or $KILN_PVE_URL (e.g. https://pve1.lab:8006)",
         )?;
@@ -224,15 +279,20 @@ impl Settings {
             .to_string();
         api.set_path(&format!("{}/api2/json/", p.trim_end_matches('/')));
         api.set_query(None);
+        Ok(api)
+    }
 
-        let (node, node_src) = need(
-            pick(Some((&over.node, "--node")), None, &file.node, "node"),
+    /// The PVE node and the storage for VM disks.
+    fn node_and_storage(&self, over: &Overrides) -> Result<(String, String)> {
+        let file = &self.file;
+        let (node, node_src) = self.need(
+            self.pick(Some((&over.node, "--node")), None, &file.node, "node"),
             "node",
             " or pass --node (the PVE node name, as in `pvecm nodes`)",
         )?;
         check_id(&node, &node_src, "a PVE node name")?;
-        let (storage, st_src) = need(
-            pick(
+        let (storage, st_src) = self.need(
+            self.pick(
                 Some((&over.storage, "--storage")),
                 None,
                 &file.storage,
@@ -242,18 +302,36 @@ impl Settings {
             " or pass --storage (e.g. local-lvm)",
         )?;
         check_id(&storage, &st_src, "a PVE storage id")?;
-        let import_storage = match &file.import_storage {
+        Ok((node, storage))
+    }
+
+    /// The storage receiving uploads [default: `storage`].
+    fn import_storage(&self, storage: &str) -> Result<String> {
+        Ok(match &self.file.import_storage {
             Some(s) => {
-                check_id(s, &key("import_storage"), "a PVE storage id")?;
+                check_id(s, &self.key("import_storage"), "a PVE storage id")?;
                 s.clone()
             }
-            None => storage.clone(),
-        };
-        let bridge = file.bridge.clone().unwrap_or_else(|| "vmbr0".into());
-        check_id(&bridge, &key("bridge"), "a bridge name")?;
+            None => storage.to_string(),
+        })
+    }
 
-        let (token_id, tid_src) = need(
-            pick(None, Some("KILN_PVE_TOKEN_ID"), &file.token_id, "token_id"),
+    /// The bridge of `net0` [default: `vmbr0`].
+    fn bridge(&self) -> Result<String> {
+        let bridge = self.file.bridge.clone().unwrap_or_else(|| "vmbr0".into());
+        check_id(&bridge, &self.key("bridge"), "a bridge name")?;
+        Ok(bridge)
+    }
+
+    /// The API token id, `USER@REALM!TOKENID`.
+    fn token_id(&self) -> Result<String> {
+        let (token_id, tid_src) = self.need(
+            self.pick(
+                None,
+                Some("KILN_PVE_TOKEN_ID"),
+                &self.file.token_id,
+                "token_id",
+            ),
             "token_id",
             " or $KILN_PVE_TOKEN_ID (USER@REALM!TOKENID, from `pveum user token add`)",
         )?;
@@ -267,10 +345,17 @@ impl Settings {
                 "use USER@REALM!TOKENID, e.g. kiln@pve!import",
             ));
         }
-        let (secret_path, sec_src) = match env("KILN_PVE_TOKEN_SECRET_FILE") {
+        Ok(token_id)
+    }
+
+    /// The token secret, read from its file (`$KILN_PVE_TOKEN_SECRET_FILE`, else
+    /// `token_secret_file`).
+    fn token_secret(&self) -> Result<String> {
+        let pname = &self.pname;
+        let (secret_path, sec_src) = match (self.env)("KILN_PVE_TOKEN_SECRET_FILE") {
             Some(p) => (PathBuf::from(p), "$KILN_PVE_TOKEN_SECRET_FILE".to_string()),
-            None => match &file.token_secret_file {
-                Some(p) => (base.join(p), key("token_secret_file")),
+            None => match &self.file.token_secret_file {
+                Some(p) => (self.base.join(p), self.key("token_secret_file")),
                 None => {
                     return Err(cfg_err(
                         pname.clone(),
@@ -303,23 +388,28 @@ impl Settings {
                 "write only the secret (a UUID) into the file",
             ));
         }
+        Ok(token_secret)
+    }
 
-        let tls = match pick(
+    /// How the server's certificate is checked: a pinned fingerprint, else a CA file, else the
+    /// public roots.
+    fn tls(&self, over: &Overrides) -> Result<Tls> {
+        let tls = match self.pick(
             Some((&over.fingerprint, "--fingerprint")),
             Some("KILN_PVE_FINGERPRINT"),
-            &file.fingerprint,
+            &self.file.fingerprint,
             "fingerprint",
         ) {
             Some((fp, src)) => Tls::Pinned {
                 sha256: parse_fingerprint(&fp, &src)?,
                 source: src,
             },
-            None => match &file.ca_file {
+            None => match &self.file.ca_file {
                 Some(p) => {
-                    let p = base.join(p);
+                    let p = self.base.join(p);
                     if !p.is_file() {
                         return Err(cfg_err(
-                            key("ca_file"),
+                            self.key("ca_file"),
                             format!("{} does not exist", p.display()),
                             "point it at the PVE cluster CA (/etc/pve/pve-root-ca.pem on a PVE host)",
                         ));
@@ -329,33 +419,21 @@ impl Settings {
                 None => Tls::Public,
             },
         };
-        let memory = file.memory.unwrap_or(2048);
-        let cores = file.cores.unwrap_or(2);
+        Ok(tls)
+    }
+
+    /// Memory (MiB) and cores of templates and clones [default: 2048, 2].
+    fn memory_and_cores(&self) -> Result<(u32, u32)> {
+        let memory = self.file.memory.unwrap_or(2048);
+        let cores = self.file.cores.unwrap_or(2);
         if memory < 256 || cores == 0 {
             return Err(cfg_err(
-                key(if cores == 0 { "cores" } else { "memory" }),
+                self.key(if cores == 0 { "cores" } else { "memory" }),
                 "too small",
                 "memory is in MiB (at least 256), cores at least 1",
             ));
         }
-        let poll = env("KILN_PVE_POLL_MS")
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-            .unwrap_or(Duration::from_secs(1));
-        Ok(Settings {
-            api,
-            node,
-            storage,
-            import_storage,
-            bridge,
-            token_id,
-            token_secret,
-            tls,
-            memory,
-            cores,
-            timeout: Duration::from_secs(60),
-            poll,
-        })
+        Ok((memory, cores))
     }
 }
 

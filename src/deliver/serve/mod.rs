@@ -288,124 +288,22 @@ async fn run(
     key: ed25519_dalek::VerifyingKey,
     out: &dyn Fn(&str),
 ) -> Result<()> {
-    let iface = o.interface.as_deref();
     // HTTP first: its port is part of every URL handed out.
-    let http_addr = SocketAddr::new(IpAddr::V4(o.listen), o.http_port);
-    let http_listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .map_err(|e| {
-            bind_error(
-                e,
-                "the HTTP listener",
-                o.http_port,
-                " (or pass --http-port)",
-            )
-        })?;
+    let http_listener = bind_http(o).await?;
     let http_bound = http_listener.local_addr()?;
     let base_url = format!("http://{advertise}:{}", http_bound.port());
     let state = Arc::new(State::new(cat, base_url.clone(), o.ipxe_dir.clone()));
-    for f in ["undionly.kpxe", "ipxe.efi", "snp.efi"] {
-        if !state.ipxe_available(f) {
-            eprintln!(
-                "warning: {} has no {f}: clients that need it get no answer",
-                o.ipxe_dir.display()
-            );
-        }
-    }
-
-    let tftp_sock = udp_socket(
-        SocketAddr::new(IpAddr::V4(o.listen), o.tftp_port),
-        None,
-        false,
-    )
-    .map_err(|e| {
-        bind_error(
-            e,
-            "the TFTP listener (UDP)",
-            o.tftp_port,
-            " (or pass --tftp-port)",
-        )
-    })?;
-    let tftp_sock = tokio::net::UdpSocket::from_std(tftp_sock)?;
+    warn_missing_ipxe(&state, o);
+    let tftp_sock = bind_tftp(o)?;
     let tftp_bound = tftp_sock.local_addr()?;
 
     let (tx, rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut dhcp_bound = None;
-    let mut proxy_bound = None;
-    if o.dhcp != DhcpMode::Off {
-        let mode = Arc::new(match o.dhcp {
-            DhcpMode::Full => {
-                let (start, end) = o.dhcp_range.expect("checked");
-                let netmask = o.dhcp_netmask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
-                let fixed = project
-                    .cluster
-                    .nodes
-                    .iter()
-                    .filter_map(|n| {
-                        let ip: Ipv4Addr = n.address.split_once('/')?.0.parse().ok()?;
-                        let m = u32::from(netmask);
-                        (u32::from(ip) & m == u32::from(start) & m).then(|| {
-                            (
-                                crate::project::recipe::normalize_mac(&n.mac).unwrap_or(n.mac.clone()),
-                                ip,
-                            )
-                        })
-                    })
-                    .collect();
-                dhcp::Mode::Full(Mutex::new(dhcp::Pool::new(dhcp::PoolConfig {
-                    start,
-                    end,
-                    netmask,
-                    router: o.dhcp_router,
-                    dns: o.dhcp_dns.clone(),
-                    lease: o.lease.max(MIN_LEASE),
-                    fixed,
-                })))
-            }
-            _ => dhcp::Mode::Proxy,
-        });
-        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        let s67 = udp_socket(SocketAddr::new(any, o.dhcp_port), iface, true).map_err(|e| {
-            bind_error(
-                e,
-                "the DHCP listener (UDP)",
-                o.dhcp_port,
-                " (or pass --dhcp off / --dhcp-port)",
-            )
-        })?;
-        let s67 = Arc::new(tokio::net::UdpSocket::from_std(s67)?);
-        dhcp_bound = Some(s67.local_addr()?);
-        tasks.spawn(dhcp::serve(
-            s67,
-            false,
-            mode.clone(),
-            state.clone(),
-            advertise,
-            rx.clone(),
-        ));
-        if o.dhcp == DhcpMode::Proxy {
-            let s4011 =
-                udp_socket(SocketAddr::new(any, o.proxy_port), iface, true).map_err(|e| {
-                    bind_error(
-                        e,
-                        "the ProxyDHCP listener (UDP)",
-                        o.proxy_port,
-                        " (or pass --proxy-port)",
-                    )
-                })?;
-            let s4011 = Arc::new(tokio::net::UdpSocket::from_std(s4011)?);
-            proxy_bound = Some(s4011.local_addr()?);
-            tasks.spawn(dhcp::serve(
-                s4011,
-                true,
-                mode,
-                state.clone(),
-                advertise,
-                rx.clone(),
-            ));
-        }
-    }
+    let (dhcp_bound, proxy_bound) = if o.dhcp != DhcpMode::Off {
+        spawn_dhcp(project, o, &state, advertise, &rx, &mut tasks)?
+    } else {
+        (None, None)
+    };
     tasks.spawn(tftp::serve(
         tftp_sock,
         o.ipxe_dir.clone(),
@@ -420,6 +318,168 @@ async fn run(
         o.grace,
     ));
 
+    let bound = Bound {
+        http: http_bound,
+        tftp: tftp_bound,
+        dhcp: dhcp_bound,
+        proxy: proxy_bound,
+    };
+    print_status(o, &state, &base_url, &bound, out)?;
+    serve_until_signalled(project, out_dir, o, key, &state, &mut tasks).await?;
+    shut_down(o, &tx, &mut tasks).await;
+    print_summary(o, &state.metrics, out)
+}
+
+/// Where the listeners are bound (port 0 picks a free one).
+struct Bound {
+    http: SocketAddr,
+    tftp: SocketAddr,
+    dhcp: Option<SocketAddr>,
+    proxy: Option<SocketAddr>,
+}
+
+async fn bind_http(o: &ServeOptions) -> Result<tokio::net::TcpListener> {
+    let http_addr = SocketAddr::new(IpAddr::V4(o.listen), o.http_port);
+    tokio::net::TcpListener::bind(http_addr).await.map_err(|e| {
+        bind_error(
+            e,
+            "the HTTP listener",
+            o.http_port,
+            " (or pass --http-port)",
+        )
+    })
+}
+
+/// Warns about the iPXE binaries the directory lacks (their clients get no answer).
+fn warn_missing_ipxe(state: &State, o: &ServeOptions) {
+    for f in ["undionly.kpxe", "ipxe.efi", "snp.efi"] {
+        if !state.ipxe_available(f) {
+            eprintln!(
+                "warning: {} has no {f}: clients that need it get no answer",
+                o.ipxe_dir.display()
+            );
+        }
+    }
+}
+
+fn bind_tftp(o: &ServeOptions) -> Result<tokio::net::UdpSocket> {
+    let tftp_sock = udp_socket(
+        SocketAddr::new(IpAddr::V4(o.listen), o.tftp_port),
+        None,
+        false,
+    )
+    .map_err(|e| {
+        bind_error(
+            e,
+            "the TFTP listener (UDP)",
+            o.tftp_port,
+            " (or pass --tftp-port)",
+        )
+    })?;
+    Ok(tokio::net::UdpSocket::from_std(tftp_sock)?)
+}
+
+/// How DHCP answers: full mode leases from the range (inventory nodes with an address in its
+/// subnet get that address), proxy mode hands out boot information only.
+fn dhcp_mode(project: &Project, o: &ServeOptions) -> dhcp::Mode {
+    match o.dhcp {
+        DhcpMode::Full => {
+            let (start, end) = o.dhcp_range.expect("checked");
+            let netmask = o.dhcp_netmask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+            let fixed = project
+                .cluster
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let ip: Ipv4Addr = n.address.split_once('/')?.0.parse().ok()?;
+                    let m = u32::from(netmask);
+                    (u32::from(ip) & m == u32::from(start) & m).then(|| {
+                        (
+                            crate::project::recipe::normalize_mac(&n.mac).unwrap_or(n.mac.clone()),
+                            ip,
+                        )
+                    })
+                })
+                .collect();
+            dhcp::Mode::Full(Mutex::new(dhcp::Pool::new(dhcp::PoolConfig {
+                start,
+                end,
+                netmask,
+                router: o.dhcp_router,
+                dns: o.dhcp_dns.clone(),
+                lease: o.lease.max(MIN_LEASE),
+                fixed,
+            })))
+        }
+        _ => dhcp::Mode::Proxy,
+    }
+}
+
+/// Binds the DHCP listener (port 67) and, in proxy mode, the ProxyDHCP one (4011), and spawns a
+/// task for each; returns their addresses.
+fn spawn_dhcp(
+    project: &Project,
+    o: &ServeOptions,
+    state: &Arc<State>,
+    advertise: Ipv4Addr,
+    rx: &watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(Option<SocketAddr>, Option<SocketAddr>)> {
+    let iface = o.interface.as_deref();
+    let mode = Arc::new(dhcp_mode(project, o));
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let s67 = udp_socket(SocketAddr::new(any, o.dhcp_port), iface, true).map_err(|e| {
+        bind_error(
+            e,
+            "the DHCP listener (UDP)",
+            o.dhcp_port,
+            " (or pass --dhcp off / --dhcp-port)",
+        )
+    })?;
+    let s67 = Arc::new(tokio::net::UdpSocket::from_std(s67)?);
+    let dhcp_bound = Some(s67.local_addr()?);
+    tasks.spawn(dhcp::serve(
+        s67,
+        false,
+        mode.clone(),
+        state.clone(),
+        advertise,
+        rx.clone(),
+    ));
+    let mut proxy_bound = None;
+    if o.dhcp == DhcpMode::Proxy {
+        let s4011 = udp_socket(SocketAddr::new(any, o.proxy_port), iface, true).map_err(|e| {
+            bind_error(
+                e,
+                "the ProxyDHCP listener (UDP)",
+                o.proxy_port,
+                " (or pass --proxy-port)",
+            )
+        })?;
+        let s4011 = Arc::new(tokio::net::UdpSocket::from_std(s4011)?);
+        proxy_bound = Some(s4011.local_addr()?);
+        tasks.spawn(dhcp::serve(
+            s4011,
+            true,
+            mode,
+            state.clone(),
+            advertise,
+            rx.clone(),
+        ));
+    }
+    Ok((dhcp_bound, proxy_bound))
+}
+
+/// What is served where: one JSON line (`--json`), else a line per node.
+fn print_status(
+    o: &ServeOptions,
+    state: &State,
+    base_url: &str,
+    bound: &Bound,
+    out: &dyn Fn(&str),
+) -> Result<()> {
+    let (http_bound, tftp_bound) = (bound.http, bound.tftp);
+    let (dhcp_bound, proxy_bound) = (bound.dhcp, bound.proxy);
     let status = serde_json::json!({
         "event": "listening",
         "base_url": base_url,
@@ -458,7 +518,19 @@ async fn run(
             out(&format!("  any other MAC → {r} {}", catalog::short(id)));
         }
     }
+    Ok(())
+}
 
+/// Serves until SIGINT or SIGTERM; SIGHUP reloads the builds. A listener that fails ends it
+/// with an error.
+async fn serve_until_signalled(
+    project: &Project,
+    out_dir: &Path,
+    o: &ServeOptions,
+    key: ed25519_dalek::VerifyingKey,
+    state: &State,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<()> {
     // Signals: INT/TERM stop, HUP reloads.
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -468,20 +540,7 @@ async fn run(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => {
-                let (p, out, k, d) = (project.clone(), out_dir.to_path_buf(), key, o.default_role.clone());
-                match tokio::task::spawn_blocking(move || Catalog::load(&p, &out, &k, d.as_deref())).await {
-                    Ok(Ok(c)) => {
-                        for w in &c.warnings {
-                            eprintln!("warning: {w}");
-                        }
-                        eprintln!("kiln serve: reloaded: {} build(s), {} node(s)", c.builds.len(), c.nodes.len());
-                        state.set_catalog(c);
-                    }
-                    Ok(Err(e)) => eprintln!("error: reload failed, still serving the previous builds: {e:#}"),
-                    Err(e) => eprintln!("error: reload failed: {e}"),
-                }
-            }
+            _ = hup.recv() => reload(project, out_dir, o, key, state).await,
             r = tasks.join_next() => {
                 if let Some(Err(e)) = r {
                     bail!("a listener stopped: {e}");
@@ -489,6 +548,47 @@ async fn run(
             }
         }
     }
+    Ok(())
+}
+
+/// SIGHUP: loads (and verifies) the builds again; when that fails the previous ones stay served.
+async fn reload(
+    project: &Project,
+    out_dir: &Path,
+    o: &ServeOptions,
+    key: ed25519_dalek::VerifyingKey,
+    state: &State,
+) {
+    let (p, out, k, d) = (
+        project.clone(),
+        out_dir.to_path_buf(),
+        key,
+        o.default_role.clone(),
+    );
+    match tokio::task::spawn_blocking(move || Catalog::load(&p, &out, &k, d.as_deref())).await {
+        Ok(Ok(c)) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
+            eprintln!(
+                "kiln serve: reloaded: {} build(s), {} node(s)",
+                c.builds.len(),
+                c.nodes.len()
+            );
+            state.set_catalog(c);
+        }
+        Ok(Err(e)) => eprintln!("error: reload failed, still serving the previous builds: {e:#}"),
+        Err(e) => eprintln!("error: reload failed: {e}"),
+    }
+}
+
+/// Tells the listeners to stop and waits for them (open transfers finish within the grace
+/// period).
+async fn shut_down(
+    o: &ServeOptions,
+    tx: &watch::Sender<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
     eprintln!(
         "kiln serve: stopping (finishing open transfers, at most {:?}) …",
         o.grace
@@ -498,7 +598,10 @@ async fn run(
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    let m = &state.metrics;
+}
+
+/// What was served: one JSON line (`--json`), else a line on stderr.
+fn print_summary(o: &ServeOptions, m: &Metrics, out: &dyn Fn(&str)) -> Result<()> {
     let summary = serde_json::json!({
         "event": "stopped",
         "http_requests": m.total("kiln_http_requests_total"),

@@ -314,120 +314,221 @@ async fn transfer(
 ) {
     let started = Instant::now();
     let mac = st.mac_of(peer.ip());
-    let sock = match UdpSocket::bind(bind).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("tftp: binding a transfer socket on {bind}: {e}");
-            return;
-        }
-    };
-    if sock.connect(peer).await.is_err() {
+    let Some(sock) = connect(bind, peer).await else {
         return;
-    }
-    let fail = |code: u16, message: String| {
-        let sock = &sock;
-        async move {
-            let _ = sock.send(&encode(&Packet::Error { code, message })).await;
-        }
     };
-    if mode != "octet" {
-        st.metrics
-            .inc("kiln_tftp_transfers_total", &[("result", "bad_mode")]);
-        fail(
-            ERR_ILLEGAL_OP,
-            format!("mode {mode:?} not supported: use octet"),
-        )
-        .await;
+    let t = Transfer {
+        sock,
+        peer,
+        st,
+        mac,
+        filename,
+    };
+    let Some(file) = t.open(root, &mode).await else {
         return;
-    }
-    let path = match super::safe_path(root, &filename) {
-        Ok(p) => p,
-        Err(why) => {
-            let (code, result) = match why {
-                super::PathRefusal::NotFound => (ERR_NOT_FOUND, "not_found"),
-                super::PathRefusal::Outside => (ERR_ACCESS, "refused"),
-            };
-            st.metrics
-                .inc("kiln_tftp_transfers_total", &[("result", result)]);
-            tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, "{result}");
-            let msg = if code == ERR_NOT_FOUND {
-                "File not found"
-            } else {
-                "Access violation"
-            };
-            fail(code, msg.into()).await;
-            return;
-        }
-    };
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(_) => {
-            st.metrics
-                .inc("kiln_tftp_transfers_total", &[("result", "not_found")]);
-            fail(ERR_NOT_FOUND, "File not found".into()).await;
-            return;
-        }
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let neg = negotiate(&options, len, max_blksize);
     let mut rbuf = vec![0u8; 65536];
+    if !neg.oack.is_empty() && !t.acknowledge_options(&neg, len, &mut rbuf).await {
+        return;
+    }
+    let Some(sent_bytes) = t.send_file(&file, len, &neg, &mut rbuf).await else {
+        return;
+    };
+    t.done(started, len, sent_bytes, &neg);
+}
 
-    // Option acknowledgement: the client answers ACK 0 (go) or ERROR 8 (e.g. UEFI asking only
-    // for tsize, then starting again).
-    if !neg.oack.is_empty() {
+/// A socket of the transfer's own (bound on `bind`), connected to the client.
+async fn connect(bind: SocketAddr, peer: SocketAddr) -> Option<UdpSocket> {
+    let sock = match UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("tftp: binding a transfer socket on {bind}: {e}");
+            return None;
+        }
+    };
+    if sock.connect(peer).await.is_err() {
+        return None;
+    }
+    Some(sock)
+}
+
+/// One read transfer: its socket (connected to the client) and what its log lines name.
+struct Transfer<'a> {
+    sock: UdpSocket,
+    peer: SocketAddr,
+    st: &'a Arc<State>,
+    mac: Option<String>,
+    filename: String,
+}
+
+impl Transfer<'_> {
+    /// Sends an ERROR packet to the client.
+    async fn fail(&self, code: u16, message: String) {
+        let _ = self
+            .sock
+            .send(&encode(&Packet::Error { code, message }))
+            .await;
+    }
+
+    /// The requested file, opened; the client gets an ERROR (and the refusal is counted) when the
+    /// mode is not octet or the file cannot be served.
+    async fn open(&self, root: &Path, mode: &str) -> Option<File> {
+        let (st, peer, mac, filename) = (self.st, self.peer, &self.mac, &self.filename);
+        if mode != "octet" {
+            st.metrics
+                .inc("kiln_tftp_transfers_total", &[("result", "bad_mode")]);
+            self.fail(
+                ERR_ILLEGAL_OP,
+                format!("mode {mode:?} not supported: use octet"),
+            )
+            .await;
+            return None;
+        }
+        let path = match super::safe_path(root, filename) {
+            Ok(p) => p,
+            Err(why) => {
+                let (code, result) = match why {
+                    super::PathRefusal::NotFound => (ERR_NOT_FOUND, "not_found"),
+                    super::PathRefusal::Outside => (ERR_ACCESS, "refused"),
+                };
+                st.metrics
+                    .inc("kiln_tftp_transfers_total", &[("result", result)]);
+                tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, "{result}");
+                let msg = if code == ERR_NOT_FOUND {
+                    "File not found"
+                } else {
+                    "Access violation"
+                };
+                self.fail(code, msg.into()).await;
+                return None;
+            }
+        };
+        match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(_) => {
+                st.metrics
+                    .inc("kiln_tftp_transfers_total", &[("result", "not_found")]);
+                self.fail(ERR_NOT_FOUND, "File not found".into()).await;
+                None
+            }
+        }
+    }
+
+    /// Option acknowledgement: the client answers ACK 0 (go) or ERROR 8 (e.g. UEFI asking only
+    /// for tsize, then starting again). Whether the transfer goes on.
+    async fn acknowledge_options(&self, neg: &Negotiated, len: u64, rbuf: &mut [u8]) -> bool {
+        let (st, peer, mac, filename) = (self.st, self.peer, &self.mac, &self.filename);
+        let sock = &self.sock;
         let oack = encode(&Packet::Oack {
             options: neg.oack.clone(),
         });
         let mut tries = 0;
         loop {
             let _ = sock.send(&oack).await;
-            match tokio::time::timeout(neg.timeout, sock.recv(&mut rbuf)).await {
+            match tokio::time::timeout(neg.timeout, sock.recv(rbuf)).await {
                 Ok(Ok(n)) => match parse(&rbuf[..n]) {
                     Ok(Packet::Ack { block: 0 }) => break,
                     Ok(Packet::Error { code, message }) => {
                         st.metrics
                             .inc("kiln_tftp_transfers_total", &[("result", "declined")]);
                         tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, tsize = len, "client ended after OACK (error {code}: {message})");
-                        return;
+                        return false;
                     }
                     _ => continue,
                 },
-                Ok(Err(_)) => return,
+                Ok(Err(_)) => return false,
                 Err(_) => {
                     tries += 1;
                     if tries > MAX_RETRIES {
                         st.metrics
                             .inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
-                        return;
+                        return false;
                     }
                 }
             }
         }
+        true
     }
 
-    let bs = neg.blksize as u64;
-    let total_blocks = len / bs + 1; // the last block is short (possibly empty)
-    let mut next: u64 = 1; // first block not yet acknowledged (1-based)
-    let mut retries = 0u32;
-    let mut sent_bytes = 0u64;
-    let mut block_buf = vec![0u8; neg.blksize + 4];
-    let mut resend = false;
-    loop {
-        // Send the window starting at `next`.
-        let last = (next + neg.windowsize as u64 - 1).min(total_blocks);
-        for b in next..=last {
+    /// Sends the file (`len` bytes) in windows of `neg.windowsize` blocks until the client has
+    /// acknowledged the last, short block, going back to the first block it lacks after a loss
+    /// or a timeout. Returns the bytes sent (resent blocks included), or None when the transfer
+    /// ended early.
+    async fn send_file(
+        &self,
+        file: &File,
+        len: u64,
+        neg: &Negotiated,
+        rbuf: &mut [u8],
+    ) -> Option<u64> {
+        let (st, peer, filename) = (self.st, self.peer, &self.filename);
+        let bs = neg.blksize as u64;
+        let total_blocks = len / bs + 1; // the last block is short (possibly empty)
+        let mut next: u64 = 1; // first block not yet acknowledged (1-based)
+        let mut retries = 0u32;
+        let mut sent_bytes = 0u64;
+        let mut block_buf = vec![0u8; neg.blksize + 4];
+        let mut resend = false;
+        loop {
+            // Send the window starting at `next`.
+            let last = (next + neg.windowsize as u64 - 1).min(total_blocks);
+            sent_bytes += self
+                .send_window(file, len, bs, (next, last), &mut block_buf, resend)
+                .await?;
+            match self.wait_ack(neg, rbuf, next, last).await? {
+                Some(a) if a == total_blocks => break,
+                Some(a) => {
+                    // A full window acknowledged, or a lost block: go on from the first block the
+                    // client does not have (RFC 7440 section 4).
+                    resend = a < last;
+                    if a >= next {
+                        retries = 0;
+                    }
+                    next = a + 1;
+                }
+                None => {
+                    retries += 1;
+                    resend = true;
+                    if retries > MAX_RETRIES {
+                        st.metrics
+                            .inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
+                        tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %filename, "timed out at block {next}");
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(sent_bytes)
+    }
+
+    /// Sends blocks `first..=last` (`bs` bytes each, of `len`); returns the bytes sent, or None
+    /// when reading or sending failed (a read error is reported to the client).
+    async fn send_window(
+        &self,
+        file: &File,
+        len: u64,
+        bs: u64,
+        (first, last): (u64, u64),
+        block_buf: &mut [u8],
+        resend: bool,
+    ) -> Option<u64> {
+        let st = self.st;
+        let mut sent_bytes = 0u64;
+        for b in first..=last {
             let off = (b - 1) * bs;
             let n = (len.saturating_sub(off)).min(bs) as usize;
             block_buf[0..2].copy_from_slice(&DATA.to_be_bytes());
             block_buf[2..4].copy_from_slice(&(b as u16).to_be_bytes());
             if n > 0 && file.read_exact_at(&mut block_buf[4..4 + n], off).is_err() {
-                fail(ERR_NOT_DEFINED, "read error".into()).await;
+                self.fail(ERR_NOT_DEFINED, "read error".into()).await;
                 st.metrics
                     .inc("kiln_tftp_transfers_total", &[("result", "read_error")]);
-                return;
+                return None;
             }
-            if sock.send(&block_buf[..4 + n]).await.is_err() {
-                return;
+            if self.sock.send(&block_buf[..4 + n]).await.is_err() {
+                return None;
             }
             sent_bytes += n as u64;
             st.metrics.add("kiln_tftp_bytes_sent_total", &[], n as f64);
@@ -435,68 +536,64 @@ async fn transfer(
                 st.metrics.inc("kiln_tftp_retransmits_total", &[]);
             }
         }
-        // Wait for an ACK inside [next-1, last].
-        let acked = loop {
-            match tokio::time::timeout(neg.timeout, sock.recv(&mut rbuf)).await {
+        Some(sent_bytes)
+    }
+
+    /// Waits for an ACK inside [next-1, last]: Some(Some(block)) for the highest block it
+    /// acknowledges, Some(None) after a timeout, None when the transfer ended (the client
+    /// aborted, or the socket failed).
+    async fn wait_ack(
+        &self,
+        neg: &Negotiated,
+        rbuf: &mut [u8],
+        next: u64,
+        last: u64,
+    ) -> Option<Option<u64>> {
+        let (st, peer, filename) = (self.st, self.peer, &self.filename);
+        loop {
+            match tokio::time::timeout(neg.timeout, self.sock.recv(rbuf)).await {
                 Ok(Ok(n)) => match parse(&rbuf[..n]) {
                     Ok(Packet::Ack { block }) => {
                         // Map the 16-bit block number (it wraps) into the window.
                         let base = next - 1;
                         let delta = block.wrapping_sub(base as u16) as u64;
                         if delta <= last - base {
-                            break Some(base + delta);
+                            return Some(Some(base + delta));
                         }
                     }
                     Ok(Packet::Error { code, message }) => {
                         st.metrics
                             .inc("kiln_tftp_transfers_total", &[("result", "aborted")]);
                         tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %filename, "client aborted (error {code}: {message})");
-                        return;
+                        return None;
                     }
                     _ => {}
                 },
-                Ok(Err(_)) => return,
-                Err(_) => break None,
-            }
-        };
-        match acked {
-            Some(a) if a == total_blocks => break,
-            Some(a) => {
-                // A full window acknowledged, or a lost block: go on from the first block the
-                // client does not have (RFC 7440 section 4).
-                resend = a < last;
-                if a >= next {
-                    retries = 0;
-                }
-                next = a + 1;
-            }
-            None => {
-                retries += 1;
-                resend = true;
-                if retries > MAX_RETRIES {
-                    st.metrics
-                        .inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
-                    tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %filename, "timed out at block {next}");
-                    return;
-                }
+                Ok(Err(_)) => return None,
+                Err(_) => return Some(None),
             }
         }
     }
-    st.metrics
-        .inc("kiln_tftp_transfers_total", &[("result", "ok")]);
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(
-        target: "kiln::serve::tftp",
-        client = %peer,
-        mac = mac.as_deref().unwrap_or("-"),
-        file = %filename,
-        bytes = len,
-        sent = sent_bytes,
-        blksize = neg.blksize,
-        windowsize = neg.windowsize,
-        ms = (secs * 1000.0) as u64,
-        "tftp"
-    );
+
+    /// Counts the completed transfer and logs it.
+    fn done(&self, started: Instant, len: u64, sent_bytes: u64, neg: &Negotiated) {
+        let (st, peer, mac, filename) = (self.st, self.peer, &self.mac, &self.filename);
+        st.metrics
+            .inc("kiln_tftp_transfers_total", &[("result", "ok")]);
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            target: "kiln::serve::tftp",
+            client = %peer,
+            mac = mac.as_deref().unwrap_or("-"),
+            file = %filename,
+            bytes = len,
+            sent = sent_bytes,
+            blksize = neg.blksize,
+            windowsize = neg.windowsize,
+            ms = (secs * 1000.0) as u64,
+            "tftp"
+        );
+    }
 }
 
 #[cfg(test)]
