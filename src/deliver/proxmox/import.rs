@@ -309,21 +309,11 @@ pub struct ImportReport {
 
 /// Imports a verified build as a template (see the module docs and docs/proxmox.md).
 pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Result<ImportReport> {
-    let (major, minor, full) = c.version()?;
-    if (major, minor) < (8, 4) {
-        bail!(ProxmoxError::TooOld {
-            version: full,
-            url: s.api.to_string(),
-        });
-    }
+    check_version(c, s)?;
     let name = super::template_name(&b.role, &b.build_id);
     let volid = format!("{}:import/{}", s.import_storage, b.image_name);
-    let vms = cluster_vms(c)?;
-    let mut replaced = false;
-    // Per node: with local storage every node that clones needs its own template.
-    let on_node: Vec<VmEntry> = vms.into_iter().filter(|v| v.node == s.node).collect();
-    for vm in kiln_vms(c, &on_node, super::TAG_TEMPLATE, &b.role, &b.build_id)? {
-        if vm.template && !o.replace {
+    let replaced = match clear_previous(c, s, b, o)? {
+        Previous::Template(vm) => {
             return Ok(ImportReport {
                 role: b.role.clone(),
                 build_id: b.build_id.clone(),
@@ -334,6 +324,56 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
                 volume: volid,
                 image: "none".into(),
             });
+        }
+        Previous::Cleared { replaced } => replaced,
+    };
+    let image = put_image(c, s, b, o, &volid)?;
+    let ours =
+        (image != "reused").then_some((s.node.as_str(), s.import_storage.as_str(), volid.as_str()));
+    let vmid = create_template(c, s, b, o, &name, ours)?;
+    Ok(ImportReport {
+        role: b.role.clone(),
+        build_id: b.build_id.clone(),
+        node: s.node.clone(),
+        vmid,
+        name,
+        state: if replaced { "replaced" } else { "created" }.into(),
+        volume: volid,
+        image: image.into(),
+    })
+}
+
+/// Imports need PVE 8.4 or later.
+fn check_version(c: &Client, s: &Settings) -> Result<()> {
+    let (major, minor, full) = c.version()?;
+    if (major, minor) < (8, 4) {
+        bail!(ProxmoxError::TooOld {
+            version: full,
+            url: s.api.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// What earlier imports of the build left on the node.
+enum Previous {
+    /// Its template (kept: no --replace).
+    Template(VmEntry),
+    /// Nothing, or VMs that were removed (`replaced`).
+    Cleared { replaced: bool },
+}
+
+/// Removes the VMs of this build on the node: with --replace its template, and a VM an
+/// interrupted import left before it became a template; without --replace a template stops the
+/// import.
+fn clear_previous(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Result<Previous> {
+    let vms = cluster_vms(c)?;
+    let mut replaced = false;
+    // Per node: with local storage every node that clones needs its own template.
+    let on_node: Vec<VmEntry> = vms.into_iter().filter(|v| v.node == s.node).collect();
+    for vm in kiln_vms(c, &on_node, super::TAG_TEMPLATE, &b.role, &b.build_id)? {
+        if vm.template && !o.replace {
+            return Ok(Previous::Template(vm));
         }
         // --replace, or a VM an interrupted import left before it became a template.
         tracing::info!(
@@ -349,73 +389,91 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
         destroy_vm(c, &vm).with_context(|| format!("removing VM {} ({})", vm.vmid, vm.name))?;
         replaced = true;
     }
+    Ok(Previous::Cleared { replaced })
+}
 
-    // The image: reuse a volume with this name (the name carries the sha256 PVE verified at
-    // upload), else upload it or let PVE download it.
+/// The image: reuse a volume with this name (the name carries the sha256 PVE verified at
+/// upload), else upload it or let PVE download it. Returns `reused`, `uploaded` or
+/// `downloaded`.
+fn put_image(
+    c: &Client,
+    s: &Settings,
+    b: &BuildInfo,
+    o: &ImportOptions,
+    volid: &str,
+) -> Result<&'static str> {
     let content = c.get(
         &["nodes", &s.node, "storage", &s.import_storage, "content"],
         &[("content", "import")],
     )?;
-    let present = content.as_array().is_some_and(|a| {
-        a.iter()
-            .any(|v| v["volid"].as_str() == Some(volid.as_str()))
-    });
-    let image = if present {
-        "reused"
-    } else {
-        let (r, shown) = match &o.url {
-            Some(url) => {
-                let p = BTreeMap::from([
-                    ("checksum".to_string(), b.image_sha256.clone()),
-                    ("checksum-algorithm".to_string(), "sha256".to_string()),
-                    ("content".to_string(), "import".to_string()),
-                    ("filename".to_string(), b.image_name.clone()),
-                    ("url".to_string(), url.clone()),
-                ]);
-                (
-                    c.post(
-                        &[
-                            "nodes",
-                            &s.node,
-                            "storage",
-                            &s.import_storage,
-                            "download-url",
-                        ],
-                        &p,
-                    ),
-                    "download-url",
-                )
-            }
-            None => (
-                c.upload(
-                    &s.node,
-                    &s.import_storage,
-                    "import",
-                    &b.image_path,
-                    &b.image_name,
-                    &b.image_sha256,
-                )
-                .map(Value::String),
-                "upload",
-            ),
-        };
-        let done = r.and_then(|v| wait(c, v, shown, &format!("{shown} of {}", b.image_name)));
-        if let Err(e) = done {
-            // The task removes its own partial file; a failed request created nothing.
-            return Err(e.context(format!(
-                "putting {} into storage {} on node {}",
-                b.image_name, s.import_storage, s.node
-            )));
+    let present = content
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v["volid"].as_str() == Some(volid)));
+    if present {
+        return Ok("reused");
+    }
+    let (r, shown) = match &o.url {
+        Some(url) => {
+            let p = BTreeMap::from([
+                ("checksum".to_string(), b.image_sha256.clone()),
+                ("checksum-algorithm".to_string(), "sha256".to_string()),
+                ("content".to_string(), "import".to_string()),
+                ("filename".to_string(), b.image_name.clone()),
+                ("url".to_string(), url.clone()),
+            ]);
+            (
+                c.post(
+                    &[
+                        "nodes",
+                        &s.node,
+                        "storage",
+                        &s.import_storage,
+                        "download-url",
+                    ],
+                    &p,
+                ),
+                "download-url",
+            )
         }
-        if o.url.is_some() {
-            "downloaded"
-        } else {
-            "uploaded"
-        }
+        None => (
+            c.upload(
+                &s.node,
+                &s.import_storage,
+                "import",
+                &b.image_path,
+                &b.image_name,
+                &b.image_sha256,
+            )
+            .map(Value::String),
+            "upload",
+        ),
     };
-    let ours =
-        (image != "reused").then_some((s.node.as_str(), s.import_storage.as_str(), volid.as_str()));
+    let done = r.and_then(|v| wait(c, v, shown, &format!("{shown} of {}", b.image_name)));
+    if let Err(e) = done {
+        // The task removes its own partial file; a failed request created nothing.
+        return Err(e.context(format!(
+            "putting {} into storage {} on node {}",
+            b.image_name, s.import_storage, s.node
+        )));
+    }
+    Ok(if o.url.is_some() {
+        "downloaded"
+    } else {
+        "uploaded"
+    })
+}
 
+/// Creates the VM (`o.vmid`, else the next free id) and converts it to a template; on failure
+/// removes what this run made (the VM, and the image volume when it is `ours`). Returns the
+/// VM id.
+fn create_template(
+    c: &Client,
+    s: &Settings,
+    b: &BuildInfo,
+    o: &ImportOptions,
+    name: &str,
+    ours: Option<(&str, &str, &str)>,
+) -> Result<u32> {
     let vmid = match o.vmid {
         Some(v) => v,
         None => match next_vmid(c) {
@@ -430,7 +488,7 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
     if let Err(e) = created {
         // A request PVE rejected (4xx) created nothing; a failed task, a server error or a lost
         // answer may have left the VM.
-        let vm = (!rejected_4xx(&e)).then_some((vmid, name.as_str()));
+        let vm = (!rejected_4xx(&e)).then_some((vmid, name));
         return Err(fail(e, cleanup(c, vm, ours)));
     }
     let templ = c
@@ -447,18 +505,9 @@ pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Res
             )
         });
     if let Err(e) = templ {
-        return Err(fail(e, cleanup(c, Some((vmid, name.as_str())), ours)));
+        return Err(fail(e, cleanup(c, Some((vmid, name)), ours)));
     }
-    Ok(ImportReport {
-        role: b.role.clone(),
-        build_id: b.build_id.clone(),
-        node: s.node.clone(),
-        vmid,
-        name,
-        state: if replaced { "replaced" } else { "created" }.into(),
-        volume: volid,
-        image: image.into(),
-    })
+    Ok(vmid)
 }
 
 /// Proxmox refused the request itself (4xx): nothing was done.
