@@ -371,7 +371,7 @@ fn build_role_inner(
     let mut st = Stages::new(role, &opts.out_dir);
     let (fetched, debs, locked_artifacts) =
         st.stage("fetch", || fetch_stage(project, resolved, opts))?;
-    let token = if resolved.recipe.k3s.mode != "none" {
+    let token = if resolved.recipe.k3s.mode.runs_k3s() {
         Some(resolve::read_token(project)?)
     } else {
         None
@@ -706,7 +706,7 @@ fn fetch_stage(project: &Project, r: &Resolved, opts: &BuildOptions) -> Result<F
     let mut locked = BTreeMap::new();
     let fetcher = fetch::Fetcher::new(&opts.cache_dir).offline(opts.offline);
     let debs = fetch_debs(&r.recipe, &fetcher, &mut locked)?;
-    if r.recipe.k3s.mode == "none" {
+    if !r.recipe.k3s.mode.runs_k3s() {
         return Ok((out, debs, locked));
     }
     let k = project
@@ -745,7 +745,12 @@ fn fetch_stage(project: &Project, r: &Resolved, opts: &BuildOptions) -> Result<F
             .to_string();
         out.airgap = Some((name, p));
     }
-    if let (Some(ss), "server") = (&project.cluster.sealed_secrets, r.recipe.k3s.mode.as_str()) {
+    let sealed = project
+        .cluster
+        .sealed_secrets
+        .as_ref()
+        .filter(|_| r.recipe.k3s.mode.is_server());
+    if let Some(ss) = sealed {
         if let Some(c) = &ss.chart {
             out.sealed_secrets_chart =
                 Some(get("sealed-secrets-chart", &c.url, &c.sha256, c.size)?);

@@ -69,7 +69,7 @@ pub fn plan<'a>(project: &Project, roles: &'a [Resolved]) -> Result<Vec<PlannedN
     let mut out = Vec::new();
     for r in roles {
         for n in r.cluster.nodes.iter().filter(|n| n.role == r.role) {
-            let s = seed::render(project, n, &r.build_id, r.recipe.k3s.mode != "none", &keys)?;
+            let s = seed::render(project, n, &r.build_id, r.recipe.k3s.mode.runs_k3s(), &keys)?;
             out.push(PlannedNode {
                 node: n,
                 role: &r.role,

@@ -641,13 +641,7 @@ impl ModuleSigning {
 pub fn module_signing(keys_dir: &Path) -> Result<ModuleSigning> {
     let paths = KeyPaths::new(keys_dir);
     let user_err = |file: &Path, problem: String, fix: &str| -> anyhow::Error {
-        crate::project::recipe::RecipeError {
-            file: file.to_path_buf(),
-            key: "(module-signing key)".into(),
-            problem,
-            fix: fix.into(),
-        }
-        .into()
+        crate::project::recipe::RecipeError::new(file, "(module-signing key)", problem, fix).into()
     };
     let fix_missing = "run `kiln keys init --add-missing` (adds the module-signing key, keeps every other key), or set debian.sign_modules = false";
     let key_pem =
