@@ -19,18 +19,42 @@
 //!   `unsafe`.
 //! - [`testing`] — qemu helpers and fuzz entry points (`cfg(test)` or the `testing` feature).
 //!
-/// The layers are private modules in the product, so the compiler sees every unused item;
-/// integration tests, benches and fuzz targets see them with the `testing` feature.
-macro_rules! layers {
-    ($($m:ident),* $(,)?) => {$(
-        #[cfg(any(test, feature = "testing"))]
-        pub mod $m;
-        #[cfg(not(any(test, feature = "testing")))]
-        mod $m;
-    )*};
-}
-layers!(bench, cli, deliver, formats, pipeline, project, sys, trust);
+// The layers are private modules in the product, so the compiler sees every unused item;
+// integration tests, benches and fuzz targets see them with the `testing` feature. (Written
+// out, not by a macro: rustfmt only formats the modules it can see.)
+#[cfg(any(test, feature = "testing"))]
+pub mod bench;
+#[cfg(not(any(test, feature = "testing")))]
+mod bench;
+#[cfg(any(test, feature = "testing"))]
+pub mod cli;
+#[cfg(not(any(test, feature = "testing")))]
+mod cli;
+#[cfg(any(test, feature = "testing"))]
+pub mod deliver;
+#[cfg(not(any(test, feature = "testing")))]
+mod deliver;
+#[cfg(any(test, feature = "testing"))]
+pub mod formats;
+#[cfg(not(any(test, feature = "testing")))]
+mod formats;
+#[cfg(any(test, feature = "testing"))]
+pub mod pipeline;
+#[cfg(not(any(test, feature = "testing")))]
+mod pipeline;
+#[cfg(any(test, feature = "testing"))]
+pub mod project;
+#[cfg(not(any(test, feature = "testing")))]
+mod project;
+#[cfg(any(test, feature = "testing"))]
+pub mod sys;
+#[cfg(not(any(test, feature = "testing")))]
+mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod trust;
+#[cfg(not(any(test, feature = "testing")))]
+mod trust;
 
 pub use cli::{exit_code, run, Cli};

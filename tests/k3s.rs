@@ -94,9 +94,16 @@ fn gpu_and_storage_roles_carry_labels_and_taints() {
         assert!(st.debian.packages.contains(&p.to_string()), "{p}");
     }
     assert!(st.systemd.enable.contains(&"iscsid.service".to_string()));
-    assert_eq!(kiln::pipeline::k3s::unit_name("server"), "k3s.service");
-    assert_eq!(kiln::pipeline::k3s::unit_name("agent"), "k3s-agent.service");
-    let u = kiln::pipeline::k3s::unit("agent");
+    use kiln::project::recipe::K3sMode;
+    assert_eq!(
+        kiln::pipeline::k3s::unit_name(K3sMode::Server),
+        "k3s.service"
+    );
+    assert_eq!(
+        kiln::pipeline::k3s::unit_name(K3sMode::Agent),
+        "k3s-agent.service"
+    );
+    let u = kiln::pipeline::k3s::unit(K3sMode::Agent);
     for l in [
         "Type=notify",
         "Delegate=yes",

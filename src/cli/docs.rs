@@ -44,7 +44,11 @@ fn commands() -> Vec<(String, clap::Command)> {
         cmd.mut_args(|a| a.hide_env_values(true))
             .mut_subcommands(fixed)
     }
-    let mut root = fixed(Cli::command().term_width(WIDTH).disable_help_subcommand(true));
+    let mut root = fixed(
+        Cli::command()
+            .term_width(WIDTH)
+            .disable_help_subcommand(true),
+    );
     root.build();
     let mut out = Vec::new();
     walk("kiln", &root, &mut out);
@@ -87,7 +91,8 @@ fn write_man_pages(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (name, cmd) in commands() {
         let mut buf = Vec::new();
-        clap_mangen::Man::new(cmd).title(name.clone())
+        clap_mangen::Man::new(cmd)
+            .title(name.clone())
             .render(&mut buf)
             .with_context(|| format!("rendering the man page of {name}"))?;
         util::write_atomic(&dir.join(format!("{name}.1")), &buf)?;

@@ -14,7 +14,11 @@ pub(crate) fn flash_cmd(cx: &Ctx, a: &FlashArgs) -> Result<()> {
 }
 
 /// `kiln flash`: runs [`flash`] and prints its report in plain words (or JSON) on stdout.
-fn flash_command(out_dir: &std::path::Path, a: &FlashArgs, key_path: &std::path::Path) -> Result<()> {
+fn flash_command(
+    out_dir: &std::path::Path,
+    a: &FlashArgs,
+    key_path: &std::path::Path,
+) -> Result<()> {
     let key = sign::load_verifying_key(key_path)?;
     let opts = FlashOptions {
         out_dir: out_dir.to_path_buf(),

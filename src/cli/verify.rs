@@ -6,7 +6,9 @@ use super::Ctx;
 use crate::pipeline::reproduce::{self, NotReproduced, RebuildOptions, RebuildReport};
 use crate::project::layout::key;
 use crate::sys::util;
-use crate::trust::sign::{load_verifying_key, verify_dir_with_progress, FileStatus, VerifyError, SIG};
+use crate::trust::sign::{
+    load_verifying_key, verify_dir_with_progress, FileStatus, VerifyError, SIG,
+};
 use anyhow::{Context, Result};
 use std::io::{self, Write};
 use std::path::Path;

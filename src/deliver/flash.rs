@@ -419,7 +419,6 @@ fn block_users(bd: &BlockDev) -> Result<Vec<String>> {
     Ok(reasons)
 }
 
-
 /// Size in bytes of an open block device (BLKGETSIZE64).
 fn block_size(f: &File, path: &Path) -> Result<u64> {
     let size = crate::sys::os::block_device_size(f)

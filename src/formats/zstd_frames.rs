@@ -35,8 +35,7 @@ pub fn reuse_params(opts: &Options) -> String {
 /// Writes `out`, the frames of the file at `input`, copying the earlier frames `reuse` has.
 /// Returns the index of the frames written.
 pub fn write(input: &Path, out: &Path, opts: &Options, reuse: &mut Reuse) -> Result<Index> {
-    let file = fs::File::open(input)
-        .with_context(|| format!("opening {}", input.display()))?;
+    let file = fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
     let mut index = Index::new(reuse_params(opts));
@@ -70,8 +69,8 @@ pub fn write(input: &Path, out: &Path, opts: &Options, reuse: &mut Reuse) -> Res
                         n += 1;
                     }
                     Err(e) => {
-                        let _ =
-                            reader_res.send(Err(anyhow::anyhow!("reading {}: {e}", input.display())));
+                        let _ = reader_res
+                            .send(Err(anyhow::anyhow!("reading {}: {e}", input.display())));
                         return;
                     }
                 }

@@ -234,19 +234,11 @@ pub fn ensure_with(
             check_cached(&dir)?
         };
         match state {
-            CacheCheck::Good => {
-                return Ok(Base {
-                    tar,
-                    cached: true,
-                })
-            }
+            CacheCheck::Good => return Ok(Base { tar, cached: true }),
             CacheCheck::Unrecorded { actual } => {
                 tracing::info!("recording the digest of the cached base {}", dir.display());
                 util::write_atomic(&dir.join(DIGEST_FILE), format!("{actual}\n").as_bytes())?;
-                return Ok(Base {
-                    tar,
-                    cached: true,
-                });
+                return Ok(Base { tar, cached: true });
             }
             CacheCheck::Corrupt { recorded, actual } => {
                 tracing::warn!(
@@ -315,10 +307,7 @@ pub fn ensure_with(
             .with_context(|| format!("moving base into {}", dir.display()))?;
         util::sync_path(&parent)?;
     }
-    Ok(Base {
-        tar,
-        cached: false,
-    })
+    Ok(Base { tar, cached: false })
 }
 
 /// The base's extra inputs, staged for mmdebstrap's hooks.

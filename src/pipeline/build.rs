@@ -1,15 +1,15 @@
 //! `kiln build`: runs the stages in order for one role and moves the finished build into place.
 
+use crate::formats::disk;
 use crate::pipeline::base;
 use crate::pipeline::compose::{self, ComposeInput};
-use crate::formats::disk;
 use crate::pipeline::emit;
-use crate::project::recipe::Project;
-use crate::pipeline::resolve::{self, Resolved};
-use crate::sys::util;
 use crate::pipeline::fetch;
 use crate::pipeline::k3s;
+use crate::pipeline::resolve::{self, Resolved};
 use crate::project::lock;
+use crate::project::recipe::Project;
+use crate::sys::util;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -424,7 +424,7 @@ fn build_role_inner(
     let mut st = Stages::new(role, &opts.out_dir);
     let (fetched, debs, locked_artifacts) =
         st.stage("fetch", || fetch_stage(project, resolved, opts))?;
-    let token = if resolved.recipe.k3s.mode != "none" {
+    let token = if resolved.recipe.k3s.mode.runs_k3s() {
         Some(resolve::read_token(project)?)
     } else {
         None
@@ -833,7 +833,6 @@ pub(crate) fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()
     util::sync_path(parent)
 }
 
-
 /// Images that carry key material are readable by their owner only (dir 0700, files 0600).
 pub(crate) fn restrict_permissions(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -857,7 +856,9 @@ pub(crate) fn ensure_base(
     checked: bool,
 ) -> Result<base::Base> {
     let module_signing = if r.recipe.debian.sign_modules {
-        Some(crate::trust::keys::module_signing(&crate::project::layout::Layout::new(&project.root).keys())?)
+        Some(crate::trust::keys::module_signing(
+            &crate::project::layout::Layout::new(&project.root).keys(),
+        )?)
     } else {
         None
     };
@@ -894,7 +895,10 @@ pub(crate) fn fetch_debs(
 ) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     for d in &recipe.debian.debs {
-        let name = format!("deb/{}", crate::project::recipe::Debian::deb_file_name(&d.url));
+        let name = format!(
+            "deb/{}",
+            crate::project::recipe::Debian::deb_file_name(&d.url)
+        );
         let p = fetcher.fetch(&fetch::Artifact {
             name: name.clone(),
             url: d.url.clone(),
@@ -927,7 +931,7 @@ fn fetch_stage(project: &Project, r: &Resolved, opts: &BuildOptions) -> Result<F
     let mut locked = BTreeMap::new();
     let fetcher = fetch::Fetcher::new(&opts.cache_dir).offline(opts.offline);
     let debs = fetch_debs(&r.recipe, &fetcher, &mut locked)?;
-    if r.recipe.k3s.mode == "none" {
+    if !r.recipe.k3s.mode.runs_k3s() {
         return Ok((out, debs, locked));
     }
     let k = project
@@ -966,7 +970,12 @@ fn fetch_stage(project: &Project, r: &Resolved, opts: &BuildOptions) -> Result<F
             .to_string();
         out.airgap = Some((name, p));
     }
-    if let (Some(ss), "server") = (&project.cluster.sealed_secrets, r.recipe.k3s.mode.as_str()) {
+    let sealed = project
+        .cluster
+        .sealed_secrets
+        .as_ref()
+        .filter(|_| r.recipe.k3s.mode.is_server());
+    if let Some(ss) = sealed {
         if let Some(c) = &ss.chart {
             out.sealed_secrets_chart =
                 Some(get("sealed-secrets-chart", &c.url, &c.sha256, c.size)?);

@@ -17,9 +17,9 @@
 //! make are listed as `other` and left alone. The project must resolve (every recipe valid):
 //! without that kiln cannot tell what is in use, and removes nothing.
 
-use crate::project::recipe::Project;
-use crate::project::layout::Cache;
 use crate::pipeline::resolve::{self, Resolved};
+use crate::project::layout::Cache;
+use crate::project::recipe::Project;
 use crate::sys::util;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -135,7 +135,9 @@ fn collect_sha256(v: &Value, out: &mut BTreeSet<String>) {
         Value::Object(m) => {
             for (k, x) in m {
                 match (k.as_str(), x) {
-                    ("sha256", Value::String(s)) if crate::pipeline::fetch::validate_sha256(s).is_ok() => {
+                    ("sha256", Value::String(s))
+                        if crate::pipeline::fetch::validate_sha256(s).is_ok() =>
+                    {
                         out.insert(s.clone());
                     }
                     _ => collect_sha256(x, out),
@@ -401,4 +403,3 @@ fn remove_entry(cache_dir: &Path, e: &Entry, p: &Path) -> Result<()> {
     util::sync_path(p.parent().unwrap_or(cache_dir)).ok();
     Ok(())
 }
-

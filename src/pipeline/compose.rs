@@ -4,128 +4,14 @@
 //! to SOURCE_DATE_EPOCH); overlay and generated entries form an "upper" layer that replaces
 //! base entries at the same path and is owned by root with normalised modes and mtimes.
 
+use crate::project::overlays::{tera_error_chain, OverlayFile};
 use crate::project::recipe::{Cluster, Node, Project, Recipe, RecipeError};
-use crate::sys::util;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::Path;
-use walkdir::WalkDir;
-
-/// One file of an overlay tree, as found in the project.
-#[derive(Debug, Clone, Serialize)]
-pub struct OverlayFile {
-    /// Layer it comes from (`common` or the role).
-    pub layer: String,
-    /// Path inside the image, without leading `/` and without the `.tera` suffix.
-    pub image_path: String,
-    /// Path relative to `overlays/`.
-    pub source: String,
-    /// `file`, `dir` or `symlink`.
-    pub kind: String,
-    /// Normalised mode (0644/0755 for files, 0755 for dirs, 0777 for symlinks).
-    pub mode: u32,
-    /// sha256 of the file contents, or of the link target.
-    pub sha256: String,
-    pub template: bool,
-}
-
-/// Lists `overlays/common/` then `overlays/<role>/` in sorted order; later layers win.
-pub fn scan_overlays(project: &Project, role: &str) -> Result<Vec<OverlayFile>> {
-    let mut out: BTreeMap<String, OverlayFile> = BTreeMap::new();
-    for layer in ["common", role] {
-        let dir = project.overlays_dir().join(layer);
-        if !dir.is_dir() {
-            continue;
-        }
-        for e in WalkDir::new(&dir).sort_by_file_name().min_depth(1) {
-            let e = e.with_context(|| format!("walking {}", dir.display()))?;
-            let rel = e.path().strip_prefix(&dir).expect("under dir");
-            let rel_str = rel
-                .to_str()
-                .with_context(|| format!("{}: path is not UTF-8", e.path().display()))?
-                .to_string();
-            if rel_str == ".gitkeep" || rel_str.ends_with("/.gitkeep") {
-                continue;
-            }
-            let source = format!("{layer}/{rel_str}");
-            let meta = fs::symlink_metadata(e.path())
-                .with_context(|| format!("reading {}", e.path().display()))?;
-            let ft = meta.file_type();
-            let (kind, mode, sha, template, image_path) = if ft.is_symlink() {
-                let t = fs::read_link(e.path())
-                    .with_context(|| format!("reading link {}", e.path().display()))?;
-                let t = t
-                    .to_str()
-                    .with_context(|| format!("{}: link target is not UTF-8", e.path().display()))?;
-                (
-                    "symlink",
-                    0o777,
-                    util::sha256_hex(t.as_bytes()),
-                    false,
-                    rel_str.clone(),
-                )
-            } else if ft.is_dir() {
-                ("dir", 0o755, String::new(), false, rel_str.clone())
-            } else if ft.is_file() {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = if meta.permissions().mode() & 0o111 != 0 {
-                    0o755
-                } else {
-                    0o644
-                };
-                let (sha, _) = util::sha256_file(e.path())?;
-                match rel_str.strip_suffix(".tera") {
-                    Some(p) => ("file", mode, sha, true, p.to_string()),
-                    None => ("file", mode, sha, false, rel_str.clone()),
-                }
-            } else {
-                return Err(RecipeError {
-                    file: e.path().to_path_buf(),
-                    key: "(overlay)".into(),
-                    problem: "not a regular file, directory or symlink".into(),
-                    fix: "remove it from the overlay".into(),
-                }
-                .into());
-            };
-            out.insert(
-                image_path.clone(),
-                OverlayFile {
-                    layer: layer.to_string(),
-                    image_path,
-                    source,
-                    kind: kind.into(),
-                    mode,
-                    sha256: sha,
-                    template,
-                },
-            );
-        }
-    }
-    Ok(out.into_values().collect())
-}
-
-/// Parses every `*.tera` overlay so that syntax errors stop the build before anything is written.
-pub fn check_templates(project: &Project, overlays: &[OverlayFile]) -> Result<()> {
-    for o in overlays.iter().filter(|o| o.template) {
-        let src = project.overlays_dir().join(&o.source);
-        let text = fs::read_to_string(&src).map_err(|e| RecipeError {
-            file: src.clone(),
-            key: "(template)".into(),
-            problem: format!("cannot read as UTF-8 text: {e}"),
-            fix: "save it as UTF-8 or drop the .tera suffix".into(),
-        })?;
-        tera::Tera::default().add_raw_template(&o.source, &text).map_err(|e| RecipeError {
-            file: src.clone(),
-            key: "(template)".into(),
-            problem: format!("template syntax error: {}", tera_error_chain(&e)),
-            fix: "fix the tera syntax (https://keats.github.io/tera/docs/), or drop the .tera suffix to copy the file verbatim".into(),
-        })?;
-    }
-    Ok(())
-}
 
 /// Values templates (`*.tera`) see.
 #[derive(Debug, Serialize)]
@@ -269,14 +155,14 @@ pub fn compose(input: &ComposeInput, out: &Path) -> Result<Composed> {
                 .project
                 .recipes_dir()
                 .join(format!("{}.toml", input.recipe.role));
-            return Err(crate::project::recipe::RecipeError {
-                file: role_toml,
-                key: "debian.sign_modules".into(),
-                problem: format!(
+            return Err(RecipeError::new(
+                role_toml,
+                "debian.sign_modules",
+                format!(
                     "the base has a DKMS module-signing private key (/{key}) that DKMS generated for this build"
                 ),
-                fix: "set `sign_modules = true` under [debian] so DKMS signs with keys/module-signing.key (made by `kiln keys init --add-missing`) and the private key is dropped".into(),
-            }
+                "set `sign_modules = true` under [debian] so DKMS signs with keys/module-signing.key (made by `kiln keys init --add-missing`) and the private key is dropped",
+            )
             .into());
         }
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
@@ -632,19 +518,21 @@ fn overlay_entry(project: &Project, o: &OverlayFile, tctx: &tera::Context) -> Re
 
 /// Renders the template `src` (its bytes `raw`) with `tctx`.
 fn render_template(src: &Path, raw: Vec<u8>, tctx: &tera::Context) -> Result<Vec<u8>> {
-    let text = String::from_utf8(raw).map_err(|_| RecipeError {
-        file: src.to_path_buf(),
-        key: "(template)".into(),
-        problem: "template is not UTF-8".into(),
-        fix: "save it as UTF-8 or drop the .tera suffix".into(),
+    let text = String::from_utf8(raw).map_err(|_| {
+        RecipeError::new(
+            src,
+            "(template)",
+            "template is not UTF-8",
+            "save it as UTF-8 or drop the .tera suffix",
+        )
     })?;
     Ok(tera::Tera::one_off(&text, tctx, false)
-        .map_err(|e| RecipeError {
-            file: src.to_path_buf(),
-            key: "(template)".into(),
-            problem: format!("cannot render: {}", tera_error_chain(&e)),
-            fix: "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}".into(),
-        })?
+        .map_err(|e| RecipeError::new(
+            src,
+            "(template)",
+            format!("cannot render: {}", tera_error_chain(&e)),
+            "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}",
+        ))?
         .into_bytes())
 }
 
@@ -721,12 +609,12 @@ fn enable_units(
             None => (unit.clone(), None),
         };
         let Some((unit_path, text)) = find_unit(&template, upper, scan) else {
-            return Err(RecipeError {
-                file: project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
-                key: "systemd.enable".into(),
-                problem: format!("unit {unit:?} is not in the image (looked in {} of the base and the overlays)", UNIT_DIRS.join(", ")),
-                fix: "add the package that ships it to debian.packages, or put the unit file in overlays/<layer>/etc/systemd/system/".into(),
-            }
+            return Err(RecipeError::new(
+                project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
+                "systemd.enable",
+                format!("unit {unit:?} is not in the image (looked in {} of the base and the overlays)", UNIT_DIRS.join(", ")),
+                "add the package that ships it to debian.packages, or put the unit file in overlays/<layer>/etc/systemd/system/",
+            )
             .into());
         };
         let unit_path = unit_path.replacen(
@@ -740,12 +628,12 @@ fn enable_units(
             && install.alias.is_empty()
             && install.also.is_empty()
         {
-            return Err(RecipeError {
-                file: project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
-                key: "systemd.enable".into(),
-                problem: format!("unit {unit:?} has no [Install] section, so it cannot be enabled"),
-                fix: "remove it from systemd.enable (it is started by its dependencies) or add an [Install] section".into(),
-            }
+            return Err(RecipeError::new(
+                project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
+                "systemd.enable",
+                format!("unit {unit:?} has no [Install] section, so it cannot be enabled"),
+                "remove it from systemd.enable (it is started by its dependencies) or add an [Install] section",
+            )
             .into());
         }
         link_unit(upper, &unit, &unit_path, &install);
@@ -871,17 +759,6 @@ fn with_parent_dirs(
         }
     }
     Ok(upper)
-}
-
-pub(crate) fn tera_error_chain(e: &tera::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[derive(Debug, Default, PartialEq)]

@@ -6,12 +6,12 @@
 //! The node id covers the role build, the role disk's digest and the rendered seed, so a node is
 //! rebuilt exactly when one of them changes.
 
-use crate::pipeline::build::{self, BuildOptions, BuildReport};
 use crate::formats::disk;
+use crate::pipeline::build::{self, BuildOptions, BuildReport};
 use crate::pipeline::emit;
-use crate::project::recipe::{Node, Project};
 use crate::pipeline::resolve::Resolved;
 use crate::pipeline::seed::{self, Seed};
+use crate::project::recipe::{Node, Project};
 use crate::sys::util;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
@@ -69,7 +69,7 @@ pub fn plan<'a>(project: &Project, roles: &'a [Resolved]) -> Result<Vec<PlannedN
     let mut out = Vec::new();
     for r in roles {
         for n in r.cluster.nodes.iter().filter(|n| n.role == r.role) {
-            let s = seed::render(project, n, &r.build_id, r.recipe.k3s.mode != "none", &keys)?;
+            let s = seed::render(project, n, &r.build_id, r.recipe.k3s.mode.runs_k3s(), &keys)?;
             out.push(PlannedNode {
                 node: n,
                 role: &r.role,
@@ -258,10 +258,13 @@ fn write_node(
     names.push("node.json");
     let mut all = artifacts;
     all.extend(crate::trust::sums::hash_artifacts(sd, &["node.json"])?);
-    fs::write(sd.join("SHA256SUMS"), crate::trust::sums::sha256sums(&all)).context("writing SHA256SUMS")?;
+    fs::write(sd.join("SHA256SUMS"), crate::trust::sums::sha256sums(&all))
+        .context("writing SHA256SUMS")?;
     crate::trust::sign::sign_dir(
         sd,
-        &crate::trust::sign::load_signing_key(&crate::project::layout::Layout::new(&project.root).keys())?,
+        &crate::trust::sign::load_signing_key(
+            &crate::project::layout::Layout::new(&project.root).keys(),
+        )?,
     )?;
     for n in names.iter().chain(["SHA256SUMS", "SHA256SUMS.sig"].iter()) {
         util::sync_path(&sd.join(n))?;

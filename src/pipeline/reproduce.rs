@@ -7,8 +7,8 @@
 //! that differ are named and nothing is built (exit 2). Differences exit with status 3.
 
 use crate::pipeline::build::{self, BuildOptions};
-use crate::project::recipe::{self, RecipeError};
 use crate::pipeline::resolve::{self, Resolved};
+use crate::project::recipe::{self, RecipeError};
 use crate::sys::util;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -491,10 +491,10 @@ pub fn check_inputs(
     } else {
         String::new()
     };
-    Err(RecipeError {
-        file: manifest_path.to_path_buf(),
-        key: "inputs".into(),
-        problem: format!(
+    Err(RecipeError::new(
+        manifest_path,
+        "inputs",
+        format!(
             "this build ({recorded}) was made from other inputs than the project in {} resolves \
              role {} to now ({}); recorded → now:\n{}{more}",
             project_dir.display(),
@@ -502,11 +502,10 @@ pub fn check_inputs(
             resolved.build_id,
             shown.join("\n")
         ),
-        fix: "check out the commit that made this build (e.g. `git log -- recipes overlays`; the \
-              manifest's inputs list every file's sha256) with the same keys/ and kiln version, \
-              then run `kiln verify --rebuild` again"
-            .into(),
-    }
+        "check out the commit that made this build (e.g. `git log -- recipes overlays`; the \
+         manifest's inputs list every file's sha256) with the same keys/ and kiln version, \
+         then run `kiln verify --rebuild` again",
+    )
     .into())
 }
 
@@ -557,13 +556,16 @@ pub(crate) fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
         .iter()
         .map(|d| {
             (
-                format!("deb/{}", crate::project::recipe::Debian::deb_file_name(&d.url)),
+                format!(
+                    "deb/{}",
+                    crate::project::recipe::Debian::deb_file_name(&d.url)
+                ),
                 d.sha256.clone(),
                 d.url.clone(),
             )
         })
         .collect();
-    if r.recipe.k3s.mode == "none" {
+    if !r.recipe.k3s.mode.runs_k3s() {
         return v;
     }
     if let Some(k) = &r.cluster.k3s {
@@ -572,7 +574,12 @@ pub(crate) fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
             v.push(("k3s-airgap-images".into(), a.sha256.clone(), a.url.clone()));
         }
     }
-    if let (Some(ss), "server") = (&r.cluster.sealed_secrets, r.recipe.k3s.mode.as_str()) {
+    let sealed = r
+        .cluster
+        .sealed_secrets
+        .as_ref()
+        .filter(|_| r.recipe.k3s.mode.is_server());
+    if let Some(ss) = sealed {
         if let Some(c) = &ss.chart {
             v.push((
                 "sealed-secrets-chart".into(),
@@ -692,7 +699,9 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
         let how = if seed_artifact(&opts.cache_dir, &cache, &sha)? {
             format!(
                 "copied from {} (sha256 checked)",
-                crate::project::layout::Cache::new(&opts.cache_dir).artifact(&sha).display()
+                crate::project::layout::Cache::new(&opts.cache_dir)
+                    .artifact(&sha)
+                    .display()
             )
         } else {
             format!("fetched from {url}")

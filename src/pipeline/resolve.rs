@@ -4,7 +4,8 @@
 //! any machine. Secrets never go in (later stages keep them out of the hashed recipe).
 
 use crate::pipeline::base::BaseSpec;
-use crate::pipeline::compose::{self, OverlayFile};
+use crate::project::manifests::{validate_manifest, validate_sealed};
+use crate::project::overlays::{check_templates, scan_overlays, OverlayFile};
 use crate::project::recipe::{self, Cluster, Project, Recipe};
 use anyhow::Result;
 use serde::Serialize;
@@ -27,33 +28,29 @@ pub fn secret_fingerprint(name: &str, secret: &[u8]) -> String {
 /// Reads a text file a recipe references; failure is a user error naming the file.
 fn read_text(p: &std::path::Path, key: &str, fix: &str) -> Result<String> {
     std::fs::read_to_string(p).map_err(|e| {
-        recipe::RecipeError {
-            file: p.to_path_buf(),
-            key: key.into(),
-            problem: format!("cannot read as text: {e}"),
-            fix: fix.into(),
-        }
-        .into()
+        recipe::RecipeError::new(p, key, format!("cannot read as text: {e}"), fix).into()
     })
 }
 
 /// Reads the k3s token for a role that runs k3s.
 pub fn read_token(project: &Project) -> Result<String> {
     let p = token_path(project);
-    let t = std::fs::read_to_string(&p).map_err(|e| recipe::RecipeError {
-        file: p.clone(),
-        key: "(k3s token)".into(),
-        problem: format!("cannot read the cluster token: {e}"),
-        fix: "run `kiln keys init` (or put a random secret in keys/k3s-token, mode 0600)".into(),
+    let t = std::fs::read_to_string(&p).map_err(|e| {
+        recipe::RecipeError::new(
+            &p,
+            "(k3s token)",
+            format!("cannot read the cluster token: {e}"),
+            "run `kiln keys init` (or put a random secret in keys/k3s-token, mode 0600)",
+        )
     })?;
     let t = t.trim().to_string();
     if t.len() < 16 || t.contains(char::is_whitespace) {
-        return Err(recipe::RecipeError {
-            file: p,
-            key: "(k3s token)".into(),
-            problem: "the token is shorter than 16 characters or contains whitespace".into(),
-            fix: "run `kiln keys init --force` to make a new one".into(),
-        }
+        return Err(recipe::RecipeError::new(
+            p,
+            "(k3s token)",
+            "the token is shorter than 16 characters or contains whitespace",
+            "run `kiln keys init --force` to make a new one",
+        )
         .into());
     }
     Ok(t)
@@ -102,12 +99,17 @@ impl Resolved {
 /// Loads the role's recipe and computes its build id.
 pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let recipe = recipe::load_role(project, role)?;
-    let overlays = compose::scan_overlays(project, role)?;
-    compose::check_templates(project, &overlays)?;
+    let overlays = scan_overlays(project, role)?;
+    check_templates(project, &overlays)?;
     // Both halves of the module-signing pair are read and cross-checked here (a bad pair is a
     // user error before anything is built); only the certificate's digest enters the spec.
     let module_cert = if recipe.debian.sign_modules {
-        Some(crate::trust::keys::module_signing(&crate::project::layout::Layout::new(&project.root).keys())?.cert_sha256())
+        Some(
+            crate::trust::keys::module_signing(
+                &crate::project::layout::Layout::new(&project.root).keys(),
+            )?
+            .cert_sha256(),
+        )
     } else {
         None
     };
@@ -120,7 +122,7 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let mut referenced: Vec<String> = recipe.k3s.manifests.clone();
     referenced.extend(recipe.k3s.charts.iter().filter_map(|c| c.values.clone()));
     let mut secrets = BTreeMap::new();
-    if recipe.k3s.mode != "none" {
+    if recipe.k3s.mode.runs_k3s() {
         if let Some(r) = project
             .cluster
             .k3s
@@ -130,13 +132,20 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
             referenced.push(r);
         }
         let token = read_token(project)?;
-        if let (Some(ss), "server") = (&project.cluster.sealed_secrets, recipe.k3s.mode.as_str()) {
+        let sealed = project
+            .cluster
+            .sealed_secrets
+            .as_ref()
+            .filter(|_| recipe.k3s.mode.is_server());
+        if let Some(ss) = sealed {
             let (_, key_p) = crate::pipeline::k3s::sealing_key_paths(project);
-            let key = std::fs::read(&key_p).map_err(|e| recipe::RecipeError {
-                file: key_p.clone(),
-                key: "(sealed-secrets key)".into(),
-                problem: format!("cannot read the controller key: {e}"),
-                fix: "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml".into(),
+            let key = std::fs::read(&key_p).map_err(|e| {
+                recipe::RecipeError::new(
+                    &key_p,
+                    "(sealed-secrets key)",
+                    format!("cannot read the controller key: {e}"),
+                    "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
+                )
             })?;
             secrets.insert(
                 "sealed-secrets-key".to_string(),
@@ -145,7 +154,7 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
             for f in &ss.secrets {
                 let p = project.recipes_dir().join(f);
                 let text = read_text(&p, "(sealed secret)", "make it with `kiln seal`")?;
-                crate::pipeline::k3s::validate_sealed(&p, &text)?;
+                validate_sealed(&p, &text)?;
                 referenced.push(f.clone());
             }
         }
@@ -165,7 +174,7 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     for m in &recipe.k3s.manifests {
         let p = project.recipes_dir().join(m);
         let text = read_text(&p, "(manifest)", "save it as UTF-8 YAML")?;
-        crate::pipeline::k3s::validate_manifest(&p, &text)?;
+        validate_manifest(&p, &text)?;
     }
     for f in referenced {
         let (sha, _) = crate::sys::util::sha256_file(&project.recipes_dir().join(&f))?;

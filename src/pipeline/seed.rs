@@ -6,7 +6,7 @@
 //! `overlays/seed/<file>.tera`, then kiln's built-in default (`vendor-data` has no default: it is
 //! only written when the user provides a template).
 
-use crate::pipeline::compose::tera_error_chain;
+use crate::project::overlays::tera_error_chain;
 use crate::project::recipe::{Cluster, Node, Project, RecipeError};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -45,7 +45,8 @@ impl Seed {
 /// `<hostname>-<12 hex>`: changes with the role build, so cloud-init sees a new instance
 /// whenever the node is reflashed with a different image.
 pub fn instance_id(build_id: &str, hostname: &str) -> String {
-    let h = crate::sys::util::sha256_hex(format!("kiln-instance\0{build_id}\0{hostname}").as_bytes());
+    let h =
+        crate::sys::util::sha256_hex(format!("kiln-instance\0{build_id}\0{hostname}").as_bytes());
     format!("{hostname}-{}", &h[..12])
 }
 
@@ -86,7 +87,8 @@ struct BuildCtx<'a> {
 
 /// Reads `keys/authorized_keys` (public: it is in git), one key per non-comment line.
 pub fn authorized_keys(project: &Project) -> Result<Vec<String>> {
-    let p = crate::project::layout::Layout::new(&project.root).key(crate::project::layout::key::AUTHORIZED_KEYS);
+    let p = crate::project::layout::Layout::new(&project.root)
+        .key(crate::project::layout::key::AUTHORIZED_KEYS);
     match fs::read_to_string(&p) {
         Ok(t) => Ok(t
             .lines()
@@ -109,11 +111,13 @@ fn template_for(project: &Project, node: &Node, file: &str) -> Result<Option<(St
             dir.join(sub).join(format!("{file}.tera"))
         };
         if p.is_file() {
-            let text = fs::read_to_string(&p).map_err(|e| RecipeError {
-                file: p.clone(),
-                key: "(template)".into(),
-                problem: format!("cannot read as UTF-8 text: {e}"),
-                fix: "save it as UTF-8".into(),
+            let text = fs::read_to_string(&p).map_err(|e| {
+                RecipeError::new(
+                    &p,
+                    "(template)",
+                    format!("cannot read as UTF-8 text: {e}"),
+                    "save it as UTF-8",
+                )
             })?;
             let rel = p
                 .strip_prefix(&project.root)
@@ -185,37 +189,41 @@ pub fn render(
         } else {
             project.root.join(&source)
         };
-        let rendered = tera::Tera::one_off(&text, &tctx, false).map_err(|e| RecipeError {
-            file: where_.clone(),
-            key: format!("(template for {})", node.hostname),
-            problem: format!("rendering failed: {}", tera_error_chain(&e)),
-            fix: "fix the template; it sees cluster, node, nodes, instance_id, build.id, ssh_authorized_keys, k3s".into(),
+        let rendered = tera::Tera::one_off(&text, &tctx, false).map_err(|e| {
+            RecipeError::new(
+                &where_,
+                format!("(template for {})", node.hostname),
+                format!("rendering failed: {}", tera_error_chain(&e)),
+                "fix the template; it sees cluster, node, nodes, instance_id, build.id, ssh_authorized_keys, k3s",
+            )
         })?;
         let rendered = if rendered.ends_with('\n') {
             rendered
         } else {
             rendered + "\n"
         };
-        validate(file, &rendered, node, &iid).map_err(|(key, problem, fix)| RecipeError {
-            file: where_.clone(),
-            key: format!("{} ({})", key, node.hostname),
-            problem,
-            fix,
+        validate(file, &rendered, node, &iid).map_err(|(key, problem, fix)| {
+            RecipeError::new(
+                &where_,
+                format!("{} ({})", key, node.hostname),
+                problem,
+                fix,
+            )
         })?;
         files.insert(file.to_string(), rendered);
         sources.insert(file.to_string(), source);
     }
     if let Some(t) = &token {
         if !files.values().any(|f| f.contains(t.as_str())) {
-            return Err(RecipeError {
-                file: project.recipes_dir().join("cluster.toml"),
-                key: "k3s.token_delivery".into(),
-                problem: format!(
+            return Err(RecipeError::new(
+                project.recipes_dir().join("cluster.toml"),
+                "k3s.token_delivery",
+                format!(
                     "token_delivery = \"seed\" but the seed of {} does not contain the token (an overridden user-data template dropped it)",
                     node.hostname
                 ),
-                fix: "write it in user-data with write_files from {{ k3s_token }} (see the built-in template), or set token_delivery = \"image\"".into(),
-            }
+                "write it in user-data with write_files from {{ k3s_token }} (see the built-in template), or set token_delivery = \"image\"",
+            )
             .into());
         }
     }
@@ -498,7 +506,10 @@ fn validate_network(v: &serde_yaml::Value, node: &Node) -> Result<(), Invalid> {
 
 /// The seeds of the named inventory nodes (every node for none), in the order asked, each for
 /// its role's current build id; nothing is written.
-pub fn render_nodes<'p>(project: &'p Project, hostnames: &[String]) -> Result<Vec<(&'p Node, Seed)>> {
+pub fn render_nodes<'p>(
+    project: &'p Project,
+    hostnames: &[String],
+) -> Result<Vec<(&'p Node, Seed)>> {
     let nodes: Vec<&Node> = if hostnames.is_empty() {
         project.cluster.nodes.iter().collect()
     } else {
@@ -512,10 +523,13 @@ pub fn render_nodes<'p>(project: &'p Project, hostnames: &[String]) -> Result<Ve
     let mut seeds = Vec::new();
     for n in nodes {
         if !by_role.contains_key(&n.role) {
-            by_role.insert(n.role.clone(), crate::pipeline::resolve::resolve(project, &n.role)?);
+            by_role.insert(
+                n.role.clone(),
+                crate::pipeline::resolve::resolve(project, &n.role)?,
+            );
         }
         let r = &by_role[&n.role];
-        let s = render(project, n, &r.build_id, r.recipe.k3s.mode != "none", &keys)?;
+        let s = render(project, n, &r.build_id, r.recipe.k3s.mode.runs_k3s(), &keys)?;
         seeds.push((n, s));
     }
     Ok(seeds)

@@ -2,14 +2,14 @@
 //! Debian package versions of every base. `kiln build` updates it; `kiln build --locked` fails
 //! instead of changing it, so CI can prove a build used exactly the recorded inputs.
 
+use super::error::RecipeError;
+use super::layout::{Layout, LOCK_FILE};
 use crate::sys::util;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-
-pub const FILE: &str = "kiln.lock";
+use std::path::Path;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,20 +39,18 @@ pub struct LockedBase {
     pub packages: Vec<String>,
 }
 
-pub fn path(project_root: &Path) -> PathBuf {
-    project_root.join(FILE)
-}
-
 /// Reads kiln.lock (an absent file is an empty lock).
 pub fn read(project_root: &Path) -> Result<Lock> {
-    let p = path(project_root);
+    let p = Layout::new(project_root).lock_file();
     match fs::read_to_string(&p) {
         Ok(t) => {
-            let l: Lock = toml::from_str(&t).map_err(|e| crate::project::recipe::RecipeError {
-                file: p.clone(),
-                key: "(lock)".into(),
-                problem: format!("cannot parse: {}", e.message()),
-                fix: "delete kiln.lock and run `kiln build` to regenerate it".into(),
+            let l: Lock = toml::from_str(&t).map_err(|e| {
+                RecipeError::new(
+                    &p,
+                    "(lock)",
+                    format!("cannot parse: {}", e.message()),
+                    "delete kiln.lock and run `kiln build` to regenerate it",
+                )
             })?;
             Ok(l)
         }
@@ -118,7 +116,7 @@ pub fn apply(project_root: &Path, update: &Lock, locked: bool) -> Result<()> {
     if locked {
         bail!(
             "--locked: the build would change {}:\n  {}\nfix: run `kiln build` without --locked and commit the new kiln.lock, or restore the inputs that changed",
-            FILE,
+            LOCK_FILE,
             changes.join("\n  ")
         );
     }
@@ -126,5 +124,5 @@ pub fn apply(project_root: &Path, update: &Lock, locked: bool) -> Result<()> {
         "# kiln.lock — written by `kiln build`; commit it. `kiln build --locked` refuses to change it.\n{}",
         toml::to_string_pretty(&merged).context("serialising kiln.lock")?
     );
-    util::write_atomic(&path(project_root), text.as_bytes())
+    util::write_atomic(&Layout::new(project_root).lock_file(), text.as_bytes())
 }

@@ -1,6 +1,11 @@
 //! The project's inputs: recipes and their merge, the inventory, overlays, referenced files,
 //! `kiln.lock`, and [`layout::Layout`], the one place every path of a project is spelled.
 
+pub mod error;
+mod files;
+pub mod inventory;
 pub mod layout;
 pub mod lock;
+pub mod manifests;
+pub mod overlays;
 pub mod recipe;

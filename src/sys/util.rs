@@ -138,7 +138,6 @@ pub fn is_disk_full(err: &anyhow::Error) -> bool {
     })
 }
 
-
 /// Human-readable byte count (MB/GB, decimal, one decimal place).
 pub fn human_bytes(n: u64) -> String {
     let f = n as f64;
@@ -199,7 +198,6 @@ pub fn shell_quote(s: &str) -> String {
     }
     format!("'{}'", s.replace('\'', r"'\''"))
 }
-
 
 /// The number of CPUs this process may use (at least 1).
 pub fn cpu_count() -> usize {

@@ -568,7 +568,9 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
                 let (kind, fingerprint) =
                     describe(&bytes).with_context(|| format!("reading {}", path.display()))?;
                 let allowed_signers = (path == paths.signing_public.as_path())
-                    .then(|| crate::trust::sign::parse_verifying_key(utf8(&bytes).ok()?.trim()).ok())
+                    .then(|| {
+                        crate::trust::sign::parse_verifying_key(utf8(&bytes).ok()?.trim()).ok()
+                    })
                     .flatten()
                     .map(|k| crate::trust::sign::allowed_signers_line(&k));
                 KeyInfo {
@@ -640,13 +642,7 @@ impl ModuleSigning {
 pub fn module_signing(keys_dir: &Path) -> Result<ModuleSigning> {
     let paths = KeyPaths::new(keys_dir);
     let user_err = |file: &Path, problem: String, fix: &str| -> anyhow::Error {
-        crate::project::recipe::RecipeError {
-            file: file.to_path_buf(),
-            key: "(module-signing key)".into(),
-            problem,
-            fix: fix.into(),
-        }
-        .into()
+        crate::project::recipe::RecipeError::new(file, "(module-signing key)", problem, fix).into()
     };
     let fix_missing = "run `kiln keys init --add-missing` (adds the module-signing key, keeps every other key), or set debian.sign_modules = false";
     let key_pem =
@@ -791,7 +787,6 @@ fn describe_signing_public(bytes: &[u8]) -> Result<(String, String)> {
     ))
 }
 
-
 /// `SHA256:<base64 unpadded>` of an RSA public key in SSH wire form: what the sealed-secrets
 /// controller logs as the key's fingerprint.
 pub fn rsa_ssh_fingerprint(key: &RsaPublicKey) -> Result<String> {
@@ -813,7 +808,6 @@ fn describe_rsa_private(bytes: &[u8]) -> Result<(String, String)> {
         rsa_ssh_fingerprint(&public)?,
     ))
 }
-
 
 fn describe_cert(bytes: &[u8]) -> Result<(String, String)> {
     let pem = utf8(bytes)?;

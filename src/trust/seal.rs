@@ -647,8 +647,6 @@ fn parse_secret(text: &str) -> Result<SecretIn, SealError> {
     })
 }
 
-
-
 /// Seals a Secret into a [`SealedSecret`] (see [`seal`]).
 pub fn seal_document(
     secret_yaml: &str,
@@ -799,8 +797,8 @@ pub fn unseal(sealed_yaml: &str, key_pem: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use x509_cert::der::Decode;
     use std::sync::OnceLock;
+    use x509_cert::der::Decode;
 
     /// One 2048-bit key and certificate shared by the tests (key generation is slow).
     fn fixture() -> &'static (RsaPrivateKey, String, String) {

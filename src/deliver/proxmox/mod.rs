@@ -242,7 +242,11 @@ pub fn load_role_build(
     let b = import::load_build(&bdir, key)?;
     if b.role != role {
         anyhow::bail!(ProxmoxError::Input {
-            what: format!("{} is a build of role {}, not {role}", b.dir.display(), b.role),
+            what: format!(
+                "{} is a build of role {}, not {role}",
+                b.dir.display(),
+                b.role
+            ),
             fix: "pass the matching --role".into(),
         });
     }

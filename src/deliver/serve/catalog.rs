@@ -237,11 +237,13 @@ impl Catalog {
             ));
         }
         if let Some(role) = default_role {
-            let id = latest(out_dir, role).ok_or_else(|| crate::project::recipe::RecipeError {
-                file: crate::project::layout::Out::new(out_dir).latest(role),
-                key: "--default-role".into(),
-                problem: format!("there is no {role} build to boot unknown machines with"),
-                fix: format!("run `kiln build --role {role}` first, or drop --default-role"),
+            let id = latest(out_dir, role).ok_or_else(|| {
+                crate::project::recipe::RecipeError::new(
+                    crate::project::layout::Out::new(out_dir).latest(role),
+                    "--default-role",
+                    format!("there is no {role} build to boot unknown machines with"),
+                    format!("run `kiln build --role {role}` first, or drop --default-role"),
+                )
             })?;
             cat.load_build(role, &id, &out_dir.join(role).join(&id), key)?;
             cat.default = Some((role.to_string(), id));

@@ -190,7 +190,6 @@ pub fn safe_path(root: &Path, name: &str) -> Result<PathBuf, PathRefusal> {
     Ok(full)
 }
 
-
 fn bind_error(e: std::io::Error, what: &str, port: u16, hint: &str) -> anyhow::Error {
     let why = match e.kind() {
         std::io::ErrorKind::PermissionDenied => format!(
@@ -250,12 +249,12 @@ pub fn serve_command(
         );
     }
     if o.dhcp == DhcpMode::Full && o.dhcp_range.is_none() {
-        return Err(crate::project::recipe::RecipeError {
-            file: PathBuf::from("(command line)"),
-            key: "--dhcp-range".into(),
-            problem: "full DHCP mode needs an address range".into(),
-            fix: "pass --dhcp-range 10.0.0.100-10.0.0.199 (or use --dhcp proxy)".into(),
-        }
+        return Err(crate::project::recipe::RecipeError::new(
+            PathBuf::from("(command line)"),
+            "--dhcp-range",
+            "full DHCP mode needs an address range",
+            "pass --dhcp-range 10.0.0.100-10.0.0.199 (or use --dhcp proxy)",
+        )
         .into());
     }
     eprintln!("kiln serve: verifying builds in {} …", out_dir.display());

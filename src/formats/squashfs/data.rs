@@ -3,8 +3,8 @@
 //! packed into shared fragment blocks, identical files and tail ends stored once, and every
 //! block copied from an earlier image instead of compressed again when the reuse index has it.
 
-use crate::formats::reuse::{Index, Reuse, Stored};
 use super::{reuse_params, Options, Stats};
+use crate::formats::reuse::{Index, Reuse, Stored};
 use crate::sys::util;
 use anyhow::{Context, Result};
 use std::collections::HashMap;

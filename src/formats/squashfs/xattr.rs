@@ -63,7 +63,8 @@ impl XattrTable {
         self.ids
             .extend_from_slice(&((start << 16) | off as u64).to_le_bytes());
         self.ids.extend_from_slice(&(x.len() as u32).to_le_bytes());
-        self.ids.extend_from_slice(&(buf.len() as u32).to_le_bytes());
+        self.ids
+            .extend_from_slice(&(buf.len() as u32).to_le_bytes());
         self.sets.insert(x.clone(), i);
         Ok(i)
     }

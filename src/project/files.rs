@@ -1,0 +1,96 @@
+//! Reading a project's TOML files, and the checks recipe and inventory share: pinned
+//! downloads and DNS labels.
+
+use super::error::{RecipeError, Result};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::path::Path;
+
+/// A file kiln downloads, pinned by sha256.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pinned {
+    pub url: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|e| {
+        RecipeError::new(
+            path,
+            "(file)",
+            format!("cannot read: {e}"),
+            "create the file (see README: Recipes) or run kiln from the project directory (--dir)",
+        )
+    })
+}
+
+/// Reads and parses a TOML file; a syntax or schema error names the line, column and fix.
+pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read(path)?;
+    toml::from_str(&text).map_err(|e| {
+        let (line, col, snippet) = match e.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = span.start - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                let snippet = text[span.start.min(text.len())..span.end.min(text.len())].trim().to_string();
+                (line, col, snippet)
+            }
+            None => (0, 0, String::new()),
+        };
+        let msg = e.message().to_string();
+        let key = if snippet.is_empty() || snippet.len() > 60 {
+            format!("line {line}, column {col}")
+        } else {
+            format!("`{snippet}` (line {line}, column {col})")
+        };
+        let fix = if msg.contains("unknown field") {
+            "remove or rename the key; the accepted keys are listed in the message and in docs/recipes.md"
+        } else if msg.contains("missing field") {
+            "add the missing key (see docs/recipes.md)"
+        } else {
+            "correct the TOML syntax or value type at that position (see docs/recipes.md)"
+        };
+        RecipeError::new(path, key, msg, fix)
+    })
+}
+
+pub(super) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+pub(super) fn validate_pinned(path: &Path, key: &str, p: &Pinned) -> Result<()> {
+    if !(p.url.starts_with("https://")
+        || p.url.starts_with("http://")
+        || p.url.starts_with("file://"))
+    {
+        return Err(RecipeError::new(
+            path,
+            format!("{key}.url"),
+            format!("{:?} is not an http(s):// or file:// URL", p.url),
+            "give the full download URL of the release asset",
+        ));
+    }
+    if p.sha256.len() != 64
+        || !p
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(RecipeError::new(
+            path,
+            format!("{key}.sha256"),
+            format!("{:?} is not a sha256 (64 lower-case hex digits)", p.sha256),
+            "copy the digest from the release's sha256sum file",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,551 @@
+//! The inventory, `recipes/cluster.toml`: its schema (`ClusterFile` as written, [`Cluster`]
+//! validated), the loaded [`Project`], and the checks that stop a bad inventory before
+//! anything is written.
+
+use super::error::{RecipeError, Result};
+use super::files::{is_dns_label, parse_toml, validate_pinned, Pinned};
+use super::layout::Layout;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// The earliest SOURCE_DATE_EPOCH kiln accepts: FAT (the ESP) cannot store times before 1980.
+pub const MIN_SOURCE_DATE_EPOCH: i64 = 315_532_800;
+
+/// Roles kiln knows how to build; a recipe file for each lives in `recipes/`.
+pub const ROLES: &[&str] = &["master", "worker", "gpu", "storage"];
+
+// ---------------------------------------------------------------------------------------------
+// File schema (what users write)
+
+/// `recipes/cluster.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    cluster: ClusterSection,
+    #[serde(default)]
+    k3s: Option<K3sCluster>,
+    #[serde(default)]
+    sealed_secrets: Option<SealedSecretsConfig>,
+    #[serde(default)]
+    nodes: Vec<Node>,
+}
+
+/// `[sealed_secrets]` of cluster.toml: the controller masters deploy, its restored key
+/// (from keys/), and the SealedSecrets they auto-deploy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedSecretsConfig {
+    /// Pinned chart archive (.tgz), embedded offline; without it the HelmChart names
+    /// `chart_repo` + `chart_version` and the cluster downloads the chart at first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chart: Option<Pinned>,
+    #[serde(default = "default_ss_repo")]
+    pub chart_repo: String,
+    #[serde(default = "default_ss_version")]
+    pub chart_version: String,
+    /// SealedSecret manifests (paths relative to recipes/), auto-deployed by masters.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+fn default_ss_repo() -> String {
+    "https://bitnami-labs.github.io/sealed-secrets".into()
+}
+
+fn default_ss_version() -> String {
+    "2.17.2".into()
+}
+
+/// How the k3s token reaches a node (`[k3s] token_delivery`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDelivery {
+    /// Baked into the role image at /etc/rancher/k3s/token.
+    #[default]
+    Image,
+    /// Written by cloud-init from the node's seed (`write_files`).
+    Seed,
+}
+
+/// `[k3s]` of cluster.toml: what must match on every node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct K3sCluster {
+    /// Release, e.g. `v1.34.2+k3s1` (documentation; the pins below are what is used).
+    pub version: String,
+    /// The `k3s` binary of the release.
+    pub binary: Pinned,
+    /// `k3s-airgap-images-amd64.tar.zst` (or .tar/.tar.gz) of the same release; optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub airgap_images: Option<Pinned>,
+    /// Components servers do not deploy (`--disable`), e.g. `["traefik"]`.
+    #[serde(default)]
+    pub disable: Vec<String>,
+    /// Extra SANs on the API server certificate (the API endpoint is always added).
+    #[serde(default)]
+    pub tls_san: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
+    /// `registries.yaml` (path relative to recipes/), installed as /etc/rancher/k3s/registries.yaml.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registries: Option<String>,
+    /// The cluster already exists: no server uses `cluster-init`; all join the API endpoint.
+    /// Set this once the first master is up, so that reflashing it rejoins instead of founding
+    /// a new cluster.
+    #[serde(default)]
+    pub bootstrapped: bool,
+    /// Where nodes get the cluster token: `image` (baked into every role image, 0600) or
+    /// `seed` (only in each node's cloud-init seed: role images then carry no token and can be
+    /// shared; a node booted without its seed cannot join).
+    #[serde(default)]
+    pub token_delivery: TokenDelivery,
+    /// `write-kubeconfig-mode` on servers (default "0600").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_kubeconfig_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Cluster name (DNS label).
+    pub name: String,
+    /// Fixed time for every timestamp in every artifact.
+    pub source_date_epoch: i64,
+    /// Debian suite for every role (e.g. `bookworm`).
+    pub suite: String,
+    /// Address clients use to reach the API servers (VIP or first master), optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_endpoint: Option<String>,
+    /// DNS domain of the nodes, optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// One machine of the inventory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub hostname: String,
+    /// MAC address of the boot NIC, normalised to lower-case `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub role: String,
+    /// `dhcp` or a static address in CIDR form (`10.0.0.11/24`).
+    #[serde(default = "dhcp")]
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    /// Target disk for flashing (e.g. `/dev/sda`), optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
+
+fn dhcp() -> String {
+    "dhcp".into()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated values (what the pipeline consumes; serialised canonically for the build id)
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    #[serde(flatten)]
+    pub section: ClusterSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k3s: Option<K3sCluster>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed_secrets: Option<SealedSecretsConfig>,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// `https://host:6443` that agents and joining servers talk to: the API endpoint, or the
+    /// first master's static address.
+    pub fn server_url(&self) -> Option<String> {
+        let host = self.section.api_endpoint.clone().or_else(|| {
+            self.nodes
+                .iter()
+                .find(|n| n.role == "master")
+                .and_then(|n| n.address.split_once('/').map(|(ip, _)| ip.to_string()))
+        })?;
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        Some(format!("https://{host}:6443"))
+    }
+}
+
+/// The project as loaded: cluster + every role recipe available.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub root: PathBuf,
+    pub cluster: Cluster,
+}
+
+impl Project {
+    /// Where the project's input files are.
+    pub fn layout(&self) -> Layout {
+        Layout::new(&self.root)
+    }
+
+    pub fn recipes_dir(&self) -> PathBuf {
+        self.layout().recipes()
+    }
+
+    /// The inventory node named `hostname`, or an error listing the names there are.
+    pub fn node(&self, hostname: &str) -> Result<&Node> {
+        self.cluster
+            .nodes
+            .iter()
+            .find(|n| n.hostname == hostname)
+            .ok_or_else(|| {
+                RecipeError::new(
+                    self.layout().cluster_file(),
+                    "nodes",
+                    format!("no node with hostname {hostname:?} in the inventory"),
+                    format!(
+                        "use one of: {}",
+                        self.cluster
+                            .nodes
+                            .iter()
+                            .map(|n| n.hostname.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// `roles`, or when empty every role that has a recipe file.
+    pub fn roles_or_all(&self, roles: &[String]) -> Vec<String> {
+        if !roles.is_empty() {
+            return roles.to_vec();
+        }
+        ROLES
+            .iter()
+            .filter(|r| self.layout().role_recipe(r).is_file())
+            .map(|r| r.to_string())
+            .collect()
+    }
+    pub fn overlays_dir(&self) -> PathBuf {
+        self.layout().overlays()
+    }
+}
+
+/// Loads and validates `recipes/cluster.toml` and every role it references.
+pub fn load_project(root: &Path) -> Result<Project> {
+    let layout = Layout::new(root);
+    let path = layout.cluster_file();
+    let file: ClusterFile = parse_toml(&path)?;
+    let cluster = validate_cluster(&layout, &path, file)?;
+    Ok(Project {
+        root: root.to_path_buf(),
+        cluster,
+    })
+}
+
+/// Normalises a MAC (`AA-BB-CC-DD-EE-FF`, `aa:bb:...`) to `aa:bb:cc:dd:ee:ff`.
+pub fn normalize_mac(mac: &str) -> Option<String> {
+    let parts: Vec<&str> = mac.split([':', '-']).collect();
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    Some(parts.join(":").to_ascii_lowercase())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation, in the order the checks report: [cluster], the nodes one by one, [k3s],
+// [sealed_secrets].
+
+fn validate_cluster(layout: &Layout, path: &Path, file: ClusterFile) -> Result<Cluster> {
+    check_section(path, &file.cluster)?;
+    let nodes = check_nodes(layout, path, file.nodes)?;
+    if let Some(k) = &file.k3s {
+        check_k3s(layout, path, k, &nodes)?;
+    }
+    if let Some(ss) = &file.sealed_secrets {
+        check_sealed_secrets(layout, path, ss)?;
+    }
+    Ok(Cluster {
+        section: file.cluster,
+        k3s: file.k3s,
+        sealed_secrets: file.sealed_secrets,
+        nodes,
+    })
+}
+
+/// `[cluster]`: name, SOURCE_DATE_EPOCH, suite, API endpoint.
+fn check_section(path: &Path, c: &ClusterSection) -> Result<()> {
+    if !is_dns_label(&c.name) {
+        return Err(RecipeError::new(
+            path,
+            "cluster.name",
+            format!("{:?} is not a valid name", c.name),
+            "use lower-case letters, digits and '-', at most 63 characters",
+        ));
+    }
+    if c.source_date_epoch < MIN_SOURCE_DATE_EPOCH {
+        return Err(RecipeError::new(path, "cluster.source_date_epoch", format!("{} is before 1980-01-01", c.source_date_epoch), format!("use a Unix time >= {MIN_SOURCE_DATE_EPOCH}, e.g. the date of your last commit: `git log -1 --format=%ct`")));
+    }
+    if c.suite.is_empty()
+        || !c
+            .suite
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(RecipeError::new(
+            path,
+            "cluster.suite",
+            format!("{:?} is not a Debian suite name", c.suite),
+            "use a suite such as \"bookworm\"",
+        ));
+    }
+    if let Some(ep) = &c.api_endpoint {
+        let bad = ep.is_empty()
+            || ep.contains(['/', ' '])
+            || (ep.contains(':') && ep.parse::<IpAddr>().is_err());
+        if bad {
+            return Err(RecipeError::new(
+                path,
+                "cluster.api_endpoint",
+                format!("{ep:?} is not a host name or IP address"),
+                "give an IP (\"10.0.0.10\") or a DNS name, without scheme or port",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[[nodes]]`: each node checked in turn, its MAC normalised; host names and MACs unique.
+fn check_nodes(layout: &Layout, path: &Path, file_nodes: Vec<Node>) -> Result<Vec<Node>> {
+    let mut nodes = Vec::with_capacity(file_nodes.len());
+    let mut hostnames = BTreeSet::new();
+    let mut macs = BTreeMap::new();
+    for (i, mut n) in file_nodes.into_iter().enumerate() {
+        check_hostname(path, i, &n, &mut hostnames)?;
+        n.mac = check_mac(path, i, &n, &mut macs)?;
+        check_node_role(layout, path, i, &n)?;
+        check_node_network(path, i, &n)?;
+        nodes.push(n);
+    }
+    Ok(nodes)
+}
+
+/// `nodes[<i>].<k>`.
+fn node_key(i: usize, k: &str) -> String {
+    format!("nodes[{i}].{k}")
+}
+
+fn check_hostname(path: &Path, i: usize, n: &Node, seen: &mut BTreeSet<String>) -> Result<()> {
+    if !is_dns_label(&n.hostname) {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "hostname"),
+            format!("{:?} is not a valid host name", n.hostname),
+            "use lower-case letters, digits and '-', at most 63 characters",
+        ));
+    }
+    if !seen.insert(n.hostname.clone()) {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "hostname"),
+            format!("{:?} appears twice in the inventory", n.hostname),
+            "give every node a unique hostname",
+        ));
+    }
+    Ok(())
+}
+
+/// The node's MAC, normalised, unless it is malformed or another node's.
+fn check_mac(
+    path: &Path,
+    i: usize,
+    n: &Node,
+    seen: &mut BTreeMap<String, String>,
+) -> Result<String> {
+    let mac = normalize_mac(&n.mac).ok_or_else(|| {
+        RecipeError::new(
+            path,
+            node_key(i, "mac"),
+            format!("{:?} is not a MAC address", n.mac),
+            "write six hex byte pairs separated by ':' like \"52:54:00:12:34:56\"",
+        )
+    })?;
+    if let Some(other) = seen.insert(mac.clone(), n.hostname.clone()) {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "mac"),
+            format!("{mac} is already used by node {other:?}"),
+            "every node needs its own boot NIC MAC",
+        ));
+    }
+    Ok(mac)
+}
+
+/// A role kiln knows, with a recipe file.
+fn check_node_role(layout: &Layout, path: &Path, i: usize, n: &Node) -> Result<()> {
+    if !ROLES.contains(&n.role.as_str()) {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "role"),
+            format!("unknown role {:?}", n.role),
+            format!("use one of {}", ROLES.join(", ")),
+        ));
+    }
+    let role_file = layout.role_recipe(&n.role);
+    if !role_file.is_file() {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "role"),
+            format!(
+                "role {:?} has no recipe file {}",
+                n.role,
+                role_file.display()
+            ),
+            format!("create recipes/{}.toml with `inherits = \"base\"`", n.role),
+        ));
+    }
+    Ok(())
+}
+
+/// Address (dhcp or CIDR), gateway (only with a static address), DNS servers.
+fn check_node_network(path: &Path, i: usize, n: &Node) -> Result<()> {
+    if n.address != "dhcp" {
+        let ok = n
+            .address
+            .split_once('/')
+            .and_then(|(ip, len)| Some((ip.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?)))
+            .is_some_and(|(ip, len)| len <= if ip.is_ipv4() { 32 } else { 128 });
+        if !ok {
+            return Err(RecipeError::new(
+                path,
+                node_key(i, "address"),
+                format!(
+                    "{:?} is neither \"dhcp\" nor an address in CIDR form",
+                    n.address
+                ),
+                "write \"dhcp\" or e.g. \"10.0.0.11/24\"",
+            ));
+        }
+    }
+    if let Some(gw) = &n.gateway {
+        if gw.parse::<IpAddr>().is_err() {
+            return Err(RecipeError::new(
+                path,
+                node_key(i, "gateway"),
+                format!("{gw:?} is not an IP address"),
+                "write e.g. \"10.0.0.1\"",
+            ));
+        }
+        if n.address == "dhcp" {
+            return Err(RecipeError::new(
+                path,
+                node_key(i, "gateway"),
+                "a gateway is set but the address is dhcp",
+                "remove gateway, or give a static address",
+            ));
+        }
+    }
+    for (j, d) in n.dns.iter().enumerate() {
+        if d.parse::<IpAddr>().is_err() {
+            return Err(RecipeError::new(
+                path,
+                format!("nodes[{i}].dns[{j}]"),
+                format!("{d:?} is not an IP address"),
+                "list DNS servers as IPs, e.g. [\"10.0.0.1\"]",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[k3s]`: pins, CIDRs, kubeconfig mode, registries file; warns on an even number of masters.
+fn check_k3s(layout: &Layout, path: &Path, k: &K3sCluster, nodes: &[Node]) -> Result<()> {
+    validate_pinned(path, "k3s.binary", &k.binary)?;
+    if let Some(a) = &k.airgap_images {
+        validate_pinned(path, "k3s.airgap_images", a)?;
+        const EXT: &[&str] = &[
+            ".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".tar.lz4", ".tar.bz2",
+        ];
+        if !EXT.iter().any(|e| a.url.ends_with(e)) {
+            return Err(RecipeError::new(
+                path,
+                "k3s.airgap_images.url",
+                format!("{:?} does not end in an extension k3s imports", a.url),
+                format!("k3s reads {} from its images directory", EXT.join(" ")),
+            ));
+        }
+    }
+    for (key, v) in [
+        ("k3s.cluster_cidr", &k.cluster_cidr),
+        ("k3s.service_cidr", &k.service_cidr),
+    ] {
+        if let Some(v) = v {
+            let ok = v.split(',').all(|c| {
+                c.split_once('/')
+                    .is_some_and(|(ip, l)| ip.parse::<IpAddr>().is_ok() && l.parse::<u8>().is_ok())
+            });
+            if !ok {
+                return Err(RecipeError::new(
+                    path,
+                    key,
+                    format!("{v:?} is not a CIDR (or comma-separated dual-stack pair)"),
+                    "write e.g. \"10.42.0.0/16\"",
+                ));
+            }
+        }
+    }
+    if let Some(m) = &k.write_kubeconfig_mode {
+        if m.len() != 4 || !m.starts_with('0') || !m.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            return Err(RecipeError::new(
+                path,
+                "k3s.write_kubeconfig_mode",
+                format!("{m:?} is not an octal file mode"),
+                "write e.g. \"0600\" or \"0644\"",
+            ));
+        }
+    }
+    if let Some(r) = &k.registries {
+        let rp = layout.recipe_file(r);
+        if !rp.is_file() {
+            return Err(RecipeError::new(
+                path,
+                "k3s.registries",
+                format!("{} does not exist", rp.display()),
+                "give a path relative to recipes/, e.g. \"registries.yaml\"",
+            ));
+        }
+    }
+    let masters = nodes.iter().filter(|n| n.role == "master").count();
+    if masters > 1 && masters % 2 == 0 {
+        // The log target this warning has always had (it was in recipe.rs).
+        tracing::warn!(target: "kiln::project::recipe", "{}: {masters} masters: embedded etcd wants an odd number of servers to keep quorum", path.display());
+    }
+    Ok(())
+}
+
+/// `[sealed_secrets]`: the chart pin, and the SealedSecret files under recipes/.
+fn check_sealed_secrets(layout: &Layout, path: &Path, ss: &SealedSecretsConfig) -> Result<()> {
+    if let Some(c) = &ss.chart {
+        validate_pinned(path, "sealed_secrets.chart", c)?;
+    }
+    for (i, f) in ss.secrets.iter().enumerate() {
+        if f.starts_with('/') || f.contains("..") || !layout.recipe_file(f).is_file() {
+            return Err(RecipeError::new(path, format!("sealed_secrets.secrets[{i}]"), format!("{f:?} is not a file under recipes/"), "give a path relative to recipes/, e.g. \"secrets/db.yaml\" (made with `kiln seal`)"));
+        }
+    }
+    Ok(())
+}
