@@ -57,7 +57,7 @@ fn normalise(dir: &Path, host: &str, text: &str) -> String {
     let r = kiln::pipeline::resolve::resolve(&project, &node.role).unwrap();
     let iid = kiln::pipeline::seed::instance_id(&r.build_id, host);
     text.replace(&iid, "<instance-id>")
-        .replace(&r.build_id, "<role-build-id>")
+        .replace(r.build_id.as_str(), "<role-build-id>")
 }
 
 #[test]

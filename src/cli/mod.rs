@@ -57,7 +57,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     use crate::deliver::{flash::FlashError, proxmox::ProxmoxError};
     use crate::pipeline::reproduce::NotReproduced;
     use crate::project::recipe::RecipeError;
-    use crate::trust::{keys::KeysError, seal::SealError, sign::VerifyError};
+    use crate::trust::{keys::KeysError, pem::CertError, seal::SealError, sign::VerifyError};
     if err.chain().any(|e| {
         e.downcast_ref::<VerifyError>().is_some() || e.downcast_ref::<NotReproduced>().is_some()
     }) {
@@ -66,6 +66,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         e.downcast_ref::<RecipeError>().is_some()
             || e.downcast_ref::<KeysError>().is_some()
             || e.downcast_ref::<SealError>().is_some()
+            || e.downcast_ref::<CertError>().is_some()
             || e.downcast_ref::<FlashError>().is_some()
             || e.downcast_ref::<ProxmoxError>()
                 .is_some_and(ProxmoxError::is_user_error)

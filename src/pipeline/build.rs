@@ -36,7 +36,7 @@ pub struct BuildOptions {
 #[derive(Debug, Serialize)]
 pub struct BuildReport {
     pub role: String,
-    pub build_id: String,
+    pub build_id: crate::pipeline::resolve::BuildId,
     pub dir: PathBuf,
     /// The build already existed and was left as is.
     pub up_to_date: bool,
@@ -1034,7 +1034,7 @@ fn esp_files(r: &Resolved, c: &compose::Composed, cmdline: &str) -> Vec<disk::Es
         "title kiln {} {} ({})\nlinux /kiln/vmlinuz\ninitrd /kiln/initrd.img\noptions {}\n",
         r.cluster.section.name,
         r.role,
-        &r.build_id[..12],
+        r.build_id.short(),
         cmdline
     );
     vec![

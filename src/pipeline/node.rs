@@ -92,7 +92,7 @@ pub fn build_nodes(
     for p in planned {
         let rep = roles
             .iter()
-            .find(|r| r.role == p.role && r.build_id == p.build_id)
+            .find(|r| r.role == p.role && r.build_id.as_str() == p.build_id)
             .with_context(|| format!("no build of role {} for node {}", p.role, p.node.hostname))?;
         reports.push(
             build_node(project, p.node, rep, &p.seed, opts)
@@ -179,7 +179,7 @@ fn build_node(
     Ok(NodeReport {
         hostname: node.hostname.clone(),
         role: rep.role.clone(),
-        role_build_id: rep.build_id.clone(),
+        role_build_id: rep.build_id.to_string(),
         node_id: id,
         instance_id: s.instance_id.clone(),
         link,

@@ -475,7 +475,7 @@ pub fn check_inputs(
     resolved: &Resolved,
 ) -> Result<()> {
     let recorded = manifest["build_id"].as_str().unwrap_or_default();
-    if resolved.build_id == recorded {
+    if resolved.build_id.as_str() == recorded {
         return Ok(());
     }
     let now = serde_json::to_value(resolved)?;
@@ -689,7 +689,7 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
     let project2 = recipe::load_project(&proj_copy)?;
     let resolved2 = resolve::resolve(&project2, &role)?;
     anyhow::ensure!(
-        resolved2.build_id == build_id,
+        resolved2.build_id.as_str() == build_id,
         "the project copy in {} resolves to {}, not {build_id}",
         proj_copy.display(),
         resolved2.build_id

@@ -66,6 +66,68 @@ pub const SCHEMA: &str = "kiln.build-id/1";
 /// generation and fails until this is raised and a new row is added there.
 pub const FORMAT_GENERATION: u32 = 1;
 
+/// A build id: the sha256 (64 lowercase hex digits) of a role build's canonical inputs
+/// ([`Resolved::canonical_json`]). It names the build's directory in full; names and tags that
+/// must be short carry [`BuildId::short`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct BuildId(String);
+
+impl BuildId {
+    /// Hex digits of [`BuildId::short`].
+    pub const SHORT: usize = 12;
+
+    /// The id of these canonical inputs.
+    pub fn of(canonical: &[u8]) -> BuildId {
+        BuildId(crate::sys::util::sha256_hex(canonical))
+    }
+
+    /// `s` if it has the shape of a build id (64 hex digits), e.g. one read from a manifest
+    /// or given on the command line.
+    pub fn parse(s: &str) -> Option<BuildId> {
+        (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| BuildId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first [`BuildId::SHORT`] hex digits (template names, tags, boot entries, logs).
+    pub fn short(&self) -> &str {
+        short_id(&self.0)
+    }
+}
+
+/// The first [`BuildId::SHORT`] characters of a build id given as text (all of a shorter one).
+pub fn short_id(id: &str) -> &str {
+    &id[..id.len().min(BuildId::SHORT)]
+}
+
+impl std::ops::Deref for BuildId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for BuildId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for BuildId {
+    fn as_ref(&self) -> &std::path::Path {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Display for BuildId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Everything that determines a role build.
 #[derive(Debug, Clone, Serialize)]
 pub struct Resolved {
@@ -86,7 +148,7 @@ pub struct Resolved {
     pub secrets: BTreeMap<String, String>,
     /// sha256 of `canonical_json()` — the build id.
     #[serde(skip)]
-    pub build_id: String,
+    pub build_id: BuildId,
 }
 
 impl Resolved {
@@ -192,8 +254,8 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
         overlays,
         files,
         secrets,
-        build_id: String::new(),
+        build_id: BuildId(String::new()),
     };
-    r.build_id = crate::sys::util::sha256_hex(r.canonical_json().as_bytes());
+    r.build_id = BuildId::of(r.canonical_json().as_bytes());
     Ok(r)
 }

@@ -653,7 +653,7 @@ pub fn seal_document(
     cert_pem: &str,
     scope_override: Option<Scope>,
 ) -> Result<SealedSecret> {
-    let pubkey = parse_cert(cert_pem)?;
+    let pubkey = parse_cert(cert_pem).map_err(SealError::from)?;
     let secret = parse_secret(secret_yaml)?;
     let mut template_meta = secret.metadata.clone();
     for k in LAST_APPLIED_ANNOTATIONS {

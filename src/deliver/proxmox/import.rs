@@ -76,7 +76,7 @@ pub fn load_build(dir: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<Build
     }
     let role = field("role")?;
     let build_id = field("build_id")?;
-    if build_id.len() != 64 || !build_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if crate::pipeline::resolve::BuildId::parse(&build_id).is_none() {
         bail!("{}: build_id {build_id:?} is not a sha256", mpath.display());
     }
     let (file, ext) = if sha_of("disk.qcow2").is_some() {

@@ -92,9 +92,6 @@ pub const TAG_TEMPLATE: &str = "kiln-template";
 /// Tag marking a node VM cloned from a template.
 pub const TAG_NODE: &str = "kiln-node";
 
-/// Length of the build id prefix in names and tags.
-pub const SHORT_ID: usize = 12;
-
 /// `kiln-role-<role>`.
 pub fn role_tag(role: &str) -> String {
     format!("kiln-role-{role}")
@@ -105,10 +102,8 @@ pub fn build_tag(build_id: &str) -> String {
     format!("kiln-build-{}", short(build_id))
 }
 
-/// The first [`SHORT_ID`] characters of a build id.
-pub fn short(build_id: &str) -> &str {
-    &build_id[..build_id.len().min(SHORT_ID)]
-}
+pub use crate::pipeline::resolve::short_id as short;
+use crate::pipeline::resolve::BuildId;
 
 /// The template's VM name: `kiln-<role>-<12 hex>` (a valid DNS name, as PVE requires).
 pub fn template_name(role: &str, build_id: &str) -> String {
@@ -207,7 +202,7 @@ pub fn template_description(m: &import::BuildInfo) -> String {
 pub fn description_build_id(desc: &str) -> Option<String> {
     desc.lines().find_map(|l| {
         let id = l.trim().strip_prefix("kiln-build-id:")?.trim();
-        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+        BuildId::parse(id).map(|b| b.to_string())
     })
 }
 
@@ -330,7 +325,7 @@ pub fn clone_node(
                 .to_string()
         }
     };
-    if build_id.len() != 64 || !build_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if BuildId::parse(&build_id).is_none() {
         anyhow::bail!(ProxmoxError::Input {
             what: format!("{build_id:?} is not a build id"),
             fix: "give the full 64-hex build id (`kiln proxmox list` shows them)".into(),

@@ -399,9 +399,7 @@ pub fn recipe_args(cmdline: &str) -> Vec<String> {
         .collect()
 }
 
-pub fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
-}
+pub use crate::pipeline::resolve::short_id as short;
 
 #[cfg(test)]
 mod tests {
