@@ -20,6 +20,7 @@
 //! 4. The target is fsynced, its page cache dropped (`posix_fadvise(DONTNEED)`), and its first
 //!    image-size bytes are read back and compared with the signed sha256.
 
+use crate::project::layout::Out;
 use crate::trust::sign::{self, VerifyError, BUF_SIZE};
 use anyhow::{Context, Result};
 use ed25519_dalek::VerifyingKey;
@@ -33,8 +34,6 @@ use std::path::{Path, PathBuf};
 
 /// File name of the flashable image in a node directory.
 pub const IMAGE: &str = "disk.raw";
-/// Directory under `<out>` holding one directory per node.
-pub const NODES_DIR: &str = "nodes";
 /// Granularity of hole detection when writing an image file.
 pub const SPARSE_BLOCK: usize = 4096;
 /// A block device is flushed after every this many bytes written.
@@ -190,7 +189,7 @@ fn valid_hostname(h: &str) -> bool {
 
 /// Node names under `<out>/nodes/` (directories or symlinks to directories), sorted.
 pub fn known_nodes(out_dir: &Path) -> Result<Vec<String>> {
-    let dir = out_dir.join(NODES_DIR);
+    let dir = Out::new(out_dir).nodes();
     let rd = match fs::read_dir(&dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -217,13 +216,13 @@ pub fn node_dir(out_dir: &Path, hostname: &str) -> Result<PathBuf> {
         }
         .into());
     }
-    let d = out_dir.join(NODES_DIR).join(hostname);
+    let d = Out::new(out_dir).node(hostname);
     if d.is_dir() {
         return Ok(d);
     }
     Err(FlashError::UnknownNode {
         hostname: hostname.to_string(),
-        nodes_dir: out_dir.join(NODES_DIR),
+        nodes_dir: Out::new(out_dir).nodes(),
         known: known_nodes(out_dir)?,
     }
     .into())

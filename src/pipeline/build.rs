@@ -497,7 +497,7 @@ fn build_role_inner(
 /// Checks that the project's private keys are readable by their owner only (when there are
 /// keys); returns the keys directory.
 fn check_keys(project: &Project) -> Result<PathBuf> {
-    let keys_dir = crate::project::layout::Layout::new(&project.root).keys();
+    let keys_dir = project.layout().keys();
     if keys_dir.is_dir() {
         crate::trust::keys::check_private_permissions(&keys_dir)?;
     }
@@ -857,7 +857,7 @@ pub(crate) fn ensure_base(
 ) -> Result<base::Base> {
     let module_signing = if r.recipe.debian.sign_modules {
         Some(crate::trust::keys::module_signing(
-            &crate::project::layout::Layout::new(&project.root).keys(),
+            &project.layout().keys(),
         )?)
     } else {
         None

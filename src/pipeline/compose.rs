@@ -610,7 +610,7 @@ fn enable_units(
         };
         let Some((unit_path, text)) = find_unit(&template, upper, scan) else {
             return Err(RecipeError::new(
-                project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
+                project.layout().role_recipe(recipe.chain.last().expect("chain")),
                 "systemd.enable",
                 format!("unit {unit:?} is not in the image (looked in {} of the base and the overlays)", UNIT_DIRS.join(", ")),
                 "add the package that ships it to debian.packages, or put the unit file in overlays/<layer>/etc/systemd/system/",
@@ -629,7 +629,7 @@ fn enable_units(
             && install.also.is_empty()
         {
             return Err(RecipeError::new(
-                project.recipes_dir().join(format!("{}.toml", recipe.chain.last().expect("chain"))),
+                project.layout().role_recipe(recipe.chain.last().expect("chain")),
                 "systemd.enable",
                 format!("unit {unit:?} has no [Install] section, so it cannot be enabled"),
                 "remove it from systemd.enable (it is started by its dependencies) or add an [Install] section",

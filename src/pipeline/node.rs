@@ -11,6 +11,7 @@ use crate::pipeline::build::{self, BuildOptions, BuildReport};
 use crate::pipeline::emit;
 use crate::pipeline::resolve::Resolved;
 use crate::pipeline::seed::{self, Seed};
+use crate::project::layout::Out;
 use crate::project::recipe::{Node, Project};
 use crate::sys::util;
 use anyhow::{bail, ensure, Context, Result};
@@ -50,7 +51,7 @@ pub struct NodeReport {
 
 /// `out/nodes`.
 pub fn nodes_dir(out_dir: &Path) -> PathBuf {
-    crate::project::layout::Out::new(out_dir).nodes()
+    Out::new(out_dir).nodes()
 }
 
 /// One inventory node's seed, rendered before any role is built.
@@ -106,16 +107,16 @@ pub fn build_nodes(
 /// Removes the outputs of nodes that left the inventory (their link and builds), so
 /// `out/nodes/` never offers a disk for a machine the cluster no longer has.
 fn prune_departed(project: &Project, out_dir: &Path) -> Result<()> {
-    let nodes = nodes_dir(out_dir);
     for host in list(out_dir) {
         if project.cluster.nodes.iter().any(|n| n.hostname == host) {
             continue;
         }
         let _lock = build::lock_out(out_dir)?;
         tracing::info!(node = %host, "removing outputs of a node no longer in the inventory");
-        fs::remove_file(nodes.join(&host))
-            .with_context(|| format!("removing {}", nodes.join(&host).display()))?;
-        gc(&nodes.join("by-id"), &host, "")?;
+        let out = Out::new(out_dir);
+        fs::remove_file(out.node(&host))
+            .with_context(|| format!("removing {}", out.node(&host).display()))?;
+        gc(&out.node_builds(), &host, "")?;
     }
     Ok(())
 }
@@ -158,12 +159,12 @@ fn build_node(
 
     let _lock = build::lock_out(&opts.out_dir)?;
     let nodes = nodes_dir(&opts.out_dir);
-    let by_id = nodes.join("by-id");
+    let by_id = Out::new(&opts.out_dir).node_builds();
     fs::create_dir_all(&by_id).with_context(|| format!("creating {}", by_id.display()))?;
     build::clean_stale(&by_id)?;
     let name = format!("{}-{}", node.hostname, &id[..16]);
     let final_dir = by_id.join(&name);
-    let link = nodes.join(&node.hostname);
+    let link = Out::new(&opts.out_dir).node(&node.hostname);
     let done = final_dir.join("SHA256SUMS").is_file() && final_dir.join("SHA256SUMS.sig").is_file();
     let up_to_date = done && !opts.force;
     if !up_to_date {
@@ -262,9 +263,7 @@ fn write_node(
         .context("writing SHA256SUMS")?;
     crate::trust::sign::sign_dir(
         sd,
-        &crate::trust::sign::load_signing_key(
-            &crate::project::layout::Layout::new(&project.root).keys(),
-        )?,
+        &crate::trust::sign::load_signing_key(&project.layout().keys())?,
     )?;
     for n in names.iter().chain(["SHA256SUMS", "SHA256SUMS.sig"].iter()) {
         util::sync_path(&sd.join(n))?;

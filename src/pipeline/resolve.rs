@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 /// The k3s cluster token, made by `kiln keys init`.
 pub fn token_path(project: &Project) -> PathBuf {
-    crate::project::layout::Layout::new(&project.root).key(crate::project::layout::key::K3S_TOKEN)
+    project.layout().key(crate::project::layout::key::K3S_TOKEN)
 }
 
 /// Domain-separated sha256 of a high-entropy secret. It identifies the secret's version in the
@@ -166,12 +166,7 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     // Both halves of the module-signing pair are read and cross-checked here (a bad pair is a
     // user error before anything is built); only the certificate's digest enters the spec.
     let module_cert = if recipe.debian.sign_modules {
-        Some(
-            crate::trust::keys::module_signing(
-                &crate::project::layout::Layout::new(&project.root).keys(),
-            )?
-            .cert_sha256(),
-        )
+        Some(crate::trust::keys::module_signing(&project.layout().keys())?.cert_sha256())
     } else {
         None
     };

@@ -87,7 +87,8 @@ struct BuildCtx<'a> {
 
 /// Reads `keys/authorized_keys` (public: it is in git), one key per non-comment line.
 pub fn authorized_keys(project: &Project) -> Result<Vec<String>> {
-    let p = crate::project::layout::Layout::new(&project.root)
+    let p = project
+        .layout()
         .key(crate::project::layout::key::AUTHORIZED_KEYS);
     match fs::read_to_string(&p) {
         Ok(t) => Ok(t
@@ -103,7 +104,7 @@ pub fn authorized_keys(project: &Project) -> Result<Vec<String>> {
 
 /// Finds the template for `file`: (path for messages, text).
 fn template_for(project: &Project, node: &Node, file: &str) -> Result<Option<(String, String)>> {
-    let dir = project.overlays_dir().join("seed");
+    let dir = project.layout().seed_overlays();
     for sub in [node.hostname.as_str(), node.role.as_str(), ""] {
         let p = if sub.is_empty() {
             dir.join(format!("{file}.tera"))
@@ -216,7 +217,7 @@ pub fn render(
     if let Some(t) = &token {
         if !files.values().any(|f| f.contains(t.as_str())) {
             return Err(RecipeError::new(
-                project.recipes_dir().join("cluster.toml"),
+                project.layout().cluster_file(),
                 "k3s.token_delivery",
                 format!(
                     "token_delivery = \"seed\" but the seed of {} does not contain the token (an overridden user-data template dropped it)",

@@ -10,9 +10,6 @@
 //! <out>/cache/                 base/, sha256/, squashfs-blocks/, zstd-frames/
 //! ```
 
-// TEMPORARY until every caller uses it (this session).
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 
 /// Files in `keys/`.
@@ -83,6 +80,10 @@ impl Layout {
     pub fn overlays(&self) -> PathBuf {
         self.root.join("overlays")
     }
+    /// `<root>/overlays/seed`: cloud-init seed templates (`<file>.tera`, `<role>/`, `<hostname>/`).
+    pub fn seed_overlays(&self) -> PathBuf {
+        self.overlays().join("seed")
+    }
     /// `<root>/kiln.lock`.
     pub fn lock_file(&self) -> PathBuf {
         self.root.join(LOCK_FILE)
@@ -122,7 +123,11 @@ impl Out {
     pub fn nodes(&self) -> PathBuf {
         self.dir.join("nodes")
     }
-    /// `<out>/nodes/<hostname>`.
+    /// `<out>/nodes/by-id`: one directory per node build (`<hostname>-<16 hex>`).
+    pub fn node_builds(&self) -> PathBuf {
+        self.nodes().join("by-id")
+    }
+    /// `<out>/nodes/<hostname>`: the link to the node's current build.
     pub fn node(&self, hostname: &str) -> PathBuf {
         self.nodes().join(hostname)
     }
@@ -144,9 +149,6 @@ impl Cache {
 
     pub fn new(dir: impl Into<PathBuf>) -> Cache {
         Cache { dir: dir.into() }
-    }
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
     /// `<cache>/base`: one folder per base key.
     pub fn bases(&self) -> PathBuf {
@@ -190,8 +192,14 @@ mod tests {
         let c = Cache::new(o.default_cache());
         assert_eq!(c.base("k"), Path::new("/p/out/cache/base/k"));
         assert_eq!(c.artifact("ab"), Path::new("/p/out/cache/sha256/ab"));
-        for e in Cache::ENTRIES {
-            assert!(c.dir().join(e).starts_with("/p/out/cache"));
-        }
+        assert_eq!(
+            c.squashfs_blocks(),
+            Path::new("/p/out/cache/squashfs-blocks")
+        );
+        assert_eq!(c.zstd_frames(), Path::new("/p/out/cache/zstd-frames"));
+        assert_eq!(
+            Cache::ENTRIES,
+            ["base", "sha256", "squashfs-blocks", "zstd-frames"]
+        );
     }
 }
