@@ -254,7 +254,34 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
         .k3s
         .as_ref()
         .context("k3s role without [k3s] in cluster.toml")?;
-    let o = "k3s layer";
+    add_binaries(&mut l, fetched);
+    add_units_and_config(&mut l, project, k, recipe);
+    if k.token_delivery == crate::project::recipe::TokenDelivery::Image {
+        l.entries.insert(
+            TOKEN.into(),
+            Upper::file(format!("{token}\n"), 0o600, "keys/k3s-token"),
+        );
+        l.contains_secrets = true;
+    }
+    if let Some(r) = &k.registries {
+        add_registries(&mut l, project, r)?;
+    }
+    if mode.is_server() {
+        add_manifests(&mut l, project, recipe)?;
+        if let Some(ss) = &project.cluster.sealed_secrets {
+            add_sealed_secrets(&mut l, project, ss, fetched)?;
+        }
+        add_charts(&mut l, project, recipe, fetched)?;
+    }
+    Ok(l)
+}
+
+/// Where the layer's own entries say they come from.
+const ORIGIN: &str = "k3s layer";
+
+/// The k3s binary, its kubectl/crictl/ctr links, the air-gap images.
+fn add_binaries(l: &mut Layer, fetched: &Fetched) {
+    let o = ORIGIN;
     l.entries.insert(
         BIN.into(),
         Upper::HostFile {
@@ -279,6 +306,12 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
             },
         );
     }
+}
+
+/// The role's unit and drop-in (enabled), its config.yaml and the per-node configs.
+fn add_units_and_config(l: &mut Layer, project: &Project, k: &K3sCluster, recipe: &Recipe) {
+    let o = ORIGIN;
+    let mode = recipe.k3s.mode;
     let unit_name = unit_name(mode);
     l.entries.insert(
         format!("etc/systemd/system/{unit_name}"),
@@ -301,130 +334,138 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
             Upper::file(cfg, 0o644, o),
         );
     }
-    if k.token_delivery == crate::project::recipe::TokenDelivery::Image {
-        l.entries.insert(
-            TOKEN.into(),
-            Upper::file(format!("{token}\n"), 0o600, "keys/k3s-token"),
-        );
-        l.contains_secrets = true;
+}
+
+/// `registries.yaml` from the file `[k3s] registries` names, checked to be k3s's shape.
+fn add_registries(l: &mut Layer, project: &Project, r: &str) -> Result<()> {
+    let p = project.recipes_dir().join(r);
+    let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
+        RecipeError::new(
+            &p,
+            "(registries)",
+            format!("not valid YAML: {e}"),
+            "see https://docs.k3s.io/installation/private-registry",
+        )
+    })?;
+    let ok = v.as_mapping().is_some_and(|m| {
+        m.keys()
+            .all(|k| matches!(k.as_str(), Some("mirrors" | "configs")))
+    });
+    if !ok {
+        return Err(RecipeError::new(
+            p,
+            "(registries)",
+            "top-level keys must be `mirrors` and/or `configs`",
+            "see https://docs.k3s.io/installation/private-registry",
+        )
+        .into());
     }
-    if let Some(r) = &k.registries {
-        let p = project.recipes_dir().join(r);
+    l.entries.insert(
+        "etc/rancher/k3s/registries.yaml".into(),
+        Upper::file(text, 0o600, "registries"),
+    );
+    Ok(())
+}
+
+/// The recipe's manifests into k3s's auto-deploy directory (servers only).
+fn add_manifests(l: &mut Layer, project: &Project, recipe: &Recipe) -> Result<()> {
+    for m in &recipe.k3s.manifests {
+        let p = project.recipes_dir().join(m);
         let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        let v: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
-            RecipeError::new(
-                &p,
-                "(registries)",
-                format!("not valid YAML: {e}"),
-                "see https://docs.k3s.io/installation/private-registry",
-            )
-        })?;
-        let ok = v.as_mapping().is_some_and(|m| {
-            m.keys()
-                .all(|k| matches!(k.as_str(), Some("mirrors" | "configs")))
-        });
-        if !ok {
-            return Err(RecipeError::new(
-                p,
-                "(registries)",
-                "top-level keys must be `mirrors` and/or `configs`",
-                "see https://docs.k3s.io/installation/private-registry",
-            )
-            .into());
-        }
+        // validated by resolve::resolve, which every build runs first
+        let name = std::path::Path::new(m)
+            .file_name()
+            .expect("file")
+            .to_string_lossy()
+            .into_owned();
         l.entries.insert(
-            "etc/rancher/k3s/registries.yaml".into(),
-            Upper::file(text, 0o600, "registries"),
+            format!("{MANIFESTS_DIR}/{name}"),
+            Upper::file(text, 0o644, m),
         );
     }
-    if mode.is_server() {
-        for m in &recipe.k3s.manifests {
-            let p = project.recipes_dir().join(m);
-            let text =
-                fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            // validated by resolve::resolve, which every build runs first
-            let name = std::path::Path::new(m)
-                .file_name()
-                .expect("file")
-                .to_string_lossy()
-                .into_owned();
-            l.entries.insert(
-                format!("{MANIFESTS_DIR}/{name}"),
-                Upper::file(text, 0o644, m),
-            );
-        }
-        if let Some(ss) = &project.cluster.sealed_secrets {
-            let (crt_p, key_p) = sealing_key_paths(project);
-            let read = |p: &PathBuf| {
-                fs::read_to_string(p).map_err(|e| {
-                    RecipeError::new(
-                        p,
-                        "(sealed-secrets key)",
-                        format!("cannot read: {e}"),
-                        "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
-                    )
-                })
-            };
-            let (crt, key) = (read(&crt_p)?, read(&key_p)?);
-            let tgz = match &fetched.sealed_secrets_chart {
-                Some(p) => Some(fs::read(p).with_context(|| format!("reading {}", p.display()))?),
-                None => None,
-            };
-            l.entries.insert(
-                format!("{MANIFESTS_DIR}/kiln-sealed-secrets-controller.yaml"),
-                Upper::file(
-                    sealed_secrets_controller(ss, tgz.as_deref()),
-                    0o644,
-                    "sealed_secrets",
-                ),
-            );
-            l.entries.insert(
-                format!("{MANIFESTS_DIR}/kiln-sealed-secrets-key.yaml"),
-                Upper::file(
-                    sealing_key_secret(&crt, &key),
-                    0o600,
-                    "keys/sealed-secrets.key",
-                ),
-            );
-            for f in &ss.secrets {
-                let p = project.recipes_dir().join(f);
-                let text =
-                    fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                // validated by resolve::resolve
-                let name = std::path::Path::new(f)
-                    .file_name()
-                    .expect("file")
-                    .to_string_lossy()
-                    .into_owned();
-                l.entries.insert(
-                    format!("{MANIFESTS_DIR}/sealed-{name}"),
-                    Upper::file(text, 0o644, f),
-                );
-            }
-        }
-        for c in &recipe.k3s.charts {
-            let tgz_path = fetched
-                .charts
-                .get(&c.name)
-                .with_context(|| format!("chart {} was not fetched", c.name))?;
-            let tgz =
-                fs::read(tgz_path).with_context(|| format!("reading {}", tgz_path.display()))?;
-            let values = match &c.values {
-                Some(v) => Some(
-                    fs::read_to_string(project.recipes_dir().join(v))
-                        .with_context(|| format!("reading recipes/{v}"))?,
-                ),
-                None => None,
-            };
-            l.entries.insert(
-                format!("{MANIFESTS_DIR}/kiln-chart-{}.yaml", c.name),
-                Upper::file(
-                    helm_chart(&c.name, &c.namespace, &tgz, values.as_deref()),
-                    0o644,
-                    "k3s.charts",
-                ),
-            );
-        }
+    Ok(())
+}
+
+/// The sealed-secrets controller (chart), its key pair as a Secret, the sealed secrets.
+fn add_sealed_secrets(
+    l: &mut Layer,
+    project: &Project,
+    ss: &crate::project::inventory::SealedSecretsConfig,
+    fetched: &Fetched,
+) -> Result<()> {
+    let (crt_p, key_p) = sealing_key_paths(project);
+    let read = |p: &PathBuf| {
+        fs::read_to_string(p).map_err(|e| {
+            RecipeError::new(
+                p,
+                "(sealed-secrets key)",
+                format!("cannot read: {e}"),
+                "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
+            )
+        })
+    };
+    let (crt, key) = (read(&crt_p)?, read(&key_p)?);
+    let tgz = match &fetched.sealed_secrets_chart {
+        Some(p) => Some(fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    l.entries.insert(
+        format!("{MANIFESTS_DIR}/kiln-sealed-secrets-controller.yaml"),
+        Upper::file(
+            sealed_secrets_controller(ss, tgz.as_deref()),
+            0o644,
+            "sealed_secrets",
+        ),
+    );
+    l.entries.insert(
+        format!("{MANIFESTS_DIR}/kiln-sealed-secrets-key.yaml"),
+        Upper::file(
+            sealing_key_secret(&crt, &key),
+            0o600,
+            "keys/sealed-secrets.key",
+        ),
+    );
+    for f in &ss.secrets {
+        let p = project.recipes_dir().join(f);
+        let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        // validated by resolve::resolve
+        let name = std::path::Path::new(f)
+            .file_name()
+            .expect("file")
+            .to_string_lossy()
+            .into_owned();
+        l.entries.insert(
+            format!("{MANIFESTS_DIR}/sealed-{name}"),
+            Upper::file(text, 0o644, f),
+        );
     }
-    Ok(l)
+    Ok(())
+}
+
+/// The recipe's helm charts, embedded as HelmChart manifests (servers only).
+fn add_charts(l: &mut Layer, project: &Project, recipe: &Recipe, fetched: &Fetched) -> Result<()> {
+    for c in &recipe.k3s.charts {
+        let tgz_path = fetched
+            .charts
+            .get(&c.name)
+            .with_context(|| format!("chart {} was not fetched", c.name))?;
+        let tgz = fs::read(tgz_path).with_context(|| format!("reading {}", tgz_path.display()))?;
+        let values = match &c.values {
+            Some(v) => Some(
+                fs::read_to_string(project.recipes_dir().join(v))
+                    .with_context(|| format!("reading recipes/{v}"))?,
+            ),
+            None => None,
+        };
+        l.entries.insert(
+            format!("{MANIFESTS_DIR}/kiln-chart-{}.yaml", c.name),
+            Upper::file(
+                helm_chart(&c.name, &c.namespace, &tgz, values.as_deref()),
+                0o644,
+                "k3s.charts",
+            ),
+        );
+    }
+    Ok(())
 }
