@@ -492,7 +492,8 @@ fn build_id_golden() {
     );
 }
 
-const GOLDEN_ID: &str = "dc872312e95eac1b020a6e2cdddb746dae9039144b38b05d4294d724719d6e51";
+// 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1).
+const GOLDEN_ID: &str = "3bb1cf275df633147ba2ebac171f894434a9fbb9dde49273c3077faf24b21486";
 
 #[test]
 fn doctor_lists_tools() {
