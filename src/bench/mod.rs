@@ -231,7 +231,7 @@ pub fn describe_machine(disk_path: &Path) -> Machine {
 
 /// A scratch copy of the project for one part.
 fn copy_project(from: &Path, to: &Path) -> Result<Project> {
-    crate::pipeline::reproduce::copy_project(from, to)?;
+    crate::project::copy::copy_project(from, to)?;
     Ok(recipe::load_project(to)?)
 }
 

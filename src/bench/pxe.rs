@@ -155,7 +155,7 @@ struct StandIn {
 /// sizes, divided by `scale`) as its latest, and a TFTP root with a file to fetch.
 fn stand_in_build(project_dir: &Path, work: &Path, role: &str, scale: usize) -> Result<StandIn> {
     let project = work.join("pxe-project");
-    crate::pipeline::reproduce::copy_project(project_dir, &project)?;
+    crate::project::copy::copy_project(project_dir, &project)?;
     // A key of the bench's own signs the stand-in build (the project's keys stay untouched).
     let layout = Layout::new(&project);
     fs::create_dir_all(layout.keys())?;

@@ -70,7 +70,7 @@ fn in_use(project: &Project, out_dir: &Path) -> Result<InUse> {
             format!("computing the base cache key of role {role} (needs mmdebstrap)")
         })?;
         u.bases.entry(key).or_default().push(role.clone());
-        for (name, sha, _) in crate::pipeline::reproduce::pinned_artifacts(&r) {
+        for (name, sha, _) in crate::pipeline::fetch::pinned_artifacts(&r) {
             let e = u.artifacts.entry(sha).or_insert_with(|| (vec![], name));
             e.0.push(role.clone());
         }

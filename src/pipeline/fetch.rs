@@ -634,6 +634,55 @@ fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// Pinned artifacts (name, sha256, url) the role's build fetches.
+pub(crate) fn pinned_artifacts(
+    r: &crate::pipeline::resolve::Resolved,
+) -> Vec<(String, String, String)> {
+    let mut v: Vec<(String, String, String)> = r
+        .recipe
+        .debian
+        .debs
+        .iter()
+        .map(|d| {
+            (
+                format!(
+                    "deb/{}",
+                    crate::project::recipe::Debian::deb_file_name(&d.url)
+                ),
+                d.sha256.clone(),
+                d.url.clone(),
+            )
+        })
+        .collect();
+    if !r.recipe.k3s.mode.runs_k3s() {
+        return v;
+    }
+    if let Some(k) = &r.cluster.k3s {
+        v.push(("k3s".into(), k.binary.sha256.clone(), k.binary.url.clone()));
+        if let Some(a) = &k.airgap_images {
+            v.push(("k3s-airgap-images".into(), a.sha256.clone(), a.url.clone()));
+        }
+    }
+    let sealed = r
+        .cluster
+        .sealed_secrets
+        .as_ref()
+        .filter(|_| r.recipe.k3s.mode.is_server());
+    if let Some(ss) = sealed {
+        if let Some(c) = &ss.chart {
+            v.push((
+                "sealed-secrets-chart".into(),
+                c.sha256.clone(),
+                c.url.clone(),
+            ));
+        }
+    }
+    for c in &r.recipe.k3s.charts {
+        v.push((format!("chart-{}", c.name), c.sha256.clone(), c.url.clone()));
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -509,91 +509,6 @@ pub fn check_inputs(
     .into())
 }
 
-/// Copies the parts of a project a build reads (recipes/, overlays/, keys/, kiln.lock) into
-/// `to`, keeping modes and symlinks, so the rebuild changes nothing in the user's project.
-pub(crate) fn copy_project(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for sub in ["recipes", "overlays", "keys"] {
-        let src = from.join(sub);
-        if !src.is_dir() {
-            continue;
-        }
-        for e in walkdir::WalkDir::new(&src).sort_by_file_name() {
-            let e = e.with_context(|| format!("walking {}", src.display()))?;
-            let rel = e.path().strip_prefix(from).expect("under from");
-            let dst = to.join(rel);
-            let ft = e.file_type();
-            if ft.is_dir() {
-                fs::create_dir_all(&dst).with_context(|| format!("creating {}", dst.display()))?;
-                let mode = e.metadata()?.permissions().mode();
-                fs::set_permissions(&dst, fs::Permissions::from_mode(mode))?;
-            } else if ft.is_symlink() {
-                let t = fs::read_link(e.path())
-                    .with_context(|| format!("reading link {}", e.path().display()))?;
-                std::os::unix::fs::symlink(&t, &dst)
-                    .with_context(|| format!("creating {}", dst.display()))?;
-            } else {
-                fs::copy(e.path(), &dst).with_context(|| {
-                    format!("copying {} to {}", e.path().display(), dst.display())
-                })?;
-            }
-        }
-    }
-    let lock = crate::project::layout::Layout::new(from).lock_file();
-    if lock.is_file() {
-        fs::copy(&lock, crate::project::layout::Layout::new(to).lock_file())
-            .with_context(|| format!("copying {}", lock.display()))?;
-    }
-    Ok(())
-}
-
-/// Pinned artifacts (name, sha256, url) the role's build fetches.
-pub(crate) fn pinned_artifacts(r: &Resolved) -> Vec<(String, String, String)> {
-    let mut v: Vec<(String, String, String)> = r
-        .recipe
-        .debian
-        .debs
-        .iter()
-        .map(|d| {
-            (
-                format!(
-                    "deb/{}",
-                    crate::project::recipe::Debian::deb_file_name(&d.url)
-                ),
-                d.sha256.clone(),
-                d.url.clone(),
-            )
-        })
-        .collect();
-    if !r.recipe.k3s.mode.runs_k3s() {
-        return v;
-    }
-    if let Some(k) = &r.cluster.k3s {
-        v.push(("k3s".into(), k.binary.sha256.clone(), k.binary.url.clone()));
-        if let Some(a) = &k.airgap_images {
-            v.push(("k3s-airgap-images".into(), a.sha256.clone(), a.url.clone()));
-        }
-    }
-    let sealed = r
-        .cluster
-        .sealed_secrets
-        .as_ref()
-        .filter(|_| r.recipe.k3s.mode.is_server());
-    if let Some(ss) = sealed {
-        if let Some(c) = &ss.chart {
-            v.push((
-                "sealed-secrets-chart".into(),
-                c.sha256.clone(),
-                c.url.clone(),
-            ));
-        }
-    }
-    for c in &r.recipe.k3s.charts {
-        v.push((format!("chart-{}", c.name), c.sha256.clone(), c.url.clone()));
-    }
-    v
-}
-
 /// Copies a pinned artifact from the old cache into the fresh one if its sha256 matches the pin
 /// (hashed while copying); returns whether it did.
 fn seed_artifact(old_cache: &Path, new_cache: &Path, sha256: &str) -> Result<bool> {
@@ -683,7 +598,7 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
         }
     };
     let proj_copy = work.join("project");
-    copy_project(&opts.project_dir, &proj_copy)?;
+    crate::project::copy::copy_project(&opts.project_dir, &proj_copy)?;
     let cache = work.join("cache");
     let out = work.join("out");
     let project2 = recipe::load_project(&proj_copy)?;
@@ -695,7 +610,7 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
         resolved2.build_id
     );
     let mut artifacts_source = BTreeMap::new();
-    for (name, sha, url) in pinned_artifacts(&resolved2) {
+    for (name, sha, url) in crate::pipeline::fetch::pinned_artifacts(&resolved2) {
         let how = if seed_artifact(&opts.cache_dir, &cache, &sha)? {
             format!(
                 "copied from {} (sha256 checked)",
