@@ -882,7 +882,7 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
 }
 
 /// `kiln bench --part pxe`: `kiln serve` measured by 32 HTTP clients and TFTP at three window
-/// sizes (files shrunk 64× here; the full-size run is in the README).
+/// sizes (files shrunk 64× here; the full-size run is in docs/benchmarks.md).
 #[test]
 fn bench_pxe_part_measures_http_and_tftp() {
     let d = common::project_copy();

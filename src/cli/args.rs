@@ -89,7 +89,7 @@ pub enum Command {
     /// Settings come from <dir>/proxmox.toml (url, node, storage, import_storage, bridge,
     /// token_id, token_secret_file, fingerprint, ca_file, memory, cores), overridden by
     /// KILN_PVE_URL, KILN_PVE_TOKEN_ID, KILN_PVE_TOKEN_SECRET_FILE, KILN_PVE_FINGERPRINT and the
-    /// flags. See docs/proxmox.md.
+    /// flags. See docs/guide/proxmox.md.
     #[command(subcommand)]
     Proxmox(ProxmoxCommand),
     /// Print a shell completion script on stdout.

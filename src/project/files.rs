@@ -22,7 +22,7 @@ fn read(path: &Path) -> Result<String> {
             path,
             "(file)",
             format!("cannot read: {e}"),
-            "create the file (see README: Recipes) or run kiln from the project directory (--dir)",
+            "create the file (see docs/guide/recipes.md) or run kiln from the project directory (--dir)",
         )
     })
 }
@@ -48,11 +48,11 @@ pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<
             format!("`{snippet}` (line {line}, column {col})")
         };
         let fix = if msg.contains("unknown field") {
-            "remove or rename the key; the accepted keys are listed in the message and in docs/recipes.md"
+            "remove or rename the key; the accepted keys are listed in the message and in docs/guide/recipes.md"
         } else if msg.contains("missing field") {
-            "add the missing key (see docs/recipes.md)"
+            "add the missing key (see docs/guide/recipes.md)"
         } else {
-            "correct the TOML syntax or value type at that position (see docs/recipes.md)"
+            "correct the TOML syntax or value type at that position (see docs/guide/recipes.md)"
         };
         RecipeError::new(path, key, msg, fix)
     })

@@ -620,7 +620,7 @@ fn check_k3s_role(
                     "role {role:?} runs k3s ({}) but cluster.toml has no [k3s] section",
                     from.display()
                 ),
-                "add [k3s] with version and the pinned binary (see docs/recipes.md)",
+                "add [k3s] with version and the pinned binary (see docs/guide/recipes.md)",
             ));
         }
         let masters = project

@@ -534,7 +534,7 @@ fn decode(method: &Method, shown: &str, r: Response) -> Result<Value> {
         .unwrap_or_default();
     let fix = match status.as_u16() {
         401 => "check token_id and the secret in token_secret_file (`pveum user token list USER`); the token may have expired or been removed".to_string(),
-        403 => "grant the token the privilege named above on that path, e.g. `pveum acl modify /storage/STORAGE --tokens 'USER@REALM!TOKENID' --roles PVEDatastoreAdmin` (a privilege-separated token needs its own ACL), see docs/proxmox.md".to_string(),
+        403 => "grant the token the privilege named above on that path, e.g. `pveum acl modify /storage/STORAGE --tokens 'USER@REALM!TOKENID' --roles PVEDatastoreAdmin` (a privilege-separated token needs its own ACL), see docs/guide/proxmox.md".to_string(),
         400 => "the named parameter was rejected; it comes from proxmox.toml, the flags or the inventory".to_string(),
         404 => "check node and storage names (`pvesh get /nodes`, `pvesm status`)".to_string(),
         _ => "see the Proxmox message above (and the PVE host's journal)".to_string(),

@@ -142,7 +142,7 @@ fn load_file_with_env(
                 pname.clone(),
                 e.message().to_string(),
                 "the keys are url, node, storage, import_storage, bridge, token_id, \
-                 token_secret_file, fingerprint, ca_file, memory, cores (see docs/proxmox.md)",
+                 token_secret_file, fingerprint, ca_file, memory, cores (see docs/guide/proxmox.md)",
             )
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => ConfigFile::default(),

@@ -307,7 +307,7 @@ pub struct ImportReport {
     pub image: String,
 }
 
-/// Imports a verified build as a template (see the module docs and docs/proxmox.md).
+/// Imports a verified build as a template (see the module docs and docs/guide/proxmox.md).
 pub fn import(c: &Client, s: &Settings, b: &BuildInfo, o: &ImportOptions) -> Result<ImportReport> {
     check_version(c, s)?;
     let name = super::template_name(&b.role, &b.build_id);
