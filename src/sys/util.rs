@@ -30,6 +30,84 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), total))
 }
 
+/// A small input file kiln refuses before reading it (not a regular file, too large). The CLI
+/// maps it to exit status 2, like every other bad-input error.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {problem}", path.display())]
+pub struct InputFileError {
+    pub what: String,
+    pub path: std::path::PathBuf,
+    pub problem: String,
+}
+
+/// Reads a small input file whole: it must be a regular file (after symlinks) no larger than
+/// `max` bytes. Guards every read of a key, certificate, checksum list, signature or recipe
+/// against `/dev/zero`, FIFOs and multi-gigabyte files, which would otherwise be read until
+/// memory runs out. `what` names the input in the error ("signing key", "SHA256SUMS").
+pub fn read_small(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
+    let refuse = |problem: String| InputFileError {
+        what: what.to_string(),
+        path: path.to_path_buf(),
+        problem,
+    };
+    // Checked before open: opening a FIFO for reading blocks until a writer comes.
+    let meta = fs::metadata(path).with_context(|| format!("opening {what} {}", path.display()))?;
+    if !meta.is_file() {
+        return Err(refuse(format!(
+            "is not a regular file (it is a {}); point kiln at a regular file",
+            file_kind(&meta)
+        ))
+        .into());
+    }
+    if meta.len() > max {
+        return Err(refuse(format!(
+            "is {} bytes, more than the {max} bytes such a file can be; is it the right file?",
+            meta.len()
+        ))
+        .into());
+    }
+    let f = File::open(path).with_context(|| format!("opening {what} {}", path.display()))?;
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    // `take` holds even if the path was swapped or the file grew after the metadata call.
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading {what} {}", path.display()))?;
+    if buf.len() as u64 > max {
+        return Err(refuse(format!("grew past {max} bytes while being read")).into());
+    }
+    Ok(buf)
+}
+
+/// [`read_small`] for text: the bytes must be UTF-8.
+pub fn read_small_string(path: &Path, max: u64, what: &str) -> Result<String> {
+    let bytes = read_small(path, max, what)?;
+    String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("{what} {} is not UTF-8 text", path.display()))
+}
+
+/// A short name for a file's type, for error messages.
+pub fn file_kind(meta: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() {
+        "regular file"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symlink"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
 /// Writes `bytes` to `path` through a temp file in the same directory, fsynced, then renamed;
 /// the file ends up 0644.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -257,6 +335,23 @@ mod tests {
 
     fn thread_nice() -> i32 {
         crate::sys::os::thread_nice()
+    }
+
+    #[test]
+    fn read_small_refuses_devices_and_big_files() {
+        let e = read_small(Path::new("/dev/zero"), 1024, "signing key").unwrap_err();
+        assert!(format!("{e:#}").contains("character device"), "{e:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        fs::write(&p, vec![b'a'; 2000]).unwrap();
+        let e = read_small(&p, 1024, "SHA256SUMS").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("more than the 1024 bytes"),
+            "{e:#}"
+        );
+        assert_eq!(read_small(&p, 2000, "x").unwrap().len(), 2000);
+        let e = read_small(dir.path(), 1024, "x").unwrap_err();
+        assert!(format!("{e:#}").contains("directory"), "{e:#}");
     }
 
     #[test]
