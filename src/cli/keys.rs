@@ -48,7 +48,7 @@ pub(crate) fn keys(cx: &Ctx, k: &KeysCommand) -> Result<()> {
 pub(crate) fn seal(cx: &Ctx, a: &SealArgs) -> Result<()> {
     let input = read_input(a.input.as_deref())?;
     let cert_path = cx.key(&a.cert, key::SEALED_SECRETS_CRT);
-    let cert = std::fs::read_to_string(&cert_path).with_context(|| {
+    let cert = keys::read_key_file(&cert_path).with_context(|| {
         format!(
             "reading the controller certificate {} (run `kiln keys init`, or pass --cert)",
             cert_path.display()
@@ -70,8 +70,10 @@ pub(crate) fn seal(cx: &Ctx, a: &SealArgs) -> Result<()> {
 pub(crate) fn unseal(cx: &Ctx, a: &UnsealArgs) -> Result<()> {
     let input = read_input(a.input.as_deref())?;
     let key_path = cx.key(&a.key, key::SEALED_SECRETS_KEY);
-    let key = std::fs::read_to_string(&key_path)
-        .with_context(|| format!("reading the controller key {}", key_path.display()))?;
+    let key = zeroize::Zeroizing::new(
+        keys::read_key_file(&key_path)
+            .with_context(|| format!("reading the controller key {}", key_path.display()))?,
+    );
     print!("{}", seal::unseal(&input, &key)?);
     Ok(())
 }

@@ -113,16 +113,27 @@ pub(crate) fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<()> {
     writeln!(o).context("writing to stdout")
 }
 
-/// A file argument's text, or stdin's for none or `-`.
+/// A manifest argument's text, or stdin's for none or `-`; either at most
+/// [`crate::trust::limits::MANIFEST`] bytes (a file must be a regular file).
 pub(crate) fn read_input(p: Option<&Path>) -> Result<String> {
+    use crate::trust::limits::MANIFEST;
     match p {
-        Some(p) if p != Path::new("-") => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-        }
+        Some(p) if p != Path::new("-") => crate::sys::util::read_small_string(p, MANIFEST, "input"),
         _ => {
             let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .context("reading stdin")?;
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin().lock(), MANIFEST + 1),
+                &mut s,
+            )
+            .context("reading stdin")?;
+            if s.len() as u64 > MANIFEST {
+                return Err(crate::sys::util::InputFileError {
+                    what: "input".into(),
+                    path: "stdin".into(),
+                    problem: format!("is more than {MANIFEST} bytes; is it the right input?"),
+                }
+                .into());
+            }
             Ok(s)
         }
     }

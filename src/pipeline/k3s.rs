@@ -396,11 +396,11 @@ fn add_sealed_secrets(
 ) -> Result<()> {
     let (crt_p, key_p) = sealing_key_paths(project);
     let read = |p: &PathBuf| {
-        fs::read_to_string(p).map_err(|e| {
+        crate::trust::keys::read_key_file(p).map_err(|e| {
             RecipeError::new(
                 p,
                 "(sealed-secrets key)",
-                format!("cannot read: {e}"),
+                format!("cannot read: {e:#}"),
                 "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
             )
         })

@@ -150,8 +150,7 @@ fn build_node(
         .with_context(|| format!("{} lists no disk.raw", rep.dir.join("SHA256SUMS").display()))?;
     let id = node_id(node, rep, &disk_sha, s)?;
     let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(rep.dir.join("manifest.json"))
-            .with_context(|| format!("reading {}/manifest.json", rep.dir.display()))?,
+        &crate::sys::util::read_small(&rep.dir.join("manifest.json"), crate::trust::limits::MANIFEST, "manifest")?,
     )
     .context("parsing the role manifest")?;
     let contains_secrets =

@@ -35,11 +35,11 @@ fn read_text(p: &std::path::Path, key: &str, fix: &str) -> Result<String> {
 /// Reads the k3s token for a role that runs k3s.
 pub fn read_token(project: &Project) -> Result<String> {
     let p = token_path(project);
-    let t = std::fs::read_to_string(&p).map_err(|e| {
+    let t = crate::trust::keys::read_key_file(&p).map_err(|e| {
         recipe::RecipeError::new(
             &p,
             "(k3s token)",
-            format!("cannot read the cluster token: {e}"),
+            format!("cannot read the cluster token: {e:#}"),
             "run `kiln keys init` (or put a random secret in keys/k3s-token, mode 0600)",
         )
     })?;
@@ -196,17 +196,17 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
             .filter(|_| recipe.k3s.mode.is_server());
         if let Some(ss) = sealed {
             let (_, key_p) = crate::pipeline::k3s::sealing_key_paths(project);
-            let key = std::fs::read(&key_p).map_err(|e| {
+            let key = crate::trust::keys::read_key_file(&key_p).map_err(|e| {
                 recipe::RecipeError::new(
                     &key_p,
                     "(sealed-secrets key)",
-                    format!("cannot read the controller key: {e}"),
+                    format!("cannot read the controller key: {e:#}"),
                     "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
                 )
             })?;
             secrets.insert(
                 "sealed-secrets-key".to_string(),
-                secret_fingerprint("sealed-secrets-key", &key),
+                secret_fingerprint("sealed-secrets-key", key.as_bytes()),
             );
             for f in &ss.secrets {
                 let p = project.recipes_dir().join(f);

@@ -85,6 +85,14 @@ pub fn read_small_string(path: &Path, max: u64, what: &str) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("{what} {} is not UTF-8 text", path.display()))
 }
 
+/// Whether `e` (from [`read_small`] or any I/O) says the file does not exist.
+pub fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::NotFound)
+    })
+}
+
 /// A short name for a file's type, for error messages.
 pub fn file_kind(meta: &fs::Metadata) -> &'static str {
     use std::os::unix::fs::FileTypeExt;

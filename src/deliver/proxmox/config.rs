@@ -2,6 +2,8 @@
 //! environment variables, overridden by command-line flags. The token secret is only ever read
 //! from a file (never a flag, never the config file itself).
 
+use crate::sys::util::{is_not_found, read_small_string};
+use crate::trust::limits::KEY_FILE;
 use super::ProxmoxError;
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -136,7 +138,7 @@ fn load_file_with_env(
         .unwrap_or_else(|| dir.join(CONFIG_FILE));
     let explicit = over.config.is_some() || env("KILN_PVE_CONFIG").is_some();
     let pname = path.display().to_string();
-    let file: ConfigFile = match std::fs::read_to_string(&path) {
+    let file: ConfigFile = match read_small_string(&path, KEY_FILE, "Proxmox config") {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             cfg_err(
                 pname.clone(),
@@ -145,7 +147,7 @@ fn load_file_with_env(
                  token_secret_file, fingerprint, ca_file, memory, cores (see docs/guide/proxmox.md)",
             )
         })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => ConfigFile::default(),
+        Err(e) if is_not_found(&e) && !explicit => ConfigFile::default(),
         Err(e) => return Err(e).with_context(|| format!("reading the Proxmox config {pname}")),
     };
     Ok((file, path))
@@ -368,11 +370,11 @@ impl Sources<'_> {
                 }
             },
         };
-        let token_secret = std::fs::read_to_string(&secret_path)
+        let token_secret = read_small_string(&secret_path, KEY_FILE, "token secret file")
             .map_err(|e| {
                 cfg_err(
                     &sec_src,
-                    format!("cannot read {}: {e}", secret_path.display()),
+                    format!("cannot read {}: {e:#}", secret_path.display()),
                     "create the file with the token secret (the UUID `pveum user token add` printed)",
                 )
             })?
