@@ -27,10 +27,12 @@ pub(crate) fn keys(cx: &Ctx, k: &KeysCommand) -> Result<()> {
             for w in written {
                 println!("wrote {}", w.display());
             }
+            warn_permissions(&dir);
             Ok(())
         }
         KeysCommand::Show { json } => {
             let info = keys::show(&dir)?;
+            warn_permissions(&dir);
             if *json {
                 return print_json(&info);
             }
@@ -42,6 +44,13 @@ pub(crate) fn keys(cx: &Ctx, k: &KeysCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Prints [`keys::permission_warnings`] on stderr (stdout stays the report, also for --json).
+fn warn_permissions(dir: &std::path::Path) {
+    for w in keys::permission_warnings(dir) {
+        eprintln!("warning: {w}");
     }
 }
 
@@ -61,7 +70,7 @@ pub(crate) fn seal(cx: &Ctx, a: &SealArgs) -> Result<()> {
         .transpose()?;
     let out = seal::seal(&input, &cert, scope)?;
     match &a.output {
-        Some(p) => util::write_atomic(p, out.as_bytes())?,
+        Some(p) => util::write_output(p, out.as_bytes(), 0o644)?,
         None => print!("{out}"),
     }
     Ok(())

@@ -34,7 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Build(a) => build::build(&cx, a),
         Command::Inspect(a) => build::inspect(&cx, a),
-        Command::Doctor(a) => doctor::doctor(a),
+        Command::Doctor(a) => doctor::doctor(&cx, a),
         Command::Keys(k) => keys::keys(&cx, k),
         Command::Seal(a) => keys::seal(&cx, a),
         Command::Unseal(a) => keys::unseal(&cx, a),
@@ -69,6 +69,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             || e.downcast_ref::<CertError>().is_some()
             || e.downcast_ref::<FlashError>().is_some()
             || e.downcast_ref::<crate::sys::util::InputFileError>()
+                .is_some()
+            || e.downcast_ref::<crate::sys::util::OutputFileError>()
                 .is_some()
             || e.downcast_ref::<ProxmoxError>()
                 .is_some_and(ProxmoxError::is_user_error)

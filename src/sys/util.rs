@@ -116,6 +116,59 @@ pub fn file_kind(meta: &fs::Metadata) -> &'static str {
     }
 }
 
+/// An output path kiln refuses to write (a directory, a block device, a socket): writing it
+/// atomically would replace it with a regular file. The CLI maps it to exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: is a {kind}; {fix}", path.display())]
+pub struct OutputFileError {
+    pub path: std::path::PathBuf,
+    pub kind: &'static str,
+    pub fix: &'static str,
+}
+
+/// Refuses to replace an existing `path` that is neither a regular file nor a symlink (a
+/// symlink itself is replaced, its target left alone).
+fn check_replaceable(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.is_file() && !m.file_type().is_symlink() => Err(OutputFileError {
+            path: path.to_path_buf(),
+            kind: file_kind(&m),
+            fix: "kiln writes files by replacing them atomically and will not replace this; \
+                  give a file path",
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a user-named output (`-o/--out`): a missing path or a regular file is written
+/// atomically (as [`write_atomic_mode`]); a character device or a named pipe (`/dev/stdout`,
+/// `/dev/null`, `>(…)` in bash) is written in place, as the shell's `>` would, and keeps being
+/// what it is; anything else (a directory, a block device, a socket) is an
+/// [`OutputFileError`]. Symlinks are followed.
+pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::metadata(path) {
+        Ok(m) if m.file_type().is_char_device() || m.file_type().is_fifo() => {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {} for writing", path.display()))?;
+            f.write_all(bytes)
+                .and_then(|_| f.flush())
+                .with_context(|| format!("writing {}", path.display()))
+        }
+        Ok(m) if !m.is_file() => Err(OutputFileError {
+            path: path.to_path_buf(),
+            kind: file_kind(&m),
+            fix: "give a file path (it is written atomically), a character device or a pipe \
+                  such as /dev/stdout, or leave the option out to print",
+        }
+        .into()),
+        _ => write_atomic_mode(path, bytes, mode),
+    }
+}
+
 /// Writes `bytes` to `path` through a temp file in the same directory, fsynced, then renamed;
 /// the file ends up 0644.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -126,6 +179,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// content is written and the final mode set, so private content is never readable by others.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    check_replaceable(path)?;
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;

@@ -330,7 +330,13 @@ fn write_material(
     select: impl Fn(&Path) -> bool,
 ) -> Result<Vec<PathBuf>> {
     let keys_dir = &paths.dir;
-    fs::create_dir_all(keys_dir).with_context(|| format!("creating {}", keys_dir.display()))?;
+    if !keys_dir.exists() {
+        fs::create_dir_all(keys_dir).with_context(|| format!("creating {}", keys_dir.display()))?;
+        // Explicit mode: with umask 002 the directory would be group-writable, and anyone in
+        // the group could swap the keys.
+        fs::set_permissions(keys_dir, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("setting mode 755 on {}", keys_dir.display()))?;
+    }
     let mut written = Vec::new();
     let files: [(&Path, &str, u32); 10] = [
         (&paths.ssh_private, &m.ssh_private, 0o600),
@@ -540,6 +546,48 @@ pub fn check_private_permissions(keys_dir: &Path) -> Result<()> {
     } else {
         Err(KeysError::InsecurePermissions(bad).into())
     }
+}
+
+/// What is wrong with the modes of `keys_dir` and its files, one line each with the `chmod`
+/// that fixes it: a private file readable (or writable) by group or others leaks the cluster's
+/// secrets; a public file or the directory writable by group or others lets someone swap the
+/// trusted signing key. Missing files are not reported. `kiln keys show` and `kiln doctor`
+/// print these; `kiln build` refuses the first kind ([`check_private_permissions`]).
+pub fn permission_warnings(keys_dir: &Path) -> Vec<String> {
+    let paths = KeyPaths::new(keys_dir);
+    let mode = |p: &Path| fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o7777);
+    let mut v = Vec::new();
+    if let Some(m) = mode(keys_dir) {
+        if m & 0o022 != 0 {
+            v.push(format!(
+                "{} is writable by group/others (mode {m:04o}): anyone in them can replace the \
+                 keys; fix: chmod go-w {}",
+                keys_dir.display(),
+                keys_dir.display()
+            ));
+        }
+    }
+    for p in paths.private_files() {
+        match mode(p) {
+            Some(m) if m & 0o077 != 0 => v.push(format!(
+                "{} is a private key file readable by group/others (mode {m:04o}); fix: chmod 600 {}",
+                p.display(),
+                p.display()
+            )),
+            _ => {}
+        }
+    }
+    for p in paths.public_files() {
+        match mode(p) {
+            Some(m) if m & 0o022 != 0 => v.push(format!(
+                "{} is writable by group/others (mode {m:04o}); fix: chmod 644 {}",
+                p.display(),
+                p.display()
+            )),
+            _ => {}
+        }
+    }
+    v
 }
 
 /// Describes every key file in `keys_dir` (missing ones included, `present: false`) with a

@@ -267,7 +267,7 @@ pub fn write_import_script(
         cores: file.cores.unwrap_or(2),
     };
     let text = script::render(b, &ss);
-    crate::sys::util::write_atomic_mode(path, text.as_bytes(), 0o755)
+    crate::sys::util::write_output(path, text.as_bytes(), 0o755)
 }
 
 /// Makes `b` a VM template on the cluster `dir`'s settings and `conn` name (skipped if it
