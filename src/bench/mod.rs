@@ -10,6 +10,7 @@
 
 mod cold;
 mod compress;
+mod peers;
 mod pxe;
 mod warm;
 
