@@ -437,16 +437,25 @@ fn targets_kiln_must_not_lose_are_refused() {
     let root = d.path();
     fs::create_dir_all(root.join("recipes")).unwrap();
     fs::write(root.join("recipes/cluster.toml"), "[cluster]\n").unwrap();
-    std::os::unix::fs::symlink(root.join("keys/signing_ed25519.pem"), root.join("innocent.img"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        root.join("keys/signing_ed25519.pem"),
+        root.join("innocent.img"),
+    )
+    .unwrap();
     let cases: [(PathBuf, &str); 7] = [
-        (root.join("out/nodes/node1/SHA256SUMS"), "node's output directory"),
+        (
+            root.join("out/nodes/node1/SHA256SUMS"),
+            "node's output directory",
+        ),
         (root.join("keys/signing_ed25519.pem"), "keys directory"),
         (root.join("keys/new.img"), "keys directory"),
         (root.join("out/node1.img"), "output directory"),
         (root.join("recipes/cluster.toml"), "recipes directory"),
         (root.join("innocent.img"), "keys directory"),
-        (PathBuf::from(env!("CARGO_BIN_EXE_kiln")), "running kiln binary"),
+        (
+            PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
+            "running kiln binary",
+        ),
     ];
     for (t, what) in &cases {
         let before = fs::read(t).ok();

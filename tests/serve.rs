@@ -919,9 +919,8 @@ fn bench_pxe_part_measures_http_and_tftp() {
         "{http}"
     );
     // The peers: measured with kiln's ratio, or a visible SKIP when not installed.
-    let installed = |bin: &str| {
-        std::path::Path::new("/usr/sbin").join(bin).is_file() || common::which(bin)
-    };
+    let installed =
+        |bin: &str| std::path::Path::new("/usr/sbin").join(bin).is_file() || common::which(bin);
     for (peer, bin, row, ratios) in [
         ("nginx", "nginx", "HTTP: nginx", &["HTTP: kiln / nginx"][..]),
         (
@@ -939,7 +938,10 @@ fn bench_pxe_part_measures_http_and_tftp() {
                 detail.starts_with(&format!("SKIP: {bin} not installed")),
                 "{detail}"
             );
-            common::skip("bench_pxe_part_measures_http_and_tftp", &format!("{peer} not installed"));
+            common::skip(
+                "bench_pxe_part_measures_http_and_tftp",
+                &format!("{peer} not installed"),
+            );
             continue;
         }
         assert!(r[0]["median_seconds"].as_f64().unwrap() > 0.0, "{}", r[0]);

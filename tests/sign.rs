@@ -392,7 +392,11 @@ fn key_that_is_not_a_regular_file_is_a_user_error() {
         "{stderr}"
     );
     let fifo = d.path().join("key.fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let (code, _, stderr) = verify(d.path(), &["--key", fifo.to_str().unwrap()]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("it is a FIFO"), "{stderr}");
@@ -416,7 +420,10 @@ fn seal_and_unseal_refuse_unbounded_inputs() {
     ] {
         let (code, _, stderr) = run(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
-        assert!(stderr.contains("/dev/zero: is not a regular file"), "{stderr}");
+        assert!(
+            stderr.contains("/dev/zero: is not a regular file"),
+            "{stderr}"
+        );
     }
     // A manifest on stdin is bounded too.
     let mut c = kiln()
@@ -443,7 +450,11 @@ fn keys_show_warns_about_readable_private_keys_and_writable_dirs() {
     let pem = keys.join("signing_ed25519.pem");
     fs::set_permissions(&pem, fs::Permissions::from_mode(0o644)).unwrap();
     fs::set_permissions(&keys, fs::Permissions::from_mode(0o777)).unwrap();
-    for args in [&["keys", "show"][..], &["keys", "show", "--json"][..], &["doctor"][..]] {
+    for args in [
+        &["keys", "show"][..],
+        &["keys", "show", "--json"][..],
+        &["doctor"][..],
+    ] {
         let mut a = vec!["--dir", dir];
         a.extend_from_slice(args);
         let (_, stdout, stderr) = run(&a);
@@ -500,7 +511,11 @@ fn seal_output_onto_a_pipe_or_device_writes_into_it() {
     };
     // A named pipe: the output goes to its reader, and it stays a pipe.
     let fifo = d.path().join("out.fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let reader = {
         let fifo = fifo.clone();
         std::thread::spawn(move || fs::read_to_string(fifo).unwrap())

@@ -145,7 +145,11 @@ pub fn start_nginx(work: &Path, root: &Path) -> Result<Option<(Peer, String)>> {
 
 /// tftpd-hpa (`in.tftpd -L`, foreground) serving `root` on a loopback port; `ready_file` (in
 /// `root`) is fetched to know it answers. `None` when it is not installed.
-pub fn start_tftpd(work: &Path, root: &Path, ready_file: &str) -> Result<Option<(Peer, SocketAddr)>> {
+pub fn start_tftpd(
+    work: &Path,
+    root: &Path,
+    ready_file: &str,
+) -> Result<Option<(Peer, SocketAddr)>> {
     let Some(bin) = tools::TFTPD_HPA.find() else {
         return Ok(None);
     };

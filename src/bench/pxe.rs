@@ -352,7 +352,13 @@ struct HttpRuns {
 
 impl HttpRuns {
     /// One run: [`PXE_CLIENTS`] clients at once against `http`.
-    fn measure(&mut self, t: &Target, http: &str, role: &str, sizes: &[(&str, usize)]) -> Result<()> {
+    fn measure(
+        &mut self,
+        t: &Target,
+        http: &str,
+        role: &str,
+        sizes: &[(&str, usize)],
+    ) -> Result<()> {
         let per_client: usize = sizes.iter().map(|(_, l)| l).sum();
         let cpu0 = (t.cpu)();
         let t0 = Instant::now();
@@ -502,11 +508,24 @@ fn tftp_rows(
             let (t, addr, w) = sides[i];
             let cpu0 = (t.cpu)();
             let t0 = Instant::now();
-            let n = tftp_fetch(addr, "big.bin", PXE_TFTP_BLKSIZE, w, Duration::from_secs(10))
-                .with_context(|| format!("TFTP from {}", t.name))?;
+            let n = tftp_fetch(
+                addr,
+                "big.bin",
+                PXE_TFTP_BLKSIZE,
+                w,
+                Duration::from_secs(10),
+            )
+            .with_context(|| format!("TFTP from {}", t.name))?;
             let wall = t0.elapsed().as_secs_f64();
-            anyhow::ensure!(n == tftp_bytes, "TFTP from {}: got {n} bytes of {tftp_bytes}", t.name);
-            times[i].push(Timing { wall, cpu: (t.cpu)() - cpu0 });
+            anyhow::ensure!(
+                n == tftp_bytes,
+                "TFTP from {}: got {n} bytes of {tftp_bytes}",
+                t.name
+            );
+            times[i].push(Timing {
+                wall,
+                cpu: (t.cpu)() - cpu0,
+            });
             speeds[i].push(n as f64 / wall / 1e6);
         }
     }
@@ -531,7 +550,10 @@ fn tftp_rows(
         return Ok(());
     }
     let mut r = Row::timed("pxe", what, times[3].clone());
-    r.detail = format!("{:.1} MB/s (it speaks no windowsize: lock-step is its best)", m[3]);
+    r.detail = format!(
+        "{:.1} MB/s (it speaks no windowsize: lock-step is its best)",
+        m[3]
+    );
     rows.push(r);
     rows.push(ratio_row(
         "TFTP lock-step: kiln / tftpd-hpa, both windowsize 1".into(),

@@ -56,7 +56,11 @@ pub(crate) fn doctor(cx: &Ctx, a: &DoctorArgs) -> Result<()> {
             } else {
                 format!("WARNING  {} problem(s), below", key_warnings.len())
             };
-            writeln!(o, "{:<20} {state:<48} private files 0600, nothing group/world-writable", "keys/")?;
+            writeln!(
+                o,
+                "{:<20} {state:<48} private files 0600, nothing group/world-writable",
+                "keys/"
+            )?;
             for w in &key_warnings {
                 writeln!(o, "  {w}")?;
             }

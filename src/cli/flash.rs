@@ -22,7 +22,10 @@ pub(crate) fn flash_cmd(cx: &Ctx, a: &FlashArgs) -> Result<()> {
         Protected::new(&key_path, "the trusted public key"),
     ];
     if let Some(c) = std::env::var_os("KILN_CACHE").filter(|c| !c.is_empty()) {
-        protected.push(Protected::new(c, "inside the cache directory ($KILN_CACHE)"));
+        protected.push(Protected::new(
+            c,
+            "inside the cache directory ($KILN_CACHE)",
+        ));
     }
     if let Ok(exe) = std::env::current_exe() {
         protected.push(Protected::new(exe, "the running kiln binary"));

@@ -680,7 +680,10 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     // 2. The target (looked at, not opened for writing), before the long hash: a target kiln
     // must not lose is refused at once.
     let target = inspect_target(&opts.target, &image_md, &opts.hostname)?;
-    let mut protected = vec![Protected::new(&node_dir, "inside the node's output directory")];
+    let mut protected = vec![Protected::new(
+        &node_dir,
+        "inside the node's output directory",
+    )];
     protected.extend(opts.protected.iter().cloned());
     check_not_protected(&target, &protected)?;
 

@@ -555,7 +555,11 @@ pub fn check_private_permissions(keys_dir: &Path) -> Result<()> {
 /// print these; `kiln build` refuses the first kind ([`check_private_permissions`]).
 pub fn permission_warnings(keys_dir: &Path) -> Vec<String> {
     let paths = KeyPaths::new(keys_dir);
-    let mode = |p: &Path| fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o7777);
+    let mode = |p: &Path| {
+        fs::metadata(p)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o7777)
+    };
     let mut v = Vec::new();
     if let Some(m) = mode(keys_dir) {
         if m & 0o022 != 0 {

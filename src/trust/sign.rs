@@ -409,11 +409,11 @@ pub fn verify_signature(dir: &Path, key: &VerifyingKey) -> Result<SignedSums> {
 /// symlink to `/dev/zero`, a FIFO) is refused before it is read, as a
 /// [`VerifyError::Unreadable`] (exit status 3: the directory cannot be trusted).
 fn read_signed_input(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
-    crate::sys::util::read_small(path, max, what).map_err(|e| {
-        match e.downcast::<crate::sys::util::InputFileError>() {
-            Ok(bad) => VerifyError::Unreadable(bad).into(),
-            Err(e) => e,
-        }
+    crate::sys::util::read_small(path, max, what).map_err(|e| match e
+        .downcast::<crate::sys::util::InputFileError>(
+    ) {
+        Ok(bad) => VerifyError::Unreadable(bad).into(),
+        Err(e) => e,
     })
 }
 

@@ -154,7 +154,8 @@ impl Client {
             Tls::CaFile(p) => {
                 use rustls::pki_types::pem::PemObject;
                 let mut roots = rustls::RootCertStore::empty();
-                let pem = crate::sys::util::read_small(p, crate::trust::limits::KEY_FILE, "CA file")?;
+                let pem =
+                    crate::sys::util::read_small(p, crate::trust::limits::KEY_FILE, "CA file")?;
                 let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
                     .collect::<Result<_, _>>()
                     .with_context(|| format!("parsing the CA file {} (PEM)", p.display()))?;

@@ -2,9 +2,9 @@
 //! environment variables, overridden by command-line flags. The token secret is only ever read
 //! from a file (never a flag, never the config file itself).
 
+use super::ProxmoxError;
 use crate::sys::util::{is_not_found, read_small_string};
 use crate::trust::limits::KEY_FILE;
-use super::ProxmoxError;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
