@@ -471,3 +471,21 @@ fn targets_kiln_must_not_lose_are_refused() {
     let (code, _, stderr) = flash(root, "node1", &root.join("node1.img"), &[]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn an_image_that_is_a_fifo_is_refused_without_blocking() {
+    let d = project();
+    let img = image(d.path());
+    fs::remove_file(&img).unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success());
+    let (code, _, stderr) = flash(d.path(), "node1", &d.path().join("t.img"), &[]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("is not a regular file (it is a FIFO)"),
+        "{stderr}"
+    );
+}

@@ -662,6 +662,20 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         })?
         .to_string();
     let image_path = node_dir.join(IMAGE);
+    // Checked before open: opening a FIFO put in its place would block for ever.
+    if let Ok(m) = fs::metadata(&image_path) {
+        if !m.is_file() {
+            return Err(VerifyError::Unreadable(crate::sys::util::InputFileError {
+                what: "image".into(),
+                path: image_path,
+                problem: format!(
+                    "is not a regular file (it is a {})",
+                    crate::sys::util::file_kind(&m)
+                ),
+            })
+            .into());
+        }
+    }
     let mut image = match File::open(&image_path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

@@ -417,6 +417,35 @@ mod tests {
     }
 
     #[test]
+    fn outputs_are_never_replaced_when_not_regular_files() {
+        use std::os::unix::fs::FileTypeExt;
+        let d = tempfile::tempdir().unwrap();
+        // A directory (and, with a socket, anything but a file or symlink) is not replaced.
+        let sub = d.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        for w in [write_atomic(&sub, b"x"), write_output(&sub, b"x", 0o644)] {
+            let e = w.unwrap_err();
+            assert!(e.downcast_ref::<OutputFileError>().is_some(), "{e:#}");
+        }
+        assert!(sub.is_dir());
+        let sock = d.path().join("s");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(write_atomic(&sock, b"x").is_err());
+        assert!(fs::metadata(&sock).unwrap().file_type().is_socket());
+        // A character device is written in place by write_output.
+        write_output(Path::new("/dev/null"), b"x", 0o644).unwrap();
+        assert!(fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        // Regular files and new paths are written atomically with the mode.
+        let f = d.path().join("f");
+        write_output(&f, b"one", 0o600).unwrap();
+        write_output(&f, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"two");
+    }
+
+    #[test]
     fn par_map_keeps_order_and_state_per_thread() {
         let items: Vec<u64> = (0..1000).collect();
         for threads in [0, 1, 3, 64] {

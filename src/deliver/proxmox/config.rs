@@ -499,4 +499,29 @@ mod tests {
         let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
         assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
     }
+
+    #[test]
+    fn config_and_token_secret_that_are_devices_are_refused_unread() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join(CONFIG_FILE);
+        std::os::unix::fs::symlink("/dev/zero", &conf).unwrap();
+        let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("is not a regular file (it is a character device)"),
+            "{e:#}"
+        );
+        std::fs::remove_file(&conf).unwrap();
+        std::fs::write(
+            &conf,
+            "url = \"https://pve:8006/\"\nnode = \"pve1\"\nstorage = \"local-lvm\"\n\
+             import_storage = \"local\"\ntoken_id = \"kiln@pve!import\"\n\
+             token_secret_file = \"/dev/zero\"\n",
+        )
+        .unwrap();
+        let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
+        assert!(format!("{e:#}").contains("is not a regular file"), "{e:#}");
+        assert!(e
+            .downcast_ref::<ProxmoxError>()
+            .is_some_and(ProxmoxError::is_user_error));
+    }
 }
