@@ -131,7 +131,11 @@ fn client(ip: &str) -> UdpSocket {
 fn first_reply(s: &UdpSocket) -> (u16, Vec<u8>, SocketAddr) {
     let mut buf = vec![0u8; 70000];
     let (n, from) = s.recv_from(&mut buf).expect("an answer");
-    (u16::from_be_bytes([buf[0], buf[1]]), buf[2..n].to_vec(), from)
+    (
+        u16::from_be_bytes([buf[0], buf[1]]),
+        buf[2..n].to_vec(),
+        from,
+    )
 }
 
 fn error_text(rest: &[u8]) -> String {
@@ -143,9 +147,7 @@ fn oack_options(rest: &[u8]) -> Vec<(String, String)> {
         .split(|c| *c == 0)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
-    f.chunks(2)
-        .map(|c| (c[0].clone(), c[1].clone()))
-        .collect()
+    f.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect()
 }
 
 /// Sends a read request that is never acknowledged; returns the socket and the first reply.
@@ -206,7 +208,10 @@ fn tftp_transfers_are_capped_per_client_and_in_total() {
     }
     assert_eq!(got, 6, "a freed place is given to the next request");
     let m = s.metrics();
-    assert!(m.contains("kiln_tftp_transfers_total{result=\"busy\"}"), "{m}");
+    assert!(
+        m.contains("kiln_tftp_transfers_total{result=\"busy\"}"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -312,16 +317,25 @@ fn tftp_duplicate_acks_do_not_resend_data() {
     assert_eq!(data, want);
     assert_eq!(packets, blocks, "lock-step, every ACK twice");
     let (data, packets) = fetch_acking(s.tftp(), &t, 1, false, 3);
-    assert_eq!((data == want, packets), (true, blocks), "every ACK three times");
+    assert_eq!(
+        (data == want, packets),
+        (true, blocks),
+        "every ACK three times"
+    );
     // Windowed: a client that ACKs every block (twice) must not multiply the traffic either.
     let w = [("timeout", "10"), ("windowsize", "8")];
     let (data, packets) = fetch_acking(s.tftp(), &w, 8, true, 2);
-    assert_eq!((data == want, packets), (true, blocks), "windowsize 8, every block");
+    assert_eq!(
+        (data == want, packets),
+        (true, blocks),
+        "windowsize 8, every block"
+    );
     let (data, packets) = fetch_acking(s.tftp(), &w, 8, false, 2);
     assert_eq!((data == want, packets), (true, blocks), "windowsize 8");
     let m = s.metrics();
     assert!(
-        !m.lines().any(|l| l.starts_with("kiln_tftp_retransmits_total")),
+        !m.lines()
+            .any(|l| l.starts_with("kiln_tftp_retransmits_total")),
         "{m}"
     );
 }
@@ -358,7 +372,9 @@ fn tftp_packet_from_another_port_gets_error_5_and_the_transfer_goes_on() {
                     let (op, _, _) = first_reply(&stranger);
                     assert_eq!(op, 5);
                     // An ERROR from the stranger is not answered and ends nothing.
-                    stranger.send_to(b"\x00\x05\x00\x00go away\x00", from).unwrap();
+                    stranger
+                        .send_to(b"\x00\x05\x00\x00go away\x00", from)
+                        .unwrap();
                 }
                 c.send_to(&ack(block), from).unwrap();
                 expected += 1;
@@ -372,7 +388,10 @@ fn tftp_packet_from_another_port_gets_error_5_and_the_transfer_goes_on() {
     assert_eq!(data, want);
     let m = s.metrics();
     assert!(m.contains("kiln_tftp_unknown_tid_total 3"), "{m}");
-    assert!(m.contains("kiln_tftp_transfers_total{result=\"ok\"} 1"), "{m}");
+    assert!(
+        m.contains("kiln_tftp_transfers_total{result=\"ok\"} 1"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -481,6 +500,9 @@ fn dhcp_floods_from_one_mac_are_not_all_answered() {
     // A burst of 16, then one a second (the bound allows for a slow machine).
     let bound = 16 + started.elapsed().as_secs() + 1;
     assert!(answered >= 16, "{answered}");
-    assert!(answered <= bound, "{answered} answers to a flood of {flood}");
+    assert!(
+        answered <= bound,
+        "{answered} answers to a flood of {flood}"
+    );
     assert!(s.metrics().contains("reason=\"rate_limited\""));
 }

@@ -186,8 +186,7 @@ pub fn check_frame(b: &[u8]) -> Result<(), Ignored> {
                 if code == 52 {
                     return Err(Ignored::OptionOverload);
                 }
-                if READ_ONCE.contains(&code) && std::mem::replace(&mut seen[code as usize], true)
-                {
+                if READ_ONCE.contains(&code) && std::mem::replace(&mut seen[code as usize], true) {
                     return Err(Ignored::DuplicateOption);
                 }
                 i = end;
@@ -1329,34 +1328,49 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (with(&|p| p[0] = 2), "not_bootrequest"),
             (with(&|p| p[0] = 3), "not_bootrequest"),
-            (with(&|p| p[1] = 6), "bad_chaddr"),  // IEEE 802 with an Ethernet-sized address
+            (with(&|p| p[1] = 6), "bad_chaddr"), // IEEE 802 with an Ethernet-sized address
             (with(&|p| p[2] = 16), "bad_chaddr"), // Ethernet with a 16-byte address
             (with(&|p| p[2] = 0), "bad_chaddr"),
             (with(&|p| p[2] = 200), "bad_chaddr"),
             (with(&|p| p[3] = 17), "too_many_hops"),
             (good[..239].to_vec(), "short"),
             // The last option claims more bytes than there are.
-            (with(&|p| {
-                p.pop();
-                p.extend_from_slice(&[12, 40, b'h']);
-            }), "truncated_options"),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[12, 40, b'h']);
+                }),
+                "truncated_options",
+            ),
             // A lone option code at the very end.
-            (with(&|p| {
-                p.pop();
-                p.push(12);
-            }), "truncated_options"),
-            (with(&|p| {
-                p.pop();
-                p.extend_from_slice(&[52, 1, 3, 255]);
-            }), "option_overload"),
-            (with(&|p| {
-                p.pop();
-                p.extend_from_slice(&[53, 1, 3, 255]);
-            }), "duplicate_option"),
-            (with(&|p| {
-                p.pop();
-                p.extend_from_slice(&[93, 2, 0, 7, 255]);
-            }), "duplicate_option"),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.push(12);
+                }),
+                "truncated_options",
+            ),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[52, 1, 3, 255]);
+                }),
+                "option_overload",
+            ),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[53, 1, 3, 255]);
+                }),
+                "duplicate_option",
+            ),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[93, 2, 0, 7, 255]);
+                }),
+                "duplicate_option",
+            ),
         ];
         for (p, reason) in &cases {
             let before = ignored(&st, reason);
@@ -1401,7 +1415,9 @@ mod tests {
 
     fn offered(pool: &mut Pool, mac: u8, now: Instant) -> Option<Ipv4Addr> {
         let d = with_mac(raw(1, &[]), mac);
-        pool.reply(&decode(&d), SERVER, None, now).ok().map(|m| m.yiaddr())
+        pool.reply(&decode(&d), SERVER, None, now)
+            .ok()
+            .map(|m| m.yiaddr())
     }
 
     fn request(pool: &mut Pool, mac: u8, ip: [u8; 4], now: Instant) -> MessageType {
@@ -1415,16 +1431,34 @@ mod tests {
         // Issue 17: RFC 2131 4.3.3; it was offered again at once.
         let mut pool = full_pool();
         let t0 = Instant::now();
-        assert_eq!(offered(&mut pool, 1, t0), Some(Ipv4Addr::new(10, 0, 0, 100)));
+        assert_eq!(
+            offered(&mut pool, 1, t0),
+            Some(Ipv4Addr::new(10, 0, 0, 100))
+        );
         assert_eq!(request(&mut pool, 1, [10, 0, 0, 100], t0), MessageType::Ack);
         let decline = with_mac(raw(4, &[(50, &[10, 0, 0, 100]), SRV]), 1);
-        assert_eq!(pool.reply(&decode(&decline), SERVER, None, t0).unwrap_err(), "declined");
+        assert_eq!(
+            pool.reply(&decode(&decline), SERVER, None, t0).unwrap_err(),
+            "declined"
+        );
         let later = t0 + Duration::from_secs(60);
-        assert_eq!(offered(&mut pool, 1, later), Some(Ipv4Addr::new(10, 0, 0, 101)));
-        assert_eq!(offered(&mut pool, 2, later), Some(Ipv4Addr::new(10, 0, 0, 101)));
-        assert_eq!(request(&mut pool, 2, [10, 0, 0, 100], later), MessageType::Nak);
+        assert_eq!(
+            offered(&mut pool, 1, later),
+            Some(Ipv4Addr::new(10, 0, 0, 101))
+        );
+        assert_eq!(
+            offered(&mut pool, 2, later),
+            Some(Ipv4Addr::new(10, 0, 0, 101))
+        );
+        assert_eq!(
+            request(&mut pool, 2, [10, 0, 0, 100], later),
+            MessageType::Nak
+        );
         let after = t0 + DECLINE_HOLD + Duration::from_secs(1);
-        assert_eq!(offered(&mut pool, 3, after), Some(Ipv4Addr::new(10, 0, 0, 100)));
+        assert_eq!(
+            offered(&mut pool, 3, after),
+            Some(Ipv4Addr::new(10, 0, 0, 100))
+        );
     }
 
     #[test]
@@ -1434,17 +1468,32 @@ mod tests {
         assert_eq!(request(&mut pool, 1, [10, 0, 0, 100], t0), MessageType::Ack);
         // Another MAC declining or releasing 10.0.0.100 changes nothing.
         let decline = with_mac(raw(4, &[(50, &[10, 0, 0, 100]), SRV]), 2);
-        assert_eq!(pool.reply(&decode(&decline), SERVER, None, t0).unwrap_err(), "decline_not_ours");
+        assert_eq!(
+            pool.reply(&decode(&decline), SERVER, None, t0).unwrap_err(),
+            "decline_not_ours"
+        );
         let release = with_ciaddr(with_mac(raw(7, &[SRV]), 2), [10, 0, 0, 100]);
-        assert_eq!(pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(), "release_not_ours");
+        assert_eq!(
+            pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(),
+            "release_not_ours"
+        );
         // The holder releasing an address it does not hold changes nothing either.
         let release = with_ciaddr(with_mac(raw(7, &[SRV]), 1), [10, 0, 0, 101]);
-        assert_eq!(pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(), "release_not_ours");
+        assert_eq!(
+            pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(),
+            "release_not_ours"
+        );
         assert_eq!(request(&mut pool, 2, [10, 0, 0, 100], t0), MessageType::Nak);
-        assert_eq!(offered(&mut pool, 1, t0), Some(Ipv4Addr::new(10, 0, 0, 100)));
+        assert_eq!(
+            offered(&mut pool, 1, t0),
+            Some(Ipv4Addr::new(10, 0, 0, 100))
+        );
         // Its own RELEASE frees it.
         let release = with_ciaddr(with_mac(raw(7, &[SRV]), 1), [10, 0, 0, 100]);
-        assert_eq!(pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(), "released");
+        assert_eq!(
+            pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(),
+            "released"
+        );
         assert_eq!(request(&mut pool, 2, [10, 0, 0, 100], t0), MessageType::Ack);
     }
 
@@ -1477,11 +1526,27 @@ mod tests {
         let mode = pool(&[]);
         let mut p = bios_discover();
         p[24..28].copy_from_slice(&[10, 9, 0, 1]);
-        assert!(answer(&p, "10.9.0.1:67".parse().unwrap(), false, &mode, &st, SERVER).is_none());
+        assert!(answer(
+            &p,
+            "10.9.0.1:67".parse().unwrap(),
+            false,
+            &mode,
+            &st,
+            SERVER
+        )
+        .is_none());
         assert_eq!(ignored(&st, "relay_other_subnet"), 1.0);
         // A relay on the pool's subnet is answered through it.
         p[24..28].copy_from_slice(&[10, 0, 0, 2]);
-        let (_, dest) = answer(&p, "10.0.0.2:67".parse().unwrap(), false, &mode, &st, SERVER).unwrap();
+        let (_, dest) = answer(
+            &p,
+            "10.0.0.2:67".parse().unwrap(),
+            false,
+            &mode,
+            &st,
+            SERVER,
+        )
+        .unwrap();
         assert_eq!(dest, "10.0.0.2:67".parse().unwrap());
     }
 
@@ -1489,7 +1554,10 @@ mod tests {
     fn only_a_packet_from_its_ciaddr_teaches_the_ip_to_mac_map() {
         let (_d, st) = state(&["undionly.kpxe"]);
         let req = with_ciaddr(
-            raw(3, &[(93, &[0, 0]), (60, b"PXEClient:Arch:00000:UNDI:002001")]),
+            raw(
+                3,
+                &[(93, &[0, 0]), (60, b"PXEClient:Arch:00000:UNDI:002001")],
+            ),
             [10, 0, 0, 57],
         );
         let spoofed: SocketAddr = "10.0.0.99:4011".parse().unwrap();
@@ -1504,8 +1572,14 @@ mod tests {
         let a = [2, 0, 0, 0, 0, 1];
         let allowed = (0..40).filter(|_| f.allow(a, t0)).count();
         assert_eq!(allowed, Flood::BURST as usize);
-        assert!(f.allow([2, 0, 0, 0, 0, 2], t0), "another MAC has its own budget");
-        assert!(f.allow(a, t0 + Duration::from_secs(1)), "refilled after a second");
+        assert!(
+            f.allow([2, 0, 0, 0, 0, 2], t0),
+            "another MAC has its own budget"
+        );
+        assert!(
+            f.allow(a, t0 + Duration::from_secs(1)),
+            "refilled after a second"
+        );
         assert!(!f.allow(a, t0 + Duration::from_secs(1)));
         // Random MACs cannot grow the table without bound.
         for i in 0..(Flood::MAX_TRACKED as u32 * 2) {

@@ -542,7 +542,9 @@ impl Source {
             let f = File::open(&self.path)?;
             let m = f.metadata()?;
             if (m.dev(), m.ino()) != self.id || m.len() != self.len {
-                return Err(std::io::Error::other("the file changed during the transfer"));
+                return Err(std::io::Error::other(
+                    "the file changed during the transfer",
+                ));
             }
             self.file = Some(f);
         }
@@ -966,7 +968,11 @@ mod tests {
 
     #[test]
     fn blksize_stays_in_rfc_2348_range() {
-        for (asked, got) in [("8", Some("8")), ("65464", Some("1468")), ("99999999999", Some("1468"))] {
+        for (asked, got) in [
+            ("8", Some("8")),
+            ("65464", Some("1468")),
+            ("99999999999", Some("1468")),
+        ] {
             let n = negotiate(&opts(&[("blksize", asked)]), 10, DEFAULT_MAX_BLKSIZE);
             assert_eq!(n.oack.first().map(|(_, v)| v.as_str()), got, "{asked}");
         }
@@ -1032,7 +1038,9 @@ mod tests {
         // An option with an empty value is a pair, not padding.
         let mut raw = vec![0, 1];
         raw.extend_from_slice(b"f\0octet\0blksize\0\0");
-        assert!(matches!(parse(&raw), Ok(Packet::Rrq { options, .. }) if options == opts(&[("blksize", "")])));
+        assert!(
+            matches!(parse(&raw), Ok(Packet::Rrq { options, .. }) if options == opts(&[("blksize", "")]))
+        );
         // A name without a value is still an error.
         assert!(parse(b"\0\x01f\0octet\0blksize\x001024\0tsize\0").is_err());
     }
