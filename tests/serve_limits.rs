@@ -290,7 +290,7 @@ fn fetch_acking(
                 data.extend_from_slice(&buf[4..n]);
                 expected += 1;
                 let last = n - 4 < blksize;
-                if last || every_block || block % window == 0 {
+                if last || every_block || block.is_multiple_of(window) {
                     for _ in 0..dups {
                         c.send_to(&ack(block), from).unwrap();
                     }
@@ -423,7 +423,7 @@ fn tftp_windowsize_beyond_16_bits_is_clamped_and_the_transfer_works() {
             data.extend_from_slice(&buf[4..n]);
             let block = u16::from_be_bytes([buf[2], buf[3]]);
             let last = n - 4 < 512;
-            if last || block % 64 == 0 {
+            if last || block.is_multiple_of(64) {
                 c.send_to(&ack(block), from).unwrap();
             }
             if last {
