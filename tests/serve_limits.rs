@@ -506,3 +506,30 @@ fn dhcp_floods_from_one_mac_are_not_all_answered() {
     );
     assert!(s.metrics().contains("reason=\"rate_limited\""));
 }
+
+#[test]
+fn tftp_names_modes_and_writes_that_are_refused() {
+    let s = start(&[]);
+    let code = |req: &[u8]| {
+        let c = client("127.0.0.1");
+        c.send_to(req, s.tftp()).unwrap();
+        let (op, rest, _) = first_reply(&c);
+        assert_eq!(op, 5, "{req:?}");
+        u16::from_be_bytes([rest[0], rest[1]])
+    };
+    // An absolute name is taken inside the root; outside it there is nothing to find.
+    assert_eq!(code(&rrq("/etc/passwd", &[])), 1);
+    assert_eq!(code(&rrq("C:\\..\\..\\etc\\passwd", &[])), 2);
+    assert_eq!(code(&rrq("", &[])), 1);
+    let mut wrq = rrq("new.efi", &[]);
+    wrq[1] = 2;
+    assert_eq!(code(&wrq), 2);
+    for mode in ["netascii", "mail", "binary", ""] {
+        let mut req = vec![0, 1];
+        req.extend_from_slice(format!("ipxe.efi\0{mode}\0").as_bytes());
+        assert_eq!(code(&req), 4, "{mode}");
+    }
+    // An ACK or DATA to the server's own port belongs to no transfer: ERROR 5.
+    assert_eq!(code(&ack(1)), 5);
+    assert_eq!(code(b"\x00\x03\x00\x01data"), 5);
+}
