@@ -228,6 +228,28 @@ fn tftp_idle_transfer_holds_no_file_descriptor() {
         .filter(|t| *t == served)
         .collect();
     assert!(open.is_empty(), "ipxe.efi is held open: {open:?}");
+    // A client that stops acknowledging DATA: after the first retransmission the file is let go
+    // until the next one (asked a bounded number of times: the release follows the resend).
+    let c = client("127.0.0.1");
+    c.send_to(&rrq("ipxe.efi", &[]), s.tftp()).unwrap();
+    for _ in 0..2 {
+        let (op, rest, _) = first_reply(&c);
+        assert_eq!((op, &rest[..2]), (3, &[0u8, 1][..]), "DATA 1, then again");
+    }
+    let held = || {
+        fs::read_dir(&fds)
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.unwrap().path()).ok())
+            .any(|t| t == served)
+    };
+    let released = (0..200).any(|_| {
+        let h = held();
+        if h {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !h
+    });
+    assert!(released, "ipxe.efi stays open while the client is silent");
 }
 
 #[test]
