@@ -4,7 +4,8 @@
 //! to SOURCE_DATE_EPOCH); overlay and generated entries form an "upper" layer that replaces
 //! base entries at the same path and is owned by root with normalised modes and mtimes.
 
-use crate::project::overlays::{tera_error_chain, OverlayFile};
+use crate::project::overlays::{self, OverlayFile};
+use crate::project::template;
 use crate::project::recipe::{Cluster, Node, Project, Recipe, RecipeError};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -491,20 +492,30 @@ fn template_context(input: &ComposeInput) -> Result<tera::Context> {
 /// One overlay file as an upper entry: a directory, a symlink, or the file's bytes (rendered
 /// when it is a template).
 fn overlay_entry(project: &Project, o: &OverlayFile, tctx: &tera::Context) -> Result<Upper> {
-    let src = project.overlays_dir().join(&o.source);
+    let src = overlays::source_path(project, o)?;
     let origin = format!("overlays/{}", o.source);
     let u = match o.kind.as_str() {
         "dir" => Upper::Dir,
+        // A link stays a link: its target is never followed on the build host.
         "symlink" => Upper::Symlink {
             target: fs::read_link(&src)?.to_string_lossy().into_owned(),
             origin,
         },
         _ => {
-            let raw = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
             let data = if o.template {
-                render_template(&src, raw, tctx)?
+                let shown = project.overlays_dir().join(&o.source);
+                let text = overlays::read_template(&src)?;
+                template::render(
+                    &shown,
+                    "(template)",
+                    &text,
+                    tctx,
+                    MAX_OVERLAY_TEMPLATE_OUTPUT,
+                    "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}",
+                )?
+                .into_bytes()
             } else {
-                raw
+                fs::read(&src).with_context(|| format!("reading {}", src.display()))?
             };
             Upper::File {
                 data,
@@ -516,25 +527,8 @@ fn overlay_entry(project: &Project, o: &OverlayFile, tctx: &tera::Context) -> Re
     Ok(u)
 }
 
-/// Renders the template `src` (its bytes `raw`) with `tctx`.
-fn render_template(src: &Path, raw: Vec<u8>, tctx: &tera::Context) -> Result<Vec<u8>> {
-    let text = String::from_utf8(raw).map_err(|_| {
-        RecipeError::new(
-            src,
-            "(template)",
-            "template is not UTF-8",
-            "save it as UTF-8 or drop the .tera suffix",
-        )
-    })?;
-    Ok(tera::Tera::one_off(&text, tctx, false)
-        .map_err(|e| RecipeError::new(
-            src,
-            "(template)",
-            format!("cannot render: {}", tera_error_chain(&e)),
-            "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}",
-        ))?
-        .into_bytes())
-}
+/// The most bytes one overlay template may render.
+pub const MAX_OVERLAY_TEMPLATE_OUTPUT: usize = 16 << 20;
 
 /// Generated files (win over overlays: kiln owns them), then the entries of other stages.
 fn add_generated(input: &ComposeInput, upper: &mut BTreeMap<String, Upper>) -> Result<()> {

@@ -151,6 +151,36 @@ pub fn read_real(real: &Path, shown: &Path, max: u64, by: NamedBy) -> Result<Str
         .map_err(|_| by.refuse(format!("{} is not UTF-8 text", shown.display())))
 }
 
+/// Reads `recipes/<name>`, a name the project's recipes gave (checked when they were loaded,
+/// confined again here, where the bytes are read), as text of at most [`MAX_TEXT`] bytes.
+/// `what` names the file in an error ("(manifest)", "(registries)").
+pub fn recipe_text(layout: &Layout, name: &str, what: &str) -> Result<String> {
+    let path = layout.recipe_file(name);
+    let by = NamedBy {
+        file: &path,
+        key: what,
+        fix: "keep the files recipes name inside the project, as UTF-8 text",
+    };
+    relative_name(name, by)?;
+    read_text(layout, &path, MAX_TEXT, by)
+}
+
+/// `keys/<name>` (one of `layout::key`) after symlinks, `None` when absent; refused when it
+/// is not a regular file or resolves outside the project (its contents go into images and
+/// seeds: a link to a host file would publish that file).
+pub fn key_file(layout: &Layout, name: &str) -> Result<Option<PathBuf>> {
+    let path = layout.key(name);
+    optional_file(
+        layout,
+        &path,
+        NamedBy {
+            file: &path,
+            key: "(key file)",
+            fix: "keep the project's keys in its keys/ directory (`kiln keys init`); a symlink there may point only inside the project",
+        },
+    )
+}
+
 /// Largest recipe-side text file kiln reads whole (manifests, values, sealed secrets).
 pub const MAX_TEXT: u64 = 32 << 20;
 /// Largest small input (a recipe, registries.yaml, a key file).
