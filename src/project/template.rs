@@ -41,7 +41,7 @@ const NAME: &str = "template";
 /// Parses `text` (the template at `file`) and runs the static checks: a syntax error, an
 /// include/import/extends, a recursive macro or too deep a nesting is a [`RecipeError`].
 pub fn check(file: &Path, text: &str) -> Result<()> {
-    parse(file, text).map(|_| ())
+    parse(file, "(template)", text).map(|_| ())
 }
 
 /// Renders the template `text` (at `file`) with `ctx`; the output must stay within
@@ -55,7 +55,7 @@ pub fn render(
     max_output: usize,
     fix: &str,
 ) -> Result<String> {
-    let tera = parse(file, text)?;
+    let tera = parse(file, key, text)?;
     let mut out = Bounded {
         buf: Vec::new(),
         max: max_output,
@@ -135,8 +135,8 @@ impl Write for Bounded {
 }
 
 /// The engine with the template `text` added and checked.
-fn parse(file: &Path, text: &str) -> Result<tera::Tera> {
-    let bad = |problem: String, fix: &str| RecipeError::new(file, "(template)", problem, fix);
+fn parse(file: &Path, key: &str, text: &str) -> Result<tera::Tera> {
+    let bad = |problem: String, fix: &str| RecipeError::new(file, key, problem, fix);
     if text.len() as u64 > MAX_TEMPLATE {
         return Err(bad(
             format!(
@@ -239,6 +239,7 @@ fn check_ast(
     let mut top = Calls::default();
     walk(ast, 0, &mut top)?;
     let mut graph: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut functions = top.functions;
     for (name, m) in macros {
         let mut c = Calls::default();
         walk(&m.body, 0, &mut c)?;
@@ -246,6 +247,12 @@ fn check_ast(
             expr(e, &mut c);
         }
         graph.insert(name, c.macros);
+        functions.extend(c.functions);
+    }
+    if functions.contains("get_env") {
+        // Also refused when called (see `engine`); here so it stops a build before anything
+        // is written.
+        return Err("get_env() is not available: kiln templates see only the values kiln passes in".into());
     }
     // Depth-first from every macro: a macro met again on the current path is a cycle.
     fn depth<'a>(
@@ -292,6 +299,8 @@ fn check_ast(
 struct Calls {
     /// `self::` macros.
     macros: BTreeSet<String>,
+    /// Functions.
+    functions: BTreeSet<String>,
 }
 
 /// Walks `nodes` (at nesting `level`): refuses include/import/extends and too deep nesting,
@@ -360,7 +369,10 @@ fn val(v: &ExprVal, c: &mut Calls) {
             c.macros.insert(m.name.clone());
             m.args.values().for_each(|a| expr(a, c));
         }
-        ExprVal::FunctionCall(f) => f.args.values().for_each(|a| expr(a, c)),
+        ExprVal::FunctionCall(f) => {
+            c.functions.insert(f.name.clone());
+            f.args.values().for_each(|a| expr(a, c));
+        }
         ExprVal::Math(m) => {
             expr(&m.lhs, c);
             expr(&m.rhs, c);
@@ -412,10 +424,17 @@ mod tests {
     fn get_env_is_refused() {
         std::env::set_var("KILN_TEMPLATE_TEST_SECRET", "host-secret");
         let e = render_err("{{ get_env(name=\"KILN_TEMPLATE_TEST_SECRET\") }}");
-        assert!(e.contains("get_env is not available"), "{e}");
+        assert!(e.contains("get_env() is not available"), "{e}");
         assert!(!e.contains("host-secret"), "{e}");
-        let e = render_err("{{ get_env(name=\"PATH\", default=\"x\") }}");
-        assert!(e.contains("get_env is not available"), "{e}");
+        let e = render_err("{% macro m() %}{{ get_env(name=\"PATH\", default=\"x\") }}{% endmacro m %}");
+        assert!(e.contains("get_env() is not available"), "{e}");
+        // The engine refuses it too, whatever the static check misses.
+        let mut ctx = tera::Context::new();
+        ctx.insert("x", "y");
+        let err = engine()
+            .render_str("{{ get_env(name=\"KILN_TEMPLATE_TEST_SECRET\") }}", &ctx)
+            .unwrap_err();
+        assert!(error_chain(&err).contains("get_env is not available"));
         for f in ["now()", "get_random(end=10)"] {
             let e = render_err(&format!("{{{{ {f} }}}}"));
             assert!(e.contains("cannot render"), "{f}: {e}");
