@@ -700,7 +700,12 @@ fn a_manifest_symlinked_out_of_the_project_is_refused() {
     let m = d.path().join("recipes/manifests/nvidia-runtimeclass.yaml");
     fs::remove_file(&m).unwrap();
     std::os::unix::fs::symlink(host.path().join("m.yaml"), &m).unwrap();
-    let e = inspect_rejects(d.path(), "master", "recipes/master.toml", "k3s.manifests[0]");
+    let e = inspect_rejects(
+        d.path(),
+        "master",
+        "recipes/master.toml",
+        "k3s.manifests[0]",
+    );
     assert!(e.contains("outside the project"), "{e}");
     // A symlink that stays inside the project is followed.
     fs::remove_file(&m).unwrap();
@@ -774,8 +779,7 @@ fn overlay_special_files_and_key_links_out_are_refused() {
     let host = outside("token", "0123456789abcdef0123456789abcdef\n");
     let d = project_copy();
     fs::remove_file(d.path().join("keys/k3s-token")).unwrap();
-    std::os::unix::fs::symlink(host.path().join("token"), d.path().join("keys/k3s-token"))
-        .unwrap();
+    std::os::unix::fs::symlink(host.path().join("token"), d.path().join("keys/k3s-token")).unwrap();
     let e = inspect_rejects(d.path(), "worker", "keys/k3s-token", "(key file)");
     assert!(e.contains("outside the project"), "{e}");
 }

@@ -411,8 +411,11 @@ fn seed_templates_stay_inside_the_project_and_see_no_host_state() {
     let d = project();
     let seed = d.path().join("overlays/seed");
     fs::create_dir_all(&seed).unwrap();
-    std::os::unix::fs::symlink(host.path().join("user-data.tera"), seed.join("user-data.tera"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        host.path().join("user-data.tera"),
+        seed.join("user-data.tera"),
+    )
+    .unwrap();
     expect_user_error(
         d.path(),
         &["seed"],

@@ -5,8 +5,8 @@
 //! base entries at the same path and is owned by root with normalised modes and mtimes.
 
 use crate::project::overlays::{self, OverlayFile};
-use crate::project::template;
 use crate::project::recipe::{Cluster, Node, Project, Recipe, RecipeError};
+use crate::project::template;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};

@@ -342,12 +342,8 @@ fn add_registries(l: &mut Layer, project: &Project, r: &str) -> Result<()> {
     let cluster_file = project.layout().cluster_file();
     let by = crate::project::inventory::registries_named_by(&cluster_file);
     let real = crate::project::confine::recipe_file(&project.layout(), r, by)?;
-    let text = crate::project::confine::read_real(
-        &real,
-        &p,
-        crate::project::confine::MAX_SMALL,
-        by,
-    )?;
+    let text =
+        crate::project::confine::read_real(&real, &p, crate::project::confine::MAX_SMALL, by)?;
     let v: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
         RecipeError::new(
             &p,

@@ -34,9 +34,8 @@ pub fn read_key_file(project: &Project, name: &str, key: &str, fix: &str) -> Res
     let real = confine::key_file(&layout, name)?.ok_or_else(|| {
         recipe::RecipeError::new(&p, key, format!("{} does not exist", p.display()), fix)
     })?;
-    crate::sys::util::read_small(&real, confine::MAX_SMALL, key).map_err(|e| {
-        recipe::RecipeError::new(&p, key, format!("cannot read: {e:#}"), fix).into()
-    })
+    crate::sys::util::read_small(&real, confine::MAX_SMALL, key)
+        .map_err(|e| recipe::RecipeError::new(&p, key, format!("cannot read: {e:#}"), fix).into())
 }
 
 /// Reads the k3s token for a role that runs k3s.

@@ -8,8 +8,8 @@
 
 use crate::project::confine;
 use crate::project::overlays;
-use crate::project::template;
 use crate::project::recipe::{Cluster, Node, Project, RecipeError};
+use crate::project::template;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -131,7 +131,8 @@ fn template_for(project: &Project, node: &Node, file: &str) -> Result<Option<(St
             key: "(template)",
             fix: "make it a regular file inside the project (a symlink may point only inside the project)",
         };
-        if let Some(real) = confine::optional_file(&layout, &dir.join(format!("{file}.tera")), by)? {
+        if let Some(real) = confine::optional_file(&layout, &dir.join(format!("{file}.tera")), by)?
+        {
             let text = overlays::read_template(&real)?;
             let rel = p
                 .strip_prefix(&project.root)

@@ -144,9 +144,8 @@ pub fn read_text(layout: &Layout, path: &Path, max: u64, by: NamedBy) -> Result<
 
 /// Reads `real` (already confined) as UTF-8 text of at most `max` bytes.
 pub fn read_real(real: &Path, shown: &Path, max: u64, by: NamedBy) -> Result<String> {
-    let bytes = crate::sys::util::read_small(real, max, by.key).map_err(|e| {
-        by.refuse(format!("cannot read {}: {e:#}", shown.display()))
-    })?;
+    let bytes = crate::sys::util::read_small(real, max, by.key)
+        .map_err(|e| by.refuse(format!("cannot read {}: {e:#}", shown.display())))?;
     String::from_utf8(bytes)
         .map_err(|_| by.refuse(format!("{} is not UTF-8 text", shown.display())))
 }
@@ -222,24 +221,40 @@ mod tests {
         let (d, l) = project();
         let outside = tempfile::tempdir().unwrap();
         fs::write(outside.path().join("secret"), "s").unwrap();
-        symlink(outside.path().join("secret"), d.path().join("recipes/out.yaml")).unwrap();
+        symlink(
+            outside.path().join("secret"),
+            d.path().join("recipes/out.yaml"),
+        )
+        .unwrap();
         symlink("sub/a.yaml", d.path().join("recipes/in.yaml")).unwrap();
         symlink(outside.path(), d.path().join("recipes/outdir")).unwrap();
         symlink("nowhere", d.path().join("recipes/dangling.yaml")).unwrap();
         let e = recipe_file(&l, "out.yaml", by()).unwrap_err().to_string();
-        assert!(e.contains("outside the project") && e.contains("k3s.registries"), "{e}");
-        let e = recipe_file(&l, "outdir/secret", by()).unwrap_err().to_string();
+        assert!(
+            e.contains("outside the project") && e.contains("k3s.registries"),
+            "{e}"
+        );
+        let e = recipe_file(&l, "outdir/secret", by())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("outside the project"), "{e}");
-        let e = recipe_file(&l, "dangling.yaml", by()).unwrap_err().to_string();
+        let e = recipe_file(&l, "dangling.yaml", by())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
         let p = recipe_file(&l, "in.yaml", by()).unwrap();
         assert!(p.ends_with("recipes/sub/a.yaml"), "{}", p.display());
         let e = recipe_file(&l, "sub", by()).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
-        assert_eq!(dir(&l, &d.path().join("recipes/missing"), by()).unwrap(), None);
+        assert_eq!(
+            dir(&l, &d.path().join("recipes/missing"), by()).unwrap(),
+            None
+        );
         assert!(dir(&l, &d.path().join("recipes/outdir"), by()).is_err());
         assert!(dir(&l, &d.path().join("recipes/in.yaml"), by()).is_err());
-        assert!(dir(&l, &d.path().join("recipes/sub"), by()).unwrap().is_some());
+        assert!(dir(&l, &d.path().join("recipes/sub"), by())
+            .unwrap()
+            .is_some());
     }
 
     #[test]

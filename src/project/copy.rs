@@ -35,7 +35,9 @@ pub fn copy_project(from: &Path, to: &Path) -> Result<()> {
         let Some(real) = confine::dir(&src_layout, &src, by(&src))? else {
             continue;
         };
-        let top = dst_layout.root().join(src.strip_prefix(from).expect("under from"));
+        let top = dst_layout
+            .root()
+            .join(src.strip_prefix(from).expect("under from"));
         for e in walkdir::WalkDir::new(&real)
             .follow_links(false)
             .follow_root_links(false)
@@ -53,7 +55,9 @@ pub fn copy_project(from: &Path, to: &Path) -> Result<()> {
                 let inside = if keep_links {
                     None
                 } else {
-                    confine::optional_file(&src_layout, e.path(), by(e.path())).ok().flatten()
+                    confine::optional_file(&src_layout, e.path(), by(e.path()))
+                        .ok()
+                        .flatten()
                 };
                 match inside {
                     Some(target) => {
@@ -118,7 +122,10 @@ mod tests {
         let to = tempfile::tempdir().unwrap();
         copy_project(p.path(), to.path()).unwrap();
         let link = to.path().join("overlays/common/etc/link");
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert!(fs::symlink_metadata(to.path().join("recipes/alias.toml"))
             .unwrap()
             .is_file());

@@ -29,7 +29,10 @@ fn read(layout: &Layout, path: &Path) -> Result<String> {
 }
 
 /// Reads and parses a TOML file; a syntax or schema error names the line, column and fix.
-pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(layout: &Layout, path: &Path) -> Result<T> {
+pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(
+    layout: &Layout,
+    path: &Path,
+) -> Result<T> {
     let text = read(layout, path)?;
     toml::from_str(&text).map_err(|e| {
         let (line, col, snippet) = match e.span() {

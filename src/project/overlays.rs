@@ -145,7 +145,10 @@ pub fn scan_overlays(project: &Project, role: &str) -> Result<Vec<OverlayFile>> 
 /// The path of an overlay file as [`scan_overlays`] listed it, checked again (its layer
 /// root confined, the file itself not a symlink) where its bytes are read.
 pub fn source_path(project: &Project, o: &OverlayFile) -> Result<PathBuf> {
-    let (layer, rel) = o.source.split_once('/').context("overlay source has a layer")?;
+    let (layer, rel) = o
+        .source
+        .split_once('/')
+        .context("overlay source has a layer")?;
     let root = overlay_root(project, layer)?
         .with_context(|| format!("overlays/{layer} disappeared during the build"))?;
     let p = root.join(rel);

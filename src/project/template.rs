@@ -196,7 +196,11 @@ fn range(args: &HashMap<String, tera::Value>) -> tera::Result<tera::Value> {
             None => default.ok_or_else(|| tera::Error::msg("range() needs an `end` argument")),
         }
     };
-    let (start, end, step) = (num("start", Some(0))?, num("end", None)?, num("step_by", Some(1))?);
+    let (start, end, step) = (
+        num("start", Some(0))?,
+        num("end", None)?,
+        num("step_by", Some(1))?,
+    );
     if start > end {
         return Err(tera::Error::msg(format!(
             "range() received start={start} > end={end}"
@@ -211,7 +215,9 @@ fn range(args: &HashMap<String, tera::Value>) -> tera::Result<tera::Value> {
             "range() would make {n} values, more than kiln's limit of {MAX_RANGE}"
         )));
     }
-    Ok(tera::to_value((start..end).step_by(step).collect::<Vec<_>>())?)
+    Ok(tera::to_value(
+        (start..end).step_by(step).collect::<Vec<_>>(),
+    )?)
 }
 
 /// The deepest nesting of `(`, `[`, `{` in `text` (a cheap bound on the parser's recursion;
@@ -252,7 +258,9 @@ fn check_ast(
     if functions.contains("get_env") {
         // Also refused when called (see `engine`); here so it stops a build before anything
         // is written.
-        return Err("get_env() is not available: kiln templates see only the values kiln passes in".into());
+        return Err(
+            "get_env() is not available: kiln templates see only the values kiln passes in".into(),
+        );
     }
     // Depth-first from every macro: a macro met again on the current path is a cycle.
     fn depth<'a>(
@@ -407,9 +415,16 @@ mod tests {
     }
 
     fn render_err(text: &str) -> String {
-        render(Path::new("t.tera"), "(template)", text, &ctx(), 1 << 16, "fix")
-            .unwrap_err()
-            .to_string()
+        render(
+            Path::new("t.tera"),
+            "(template)",
+            text,
+            &ctx(),
+            1 << 16,
+            "fix",
+        )
+        .unwrap_err()
+        .to_string()
     }
 
     #[test]
@@ -426,7 +441,9 @@ mod tests {
         let e = render_err("{{ get_env(name=\"KILN_TEMPLATE_TEST_SECRET\") }}");
         assert!(e.contains("get_env() is not available"), "{e}");
         assert!(!e.contains("host-secret"), "{e}");
-        let e = render_err("{% macro m() %}{{ get_env(name=\"PATH\", default=\"x\") }}{% endmacro m %}");
+        let e = render_err(
+            "{% macro m() %}{{ get_env(name=\"PATH\", default=\"x\") }}{% endmacro m %}",
+        );
         assert!(e.contains("get_env() is not available"), "{e}");
         // The engine refuses it too, whatever the static check misses.
         let mut ctx = tera::Context::new();
@@ -453,9 +470,16 @@ mod tests {
         // A chain deeper than the bound.
         let mut chain = String::new();
         for i in 0..=MAX_CALL_DEPTH {
-            chain.push_str(&format!("{{% macro m{i}() %}}{{{{ self::m{}() }}}}{{% endmacro m{i} %}}", i + 1));
+            chain.push_str(&format!(
+                "{{% macro m{i}() %}}{{{{ self::m{}() }}}}{{% endmacro m{i} %}}",
+                i + 1
+            ));
         }
-        chain.push_str(&format!("{{% macro m{}() %}}x{{% endmacro m{} %}}", MAX_CALL_DEPTH + 1, MAX_CALL_DEPTH + 1));
+        chain.push_str(&format!(
+            "{{% macro m{}() %}}x{{% endmacro m{} %}}",
+            MAX_CALL_DEPTH + 1,
+            MAX_CALL_DEPTH + 1
+        ));
         let e = check(Path::new("t.tera"), &chain).unwrap_err().to_string();
         assert!(e.contains("deep"), "{e}");
     }
@@ -468,7 +492,10 @@ mod tests {
             "{% extends \"template\" %}",
         ] {
             let e = check(Path::new("t.tera"), t).unwrap_err().to_string();
-            assert!(e.contains("not supported") || e.contains("Circular"), "{t}: {e}");
+            assert!(
+                e.contains("not supported") || e.contains("Circular"),
+                "{t}: {e}"
+            );
         }
     }
 
@@ -486,11 +513,19 @@ mod tests {
         let e = check(Path::new("t.tera"), &parens).unwrap_err().to_string();
         assert!(e.contains("brackets nest"), "{e}");
         let ifs = |n| format!("{}x{}", "{% if true %}".repeat(n), "{% endif %}".repeat(n));
-        let e = check(Path::new("t.tera"), &ifs(MAX_NESTING + 2)).unwrap_err().to_string();
+        let e = check(Path::new("t.tera"), &ifs(MAX_NESTING + 2))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nest more than"), "{e}");
         check(Path::new("t.tera"), &ifs(MAX_NESTING)).unwrap();
         // tera's parser has a stack limit of its own: a syntax error, kept short.
-        let e = check(Path::new("t.tera"), &ifs(5000)).unwrap_err().to_string();
-        assert!(e.contains("syntax error") && e.len() < 4000, "{}", &e[..200]);
+        let e = check(Path::new("t.tera"), &ifs(5000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("syntax error") && e.len() < 4000,
+            "{}",
+            &e[..200]
+        );
     }
 }
