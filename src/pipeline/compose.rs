@@ -809,10 +809,10 @@ mod tests {
         assert!(!removed(&r, "usr/share/doc-base/x"));
     }
 
-    #[test]
-    fn a_dkms_generated_private_key_is_refused_unless_removed() {
-        let d = tempfile::tempdir().unwrap();
-        let r = d.path().join("recipes");
+    /// A project with a gpu role (no k3s) under `d`, and a minimal bootable base tarball with
+    /// `extra` files in it.
+    fn tiny(d: &Path, extra: &[(&str, &[u8])]) -> (Project, Recipe, std::path::PathBuf) {
+        let r = d.join("recipes");
         fs::create_dir_all(&r).unwrap();
         fs::write(
             r.join("cluster.toml"),
@@ -821,29 +821,79 @@ mod tests {
         .unwrap();
         fs::write(r.join("base.toml"), "[debian]\npackages = [\"systemd\"]\n").unwrap();
         fs::write(r.join("gpu.toml"), "inherits = \"base\"\n").unwrap();
-        let project = crate::project::recipe::load_project(d.path()).unwrap();
-        let mut recipe = crate::project::recipe::load_role(&project, "gpu").unwrap();
-        let base = d.path().join("base.tar");
-        {
-            let mut b = tar::Builder::new(fs::File::create(&base).unwrap());
-            for (path, data) in [
-                ("boot/vmlinuz-6.1.0-1-amd64", &b"kernel"[..]),
-                ("boot/initrd.img-6.1.0-1-amd64", b"initrd"),
-                (BOOTLOADER_PATH, b"MZ"),
-                ("usr/lib/live/boot/9990-main.sh", b"#!/bin/sh\n"),
+        let project = crate::project::recipe::load_project(d).unwrap();
+        let recipe = crate::project::recipe::load_role(&project, "gpu").unwrap();
+        let base = d.join("base.tar");
+        let mut b = tar::Builder::new(fs::File::create(&base).unwrap());
+        let files: [(&str, &[u8]); 4] = [
+            ("boot/vmlinuz-6.1.0-1-amd64", b"kernel"),
+            ("boot/initrd.img-6.1.0-1-amd64", b"initrd"),
+            (BOOTLOADER_PATH, b"MZ"),
+            ("usr/lib/live/boot/9990-main.sh", b"#!/bin/sh\n"),
+        ];
+        for (path, data) in files.iter().chain(extra) {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.finish().unwrap();
+        (project, recipe, base)
+    }
+
+    #[test]
+    fn overlay_symlinks_go_into_the_image_as_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let (project, recipe, base) = tiny(d.path(), &[]);
+        let etc = d.path().join("overlays/common/etc");
+        fs::create_dir_all(&etc).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", etc.join("host-shadow")).unwrap();
+        fs::write(etc.join("plain"), "x\n").unwrap();
+        let overlays = crate::project::overlays::scan_overlays(&project, "gpu").unwrap();
+        let out = d.path().join("composed.tar");
+        compose(
+            &ComposeInput {
+                project: &project,
+                recipe: &recipe,
+                build_id: "test",
+                overlays: &overlays,
+                base_tar: &base,
+                extra: BTreeMap::new(),
+                extra_enable: vec![],
+            },
+            &out,
+        )
+        .unwrap();
+        let mut ar = tar::Archive::new(fs::File::open(&out).unwrap());
+        let mut seen = false;
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            if norm(&e.path().unwrap()) == "etc/host-shadow" {
+                assert_eq!(e.header().entry_type(), tar::EntryType::Symlink);
+                assert_eq!(e.header().size().unwrap(), 0);
+                assert_eq!(
+                    e.link_name().unwrap().unwrap().to_str(),
+                    Some("/etc/shadow")
+                );
+                seen = true;
+            }
+        }
+        assert!(seen, "the link is in the image");
+    }
+
+    #[test]
+    fn a_dkms_generated_private_key_is_refused_unless_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let (project, mut recipe, base) = tiny(
+            d.path(),
+            &[
                 ("var/lib/dkms/mok.pub", b"0\x82"),
                 ("var/lib/dkms/mok.key", b"-----BEGIN PRIVATE KEY-----\n"),
-            ] {
-                let mut h = tar::Header::new_gnu();
-                h.set_size(data.len() as u64);
-                h.set_mode(0o600);
-                h.set_mtime(0);
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_cksum();
-                b.append_data(&mut h, path, data).unwrap();
-            }
-            b.finish().unwrap();
-        }
+            ],
+        );
         let out = d.path().join("composed.tar");
         let run = |recipe: &Recipe| {
             compose(

@@ -242,6 +242,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not exist"), "{e}");
+        // A symlink loop is an error, not a hang.
+        symlink("loop-b", d.path().join("recipes/loop-a")).unwrap();
+        symlink("loop-a", d.path().join("recipes/loop-b")).unwrap();
+        let e = recipe_file(&l, "loop-a", by()).unwrap_err().to_string();
+        assert!(e.contains("cannot resolve"), "{e}");
         let p = recipe_file(&l, "in.yaml", by()).unwrap();
         assert!(p.ends_with("recipes/sub/a.yaml"), "{}", p.display());
         let e = recipe_file(&l, "sub", by()).unwrap_err().to_string();
