@@ -55,6 +55,11 @@ pub struct ServeOptions {
     pub ipxe_dir: PathBuf,
     /// Largest TFTP block size offered (clamped to RFC 2348's 512..=65464).
     pub max_blksize: usize,
+    /// TFTP transfers at once: in total, and per client address.
+    pub tftp_max_transfers: usize,
+    pub tftp_max_per_client: usize,
+    /// Longest a TFTP transfer may take.
+    pub tftp_max_duration: Duration,
     pub key: PathBuf,
     pub json: bool,
     pub grace: Duration,
@@ -307,7 +312,12 @@ async fn run(
         tftp_sock,
         o.ipxe_dir.clone(),
         state.clone(),
-        o.max_blksize.clamp(tftp::MIN_BLKSIZE, tftp::MAX_BLKSIZE),
+        tftp::Limits {
+            max_blksize: o.max_blksize.clamp(tftp::MIN_BLKSIZE, tftp::MAX_BLKSIZE),
+            max_transfers: o.tftp_max_transfers.max(1),
+            max_per_client: o.tftp_max_per_client.max(1),
+            max_duration: o.tftp_max_duration.max(Duration::from_secs(1)),
+        },
         rx.clone(),
     ));
     tasks.spawn(http::serve(
