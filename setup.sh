@@ -15,6 +15,9 @@ PACKAGES=(
   ipxe                        # kiln serve: iPXE binaries for PXE clients
   ca-certificates
 )
+# Not installed here: nginx-light and tftpd-hpa, kiln bench's pxe peers (the bench prints a SKIP
+# row without them). Debian starts their system services on ports 80 and 69 (kiln serve's TFTP
+# port); install them yourself and `systemctl disable --now nginx tftpd-hpa` if you want the rows.
 if ! $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"

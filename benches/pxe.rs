@@ -5,7 +5,10 @@
 //! 8 MB, initrd 42 MB, root.squashfs 237 MB, random bytes), then measures
 //! 1. 32 concurrent HTTP clients each fetching kernel + initrd + squashfs (aggregate MB/s and
 //!    per-client completion times), and
-//! 2. TFTP throughput of an 8 MiB file with blksize 1468 and windowsize 1, 4, 16 (RFC 7440).
+//! 2. TFTP throughput of an 8 MiB file with blksize 1468 and windowsize 1, 4, 16 (RFC 7440),
+//!
+//! and the same against nginx (HTTP) and tftpd-hpa (TFTP, lock-step), runs alternating, with
+//! kiln's ratio to each (a peer that is not installed is a `SKIP` row).
 //!
 //! Medians of `KILN_BENCH_RUNS` runs (default 3). Prints the machine and a table.
 

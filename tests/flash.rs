@@ -430,3 +430,62 @@ fn privileged_flash_to_a_loop_device() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("too small"), "{stderr}");
 }
+
+#[test]
+fn targets_kiln_must_not_lose_are_refused() {
+    let d = project();
+    let root = d.path();
+    fs::create_dir_all(root.join("recipes")).unwrap();
+    fs::write(root.join("recipes/cluster.toml"), "[cluster]\n").unwrap();
+    std::os::unix::fs::symlink(
+        root.join("keys/signing_ed25519.pem"),
+        root.join("innocent.img"),
+    )
+    .unwrap();
+    let cases: [(PathBuf, &str); 7] = [
+        (
+            root.join("out/nodes/node1/SHA256SUMS"),
+            "node's output directory",
+        ),
+        (root.join("keys/signing_ed25519.pem"), "keys directory"),
+        (root.join("keys/new.img"), "keys directory"),
+        (root.join("out/node1.img"), "output directory"),
+        (root.join("recipes/cluster.toml"), "recipes directory"),
+        (root.join("innocent.img"), "keys directory"),
+        (
+            PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
+            "running kiln binary",
+        ),
+    ];
+    for (t, what) in &cases {
+        let before = fs::read(t).ok();
+        for extra in [&[][..], &["--dry-run"][..]] {
+            let (code, stdout, stderr) = flash(root, "node1", t, extra);
+            assert_eq!(code, 2, "{}: {stdout}{stderr}", t.display());
+            assert!(stderr.contains(what), "{what:?} not in {stderr}");
+            assert!(stderr.contains("must not lose"), "{stderr}");
+        }
+        assert_eq!(fs::read(t).ok(), before, "{} changed", t.display());
+    }
+    // The node's signature still verifies, and a file beside the project's dirs is fine.
+    let (code, _, stderr) = flash(root, "node1", &root.join("node1.img"), &[]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn an_image_that_is_a_fifo_is_refused_without_blocking() {
+    let d = project();
+    let img = image(d.path());
+    fs::remove_file(&img).unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success());
+    let (code, _, stderr) = flash(d.path(), "node1", &d.path().join("t.img"), &[]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("is not a regular file (it is a FIFO)"),
+        "{stderr}"
+    );
+}

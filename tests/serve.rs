@@ -882,7 +882,8 @@ fn sighup_reloads_and_keeps_serving_on_failure() {
 }
 
 /// `kiln bench --part pxe`: `kiln serve` measured by 32 HTTP clients and TFTP at three window
-/// sizes (files shrunk 64× here; the full-size run is in docs/benchmarks.md).
+/// sizes, against nginx and tftpd-hpa (files shrunk 64× here; the full-size run is in
+/// docs/benchmarks.md). A peer that is not installed must be a visible SKIP row.
 #[test]
 fn bench_pxe_part_measures_http_and_tftp() {
     let d = common::project_copy();
@@ -898,10 +899,16 @@ fn bench_pxe_part_measures_http_and_tftp() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "{v:#}");
-    assert!(rows.iter().all(|r| r["part"] == "pxe"));
-    let http = &rows[0];
+    let all = v["rows"].as_array().unwrap();
+    assert!(all.iter().all(|r| r["part"] == "pxe"));
+    let what = |r: &serde_json::Value| r["what"].as_str().unwrap().to_string();
+    let find = |prefix: &str| -> Vec<serde_json::Value> {
+        all.iter()
+            .filter(|r| what(r).starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    let http = &all[0];
     assert!(
         http["what"].as_str().unwrap().contains("32 clients"),
         "{http}"
@@ -911,6 +918,48 @@ fn bench_pxe_part_measures_http_and_tftp() {
         http["detail"].as_str().unwrap().contains("MB/s aggregate"),
         "{http}"
     );
+    // The peers: measured with kiln's ratio, or a visible SKIP when not installed.
+    let installed =
+        |bin: &str| std::path::Path::new("/usr/sbin").join(bin).is_file() || common::which(bin);
+    for (peer, bin, row, ratios) in [
+        ("nginx", "nginx", "HTTP: nginx", &["HTTP: kiln / nginx"][..]),
+        (
+            "tftpd-hpa",
+            "in.tftpd",
+            "TFTP: tftpd-hpa",
+            &["TFTP lock-step: kiln / tftpd-hpa", "TFTP best: kiln"][..],
+        ),
+    ] {
+        let r = find(row);
+        assert_eq!(r.len(), 1, "{v:#}");
+        let detail = r[0]["detail"].as_str().unwrap();
+        if !installed(bin) {
+            assert!(
+                detail.starts_with(&format!("SKIP: {bin} not installed")),
+                "{detail}"
+            );
+            common::skip(
+                "bench_pxe_part_measures_http_and_tftp",
+                &format!("{peer} not installed"),
+            );
+            continue;
+        }
+        assert!(r[0]["median_seconds"].as_f64().unwrap() > 0.0, "{}", r[0]);
+        for q in ratios {
+            let x = find(q);
+            assert_eq!(x.len(), 1, "{q}: {v:#}");
+            assert!(x[0]["ratio"].as_f64().unwrap() > 0.0, "{}", x[0]);
+        }
+        assert_eq!(find(ratios[0])[0]["target"], "≥ 1.0");
+    }
+    let rows: Vec<serde_json::Value> = std::iter::once(http.clone())
+        .chain(
+            find("TFTP: ")
+                .into_iter()
+                .filter(|r| !what(r).contains("tftpd-hpa")),
+        )
+        .collect();
+    assert_eq!(rows.len(), 4, "{v:#}");
     for (r, w) in rows[1..].iter().zip(["1", "4", "16"]) {
         assert!(
             r["what"]

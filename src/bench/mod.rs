@@ -5,11 +5,13 @@
 //! Everything runs on a copy of the project in a scratch directory: the one-file overlay edit
 //! of the warm part never touches the user's repository, and cold builds use empty caches
 //! there. Parts, one file each: `cold`, `warm`, `compress`, `pxe` (`kiln serve` on loopback with
-//! HTTP and TFTP clients; `cargo bench --bench pxe` runs the same). This file holds what they
+//! HTTP and TFTP clients, against nginx and tftpd-hpa from `peers`; `cargo bench --bench pxe`
+//! runs the same). This file holds what they
 //! share: the machine, the rows and the report, timing, the table.
 
 mod cold;
 mod compress;
+mod peers;
 mod pxe;
 mod warm;
 

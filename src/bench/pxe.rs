@@ -1,14 +1,15 @@
 //! The PXE part: `kiln serve` on loopback with a signed stand-in build, measured by concurrent
-//! HTTP clients and by TFTP at three window sizes (`cargo bench --bench pxe` runs the same).
+//! HTTP clients and by TFTP at three window sizes, against nginx and tftpd-hpa serving the same
+//! files ([`super::peers`]), runs alternating (`cargo bench --bench pxe` runs the same).
 
-use super::{cpu_now, median, round2, Row, Timing};
+use super::{cpu_now, median, peers, round2, Row, Timing};
 use crate::project::layout::{key, Layout, Out};
 use crate::sys::util;
 use anyhow::{bail, Context, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Sizes of the files a PXE client fetches (a worker build's kernel, initrd and root.squashfs).
 const PXE_FILES: [(&str, usize); 3] = [
@@ -36,7 +37,7 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// CPU seconds (user + system) a live process has used so far, from /proc/<pid>/stat.
-fn process_cpu(pid: u32) -> Option<f64> {
+pub(super) fn process_cpu(pid: u32) -> Option<f64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let rest = &s[s.rfind(')')? + 2..];
@@ -63,34 +64,53 @@ impl Drop for Server {
     }
 }
 
-/// Fetches `name` over TFTP (RFC 1350 + blksize 2348 + windowsize 7440); returns the bytes.
-fn tftp_fetch(server: std::net::SocketAddr, name: &str, window: u16) -> Result<usize> {
+/// Fetches `name` over TFTP (RFC 1350, asking for `blksize` (2348) and, above 1,
+/// `windowsize` (7440)); uses what the server's OACK grants (a server that ignores windowsize,
+/// as tftpd-hpa does, is ACKed every block). Returns the bytes received.
+pub(super) fn tftp_fetch(
+    server: std::net::SocketAddr,
+    name: &str,
+    blksize: usize,
+    window: u16,
+    timeout: std::time::Duration,
+) -> Result<usize> {
     use std::net::UdpSocket;
     let sock = UdpSocket::bind("127.0.0.1:0").context("TFTP client socket")?;
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    sock.set_read_timeout(Some(timeout))?;
     let mut req = vec![0, 1];
-    for s in [
-        name,
-        "octet",
-        "blksize",
-        &PXE_TFTP_BLKSIZE.to_string(),
-        "windowsize",
-        &window.to_string(),
-    ] {
-        req.extend_from_slice(s.as_bytes());
+    let (b, w) = (blksize.to_string(), window.to_string());
+    let mut fields = vec![name, "octet", "blksize", b.as_str()];
+    if window > 1 {
+        fields.extend(["windowsize", w.as_str()]);
+    }
+    for f in fields {
+        req.extend_from_slice(f.as_bytes());
         req.push(0);
     }
     sock.send_to(&req, server)?;
-    let mut buf = vec![0u8; PXE_TFTP_BLKSIZE + 4];
+    // RFC 2347: without an OACK the transfer uses the defaults.
+    let (mut bs, mut win) = (512usize, 1u16);
+    let mut buf = vec![0u8; 65536];
     let mut expected: u16 = 1;
     let mut total = 0;
     loop {
         let (n, from) = sock
             .recv_from(&mut buf)
-            .with_context(|| format!("TFTP: no packet from {server} for 10 s"))?;
+            .with_context(|| format!("TFTP: no packet from {server} for {timeout:?}"))?;
         anyhow::ensure!(n >= 4, "TFTP: short packet from {from}");
         match buf[1] {
             6 => {
+                let opts: Vec<&[u8]> = buf[2..n].split(|c| *c == 0).collect();
+                for kv in opts.chunks(2) {
+                    if let [k, v] = kv {
+                        let v: usize = std::str::from_utf8(v)?.parse().unwrap_or(0);
+                        match &k.to_ascii_lowercase()[..] {
+                            b"blksize" => bs = v,
+                            b"windowsize" => win = v.clamp(1, 65535) as u16,
+                            _ => {}
+                        }
+                    }
+                }
                 sock.send_to(&[0, 4, 0, 0], from)?;
             }
             3 => {
@@ -99,8 +119,8 @@ fn tftp_fetch(server: std::net::SocketAddr, name: &str, window: u16) -> Result<u
                     continue;
                 }
                 total += n - 4;
-                let last = n - 4 < PXE_TFTP_BLKSIZE;
-                if last || block.is_multiple_of(window) {
+                let last = n - 4 < bs;
+                if last || block.is_multiple_of(win) {
                     let b = block.to_be_bytes();
                     sock.send_to(&[0, 4, b[0], b[1]], from)?;
                 }
@@ -110,7 +130,7 @@ fn tftp_fetch(server: std::net::SocketAddr, name: &str, window: u16) -> Result<u
                 }
             }
             _ => bail!(
-                "TFTP error from kiln serve: {}",
+                "TFTP error from {server}: {}",
                 String::from_utf8_lossy(&buf[4..n])
             ),
         }
@@ -119,8 +139,10 @@ fn tftp_fetch(server: std::net::SocketAddr, name: &str, window: u16) -> Result<u
 
 /// The PXE part: `exe serve` on loopback with a signed build of a worker's real sizes (random
 /// bytes: serving does not look inside), 32 concurrent HTTP clients each fetching kernel, initrd
-/// and root.squashfs, and an 8 MiB TFTP transfer with windowsize 1, 4 and 16. `scale` divides
-/// the file sizes (tests only).
+/// and root.squashfs, and an 8 MiB TFTP transfer with windowsize 1, 4 and 16; nginx serves the
+/// same files to the same clients and tftpd-hpa the same TFTP file, runs alternating with
+/// kiln's, and kiln's ratio to each is a row (a peer not installed is a visible `SKIP` row).
+/// `scale` divides the file sizes (tests only).
 pub fn pxe(
     project_dir: &Path,
     exe: &Path,
@@ -131,12 +153,84 @@ pub fn pxe(
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let stand_in = stand_in_build(project_dir, work, role, scale)?;
+    fs::write(stand_in.ipxe.join(TFTP_READY), b"ready\n")?;
     let (server, http, tftp) = start_server(exe, &stand_in, role)?;
     let pid = server.0.id();
-    rows.push(http_row(&http, role, &stand_in.sizes, runs, pid)?);
-    tftp_rows(tftp, stand_in.tftp_bytes, runs, pid, rows)?;
+    let nginx = peers::start_nginx(work, &nginx_root(work, &stand_in, role)?)?;
+    let tftpd = peers::start_tftpd(work, &stand_in.ipxe, TFTP_READY)?;
+    let kiln = Target {
+        name: "kiln serve",
+        cpu: Box::new(move || cpu_now() + process_cpu(pid).unwrap_or(f64::NAN)),
+    };
+    let peer = |p: &peers::Peer| {
+        let pid = p.pid();
+        Target {
+            name: p.name,
+            cpu: Box::new(move || cpu_now() + peers::tree_cpu(pid)),
+        }
+    };
+    let nginx = nginx.as_ref().map(|(p, a)| (peer(p), a.as_str(), p));
+    let tftpd = tftpd.as_ref().map(|(p, a)| (peer(p), *a, p));
+    http_rows(
+        (&kiln, &http),
+        nginx.as_ref().map(|(t, a, _)| (t, *a)),
+        role,
+        &stand_in.sizes,
+        runs,
+        rows,
+    )?;
+    tftp_rows(
+        (&kiln, tftp),
+        tftpd.as_ref().map(|(t, a, _)| (t, *a)),
+        stand_in.tftp_bytes,
+        runs,
+        rows,
+    )?;
     drop(server);
     Ok(())
+}
+
+/// A small file in the TFTP root: fetched to know a TFTP peer answers.
+const TFTP_READY: &str = "ready.txt";
+
+/// A server being measured: its name and the CPU seconds (it and the clients) so far.
+struct Target {
+    name: &'static str,
+    cpu: Box<dyn Fn() -> f64>,
+}
+
+/// nginx's document root: `roles/<role>/<build id>` links to the stand-in build, so nginx
+/// serves the same files under the same URLs as kiln.
+fn nginx_root(work: &Path, stand_in: &StandIn, role: &str) -> Result<PathBuf> {
+    let root = work.join("nginx-root");
+    let dir = root.join("roles").join(role);
+    fs::create_dir_all(&dir)?;
+    let build = Out::new(Layout::new(&stand_in.project).default_out()).build(role, PXE_BUILD_ID);
+    let link = dir.join(PXE_BUILD_ID);
+    if link.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink(&build, &link)?;
+    }
+    Ok(root)
+}
+
+/// The row of a peer that is not installed.
+fn skip_row(what: &str, tool: &crate::sys::tools::Tool) -> Row {
+    Row::note("pxe", what, peers::skip_reason(tool))
+}
+
+/// kiln's figure over the peer's as a row with a target of ≥ 1.0 (`target: false`: shown
+/// without a target).
+fn ratio_row(what: String, kiln: f64, peer: f64, detail: String, target: bool) -> Row {
+    let mut r = Row::note("pxe", what, detail);
+    if peer > 0.0 {
+        let x = round2(kiln / peer);
+        r.ratio = Some(x);
+        if target {
+            r.target = Some("≥ 1.0".into());
+            r.met = Some(x >= 1.0);
+        }
+    }
+    r
 }
 
 /// What [`stand_in_build`] made.
@@ -204,7 +298,10 @@ fn start_server(
     role: &str,
 ) -> Result<(Server, String, std::net::SocketAddr)> {
     use std::io::BufRead;
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    // A bench killed mid-run must not leave a server behind.
+    crate::sys::tools::die_with_parent(&mut cmd);
+    let mut child = cmd
         .arg("--dir")
         .arg(&stand_in.project)
         .args([
@@ -244,48 +341,105 @@ fn start_server(
     Ok((server, http, tftp))
 }
 
-/// CPU seconds of this process (the clients) and of kiln serve (`pid`).
-fn cpu_both(pid: u32) -> f64 {
-    cpu_now() + process_cpu(pid).unwrap_or(f64::NAN)
+/// The HTTP runs of one server.
+#[derive(Default)]
+struct HttpRuns {
+    times: Vec<Timing>,
+    agg: Vec<f64>,
+    p50: Vec<f64>,
+    slowest: Vec<f64>,
 }
 
-/// The HTTP row: [`PXE_CLIENTS`] concurrent clients, `runs` times.
-fn http_row(http: &str, role: &str, sizes: &[(&str, usize)], runs: usize, pid: u32) -> Result<Row> {
-    let per_client: usize = sizes.iter().map(|(_, l)| l).sum();
-    let (mut times, mut agg, mut p50, mut slowest) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..runs {
-        let cpu0 = cpu_both(pid);
+impl HttpRuns {
+    /// One run: [`PXE_CLIENTS`] clients at once against `http`.
+    fn measure(
+        &mut self,
+        t: &Target,
+        http: &str,
+        role: &str,
+        sizes: &[(&str, usize)],
+    ) -> Result<()> {
+        let per_client: usize = sizes.iter().map(|(_, l)| l).sum();
+        let cpu0 = (t.cpu)();
         let t0 = Instant::now();
         let res = http_clients(http, role, sizes);
         let wall = t0.elapsed().as_secs_f64();
-        let cpu = cpu_both(pid) - cpu0;
-        let res = res.into_iter().collect::<Result<Vec<_>>>()?;
+        let cpu = (t.cpu)() - cpu0;
+        let res = res
+            .into_iter()
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("HTTP clients of {}", t.name))?;
         anyhow::ensure!(
             res.iter().all(|(g, _)| *g == per_client),
-            "a PXE HTTP client got fewer bytes than were served"
+            "a PXE HTTP client of {} got fewer bytes than were served",
+            t.name
         );
-        let mut t: Vec<f64> = res.iter().map(|(_, t)| *t).collect();
-        t.sort_by(f64::total_cmp);
-        agg.push((PXE_CLIENTS * per_client) as f64 / wall / 1e6);
-        p50.push(median(&t).unwrap_or(0.0));
-        slowest.push(*t.last().unwrap_or(&0.0));
-        times.push(Timing { wall, cpu });
+        let mut s: Vec<f64> = res.iter().map(|(_, t)| *t).collect();
+        s.sort_by(f64::total_cmp);
+        self.agg
+            .push((PXE_CLIENTS * per_client) as f64 / wall / 1e6);
+        self.p50.push(median(&s).unwrap_or(0.0));
+        self.slowest.push(*s.last().unwrap_or(&0.0));
+        self.times.push(Timing { wall, cpu });
+        Ok(())
     }
-    let mut r = Row::timed(
-        "pxe",
-        format!(
-            "HTTP: {PXE_CLIENTS} clients × kernel+initrd+squashfs ({:.0} MB each)",
-            per_client as f64 / 1e6
-        ),
-        times,
-    );
-    r.detail = format!(
-        "{:.0} MB/s aggregate; per client median {:.1} s, slowest {:.1} s (cpu: kiln serve and the clients)",
-        median(&agg).unwrap_or(0.0),
-        median(&p50).unwrap_or(0.0),
-        median(&slowest).unwrap_or(0.0)
-    );
-    Ok(r)
+
+    fn row(&self, what: String, server: &str) -> Row {
+        let mut r = Row::timed("pxe", what, self.times.clone());
+        r.detail = format!(
+            "{:.0} MB/s aggregate; per client median {:.1} s, slowest {:.1} s (cpu: {server} and the clients)",
+            self.mb_s(),
+            median(&self.p50).unwrap_or(0.0),
+            median(&self.slowest).unwrap_or(0.0)
+        );
+        r
+    }
+
+    fn mb_s(&self) -> f64 {
+        median(&self.agg).unwrap_or(0.0)
+    }
+}
+
+/// The HTTP rows: [`PXE_CLIENTS`] concurrent clients, `runs` times, against kiln and (runs
+/// alternating, the first one changing sides each run) nginx, and kiln's ratio.
+fn http_rows(
+    kiln: (&Target, &str),
+    nginx: Option<(&Target, &str)>,
+    role: &str,
+    sizes: &[(&str, usize)],
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let (mut k, mut n) = (HttpRuns::default(), HttpRuns::default());
+    for run in 0..runs {
+        for turn in 0..2 {
+            match (turn == run % 2, nginx) {
+                (true, _) => k.measure(kiln.0, kiln.1, role, sizes)?,
+                (false, Some((t, a))) => n.measure(t, a, role, sizes)?,
+                (false, None) => {}
+            }
+        }
+    }
+    let mb = sizes.iter().map(|(_, l)| l).sum::<usize>() as f64 / 1e6;
+    rows.push(k.row(
+        format!("HTTP: {PXE_CLIENTS} clients × kernel+initrd+squashfs ({mb:.0} MB each)"),
+        kiln.0.name,
+    ));
+    let what = format!("HTTP: nginx, the same {PXE_CLIENTS} clients and files");
+    match nginx {
+        None => rows.push(skip_row(&what, &crate::sys::tools::NGINX)),
+        Some((t, _)) => {
+            rows.push(n.row(what, t.name));
+            rows.push(ratio_row(
+                format!("HTTP: kiln / nginx, aggregate MB/s, {PXE_CLIENTS} clients"),
+                k.mb_s(),
+                n.mb_s(),
+                format!("{:.0} MB/s / {:.0} MB/s", k.mb_s(), n.mb_s()),
+                true,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// [`PXE_CLIENTS`] clients at once, each fetching the build's files once: the bytes each got
@@ -327,46 +481,96 @@ fn http_client(http: &str, role: &str, sizes: &[(&str, usize)]) -> Result<(usize
     Ok((got, t.elapsed().as_secs_f64()))
 }
 
-/// The TFTP rows: `big.bin` with windowsize 1, 4 and 16 (at least 3 runs each).
+/// The TFTP rows: `big.bin` from kiln with windowsize 1, 4 and 16 and from tftpd-hpa (lock-step:
+/// it speaks no windowsize), all at blksize [`PXE_TFTP_BLKSIZE`] (an Ethernet MTU), at least 3
+/// runs each, alternating (the order reversed every other run); then kiln's ratio to the peer
+/// in lock-step (windowsize 1 on both sides) and best against best.
 fn tftp_rows(
-    tftp: std::net::SocketAddr,
+    kiln: (&Target, std::net::SocketAddr),
+    tftpd: Option<(&Target, std::net::SocketAddr)>,
     tftp_bytes: usize,
     runs: usize,
-    pid: u32,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    let mut base = 0.0;
-    for w in [1u16, 4, 16] {
-        let mut times = vec![];
-        let mut speeds = vec![];
-        for _ in 0..runs.max(3) {
-            let cpu0 = cpu_both(pid);
-            let t = Instant::now();
-            let n = tftp_fetch(tftp, "big.bin", w)?;
-            let wall = t.elapsed().as_secs_f64();
-            anyhow::ensure!(n == tftp_bytes, "TFTP: got {n} bytes of {tftp_bytes}");
-            let cpu = cpu_both(pid) - cpu0;
-            times.push(Timing { wall, cpu });
-            speeds.push(n as f64 / wall / 1e6);
+    let mut sides: Vec<(&Target, std::net::SocketAddr, u16)> =
+        [1u16, 4, 16].iter().map(|w| (kiln.0, kiln.1, *w)).collect();
+    if let Some((t, a)) = tftpd {
+        sides.push((t, a, 1));
+    }
+    let mut times = vec![Vec::new(); sides.len()];
+    let mut speeds = vec![Vec::new(); sides.len()];
+    for run in 0..runs.max(3) {
+        let mut order: Vec<usize> = (0..sides.len()).collect();
+        if run % 2 == 1 {
+            order.reverse();
         }
-        let m = median(&speeds).unwrap_or(0.0);
-        if w == 1 {
-            base = m;
+        for i in order {
+            let (t, addr, w) = sides[i];
+            let cpu0 = (t.cpu)();
+            let t0 = Instant::now();
+            let n = tftp_fetch(
+                addr,
+                "big.bin",
+                PXE_TFTP_BLKSIZE,
+                w,
+                Duration::from_secs(10),
+            )
+            .with_context(|| format!("TFTP from {}", t.name))?;
+            let wall = t0.elapsed().as_secs_f64();
+            anyhow::ensure!(
+                n == tftp_bytes,
+                "TFTP from {}: got {n} bytes of {tftp_bytes}",
+                t.name
+            );
+            times[i].push(Timing {
+                wall,
+                cpu: (t.cpu)() - cpu0,
+            });
+            speeds[i].push(n as f64 / wall / 1e6);
         }
+    }
+    let m: Vec<f64> = speeds.iter().map(|s| median(s).unwrap_or(0.0)).collect();
+    let mib = tftp_bytes as f64 / 1048576.0;
+    for (i, w) in [1u16, 4, 16].iter().enumerate() {
         let mut r = Row::timed(
             "pxe",
-            format!(
-                "TFTP: {:.1} MiB, blksize {PXE_TFTP_BLKSIZE}, windowsize {w}",
-                tftp_bytes as f64 / 1048576.0
-            ),
-            times,
+            format!("TFTP: {mib:.1} MiB, blksize {PXE_TFTP_BLKSIZE}, windowsize {w}"),
+            times[i].clone(),
         );
-        r.detail = format!("{m:.1} MB/s");
-        if w > 1 && base > 0.0 {
+        r.detail = format!("{:.1} MB/s", m[i]);
+        if *w > 1 && m[0] > 0.0 {
             r.detail.push_str(" (value: speed / windowsize 1)");
-            r.ratio = Some(round2(m / base));
+            r.ratio = Some(round2(m[i] / m[0]));
         }
         rows.push(r);
     }
+    let what = format!("TFTP: tftpd-hpa, {mib:.1} MiB, blksize {PXE_TFTP_BLKSIZE}, windowsize 1");
+    if tftpd.is_none() {
+        rows.push(skip_row(&what, &crate::sys::tools::TFTPD_HPA));
+        return Ok(());
+    }
+    let mut r = Row::timed("pxe", what, times[3].clone());
+    r.detail = format!(
+        "{:.1} MB/s (it speaks no windowsize: lock-step is its best)",
+        m[3]
+    );
+    rows.push(r);
+    rows.push(ratio_row(
+        "TFTP lock-step: kiln / tftpd-hpa, both windowsize 1".into(),
+        m[0],
+        m[3],
+        format!("{:.1} MB/s / {:.1} MB/s", m[0], m[3]),
+        true,
+    ));
+    let (best, w) = (0..3)
+        .map(|i| (m[i], [1, 4, 16][i]))
+        .fold((0.0, 1), |a, b| if b.0 > a.0 { b } else { a });
+    rows.push(ratio_row(
+        format!("TFTP best: kiln (windowsize {w}) / tftpd-hpa (windowsize 1)"),
+        best,
+        m[3],
+        format!("{best:.1} MB/s / {:.1} MB/s", m[3]),
+        false,
+    ));
     Ok(())
 }

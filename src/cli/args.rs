@@ -383,7 +383,8 @@ pub struct SealArgs {
     /// strict | namespace-wide | cluster-wide [default: from the Secret's annotations, else strict].
     #[arg(long)]
     pub scope: Option<String>,
-    /// Write here (atomically) instead of stdout.
+    /// Write here instead of stdout: a file is replaced atomically; a character device or a
+    /// pipe (/dev/stdout, >(…)) is written in place; a directory or block device is refused.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
 }

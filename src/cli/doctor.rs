@@ -1,16 +1,22 @@
-//! `kiln doctor`: the host tools kiln needs, found or missing (with the package to install).
+//! `kiln doctor`: the host tools kiln needs, found or missing (with the package to install),
+//! and the modes of the project's keys/.
 
 use super::args::DoctorArgs;
-use super::print_json;
+use super::{print_json, Ctx};
 use crate::sys::tools;
 use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::Path;
 
-pub(crate) fn doctor(a: &DoctorArgs) -> Result<()> {
+pub(crate) fn doctor(cx: &Ctx, a: &DoctorArgs) -> Result<()> {
     let st = tools::status();
+    let keys_dir = cx.layout.keys();
+    let key_warnings = crate::trust::keys::permission_warnings(&keys_dir);
     if a.json {
         print_json(&st)?;
+        for w in &key_warnings {
+            eprintln!("warning: {w}");
+        }
     } else {
         let mut o = std::io::stdout().lock();
         for s in &st {
@@ -43,6 +49,21 @@ pub(crate) fn doctor(a: &DoctorArgs) -> Result<()> {
                 "MISSING apt-get install ipxe".to_string()
             };
             writeln!(o, "{f:<20} {state:<48} {purpose}")?;
+        }
+        if keys_dir.is_dir() {
+            let state = if key_warnings.is_empty() {
+                format!("modes ok {}", keys_dir.display())
+            } else {
+                format!("WARNING  {} problem(s), below", key_warnings.len())
+            };
+            writeln!(
+                o,
+                "{:<20} {state:<48} private files 0600, nothing group/world-writable",
+                "keys/"
+            )?;
+            for w in &key_warnings {
+                writeln!(o, "  {w}")?;
+            }
         }
     }
     let missing: Vec<&str> = st

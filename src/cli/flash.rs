@@ -2,7 +2,7 @@
 
 use super::args::FlashArgs;
 use super::{print_json, Ctx};
-use crate::deliver::flash::{flash, FlashOptions};
+use crate::deliver::flash::{flash, FlashOptions, Protected};
 use crate::project::layout::key;
 use crate::trust::sign;
 use anyhow::{Context, Result};
@@ -10,7 +10,27 @@ use indicatif::HumanBytes;
 use std::io::{self, Write};
 
 pub(crate) fn flash_cmd(cx: &Ctx, a: &FlashArgs) -> Result<()> {
-    flash_command(cx.out.dir(), a, &cx.key(&a.key, key::VERIFYING_KEY))
+    let key_path = cx.key(&a.key, key::VERIFYING_KEY);
+    let l = &cx.layout;
+    let mut protected = vec![
+        Protected::new(l.keys(), "inside the project's keys directory"),
+        Protected::new(l.recipes(), "inside the project's recipes directory"),
+        Protected::new(l.overlays(), "inside the project's overlays directory"),
+        Protected::new(l.lock_file(), "the project's kiln.lock"),
+        Protected::new(cx.out.dir(), "inside the output directory"),
+        Protected::new(cx.cache_dir(&None), "inside the cache directory"),
+        Protected::new(&key_path, "the trusted public key"),
+    ];
+    if let Some(c) = std::env::var_os("KILN_CACHE").filter(|c| !c.is_empty()) {
+        protected.push(Protected::new(
+            c,
+            "inside the cache directory ($KILN_CACHE)",
+        ));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        protected.push(Protected::new(exe, "the running kiln binary"));
+    }
+    flash_command(cx.out.dir(), a, &key_path, protected)
 }
 
 /// `kiln flash`: runs [`flash`] and prints its report in plain words (or JSON) on stdout.
@@ -18,6 +38,7 @@ fn flash_command(
     out_dir: &std::path::Path,
     a: &FlashArgs,
     key_path: &std::path::Path,
+    protected: Vec<Protected>,
 ) -> Result<()> {
     let key = sign::load_verifying_key(key_path)?;
     let opts = FlashOptions {
@@ -28,6 +49,7 @@ fn flash_command(
         dry_run: a.dry_run,
         yes: a.yes,
         progress: true,
+        protected,
     };
     let r = flash(&opts)?;
     let mut o = io::stdout().lock();

@@ -27,10 +27,12 @@ pub(crate) fn keys(cx: &Ctx, k: &KeysCommand) -> Result<()> {
             for w in written {
                 println!("wrote {}", w.display());
             }
+            warn_permissions(&dir);
             Ok(())
         }
         KeysCommand::Show { json } => {
             let info = keys::show(&dir)?;
+            warn_permissions(&dir);
             if *json {
                 return print_json(&info);
             }
@@ -45,10 +47,17 @@ pub(crate) fn keys(cx: &Ctx, k: &KeysCommand) -> Result<()> {
     }
 }
 
+/// Prints [`keys::permission_warnings`] on stderr (stdout stays the report, also for --json).
+fn warn_permissions(dir: &std::path::Path) {
+    for w in keys::permission_warnings(dir) {
+        eprintln!("warning: {w}");
+    }
+}
+
 pub(crate) fn seal(cx: &Ctx, a: &SealArgs) -> Result<()> {
     let input = read_input(a.input.as_deref())?;
     let cert_path = cx.key(&a.cert, key::SEALED_SECRETS_CRT);
-    let cert = std::fs::read_to_string(&cert_path).with_context(|| {
+    let cert = keys::read_key_file(&cert_path).with_context(|| {
         format!(
             "reading the controller certificate {} (run `kiln keys init`, or pass --cert)",
             cert_path.display()
@@ -61,7 +70,7 @@ pub(crate) fn seal(cx: &Ctx, a: &SealArgs) -> Result<()> {
         .transpose()?;
     let out = seal::seal(&input, &cert, scope)?;
     match &a.output {
-        Some(p) => util::write_atomic(p, out.as_bytes())?,
+        Some(p) => util::write_output(p, out.as_bytes(), 0o644)?,
         None => print!("{out}"),
     }
     Ok(())
@@ -70,8 +79,10 @@ pub(crate) fn seal(cx: &Ctx, a: &SealArgs) -> Result<()> {
 pub(crate) fn unseal(cx: &Ctx, a: &UnsealArgs) -> Result<()> {
     let input = read_input(a.input.as_deref())?;
     let key_path = cx.key(&a.key, key::SEALED_SECRETS_KEY);
-    let key = std::fs::read_to_string(&key_path)
-        .with_context(|| format!("reading the controller key {}", key_path.display()))?;
+    let key = zeroize::Zeroizing::new(
+        keys::read_key_file(&key_path)
+            .with_context(|| format!("reading the controller key {}", key_path.display()))?,
+    );
     print!("{}", seal::unseal(&input, &key)?);
     Ok(())
 }

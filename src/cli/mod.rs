@@ -34,7 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Build(a) => build::build(&cx, a),
         Command::Inspect(a) => build::inspect(&cx, a),
-        Command::Doctor(a) => doctor::doctor(a),
+        Command::Doctor(a) => doctor::doctor(&cx, a),
         Command::Keys(k) => keys::keys(&cx, k),
         Command::Seal(a) => keys::seal(&cx, a),
         Command::Unseal(a) => keys::unseal(&cx, a),
@@ -69,6 +69,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             || e.downcast_ref::<CertError>().is_some()
             || e.downcast_ref::<FlashError>().is_some()
             || e.downcast_ref::<crate::sys::util::InputFileError>()
+                .is_some()
+            || e.downcast_ref::<crate::sys::util::OutputFileError>()
                 .is_some()
             || e.downcast_ref::<ProxmoxError>()
                 .is_some_and(ProxmoxError::is_user_error)
@@ -113,16 +115,27 @@ pub(crate) fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<()> {
     writeln!(o).context("writing to stdout")
 }
 
-/// A file argument's text, or stdin's for none or `-`.
+/// A manifest argument's text, or stdin's for none or `-`; either at most
+/// [`crate::trust::limits::MANIFEST`] bytes (a file must be a regular file).
 pub(crate) fn read_input(p: Option<&Path>) -> Result<String> {
+    use crate::trust::limits::MANIFEST;
     match p {
-        Some(p) if p != Path::new("-") => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-        }
+        Some(p) if p != Path::new("-") => crate::sys::util::read_small_string(p, MANIFEST, "input"),
         _ => {
             let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .context("reading stdin")?;
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin().lock(), MANIFEST + 1),
+                &mut s,
+            )
+            .context("reading stdin")?;
+            if s.len() as u64 > MANIFEST {
+                return Err(crate::sys::util::InputFileError {
+                    what: "input".into(),
+                    path: "stdin".into(),
+                    problem: format!("is more than {MANIFEST} bytes; is it the right input?"),
+                }
+                .into());
+            }
             Ok(s)
         }
     }

@@ -6,12 +6,14 @@
 //! 1. The node directory's `SHA256SUMS.sig` is checked against the trusted public key, and
 //!    `disk.raw`'s sha256 against the signed `SHA256SUMS` — before the target is opened for
 //!    writing. Any failure is a [`VerifyError`] (exit status 3) and nothing is written.
-//! 2. The target is checked: a block device must be at least as large as the image and neither
+//! 2. The target is checked (before the image is hashed, so a refusal is quick): a block device must be at least as large as the image and neither
 //!    it nor any of its partitions may be mounted (`/proc/self/mountinfo`), used as swap
 //!    (`/proc/swaps`) or held by another device (`/sys/class/block/<dev>/holders`: LVM,
 //!    dm-crypt, RAID); it is then opened with `O_EXCL`, which the kernel refuses for a device in
 //!    use. Directories, character devices and other special files are refused. A missing path
-//!    becomes a new image file.
+//!    becomes a new image file. A file target may not be, or be inside, what kiln must not lose
+//!    (the node's directory, the project's keys/, recipes/, overlays/ and kiln.lock, the
+//!    output and cache directories, the trusted key, the kiln binary: [`Protected`]).
 //! 3. A block device gets a confirmation prompt unless `--yes` (and is refused when stdin is not
 //!    a terminal). Every byte of the image is written (stale data must not survive), and the
 //!    last MiB of a larger device is zeroed so an old backup GPT or RAID superblock at its end
@@ -76,6 +78,16 @@ pub enum FlashError {
     #[error("{} is the source image itself; give another target", .path.display())]
     TargetIsImage { path: PathBuf },
     #[error(
+        "{} is {what} ({}), which kiln must not lose; give a block device or an image file \
+         path outside it",
+        .path.display(), .protected.display()
+    )]
+    TargetProtected {
+        path: PathBuf,
+        what: String,
+        protected: PathBuf,
+    },
+    #[error(
         "{}: cannot create an image file there: directory {} does not exist",
         .path.display(), .parent.display()
     )]
@@ -130,6 +142,52 @@ pub struct FlashOptions {
     pub yes: bool,
     /// Draw progress bars on stderr (when it is a terminal).
     pub progress: bool,
+    /// Paths a file target may not be or be inside (the project's keys/, recipes, the output
+    /// and cache directories, the trusted key, the kiln binary), each with what it is ("the
+    /// project's keys directory"); see [`Protected`]. The node's own directory is always
+    /// protected.
+    pub protected: Vec<Protected>,
+}
+
+/// A path `kiln flash` refuses to write a file target into (or over).
+#[derive(Debug, Clone)]
+pub struct Protected {
+    pub path: PathBuf,
+    /// What it is, for the error: "inside the project's keys directory".
+    pub what: String,
+}
+
+impl Protected {
+    pub fn new(path: impl Into<PathBuf>, what: impl Into<String>) -> Protected {
+        Protected {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+}
+
+/// Refuses a file target (existing or new; symlinks resolved) that is one of `protected` or
+/// inside one of them ([`FlashError::TargetProtected`]). Block devices are not checked: a
+/// device is never inside a project.
+pub fn check_not_protected(target: &Target, protected: &[Protected]) -> Result<()> {
+    if target.kind == TargetKind::BlockDevice {
+        return Ok(());
+    }
+    for p in protected {
+        // A path that does not exist protects nothing (yet): nothing there can be lost.
+        let Ok(real) = fs::canonicalize(&p.path) else {
+            continue;
+        };
+        if target.resolved.starts_with(&real) {
+            return Err(FlashError::TargetProtected {
+                path: target.path.clone(),
+                what: p.what.clone(),
+                protected: p.path.clone(),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// What kind of target was written.
@@ -604,6 +662,20 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         })?
         .to_string();
     let image_path = node_dir.join(IMAGE);
+    // Checked before open: opening a FIFO put in its place would block for ever.
+    if let Ok(m) = fs::metadata(&image_path) {
+        if !m.is_file() {
+            return Err(VerifyError::Unreadable(crate::sys::util::InputFileError {
+                what: "image".into(),
+                path: image_path,
+                problem: format!(
+                    "is not a regular file (it is a {})",
+                    crate::sys::util::file_kind(&m)
+                ),
+            })
+            .into());
+        }
+    }
     let mut image = match File::open(&image_path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -618,6 +690,17 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         anyhow::bail!("{} is not a regular file", image_path.display());
     }
     let image_size = image_md.len();
+
+    // 2. The target (looked at, not opened for writing), before the long hash: a target kiln
+    // must not lose is refused at once.
+    let target = inspect_target(&opts.target, &image_md, &opts.hostname)?;
+    let mut protected = vec![Protected::new(
+        &node_dir,
+        "inside the node's output directory",
+    )];
+    protected.extend(opts.protected.iter().cloned());
+    check_not_protected(&target, &protected)?;
+
     let bar = sign::byte_bar(image_size, format!("verifying {IMAGE}"), opts.progress);
     let (actual, _) = sign::sha256_stream(&mut image, None, &bar, &image_path)?;
     bar.finish_and_clear();
@@ -630,8 +713,6 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         .into());
     }
 
-    // 2. The target.
-    let target = inspect_target(&opts.target, &image_md, &opts.hostname)?;
     let mut report = FlashReport {
         hostname: opts.hostname.clone(),
         node_dir: node_dir.clone(),

@@ -165,14 +165,14 @@ pub enum CacheCheck {
 pub fn check_cached(dir: &Path) -> Result<CacheCheck> {
     let (actual, _) = util::sha256_file(&dir.join("rootfs.tar"))?;
     let p = dir.join(DIGEST_FILE);
-    match fs::read_to_string(&p) {
+    match util::read_small_string(&p, 4096, DIGEST_FILE) {
         Ok(r) if r.trim() == actual => Ok(CacheCheck::Good),
         Ok(r) => Ok(CacheCheck::Corrupt {
             recorded: r.trim().to_string(),
             actual,
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CacheCheck::Unrecorded { actual }),
-        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        Err(e) if util::is_not_found(&e) => Ok(CacheCheck::Unrecorded { actual }),
+        Err(e) => Err(e),
     }
 }
 

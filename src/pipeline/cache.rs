@@ -113,7 +113,11 @@ fn builds_in(out_dir: &Path) -> Vec<(String, Value)> {
             if b.is_symlink() {
                 continue;
             }
-            let Ok(bytes) = fs::read(b.join("manifest.json")) else {
+            let Ok(bytes) = crate::sys::util::read_small(
+                &b.join("manifest.json"),
+                crate::trust::limits::MANIFEST,
+                "manifest",
+            ) else {
                 continue;
             };
             let Ok(m) = serde_json::from_slice::<Value>(&bytes) else {
@@ -187,7 +191,11 @@ fn lock_held(p: &Path) -> bool {
 
 /// A base's spec summary: "bookworm, 24 packages".
 fn base_about(dir: &Path) -> String {
-    let Ok(bytes) = fs::read(dir.join("spec.json")) else {
+    let Ok(bytes) = crate::sys::util::read_small(
+        &dir.join("spec.json"),
+        crate::trust::limits::MANIFEST,
+        "spec.json",
+    ) else {
         return "no spec.json (incomplete)".into();
     };
     let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {

@@ -149,10 +149,11 @@ fn build_node(
         .map(|a| a.sha256.clone())
         .with_context(|| format!("{} lists no disk.raw", rep.dir.join("SHA256SUMS").display()))?;
     let id = node_id(node, rep, &disk_sha, s)?;
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(rep.dir.join("manifest.json"))
-            .with_context(|| format!("reading {}/manifest.json", rep.dir.display()))?,
-    )
+    let manifest: serde_json::Value = serde_json::from_slice(&crate::sys::util::read_small(
+        &rep.dir.join("manifest.json"),
+        crate::trust::limits::MANIFEST,
+        "manifest",
+    )?)
     .context("parsing the role manifest")?;
     let contains_secrets =
         manifest["contains_secrets"].as_bool().unwrap_or(true) || s.contains_secrets;

@@ -554,13 +554,16 @@ pub fn rebuild(opts: &RebuildOptions) -> Result<(RebuildReport, Option<tempfile:
     let original = fs::canonicalize(&opts.build_dir)
         .with_context(|| format!("opening the build directory {}", opts.build_dir.display()))?;
     let manifest_path = original.join("manifest.json");
-    let manifest: Value = serde_json::from_slice(&fs::read(&manifest_path).with_context(|| {
-        format!(
-            "reading {} (is {} a role build directory, out/<role>/<build-id>/?)",
-            manifest_path.display(),
-            opts.build_dir.display()
-        )
-    })?)
+    let manifest: Value = serde_json::from_slice(
+        &util::read_small(&manifest_path, crate::trust::limits::MANIFEST, "manifest")
+            .with_context(|| {
+                format!(
+                    "reading {} (is {} a role build directory, out/<role>/<build-id>/?)",
+                    manifest_path.display(),
+                    opts.build_dir.display()
+                )
+            })?,
+    )
     .with_context(|| format!("parsing {}", manifest_path.display()))?;
     let role = manifest["role"]
         .as_str()

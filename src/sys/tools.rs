@@ -109,6 +109,19 @@ pub const ZSTD: Tool = Tool {
     required_for_build: false,
 };
 
+pub const NGINX: Tool = Tool {
+    name: "nginx",
+    package: "nginx-light",
+    purpose: "`kiln bench`: reference HTTP server for the pxe part",
+    required_for_build: false,
+};
+pub const TFTPD_HPA: Tool = Tool {
+    name: "in.tftpd",
+    package: "tftpd-hpa",
+    purpose: "`kiln bench`: reference TFTP server for the pxe part",
+    required_for_build: false,
+};
+
 /// Every host tool kiln knows about, in the order `kiln doctor` prints them.
 pub const ALL: &[Tool] = &[
     MMDEBSTRAP,
@@ -125,16 +138,20 @@ pub const ALL: &[Tool] = &[
     BLKID,
     MKSQUASHFS,
     ZSTD,
+    NGINX,
+    TFTPD_HPA,
 ];
 
 /// UEFI firmware used by boot tests (file, not a binary in PATH).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 
 impl Tool {
-    /// Full path of the binary, if present in `PATH`.
+    /// Full path of the binary, if present in `PATH` (or in /usr/sbin and /sbin, which a
+    /// user's `PATH` often lacks: nginx and in.tftpd live there).
     pub fn find(&self) -> Option<PathBuf> {
-        let path = std::env::var_os("PATH")?;
+        let path = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
             .map(|d| d.join(self.name))
             .find(|p| p.is_file())
     }

@@ -85,6 +85,14 @@ pub fn read_small_string(path: &Path, max: u64, what: &str) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("{what} {} is not UTF-8 text", path.display()))
 }
 
+/// Whether `e` (from [`read_small`] or any I/O) says the file does not exist.
+pub fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::NotFound)
+    })
+}
+
 /// A short name for a file's type, for error messages.
 pub fn file_kind(meta: &fs::Metadata) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
@@ -108,6 +116,59 @@ pub fn file_kind(meta: &fs::Metadata) -> &'static str {
     }
 }
 
+/// An output path kiln refuses to write (a directory, a block device, a socket): writing it
+/// atomically would replace it with a regular file. The CLI maps it to exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: is a {kind}; {fix}", path.display())]
+pub struct OutputFileError {
+    pub path: std::path::PathBuf,
+    pub kind: &'static str,
+    pub fix: &'static str,
+}
+
+/// Refuses to replace an existing `path` that is neither a regular file nor a symlink (a
+/// symlink itself is replaced, its target left alone).
+fn check_replaceable(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.is_file() && !m.file_type().is_symlink() => Err(OutputFileError {
+            path: path.to_path_buf(),
+            kind: file_kind(&m),
+            fix: "kiln writes files by replacing them atomically and will not replace this; \
+                  give a file path",
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a user-named output (`-o/--out`): a missing path or a regular file is written
+/// atomically (as [`write_atomic_mode`]); a character device or a named pipe (`/dev/stdout`,
+/// `/dev/null`, `>(…)` in bash) is written in place, as the shell's `>` would, and keeps being
+/// what it is; anything else (a directory, a block device, a socket) is an
+/// [`OutputFileError`]. Symlinks are followed.
+pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::metadata(path) {
+        Ok(m) if m.file_type().is_char_device() || m.file_type().is_fifo() => {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {} for writing", path.display()))?;
+            f.write_all(bytes)
+                .and_then(|_| f.flush())
+                .with_context(|| format!("writing {}", path.display()))
+        }
+        Ok(m) if !m.is_file() => Err(OutputFileError {
+            path: path.to_path_buf(),
+            kind: file_kind(&m),
+            fix: "give a file path (it is written atomically), a character device or a pipe \
+                  such as /dev/stdout, or leave the option out to print",
+        }
+        .into()),
+        _ => write_atomic_mode(path, bytes, mode),
+    }
+}
+
 /// Writes `bytes` to `path` through a temp file in the same directory, fsynced, then renamed;
 /// the file ends up 0644.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -118,6 +179,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// content is written and the final mode set, so private content is never readable by others.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    check_replaceable(path)?;
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;
@@ -352,6 +414,35 @@ mod tests {
         assert_eq!(read_small(&p, 2000, "x").unwrap().len(), 2000);
         let e = read_small(dir.path(), 1024, "x").unwrap_err();
         assert!(format!("{e:#}").contains("directory"), "{e:#}");
+    }
+
+    #[test]
+    fn outputs_are_never_replaced_when_not_regular_files() {
+        use std::os::unix::fs::FileTypeExt;
+        let d = tempfile::tempdir().unwrap();
+        // A directory (and, with a socket, anything but a file or symlink) is not replaced.
+        let sub = d.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        for w in [write_atomic(&sub, b"x"), write_output(&sub, b"x", 0o644)] {
+            let e = w.unwrap_err();
+            assert!(e.downcast_ref::<OutputFileError>().is_some(), "{e:#}");
+        }
+        assert!(sub.is_dir());
+        let sock = d.path().join("s");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(write_atomic(&sock, b"x").is_err());
+        assert!(fs::metadata(&sock).unwrap().file_type().is_socket());
+        // A character device is written in place by write_output.
+        write_output(Path::new("/dev/null"), b"x", 0o644).unwrap();
+        assert!(fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        // Regular files and new paths are written atomically with the mode.
+        let f = d.path().join("f");
+        write_output(&f, b"one", 0o600).unwrap();
+        write_output(&f, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"two");
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! the controller starts lets a rebuilt cluster decrypt the SealedSecrets in git (see `seal`).
 
 use crate::project::layout::key;
+use crate::trust::limits;
 use crate::trust::pem::{self, cert_fingerprint, parse_rsa_private};
 use anyhow::{bail, Context, Result};
 use rand::rngs::OsRng;
@@ -329,7 +330,13 @@ fn write_material(
     select: impl Fn(&Path) -> bool,
 ) -> Result<Vec<PathBuf>> {
     let keys_dir = &paths.dir;
-    fs::create_dir_all(keys_dir).with_context(|| format!("creating {}", keys_dir.display()))?;
+    if !keys_dir.exists() {
+        fs::create_dir_all(keys_dir).with_context(|| format!("creating {}", keys_dir.display()))?;
+        // Explicit mode: with umask 002 the directory would be group-writable, and anyone in
+        // the group could swap the keys.
+        fs::set_permissions(keys_dir, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("setting mode 755 on {}", keys_dir.display()))?;
+    }
     let mut written = Vec::new();
     let files: [(&Path, &str, u32); 10] = [
         (&paths.ssh_private, &m.ssh_private, 0o600),
@@ -541,6 +548,52 @@ pub fn check_private_permissions(keys_dir: &Path) -> Result<()> {
     }
 }
 
+/// What is wrong with the modes of `keys_dir` and its files, one line each with the `chmod`
+/// that fixes it: a private file readable (or writable) by group or others leaks the cluster's
+/// secrets; a public file or the directory writable by group or others lets someone swap the
+/// trusted signing key. Missing files are not reported. `kiln keys show` and `kiln doctor`
+/// print these; `kiln build` refuses the first kind ([`check_private_permissions`]).
+pub fn permission_warnings(keys_dir: &Path) -> Vec<String> {
+    let paths = KeyPaths::new(keys_dir);
+    let mode = |p: &Path| {
+        fs::metadata(p)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o7777)
+    };
+    let mut v = Vec::new();
+    if let Some(m) = mode(keys_dir) {
+        if m & 0o022 != 0 {
+            v.push(format!(
+                "{} is writable by group/others (mode {m:04o}): anyone in them can replace the \
+                 keys; fix: chmod go-w {}",
+                keys_dir.display(),
+                keys_dir.display()
+            ));
+        }
+    }
+    for p in paths.private_files() {
+        match mode(p) {
+            Some(m) if m & 0o077 != 0 => v.push(format!(
+                "{} is a private key file readable by group/others (mode {m:04o}); fix: chmod 600 {}",
+                p.display(),
+                p.display()
+            )),
+            _ => {}
+        }
+    }
+    for p in paths.public_files() {
+        match mode(p) {
+            Some(m) if m & 0o022 != 0 => v.push(format!(
+                "{} is writable by group/others (mode {m:04o}); fix: chmod 644 {}",
+                p.display(),
+                p.display()
+            )),
+            _ => {}
+        }
+    }
+    v
+}
+
 /// Describes every key file in `keys_dir` (missing ones included, `present: false`) with a
 /// fingerprint. Never returns secret material: the token is reported only as present.
 pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
@@ -563,7 +616,7 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let info = match fs::read(path) {
+        let info = match crate::sys::util::read_small(path, limits::KEY_FILE, "key file") {
             Ok(bytes) => {
                 let (kind, fingerprint) =
                     describe(&bytes).with_context(|| format!("reading {}", path.display()))?;
@@ -582,7 +635,7 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
                     allowed_signers,
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeyInfo {
+            Err(e) if crate::sys::util::is_not_found(&e) => KeyInfo {
                 name,
                 path: path.to_path_buf(),
                 kind: "missing (run `kiln keys init`)".to_string(),
@@ -590,7 +643,7 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
                 fingerprint: "missing".to_string(),
                 allowed_signers: None,
             },
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) => return Err(e),
         };
         out.push(info);
     }
@@ -601,7 +654,7 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
         (&paths.sealed_secrets_key, &paths.sealed_secrets_cert),
         (&paths.module_signing_key, &paths.module_signing_cert),
     ] {
-        if let (Ok(key), Ok(cert)) = (fs::read_to_string(key_p), fs::read_to_string(cert_p)) {
+        if let (Ok(key), Ok(cert)) = (read_key_file(key_p), read_key_file(cert_p)) {
             if let (Ok(k), Ok(c)) = (parse_rsa_private(&key), pem::parse_cert(&cert)) {
                 if RsaPublicKey::from(&k) != c {
                     let (kn, cn) = (file_name(key_p), file_name(cert_p));
@@ -646,17 +699,17 @@ pub fn module_signing(keys_dir: &Path) -> Result<ModuleSigning> {
     };
     let fix_missing = "run `kiln keys init --add-missing` (adds the module-signing key, keeps every other key), or set debian.sign_modules = false";
     let key_pem =
-        zeroize::Zeroizing::new(fs::read_to_string(&paths.module_signing_key).map_err(|e| {
+        zeroize::Zeroizing::new(read_key_file(&paths.module_signing_key).map_err(|e| {
             user_err(
                 &paths.module_signing_key,
-                format!("cannot read: {e}"),
+                format!("cannot read: {e:#}"),
                 fix_missing,
             )
         })?);
-    let cert_pem = fs::read_to_string(&paths.module_signing_cert).map_err(|e| {
+    let cert_pem = read_key_file(&paths.module_signing_cert).map_err(|e| {
         user_err(
             &paths.module_signing_cert,
-            format!("cannot read: {e}"),
+            format!("cannot read: {e:#}"),
             fix_missing,
         )
     })?;
@@ -689,6 +742,12 @@ pub fn module_signing(keys_dir: &Path) -> Result<ModuleSigning> {
         ));
     }
     Ok(ModuleSigning { key_pem, cert_der })
+}
+
+/// A key, certificate or token file's text: a regular file of at most [`limits::KEY_FILE`]
+/// bytes ([`crate::sys::util::InputFileError`] otherwise, exit status 2).
+pub fn read_key_file(path: &Path) -> Result<String> {
+    crate::sys::util::read_small_string(path, limits::KEY_FILE, "key file")
 }
 
 fn describe_module_key(bytes: &[u8]) -> Result<(String, String)> {

@@ -36,6 +36,8 @@ pub const SUMS: &str = "SHA256SUMS";
 /// The signature over [`SUMS`].
 pub const SIG: &str = "SHA256SUMS.sig";
 use crate::project::layout::key::SIGNING_KEY;
+use crate::sys::util::is_not_found;
+use crate::trust::limits;
 /// Read buffer for hashing and flashing.
 pub const BUF_SIZE: usize = 4 << 20;
 
@@ -56,6 +58,9 @@ pub enum VerifyError {
         .sig.display(), .sums.display()
     )]
     MissingSignature { sig: PathBuf, sums: PathBuf },
+    /// `SHA256SUMS` or `SHA256SUMS.sig` is not a regular file, or is far too large.
+    #[error("{0}; do not use this directory (rebuild, or copy it again from the build host)")]
+    Unreadable(crate::sys::util::InputFileError),
     /// `SHA256SUMS.sig` is not an armored SSHSIG signature.
     #[error("{}: not an SSH signature ({reason}); expected -----BEGIN SSH SIGNATURE-----", .sig.display())]
     MalformedSignature { sig: PathBuf, reason: String },
@@ -218,14 +223,14 @@ impl VerifyReport {
 pub fn load_signing_key(keys_dir: &Path) -> Result<SigningKey> {
     use ed25519_dalek::pkcs8::DecodePrivateKey;
     let path = keys_dir.join(SIGNING_KEY);
-    let pem = match fs::read_to_string(&path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+    let pem = match read_key_text(&path, "signing key") {
+        Ok(s) => zeroize::Zeroizing::new(s),
+        Err(e) if is_not_found(&e) => anyhow::bail!(
             "signing key {} not found: run `kiln keys init` to create the cluster's keys (or copy \
              the cluster's keys/ directory into the project)",
             path.display()
         ),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => return Err(e),
     };
     SigningKey::from_pkcs8_pem(pem.trim()).map_err(|e| {
         anyhow::anyhow!(
@@ -240,14 +245,14 @@ pub fn load_signing_key(keys_dir: &Path) -> Result<SigningKey> {
 /// OpenSSH line `ssh-ed25519 AAAA… [comment]`, or an allowed_signers line
 /// `kiln ssh-ed25519 AAAA…`. Blank lines and `#` comments are skipped; exactly one key must remain.
 pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey> {
-    let text = match fs::read_to_string(path) {
+    let text = match read_key_text(path, "public key") {
         Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+        Err(e) if is_not_found(&e) => anyhow::bail!(
             "public key {} not found: run `kiln keys init`, or pass --key <file> with the \
              cluster's signing_ed25519.pub",
             path.display()
         ),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => return Err(e),
     };
     let lines: Vec<&str> = text
         .lines()
@@ -270,6 +275,12 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey> {
             path.display()
         )
     })
+}
+
+/// A key file's text, bounded ([`limits::KEY_FILE`], regular files only: an
+/// [`InputFileError`](crate::sys::util::InputFileError), exit status 2).
+fn read_key_text(path: &Path, what: &str) -> Result<String> {
+    crate::sys::util::read_small_string(path, limits::KEY_FILE, what)
 }
 
 /// Parses one line as in [`load_verifying_key`].
@@ -334,7 +345,7 @@ pub fn sign_bytes(message: &[u8], key: &SigningKey) -> Result<String> {
 pub fn sign_dir(dir: &Path, key: &SigningKey) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let sums = dir.join(SUMS);
-    let bytes = fs::read(&sums).with_context(|| format!("reading {}", sums.display()))?;
+    let bytes = crate::sys::util::read_small(&sums, limits::SUMS, SUMS)?;
     let mode = fs::metadata(&sums)
         .with_context(|| format!("reading {}", sums.display()))?
         .permissions()
@@ -349,23 +360,23 @@ pub fn sign_dir(dir: &Path, key: &SigningKey) -> Result<()> {
 pub fn verify_signature(dir: &Path, key: &VerifyingKey) -> Result<SignedSums> {
     let sums_path = dir.join(SUMS);
     let sig_path = dir.join(SIG);
-    let sums = match fs::read(&sums_path) {
+    let sums = match read_signed_input(&sums_path, limits::SUMS, SUMS) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if is_not_found(&e) => {
             return Err(VerifyError::MissingSums { sums: sums_path }.into())
         }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", sums_path.display())),
+        Err(e) => return Err(e),
     };
-    let sig_text = match fs::read(&sig_path) {
+    let sig_text = match read_signed_input(&sig_path, limits::SIGNATURE, SIG) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if is_not_found(&e) => {
             return Err(VerifyError::MissingSignature {
                 sig: sig_path,
                 sums: sums_path,
             }
             .into())
         }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", sig_path.display())),
+        Err(e) => return Err(e),
     };
     let hash_alg = check_signature(&sums, &sig_text, key).map_err(|e| match e {
         SigProblem::Malformed(reason) => VerifyError::MalformedSignature {
@@ -391,6 +402,18 @@ pub fn verify_signature(dir: &Path, key: &VerifyingKey) -> Result<SignedSums> {
         signer: fingerprint(key),
         hash_alg,
         entries,
+    })
+}
+
+/// `SHA256SUMS` or its signature, bounded: one that is not a regular file or is too large (a
+/// symlink to `/dev/zero`, a FIFO) is refused before it is read, as a
+/// [`VerifyError::Unreadable`] (exit status 3: the directory cannot be trusted).
+fn read_signed_input(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
+    crate::sys::util::read_small(path, max, what).map_err(|e| match e
+        .downcast::<crate::sys::util::InputFileError>(
+    ) {
+        Ok(bad) => VerifyError::Unreadable(bad).into(),
+        Err(e) => e,
     })
 }
 

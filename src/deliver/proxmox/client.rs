@@ -154,8 +154,9 @@ impl Client {
             Tls::CaFile(p) => {
                 use rustls::pki_types::pem::PemObject;
                 let mut roots = rustls::RootCertStore::empty();
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(p)
-                    .with_context(|| format!("reading the CA file {}", p.display()))?
+                let pem =
+                    crate::sys::util::read_small(p, crate::trust::limits::KEY_FILE, "CA file")?;
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
                     .collect::<Result<_, _>>()
                     .with_context(|| format!("parsing the CA file {} (PEM)", p.display()))?;
                 if certs.is_empty() {

@@ -3,6 +3,8 @@
 //! from a file (never a flag, never the config file itself).
 
 use super::ProxmoxError;
+use crate::sys::util::{is_not_found, read_small_string};
+use crate::trust::limits::KEY_FILE;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -136,7 +138,7 @@ fn load_file_with_env(
         .unwrap_or_else(|| dir.join(CONFIG_FILE));
     let explicit = over.config.is_some() || env("KILN_PVE_CONFIG").is_some();
     let pname = path.display().to_string();
-    let file: ConfigFile = match std::fs::read_to_string(&path) {
+    let file: ConfigFile = match read_small_string(&path, KEY_FILE, "Proxmox config") {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             cfg_err(
                 pname.clone(),
@@ -145,7 +147,7 @@ fn load_file_with_env(
                  token_secret_file, fingerprint, ca_file, memory, cores (see docs/guide/proxmox.md)",
             )
         })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => ConfigFile::default(),
+        Err(e) if is_not_found(&e) && !explicit => ConfigFile::default(),
         Err(e) => return Err(e).with_context(|| format!("reading the Proxmox config {pname}")),
     };
     Ok((file, path))
@@ -368,11 +370,11 @@ impl Sources<'_> {
                 }
             },
         };
-        let token_secret = std::fs::read_to_string(&secret_path)
+        let token_secret = read_small_string(&secret_path, KEY_FILE, "token secret file")
             .map_err(|e| {
                 cfg_err(
                     &sec_src,
-                    format!("cannot read {}: {e}", secret_path.display()),
+                    format!("cannot read {}: {e:#}", secret_path.display()),
                     "create the file with the token secret (the UUID `pveum user token add` printed)",
                 )
             })?
@@ -496,5 +498,30 @@ mod tests {
         std::fs::write(d.path().join(CONFIG_FILE), "nope = 1\n").unwrap();
         let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
         assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
+    }
+
+    #[test]
+    fn config_and_token_secret_that_are_devices_are_refused_unread() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join(CONFIG_FILE);
+        std::os::unix::fs::symlink("/dev/zero", &conf).unwrap();
+        let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("is not a regular file (it is a character device)"),
+            "{e:#}"
+        );
+        std::fs::remove_file(&conf).unwrap();
+        std::fs::write(
+            &conf,
+            "url = \"https://pve:8006/\"\nnode = \"pve1\"\nstorage = \"local-lvm\"\n\
+             import_storage = \"local\"\ntoken_id = \"kiln@pve!import\"\n\
+             token_secret_file = \"/dev/zero\"\n",
+        )
+        .unwrap();
+        let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
+        assert!(format!("{e:#}").contains("is not a regular file"), "{e:#}");
+        assert!(e
+            .downcast_ref::<ProxmoxError>()
+            .is_some_and(ProxmoxError::is_user_error));
     }
 }

@@ -48,9 +48,11 @@ pub fn load_build(dir: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<Build
         ),
         fix: "import a role build directory (out/<role>/<build-id>/), not a node directory".into(),
     })?;
-    let m: Value = serde_json::from_slice(
-        &std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?,
-    )
+    let m: Value = serde_json::from_slice(&crate::sys::util::read_small(
+        &mpath,
+        crate::trust::limits::MANIFEST,
+        "manifest",
+    )?)
     .with_context(|| format!("parsing {}", mpath.display()))?;
     let field = |k: &str| -> Result<String> {
         m[k].as_str()

@@ -267,7 +267,7 @@ pub fn write_import_script(
         cores: file.cores.unwrap_or(2),
     };
     let text = script::render(b, &ss);
-    crate::sys::util::write_atomic_mode(path, text.as_bytes(), 0o755)
+    crate::sys::util::write_output(path, text.as_bytes(), 0o755)
 }
 
 /// Makes `b` a VM template on the cluster `dir`'s settings and `conn` name (skipped if it
@@ -314,8 +314,8 @@ pub fn clone_node(
         Some(id) => id.clone(),
         None => {
             let m = out.latest(&node.role).join("manifest.json");
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).map_err(|e| ProxmoxError::Input {
-                what: format!("no build of role {} ({}: {e})", node.role, m.display()),
+            let v: serde_json::Value = serde_json::from_slice(&crate::sys::util::read_small(&m, crate::trust::limits::MANIFEST, "manifest").map_err(|e| ProxmoxError::Input {
+                what: format!("no build of role {} ({}: {e:#})", node.role, m.display()),
                 fix: format!("build and import it (`kiln build --role {r}`, `kiln proxmox import --role {r}`) or pass --build-id", r = node.role),
             })?)
             .with_context(|| format!("parsing {}", m.display()))?;

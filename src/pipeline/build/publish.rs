@@ -219,7 +219,7 @@ pub(super) fn point_latest(role_dir: &Path, build_id: &str) -> Result<()> {
 /// Reads `SHA256SUMS` of a finished build back into artifacts (sizes from the files).
 pub fn read_sums(dir: &Path) -> Result<Vec<crate::trust::sums::Artifact>> {
     let p = dir.join("SHA256SUMS");
-    let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let text = util::read_small_string(&p, crate::trust::limits::SUMS, "SHA256SUMS")?;
     text.lines()
         .map(|l| {
             let (sha, name) = l
