@@ -387,7 +387,11 @@ fn ca_file_instead_of_a_pin() {
 #[test]
 fn bad_token_and_missing_privilege_exit_2_with_the_proxmox_message() {
     let f = fixture();
-    fs::write(f.path().join("pve-token"), "not-the-secret\n").unwrap();
+    fs::write(
+        f.path().join("pve-token"),
+        "5b3c2b1e-0000-4000-8000-0000000000ff\n",
+    )
+    .unwrap();
     let (code, _, err) = f.import(&[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("HTTP 401 invalid token value!"), "{err}");

@@ -380,14 +380,18 @@ impl Sources<'_> {
             })?
             .trim()
             .to_string();
-        if token_secret.is_empty() || token_secret.contains(char::is_whitespace) {
+        // PVE's API token secrets are UUIDs. Anything else is refused without being echoed or
+        // sent: a `token_secret_file` naming some other host file (a recipe repo's proxmox.toml
+        // is input too) must not carry that file's contents to the configured API URL.
+        if !is_uuid(&token_secret) {
             return Err(cfg_err(
                 sec_src,
                 format!(
-                    "{} does not hold a token secret on one line",
+                    "{} does not hold a Proxmox API token secret (a UUID such as \
+                     xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx on one line); its contents were not sent",
                     secret_path.display()
                 ),
-                "write only the secret (a UUID) into the file",
+                "write only the secret `pveum user token add` printed into the file",
             ));
         }
         Ok(token_secret)
@@ -455,6 +459,16 @@ fn check_id(v: &str, source: &str, what: &str) -> Result<()> {
     }
 }
 
+/// `8-4-4-4-12` hex digits, the shape of the token secrets PVE generates.
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,7 +485,11 @@ mod tests {
     #[test]
     fn settings_from_file_env_and_flags() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("secret"), "s3cr3t\n").unwrap();
+        std::fs::write(
+            d.path().join("secret"),
+            "5b3c2b1e-0000-4000-8000-00000000cafe\n",
+        )
+        .unwrap();
         std::fs::write(
             d.path().join(CONFIG_FILE),
             "url = \"https://pve:8006/\"\nnode = \"pve1\"\nstorage = \"local-lvm\"\n\
@@ -492,7 +510,7 @@ mod tests {
         assert_eq!(s.api.as_str(), "https://other:8006/api2/json/");
         assert_eq!(s.node, "pve2");
         assert_eq!(s.import_storage, "local");
-        assert_eq!(s.token_secret, "s3cr3t");
+        assert_eq!(s.token_secret, "5b3c2b1e-0000-4000-8000-00000000cafe");
         assert_eq!(s.tls, Tls::Public);
 
         std::fs::write(d.path().join(CONFIG_FILE), "nope = 1\n").unwrap();
@@ -523,5 +541,32 @@ mod tests {
         assert!(e
             .downcast_ref::<ProxmoxError>()
             .is_some_and(ProxmoxError::is_user_error));
+    }
+
+    #[test]
+    fn a_token_secret_file_naming_another_host_file_is_refused_unsent_and_unechoed() {
+        let d = tempfile::tempdir().unwrap();
+        // A one-line host file (like /etc/hostname) that a hostile proxmox.toml could name.
+        std::fs::write(d.path().join("hostname"), "build-host-7\n").unwrap();
+        std::fs::write(
+            d.path().join(CONFIG_FILE),
+            "url = \"https://pve:8006/\"\nnode = \"pve1\"\nstorage = \"local-lvm\"\n\
+             import_storage = \"local\"\ntoken_id = \"kiln@pve!import\"\n\
+             token_secret_file = \"hostname\"\n",
+        )
+        .unwrap();
+        let e = Settings::load_with_env(d.path(), &Overrides::default(), &|_| None).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("does not hold a Proxmox API token secret"),
+            "{msg}"
+        );
+        assert!(!msg.contains("build-host-7"), "{msg}");
+        assert!(e
+            .downcast_ref::<ProxmoxError>()
+            .is_some_and(ProxmoxError::is_user_error));
+        assert!(is_uuid("5B3C2B1E-0000-4000-8000-00000000CAFE"));
+        assert!(!is_uuid("5b3c2b1e-0000-4000-8000-00000000caf"));
+        assert!(!is_uuid("5b3c2b1e00004000800000000000cafe"));
     }
 }
