@@ -58,6 +58,39 @@ pub struct ServeOptions {
     pub key: PathBuf,
     pub json: bool,
     pub grace: Duration,
+    /// Leave builds and seeds with `contains_secrets: true` out of what is served.
+    pub refuse_secret_builds: bool,
+    /// Budget of the verified-piece cache, bytes.
+    pub cache_bytes: u64,
+}
+
+impl ServeOptions {
+    fn load_options(&self, cache: Arc<catalog::PieceCache>) -> catalog::LoadOptions {
+        catalog::LoadOptions {
+            default_role: self.default_role.clone(),
+            refuse_secrets: self.refuse_secret_builds,
+            ipxe_dir: Some(self.ipxe_dir.clone()),
+            cache,
+        }
+    }
+}
+
+/// Prints what the operator must know about a freshly loaded catalog: its warnings, and every
+/// served build or seed that carries secrets (anyone on the network can fetch those).
+fn warn_catalog(c: &Catalog) {
+    for w in &c.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !c.secret_bearing.is_empty() {
+        eprintln!(
+            "warning: serving {} that carry secrets (contains_secrets: true; the k3s token, and \
+             on masters the controller keys) to any client that asks: {}; serve them only on a \
+             network you trust, or pass --refuse-secret-builds (see docs/guide/pxe.md#secrets)",
+            if c.secret_bearing.len() == 1 { "one item" } else { "items" },
+            c.secret_bearing.join(", ")
+        );
+        tracing::warn!(target: "kiln::serve", builds = %c.secret_bearing.join(", "), "serving secret-bearing builds");
+    }
 }
 
 /// The shortest lease full DHCP mode hands out (a shorter `lease` is raised to it).
@@ -73,6 +106,8 @@ pub struct State {
     ipxe_files: BTreeSet<String>,
     /// Client IP → MAC, learnt from DHCP (ciaddr) and from MAC-bearing HTTP requests.
     clients: Mutex<BTreeMap<IpAddr, String>>,
+    /// Verified pieces of the served files (shared by reloads: it is content-addressed).
+    pub cache: Arc<catalog::PieceCache>,
 }
 
 impl State {
@@ -89,6 +124,9 @@ impl State {
             ipxe_dir,
             ipxe_files,
             clients: Mutex::new(BTreeMap::new()),
+            cache: Arc::new(catalog::PieceCache::new(
+                catalog::DEFAULT_CACHE_MIB << 20,
+            )),
         };
         st.count_catalog();
         st
@@ -257,8 +295,17 @@ pub fn serve_command(
         )
         .into());
     }
+    match crate::sys::os::raise_fd_limit() {
+        Ok((soft, hard)) if soft < 4096 => eprintln!(
+            "warning: only {soft} file descriptors (hard limit {hard}): fewer clients at once \
+             (raise it with `ulimit -Hn` or LimitNOFILE=)"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: raising the file descriptor limit: {e}"),
+    }
     eprintln!("kiln serve: verifying builds in {} …", out_dir.display());
-    let cat = Catalog::load(project, out_dir, &key, o.default_role.as_deref())?;
+    let cache = Arc::new(catalog::PieceCache::new(o.cache_bytes));
+    let cat = Catalog::load(project, out_dir, &key, &o.load_options(cache.clone()))?;
     if cat.nodes.is_empty() && cat.default.is_none() {
         bail!(
             "nothing to serve: no inventory node has a verified build in {} and no \
@@ -266,18 +313,17 @@ pub fn serve_command(
             out_dir.display()
         );
     }
-    for w in &cat.warnings {
-        eprintln!("warning: {w}");
-    }
+    warn_catalog(&cat);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run(project, out_dir, o, cat, advertise, key, out))
+    rt.block_on(run(project, out_dir, o, cat, advertise, key, out, cache))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     project: &Project,
     out_dir: &Path,
@@ -286,12 +332,15 @@ async fn run(
     advertise: Ipv4Addr,
     key: ed25519_dalek::VerifyingKey,
     out: &dyn Fn(&str),
+    cache: Arc<catalog::PieceCache>,
 ) -> Result<()> {
     // HTTP first: its port is part of every URL handed out.
     let http_listener = bind_http(o).await?;
     let http_bound = http_listener.local_addr()?;
     let base_url = format!("http://{advertise}:{}", http_bound.port());
-    let state = Arc::new(State::new(cat, base_url.clone(), o.ipxe_dir.clone()));
+    let mut state = State::new(cat, base_url.clone(), o.ipxe_dir.clone());
+    state.cache = cache;
+    let state = Arc::new(state);
     warn_missing_ipxe(&state, o);
     let tftp_sock = bind_tftp(o)?;
     let tftp_bound = tftp_sock.local_addr()?;
@@ -558,17 +607,15 @@ async fn reload(
     key: ed25519_dalek::VerifyingKey,
     state: &State,
 ) {
-    let (p, out, k, d) = (
+    let (p, out, k, lo) = (
         project.clone(),
         out_dir.to_path_buf(),
         key,
-        o.default_role.clone(),
+        o.load_options(state.cache.clone()),
     );
-    match tokio::task::spawn_blocking(move || Catalog::load(&p, &out, &k, d.as_deref())).await {
+    match tokio::task::spawn_blocking(move || Catalog::load(&p, &out, &k, &lo)).await {
         Ok(Ok(c)) => {
-            for w in &c.warnings {
-                eprintln!("warning: {w}");
-            }
+            warn_catalog(&c);
             eprintln!(
                 "kiln serve: reloaded: {} build(s), {} node(s)",
                 c.builds.len(),
@@ -603,11 +650,12 @@ async fn shut_down(
 fn print_summary(o: &ServeOptions, m: &Metrics, out: &dyn Fn(&str)) -> Result<()> {
     let summary = serde_json::json!({
         "event": "stopped",
-        "http_requests": m.total("kiln_http_requests_total"),
-        "http_bytes": m.total("kiln_http_bytes_sent_total"),
-        "tftp_transfers": m.total("kiln_tftp_transfers_total"),
-        "tftp_bytes": m.total("kiln_tftp_bytes_sent_total"),
-        "dhcp_replies": m.total("kiln_dhcp_replies_total"),
+        "http_requests": m.count("kiln_http_requests_total"),
+        "http_bytes": m.count("kiln_http_bytes_sent_total"),
+        "tftp_transfers": m.count("kiln_tftp_transfers_total"),
+        "tftp_bytes": m.count("kiln_tftp_bytes_sent_total"),
+        "dhcp_replies": m.count("kiln_dhcp_replies_total"),
+        "integrity_failures": m.count("kiln_integrity_failures_total"),
     });
     if o.json {
         out(&serde_json::to_string(&summary)?);

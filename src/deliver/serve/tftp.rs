@@ -3,9 +3,8 @@
 //! socket and task; files are read with `pread` from under the root only.
 
 use super::State;
-use std::fs::File;
+use super::catalog::Blob;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -327,7 +326,7 @@ async fn transfer(
     let Some(file) = t.open(root, &mode).await else {
         return;
     };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let len = file.len;
     let neg = negotiate(&options, len, max_blksize);
     let mut rbuf = vec![0u8; 65536];
     if !neg.oack.is_empty() && !t.acknowledge_options(&neg, len, &mut rbuf).await {
@@ -374,7 +373,7 @@ impl Transfer<'_> {
 
     /// The requested file, opened; the client gets an ERROR (and the refusal is counted) when the
     /// mode is not octet or the file cannot be served.
-    async fn open(&self, root: &Path, mode: &str) -> Option<File> {
+    async fn open(&self, root: &Path, mode: &str) -> Option<Blob> {
         let (st, peer, mac, filename) = (self.st, self.peer, &self.mac, &self.filename);
         if mode != "octet" {
             st.metrics
@@ -405,9 +404,10 @@ impl Transfer<'_> {
                 return None;
             }
         };
-        match File::open(&path) {
-            Ok(f) => Some(f),
-            Err(_) => {
+        // Only the bytes pinned (and checked piece by piece) when the catalog was loaded.
+        match st.catalog().pinned(&path).cloned() {
+            Some(f) => Some(f),
+            None => {
                 st.metrics
                     .inc("kiln_tftp_transfers_total", &[("result", "not_found")]);
                 self.fail(ERR_NOT_FOUND, "File not found".into()).await;
@@ -458,7 +458,7 @@ impl Transfer<'_> {
     /// ended early.
     async fn send_file(
         &self,
-        file: &File,
+        file: &Blob,
         len: u64,
         neg: &Negotiated,
         rbuf: &mut [u8],
@@ -507,7 +507,7 @@ impl Transfer<'_> {
     /// when reading or sending failed (a read error is reported to the client).
     async fn send_window(
         &self,
-        file: &File,
+        file: &Blob,
         len: u64,
         bs: u64,
         (first, last): (u64, u64),
