@@ -82,7 +82,9 @@ impl PieceCache {
             return;
         }
         while m.bytes + n > self.budget {
-            let Some(old) = m.order.pop_front() else { break };
+            let Some(old) = m.order.pop_front() else {
+                break;
+            };
             if let Some(v) = m.map.remove(&old) {
                 m.bytes -= v.len() as u64;
             }

@@ -8,22 +8,21 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fs::File;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 pub type RespBody = BoxBody<Bytes, std::io::Error>;
-
 
 /// Slow clients: the whole request head must arrive within this (slowloris).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -170,10 +169,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -374,10 +370,10 @@ pub fn parse_range(h: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, Unsa
         return Ok(None);
     };
     let (a, b) = (a.trim(), b.trim());
+    // Digits beyond u64 mean "past any end" (RFC 9110 14.1.1 positions are unbounded).
     let parse = |s: &str| -> Option<u64> {
         (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
-            .then(|| s.parse().ok())
-            .flatten()
+            .then(|| s.parse().unwrap_or(u64::MAX))
     };
     match (a.is_empty(), b.is_empty()) {
         (true, true) => Ok(None),
@@ -495,7 +491,11 @@ fn route_request(
     match segs.as_slice() {
         ["boot.ipxe"] => {
             let Some(m) = query_param(req.uri().query(), "mac") else {
-                if req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv.starts_with("mac="))) {
+                if req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("mac=")))
+                {
                     return invalid_mac(peer);
                 }
                 return script(ipxe::chain_script(&st.base_url));
@@ -768,9 +768,7 @@ impl Body for FileBody {
                     }
                     Ok(Err(e)) => {
                         if e.kind() == std::io::ErrorKind::InvalidData {
-                            self.st
-                                .metrics
-                                .inc("kiln_integrity_failures_total", &[]);
+                            self.st.metrics.inc("kiln_integrity_failures_total", &[]);
                         }
                         // Nothing more is sent: the body ends short of its Content-Length.
                         self.pos = self.end;
@@ -852,6 +850,63 @@ mod tests {
         assert_eq!(parse_range(Some("items=0-1"), 100), Ok(None));
         assert_eq!(parse_range(Some("bytes=x-1"), 100), Ok(None));
         assert_eq!(parse_range(Some("bytes=0-"), 0), Err(Unsatisfiable));
+        let huge = "99999999999999999999999";
+        assert_eq!(
+            parse_range(Some(&format!("bytes=0-{huge}")), 100),
+            Ok(Some((0, 99)))
+        );
+        assert_eq!(
+            parse_range(Some(&format!("bytes={huge}-")), 100),
+            Err(Unsatisfiable)
+        );
+        assert_eq!(
+            parse_range(Some(&format!("bytes=-{huge}")), 100),
+            Ok(Some((0, 99)))
+        );
+    }
+
+    #[test]
+    fn etag_comparisons() {
+        let t = "\"abc\"";
+        assert!(if_none_match("W/\"abc\"", t));
+        assert!(if_none_match("\"x\", W/\"abc\"", t));
+        assert!(if_none_match("*", t));
+        assert!(!if_none_match("\"x\", \"y\"", t));
+        assert!(!if_none_match("", t));
+        assert!(if_range_matches("\"abc\"", t));
+        assert!(!if_range_matches("W/\"abc\"", t));
+    }
+
+    #[test]
+    fn log_safe_escapes_control_characters() {
+        assert_eq!(log_safe("a\nb\r\x1b[31m"), "a\\u{a}b\\u{d}\\u{1b}[31m");
+        assert_eq!(log_safe(&"x".repeat(600)).chars().count(), 513);
+    }
+
+    #[test]
+    fn slots_cap_per_client_and_in_total() {
+        let s = Arc::new(Slots {
+            max: 3,
+            per_client: 2,
+            open: Mutex::new((0, HashMap::new())),
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let x = s.take(a).unwrap();
+        let _y = s.take(a).unwrap();
+        assert_eq!(s.take(a).err(), Some("client_cap"));
+        let _z = s.take(b).unwrap();
+        assert_eq!(s.take(b).err(), Some("server_cap"));
+        drop(x);
+        assert!(s.take(b).is_ok());
+    }
+
+    #[test]
+    fn rate_limited_holds_back_and_counts() {
+        let r = RateLimited::new(Duration::from_secs(3600));
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), None);
+        assert_eq!(r.allow(), None);
     }
 
     #[test]

@@ -86,7 +86,11 @@ fn warn_catalog(c: &Catalog) {
             "warning: serving {} that carry secrets (contains_secrets: true; the k3s token, and \
              on masters the controller keys) to any client that asks: {}; serve them only on a \
              network you trust, or pass --refuse-secret-builds (see docs/guide/pxe.md#secrets)",
-            if c.secret_bearing.len() == 1 { "one item" } else { "items" },
+            if c.secret_bearing.len() == 1 {
+                "one item"
+            } else {
+                "items"
+            },
             c.secret_bearing.join(", ")
         );
         tracing::warn!(target: "kiln::serve", builds = %c.secret_bearing.join(", "), "serving secret-bearing builds");
@@ -124,9 +128,7 @@ impl State {
             ipxe_dir,
             ipxe_files,
             clients: Mutex::new(BTreeMap::new()),
-            cache: Arc::new(catalog::PieceCache::new(
-                catalog::DEFAULT_CACHE_MIB << 20,
-            )),
+            cache: Arc::new(catalog::PieceCache::new(catalog::DEFAULT_CACHE_MIB << 20)),
         };
         st.count_catalog();
         st
@@ -372,8 +374,10 @@ async fn run(
         dhcp: dhcp_bound,
         proxy: proxy_bound,
     };
+    // Signal handlers before the status line: a SIGHUP right after it must reload, not kill.
+    let signals = Signals::new()?;
     print_status(o, &state, &base_url, &bound, out)?;
-    serve_until_signalled(project, out_dir, o, key, &state, &mut tasks).await?;
+    serve_until_signalled(project, out_dir, o, key, &state, &mut tasks, signals).await?;
     shut_down(o, &tx, &mut tasks).await;
     print_summary(o, &state.metrics, out)
 }
@@ -569,6 +573,24 @@ fn print_status(
     Ok(())
 }
 
+/// The signals `kiln serve` handles: INT/TERM stop, HUP reloads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Serves until SIGINT or SIGTERM; SIGHUP reloads the builds. A listener that fails ends it
 /// with an error.
 async fn serve_until_signalled(
@@ -578,12 +600,13 @@ async fn serve_until_signalled(
     key: ed25519_dalek::VerifyingKey,
     state: &State,
     tasks: &mut tokio::task::JoinSet<()>,
+    signals: Signals,
 ) -> Result<()> {
-    // Signals: INT/TERM stop, HUP reloads.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => break,

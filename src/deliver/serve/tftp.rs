@@ -2,8 +2,8 @@
 //! (2348), `timeout` and `tsize` (2349) and `windowsize` (7440). Each transfer runs on its own
 //! socket and task; files are read with `pread` from under the root only.
 
-use super::State;
 use super::catalog::Blob;
+use super::State;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
