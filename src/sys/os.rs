@@ -185,7 +185,7 @@ pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
             rl.rlim_cur = target;
         }
     }
-    Ok((rl.rlim_cur as u64, rl.rlim_max as u64))
+    Ok((rl.rlim_cur, rl.rlim_max))
 }
 
 /// The soft limit on open file descriptors.
@@ -198,7 +198,7 @@ pub fn fd_limit() -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
         return 1024;
     }
-    rl.rlim_cur as u64
+    rl.rlim_cur
 }
 
 /// Sends SIGTERM to a process (a child of ours).

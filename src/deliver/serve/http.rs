@@ -506,20 +506,17 @@ fn route_request(
             };
             st.learn(peer.ip(), &norm);
             *mac = Some(norm.clone());
-            let norm = Some(norm);
-            match cat.lookup(norm.as_deref().unwrap_or_default()) {
+            match cat.lookup(&norm) {
                 Lookup::Node(n, b) => {
                     tracing::info!(target: "kiln::serve", mac = %n.mac, host = %n.hostname, role = %b.role, build = %super::catalog::short(&b.build_id), "boot script");
                     script(ipxe::boot_script(&st.base_url, b, Some(n), &n.mac))
                 }
                 Lookup::Default(b) => {
-                    let m = norm.unwrap_or_default();
-                    tracing::info!(target: "kiln::serve", mac = %m, role = %b.role, "boot script (default role)");
-                    script(ipxe::boot_script(&st.base_url, b, None, &m))
+                    tracing::info!(target: "kiln::serve", mac = %norm, role = %b.role, "boot script (default role)");
+                    script(ipxe::boot_script(&st.base_url, b, None, &norm))
                 }
                 Lookup::Unprovisioned(reason) => {
-                    let m = norm.unwrap_or_default();
-                    tracing::warn!(target: "kiln::serve", mac = %m, "not provisioned: {reason}");
+                    tracing::warn!(target: "kiln::serve", mac = %norm, "not provisioned: {reason}");
                     script(ipxe::not_provisioned(&reason))
                 }
             }
