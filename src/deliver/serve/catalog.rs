@@ -791,6 +791,59 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pieces_are_checked_before_they_are_read() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..(PIECE * 2 + 100)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let no_cache = Arc::new(PieceCache::new(0));
+        let b = Blob::open_pinned(&p, &no_cache).unwrap();
+        assert_eq!(b.len, data.len() as u64);
+        assert_eq!(b.read_all().unwrap(), data);
+        let mut buf = vec![0u8; 300];
+        b.read_exact_at(&mut buf, PIECE - 150).unwrap();
+        assert_eq!(buf, &data[(PIECE - 150) as usize..(PIECE + 150) as usize]);
+        // Same inode, changed in the second piece: that piece fails, the others still read.
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(b"X", PIECE + 10).unwrap();
+        let e = b.piece(1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("changed on disk"), "{e}");
+        assert!(b.changed_on_disk());
+        assert!(b.piece(0).is_ok());
+        // Grown: the last piece no longer ends where it did.
+        f.write_all_at(&data[(PIECE + 10) as usize..][..1], PIECE + 10)
+            .unwrap();
+        f.write_all_at(b"more", data.len() as u64).unwrap();
+        assert!(b.piece(1).is_ok());
+        assert!(b.piece(2).is_err());
+        // With a cache, the verified bytes are what is read.
+        let cache = Arc::new(PieceCache::new(1 << 20));
+        std::fs::write(&p, &data).unwrap();
+        let b = Blob::open_pinned(&p, &cache).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(b"X", 5)
+            .unwrap();
+        assert_eq!(b.read_all().unwrap(), data);
+    }
+
+    #[test]
+    fn piece_cache_keeps_to_its_budget() {
+        let c = PieceCache::new(10);
+        c.put([1; 32], Bytes::from_static(b"12345"));
+        c.put([2; 32], Bytes::from_static(b"12345"));
+        c.put([3; 32], Bytes::from_static(b"123"));
+        assert!(c.get(&[1; 32]).is_none());
+        assert!(c.get(&[2; 32]).is_some() && c.get(&[3; 32]).is_some());
+        c.put([4; 32], Bytes::from(vec![0u8; 11]));
+        assert!(c.get(&[4; 32]).is_none());
+    }
+
+    #[test]
     fn recipe_args_drop_root_selection() {
         assert_eq!(
             recipe_args(
