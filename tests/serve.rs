@@ -1127,12 +1127,10 @@ fn truncated_or_changed_files_are_not_served_over_http_or_tftp() {
         f.write_all_at(b"EVIL", 500_000).unwrap();
     }
     let g = tftp_get(s.tftp(), &rrq("ipxe.efi", &[("blksize", "1468")]), 1, false);
-    match g {
-        Ok(g) => assert_eq!(g.data, want, "TFTP sent changed bytes"),
-        Err((code, _)) => assert_eq!(code, 0, "an ERROR for a changed file"),
-    }
+    assert_eq!(g.unwrap().data, want, "TFTP sent changed bytes");
+    // iPXE files are pinned in memory: the bytes read at start.
     let r = get(&format!("{}/ipxe/ipxe.efi", s.http()));
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.bytes().unwrap().as_ref(), &want[..]);
     // Added after start: not served until a reload pins it (the changed files put back, so
     // that the reload verifies).
     fs::write(&efi, &want).unwrap();
@@ -1399,23 +1397,62 @@ fn slow_clients_do_not_lock_others_out() {
     s.stop();
 }
 
-/// With every descriptor taken (un-ACKed TFTP transfers against a 64-descriptor limit), accept()
-/// failing with EMFILE neither spins nor floods the log: waiting HTTP clients are closed at
-/// once (a descriptor is kept in reserve for that) and the failure is logged once per 10 s.
+/// HTTP keeps working while TFTP is saturated: against a 64-descriptor limit, clients at ten
+/// addresses hold every TFTP transfer they may (un-ACKed, `timeout=255`), and a new HTTP client
+/// is still served (TFTP and HTTP each get a share of the descriptors).
+#[test]
+fn http_is_served_while_tftp_is_saturated() {
+    let (p, out) = fixture();
+    let s = start_limited(p, out, &[], Some(64)).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut held = Vec::new();
+    for i in 1..=10 {
+        let u = connect_udp(&format!("127.0.0.{i}"));
+        for _ in 0..10 {
+            u.send_to(&rrq("ipxe.efi", &[("timeout", "255")]), s.tftp())
+                .unwrap();
+        }
+        held.push(u);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..5 {
+        let r = get(&format!("{}/healthz", s.http()));
+        assert_eq!(r.status(), 200);
+    }
+    let err = s.stderr.lock().unwrap().clone();
+    assert!(!err.contains("http: accept:"), "{err}");
+    s.stop();
+}
+
+fn connect_udp(ip: &str) -> UdpSocket {
+    UdpSocket::bind(format!("{ip}:0")).unwrap()
+}
+
+/// With every descriptor taken (a 36-descriptor limit: TFTP's and HTTP's shares do not both
+/// fit), accept() failing with EMFILE neither spins nor floods the log: waiting HTTP clients
+/// are closed at once (a descriptor is kept in reserve for that) and the failure is logged once
+/// per 10 s.
 #[test]
 fn accept_without_descriptors_backs_off_and_logs_rarely() {
     let (p, out) = fixture();
-    let s = start_limited(p, out, &[], Some(64)).unwrap_or_else(|e| panic!("{e:?}"));
+    let s = start_limited(p, out, &[], Some(36)).unwrap_or_else(|e| panic!("{e:?}"));
     let addr = s.status["http"].as_str().unwrap().to_string();
-    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    for _ in 0..120 {
-        u.send_to(&rrq("ipxe.efi", &[("timeout", "255")]), s.tftp())
-            .unwrap();
+    let mut held = Vec::new();
+    for i in 1..=4 {
+        let u = connect_udp(&format!("127.0.0.{i}"));
+        for _ in 0..8 {
+            u.send_to(&rrq("ipxe.efi", &[("timeout", "255")]), s.tftp())
+                .unwrap();
+        }
+        held.push(u);
     }
     std::thread::sleep(Duration::from_millis(500));
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        idle.push(TcpStream::connect(&addr).unwrap());
+    }
     let t0 = Instant::now();
     let mut closed = 0;
-    for _ in 0..20 {
+    for _ in 0..10 {
         let mut t = TcpStream::connect(&addr).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = t.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
@@ -1425,9 +1462,8 @@ fn accept_without_descriptors_backs_off_and_logs_rarely() {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
             Err(_) => {}
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(closed, 20, "clients left hanging");
+    assert_eq!(closed, 10, "clients left hanging");
     assert!(t0.elapsed() < Duration::from_secs(60));
     let err = s.stderr.lock().unwrap().clone();
     let accept_lines = err.matches("http: accept:").count();
@@ -1435,6 +1471,7 @@ fn accept_without_descriptors_backs_off_and_logs_rarely() {
         (1..=2).contains(&accept_lines),
         "{accept_lines} accept lines:\n{err}"
     );
+    drop(idle);
     s.stop();
 }
 

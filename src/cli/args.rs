@@ -272,6 +272,18 @@ pub struct ServeArgs {
     /// Largest TFTP block size offered.
     #[arg(long, default_value_t = crate::deliver::serve::tftp::DEFAULT_MAX_BLKSIZE)]
     pub tftp_max_blksize: usize,
+    /// Most TFTP transfers at once; a read request beyond it gets an error ("server busy").
+    #[arg(long, default_value_t = crate::deliver::serve::tftp::DEFAULT_MAX_TRANSFERS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub tftp_max_transfers: u32,
+    /// Most TFTP transfers at once for one client address.
+    #[arg(long, default_value_t = crate::deliver::serve::tftp::DEFAULT_MAX_PER_CLIENT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub tftp_max_per_client: u32,
+    /// Seconds a TFTP transfer may take before it is ended.
+    #[arg(long, default_value_t = crate::deliver::serve::tftp::DEFAULT_MAX_SECS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tftp_max_secs: u64,
     /// Trusted public key [default: <dir>/keys/signing_ed25519.pub].
     #[arg(long)]
     pub key: Option<PathBuf>,

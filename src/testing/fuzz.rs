@@ -34,6 +34,8 @@ pub fn fuzz_dhcp(bytes: &[u8]) {
         fixed: BTreeMap::new(),
     })));
     let from: SocketAddr = "10.0.0.57:68".parse().expect("addr");
+    // The frame check runs first: whatever it refuses is never answered.
+    let frame_ok = dhcp::check_frame(bytes).is_ok();
     for mode in [&dhcp::Mode::Proxy, &pool] {
         for proxy_port in [false, true] {
             if let Some((reply, _)) = dhcp::answer(
@@ -45,6 +47,7 @@ pub fn fuzz_dhcp(bytes: &[u8]) {
                 Ipv4Addr::new(10, 0, 0, 1),
             ) {
                 use dhcproto::Encodable;
+                assert!(frame_ok, "answered a packet the frame check refuses");
                 reply.to_vec().expect("a reply always encodes");
             }
         }
@@ -58,6 +61,29 @@ pub fn fuzz_tftp(bytes: &[u8]) {
             let n = tftp::negotiate(options, bytes.len() as u64, tftp::DEFAULT_MAX_BLKSIZE);
             assert!((8..=tftp::DEFAULT_MAX_BLKSIZE).contains(&n.blksize) || n.blksize == 512);
             assert!((1..=tftp::MAX_WINDOWSIZE).contains(&n.windowsize));
+            assert!(n.timeout <= Duration::from_secs(tftp::MAX_TIMEOUT_SECS));
+            // The OACK names each option once, only options asked for, with in-range values.
+            let mut names: Vec<&str> = n.oack.iter().map(|(k, _)| k.as_str()).collect();
+            names.sort_unstable();
+            let count = names.len();
+            names.dedup();
+            assert_eq!(
+                names.len(),
+                count,
+                "repeated option in the OACK: {:?}",
+                n.oack
+            );
+            for (k, v) in &n.oack {
+                assert!(options.iter().any(|(o, _)| o == k), "{k} not asked for");
+                let x: u64 = v.parse().expect("a decimal value");
+                match k.as_str() {
+                    "blksize" => assert!((8..=tftp::MAX_BLKSIZE as u64).contains(&x)),
+                    "windowsize" => assert!((1..=u64::from(tftp::MAX_WINDOWSIZE)).contains(&x)),
+                    "timeout" => assert!((1..=tftp::MAX_TIMEOUT_SECS).contains(&x)),
+                    "tsize" => assert_eq!(x, bytes.len() as u64),
+                    other => panic!("unknown option {other} acknowledged"),
+                }
+            }
         }
         assert_eq!(
             tftp::parse(&tftp::encode(&p)).as_ref(),
@@ -85,4 +111,25 @@ pub fn fuzz_range(bytes: &[u8]) {
     }
     let logged = http::log_safe(&h);
     assert!(!logged.chars().any(|c| c.is_control()), "{logged:?}");
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every committed seed (fuzz/seeds/) goes through its entry point in every `cargo test`.
+    #[test]
+    fn committed_seeds_pass_their_fuzz_entry() {
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        for (dir, f) in [
+            ("dhcp", super::fuzz_dhcp as fn(&[u8])),
+            ("tftp", super::fuzz_tftp as fn(&[u8])),
+            ("http_range", super::fuzz_range as fn(&[u8])),
+        ] {
+            let mut n = 0;
+            for e in std::fs::read_dir(seeds.join(dir)).expect("seed directory") {
+                f(&std::fs::read(e.expect("entry").path()).expect("seed"));
+                n += 1;
+            }
+            assert!(n > 0, "no seeds in {dir}");
+        }
+    }
 }

@@ -99,7 +99,9 @@ impl PieceCache {
 /// through. Clones share the descriptor and the "changed on disk" mark.
 #[derive(Debug, Clone)]
 pub struct Blob {
-    file: Arc<File>,
+    /// The verified descriptor; `None` for a file kept whole in memory (`mem`).
+    file: Option<Arc<File>>,
+    mem: Option<Bytes>,
     pub len: u64,
     pub sha256: String,
     pub path: PathBuf,
@@ -134,6 +136,10 @@ impl Blob {
             name: name.to_string(),
         })?;
         let blob = Blob::open_pinned(&path, cache)?;
+        Blob::check(blob, expected, path)
+    }
+
+    fn check(blob: Blob, expected: &str, path: PathBuf) -> Result<Blob> {
         if blob.sha256 != expected {
             return Err(VerifyError::Mismatch {
                 path,
@@ -143,6 +149,22 @@ impl Blob {
             .into());
         }
         Ok(blob)
+    }
+
+    /// Reads `path` (at most `max` bytes) into memory, where it is served from: no descriptor
+    /// stays open (the iPXE binaries: small, and fetched by many TFTP transfers at once).
+    pub fn read_pinned(path: &Path, max: u64, cache: &Arc<PieceCache>) -> Result<Blob> {
+        let v = crate::sys::util::read_small(path, max, "an iPXE-directory file")?;
+        Ok(Blob {
+            file: None,
+            len: v.len() as u64,
+            sha256: hex::encode(Sha256::digest(&v)),
+            path: path.to_path_buf(),
+            mem: Some(Bytes::from(v)),
+            pieces: Arc::new([]),
+            cache: cache.clone(),
+            changed: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Opens `path` and pins it to the bytes it holds now (whole-file and per-piece digests);
@@ -176,7 +198,8 @@ impl Blob {
             }
         }
         Ok(Blob {
-            file: Arc::new(file),
+            file: Some(Arc::new(file)),
+            mem: None,
             len: off,
             sha256: hex::encode(h.finalize()),
             path: path.to_path_buf(),
@@ -193,14 +216,31 @@ impl Blob {
 
     /// Piece `i`, if it is in the cache (never blocks on I/O).
     pub fn cached_piece(&self, i: u64) -> Option<Bytes> {
+        if let Some(m) = &self.mem {
+            return self.mem_piece(m, i).ok();
+        }
         self.cache.get(self.pieces.get(i as usize)?)
+    }
+
+    fn mem_piece(&self, m: &Bytes, i: u64) -> std::io::Result<Bytes> {
+        let start = i.saturating_mul(PIECE);
+        if start >= self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end of a verified file",
+            ));
+        }
+        Ok(m.slice(start as usize..(start + PIECE).min(self.len) as usize))
     }
 
     /// Piece `i`, verified: from the cache, else read from the descriptor and checked against
     /// its digest (blocking I/O). A mismatch is an `InvalidData` error wrapping
     /// [`ChangedOnDisk`], logged once per file.
     pub fn piece(&self, i: u64) -> std::io::Result<Bytes> {
-        let Some(d) = self.pieces.get(i as usize) else {
+        let (Some(file), Some(d)) = (&self.file, self.pieces.get(i as usize)) else {
+            if let Some(m) = &self.mem {
+                return self.mem_piece(m, i);
+            }
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "read past the end of a verified file",
@@ -219,7 +259,7 @@ impl Blob {
         let want = (self.len - start).min(PIECE) as usize;
         // One byte more than the piece: a file that grew is as changed as one that shrank.
         let mut buf = vec![0u8; want + 1];
-        let got = read_full(&self.file, &mut buf, start)?;
+        let got = read_full(file, &mut buf, start)?;
         let last = i as usize + 1 == self.pieces.len();
         let ok = (got == want || (!last && got == want + 1))
             && <Digest32>::from(Sha256::digest(&buf[..want])) == *d;
@@ -361,9 +401,10 @@ impl LoadOptions {
     }
 }
 
-/// Most files and bytes of the iPXE directory that are pinned (the rest is not served).
+/// Most files and bytes of the iPXE directory that are pinned, in memory (the rest is not
+/// served).
 const PIN_MAX_FILES: usize = 4096;
-const PIN_MAX_BYTES: u64 = 4 << 30;
+const PIN_MAX_BYTES: u64 = 512 << 20;
 
 /// Where a MAC boots to.
 pub enum Lookup<'a> {
@@ -570,15 +611,15 @@ impl Catalog {
                 }
                 if self.pinned.len() >= PIN_MAX_FILES || bytes + meta.len() > PIN_MAX_BYTES {
                     self.warnings.push(format!(
-                        "{}: more than {PIN_MAX_FILES} files or {} GiB; {} and the rest are not \
+                        "{}: more than {PIN_MAX_FILES} files or {} MiB; {} and the rest are not \
                          served (pass --ipxe-dir with only the iPXE binaries)",
                         root.display(),
-                        PIN_MAX_BYTES >> 30,
+                        PIN_MAX_BYTES >> 20,
                         p.display()
                     ));
                     return;
                 }
-                match Blob::open_pinned(&c, cache) {
+                match Blob::read_pinned(&c, PIN_MAX_BYTES - bytes, cache) {
                     Ok(b) => {
                         bytes += b.len;
                         self.pinned.insert(c, b);

@@ -6,6 +6,13 @@
 //! architecture (option 93); UEFI HTTP boot (`HTTPClient`) gets the iPXE EFI binary as an HTTP
 //! URL; iPXE itself (option 77 `iPXE`, or option 175) gets the URL of its per-MAC script, which
 //! ends the chainload loop.
+//!
+//! Every packet is untrusted: before decoding, the fixed header is checked (BOOTREQUEST,
+//! Ethernet with a 6-byte address, at most 16 relay hops, the magic cookie) and the options
+//! walked (none may run past the end, no option overload, no repeated option kiln reads);
+//! each listener answers at most a burst of [`Flood::BURST`] packets per MAC, then one a second.
+//! Full mode holds an address a client DECLINEd for [`DECLINE_HOLD`] (RFC 2131 4.3.3) and NAKs
+//! requests for addresses outside the range or leased to another MAC.
 
 use super::State;
 #[cfg(any(test, feature = "testing"))]
@@ -94,6 +101,23 @@ pub struct PxeClient {
 /// Why a packet gets no answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ignored {
+    /// Shorter than the fixed header and the magic cookie (240 bytes).
+    Short,
+    /// Bytes 236..240 are not the magic cookie 99.130.83.99 (RFC 2131 3): BOOTP or noise.
+    BadCookie,
+    /// An option's length runs past the end of the packet.
+    TruncatedOptions,
+    /// Option 52: more options in `sname`/`file`, which kiln does not read (PXE clients never
+    /// send it), so the packet cannot be understood whole.
+    OptionOverload,
+    /// An option kiln reads is present twice (which one would count is ambiguous).
+    DuplicateOption,
+    /// More than 16 relay hops (RFC 1542 4.1.1).
+    TooManyHops,
+    /// As large as the receive buffer: possibly cut off.
+    Oversized,
+    /// The MAC sent more than its share of packets ([`Flood`]).
+    RateLimited,
     NotBootRequest,
     NoMessageType,
     BadHardwareAddress,
@@ -106,6 +130,14 @@ pub enum Ignored {
 impl Ignored {
     pub fn label(&self) -> &'static str {
         match self {
+            Ignored::Short => "short",
+            Ignored::BadCookie => "bad_cookie",
+            Ignored::TruncatedOptions => "truncated_options",
+            Ignored::OptionOverload => "option_overload",
+            Ignored::DuplicateOption => "duplicate_option",
+            Ignored::TooManyHops => "too_many_hops",
+            Ignored::Oversized => "oversized",
+            Ignored::RateLimited => "rate_limited",
             Ignored::NotBootRequest => "not_bootrequest",
             Ignored::NoMessageType => "no_message_type",
             Ignored::BadHardwareAddress => "bad_chaddr",
@@ -115,13 +147,104 @@ impl Ignored {
     }
 }
 
+/// Options kiln reads: each may appear once.
+const READ_ONCE: &[u8] = &[50, 53, 54, 60, 61, 77, 93, 97, 175];
+
+/// Checks the raw packet before it is decoded: the fixed header a BOOTREQUEST from an Ethernet
+/// client has, the magic cookie, and the option area (every option complete, no overload, no
+/// repeated option kiln reads). A missing END is tolerated when every option is complete.
+pub fn check_frame(b: &[u8]) -> Result<(), Ignored> {
+    if b.len() < 240 {
+        return Err(Ignored::Short);
+    }
+    if b[0] != 1 {
+        return Err(Ignored::NotBootRequest);
+    }
+    if b[1] != 1 || b[2] != 6 {
+        return Err(Ignored::BadHardwareAddress); // htype Ethernet, hlen 6
+    }
+    if b[3] > 16 {
+        return Err(Ignored::TooManyHops);
+    }
+    if b[236..240] != dhcproto::v4::MAGIC {
+        return Err(Ignored::BadCookie);
+    }
+    let mut seen = [false; 256];
+    let mut i = 240;
+    while i < b.len() {
+        match b[i] {
+            0 => i += 1,
+            255 => return Ok(()),
+            code => {
+                let Some(&len) = b.get(i + 1) else {
+                    return Err(Ignored::TruncatedOptions);
+                };
+                let end = i + 2 + len as usize;
+                if end > b.len() {
+                    return Err(Ignored::TruncatedOptions);
+                }
+                if code == 52 {
+                    return Err(Ignored::OptionOverload);
+                }
+                if READ_ONCE.contains(&code) && std::mem::replace(&mut seen[code as usize], true) {
+                    return Err(Ignored::DuplicateOption);
+                }
+                i = end;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per-MAC packet budget of one listener: a burst of [`Flood::BURST`], then one a second. A
+/// PXE boot (firmware, then iPXE, then the OS) sends a handful; a flood from one MAC is not
+/// answered. The table is bounded: past [`Flood::MAX_TRACKED`] MACs it starts again.
+#[derive(Debug, Default)]
+pub struct Flood {
+    buckets: BTreeMap<[u8; 6], (f64, Instant)>,
+}
+
+impl Flood {
+    pub const BURST: f64 = 16.0;
+    pub const PER_SEC: f64 = 1.0;
+    pub const MAX_TRACKED: usize = 4096;
+
+    /// Whether a packet from `mac` at `now` is within its budget (and takes from it).
+    pub fn allow(&mut self, mac: [u8; 6], now: Instant) -> bool {
+        if self.buckets.len() >= Self::MAX_TRACKED && !self.buckets.contains_key(&mac) {
+            // Forget the MACs whose budget is full again; if that is not enough, everyone.
+            let full = Duration::from_secs_f64(Self::BURST / Self::PER_SEC);
+            self.buckets
+                .retain(|_, (_, t)| now.saturating_duration_since(*t) < full);
+            if self.buckets.len() >= Self::MAX_TRACKED {
+                self.buckets.clear();
+            }
+        }
+        let (tokens, last) = self.buckets.entry(mac).or_insert((Self::BURST, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * Self::PER_SEC;
+        *tokens = (*tokens + refill).min(Self::BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The MAC in a raw packet's chaddr (bytes 28..34), without decoding it.
+pub fn raw_mac(b: &[u8]) -> Option<[u8; 6]> {
+    b.get(28..34).map(|m| m.try_into().expect("6 bytes"))
+}
+
 /// The Ethernet MAC of a request, normalised.
 pub fn client_mac(msg: &Message) -> Option<String> {
     if msg.hlen() > 16 {
         return None; // `chaddr()` would panic
     }
     let c = msg.chaddr();
-    (msg.htype() == dhcproto::v4::HType::Eth && c.len() >= 6).then(|| {
+    (msg.htype() == dhcproto::v4::HType::Eth && msg.hlen() == 6 && c.len() >= 6).then(|| {
         c[..6]
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -281,11 +404,17 @@ pub struct PoolConfig {
     pub fixed: BTreeMap<String, Ipv4Addr>,
 }
 
+/// How long an address a client DECLINEd (RFC 2131 4.3.3: another host answers for it) is not
+/// offered again (ISC dhcpd's default).
+pub const DECLINE_HOLD: Duration = Duration::from_secs(600);
+
 /// Leases of the full DHCP mode (in memory: a restart forgets them, clients re-request).
 #[derive(Debug)]
 pub struct Pool {
     pub cfg: PoolConfig,
     leases: BTreeMap<String, (Ipv4Addr, Instant)>,
+    /// Addresses declined, and until when they are not offered.
+    declined: BTreeMap<Ipv4Addr, Instant>,
 }
 
 impl Pool {
@@ -293,6 +422,7 @@ impl Pool {
         Pool {
             cfg,
             leases: BTreeMap::new(),
+            declined: BTreeMap::new(),
         }
     }
 
@@ -301,31 +431,51 @@ impl Pool {
         u32::from(ip) & m == u32::from(self.cfg.start) & m
     }
 
-    /// The address for `mac`: its fixed one, its current lease, or the lowest free one.
-    pub fn address_for(&mut self, mac: &str, now: Instant) -> Option<Ipv4Addr> {
+    fn in_range(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(self.cfg.start)..=u32::from(self.cfg.end)).contains(&u32::from(ip))
+    }
+
+    /// Whether `ip` may be leased to `mac` now: in the range, not declined recently, not an
+    /// inventory node's fixed address, not leased to another MAC.
+    fn usable(&self, ip: Ipv4Addr, mac: &str, now: Instant) -> bool {
+        self.in_range(ip)
+            && self.declined.get(&ip).is_none_or(|until| *until <= now)
+            && !self.cfg.fixed.values().any(|f| *f == ip)
+            && !self
+                .leases
+                .iter()
+                .any(|(m, (i, exp))| m != mac && *i == ip && *exp > now)
+    }
+
+    /// The address for `mac`: its fixed one, its current lease, the one it asks for (when
+    /// usable), or the lowest usable one.
+    pub fn address_for(
+        &mut self,
+        mac: &str,
+        requested: Option<Ipv4Addr>,
+        now: Instant,
+    ) -> Option<Ipv4Addr> {
         if let Some(ip) = self.cfg.fixed.get(mac) {
             return Some(*ip);
         }
+        self.declined.retain(|_, until| *until > now);
         if let Some((ip, _)) = self.leases.get(mac) {
-            return Some(*ip);
+            if self.usable(*ip, mac, now) {
+                return Some(*ip);
+            }
         }
-        let taken: std::collections::BTreeSet<u32> = self
-            .leases
-            .iter()
-            .filter(|(_, (_, exp))| *exp > now)
-            .map(|(_, (ip, _))| u32::from(*ip))
-            .chain(self.cfg.fixed.values().map(|ip| u32::from(*ip)))
-            .collect();
-        let free =
-            (u32::from(self.cfg.start)..=u32::from(self.cfg.end)).find(|a| !taken.contains(a))?;
-        // Reuse an expired lease's slot.
-        self.leases
-            .retain(|_, (ip, exp)| *exp > now || u32::from(*ip) != free);
-        Some(Ipv4Addr::from(free))
+        if let Some(ip) = requested.filter(|ip| self.usable(*ip, mac, now)) {
+            return Some(ip);
+        }
+        (u32::from(self.cfg.start)..=u32::from(self.cfg.end))
+            .map(Ipv4Addr::from)
+            .find(|ip| self.usable(*ip, mac, now))
     }
 
     fn bind(&mut self, mac: &str, ip: Ipv4Addr, now: Instant) {
         if !self.cfg.fixed.contains_key(mac) {
+            // An expired lease of another MAC on the same address goes.
+            self.leases.retain(|m, (i, _)| m == mac || *i != ip);
             self.leases
                 .insert(mac.to_string(), (ip, now + self.cfg.lease));
         }
@@ -335,18 +485,28 @@ impl Pool {
         self.leases.remove(mac);
     }
 
-    /// Answers a DHCP request in full mode; PXE clients also get `boot`.
+    /// Whether `ip` is `mac`'s (its lease or its fixed address).
+    fn holds(&self, mac: &str, ip: Ipv4Addr) -> bool {
+        self.leases.get(mac).is_some_and(|(i, _)| *i == ip) || self.cfg.fixed.get(mac) == Some(&ip)
+    }
+
+    /// Answers a DHCP request in full mode; PXE clients also get `boot`. Err: why there is no
+    /// answer (a `kiln_dhcp_ignored_total` reason).
     pub fn reply(
         &mut self,
         req: &Message,
         server: Ipv4Addr,
         boot: Option<&BootFile>,
         now: Instant,
-    ) -> Option<Message> {
+    ) -> Result<Message, &'static str> {
         if req.opcode() != Opcode::BootRequest {
-            return None;
+            return Err("not_bootrequest");
         }
-        let mac = client_mac(req)?;
+        let mac = client_mac(req).ok_or("bad_chaddr")?;
+        if !req.giaddr().is_unspecified() && !self.in_subnet(req.giaddr()) {
+            // Relayed from another subnet: this pool's addresses would not work there.
+            return Err("relay_other_subnet");
+        }
         let requested = match req.opts().get(OptionCode::RequestedIpAddress) {
             Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
             _ => None,
@@ -355,33 +515,66 @@ impl Pool {
             Some(DhcpOption::ServerIdentifier(s)) => *s == server,
             _ => true,
         };
-        let t = req.opts().msg_type()?;
+        let t = req.opts().msg_type().ok_or("no_message_type")?;
+        let nak = |why: &str| {
+            tracing::info!(target: "kiln::serve::dhcp", %mac, requested = %requested.unwrap_or(req.ciaddr()), "NAK: {why}");
+            let mut nak = reply_skeleton(req, Ipv4Addr::UNSPECIFIED, MessageType::Nak, server);
+            nak.set_ciaddr(Ipv4Addr::UNSPECIFIED);
+            Ok(nak)
+        };
         let (ip, reply_type) = match t {
-            MessageType::Discover => (self.address_for(&mac, now)?, MessageType::Offer),
+            MessageType::Discover => match self.address_for(&mac, requested, now) {
+                Some(ip) => (ip, MessageType::Offer),
+                None => {
+                    tracing::warn!(target: "kiln::serve::dhcp", %mac, "no free address in the range for this MAC");
+                    return Err("pool_exhausted");
+                }
+            },
             MessageType::Request => {
                 if !for_us {
                     self.release(&mac); // the client chose another server
-                    return None;
+                    return Err("other_server");
                 }
                 let want = requested.unwrap_or(req.ciaddr());
-                let ours = self.address_for(&mac, now)?;
-                if want != ours || !self.in_subnet(want) {
-                    let mut nak =
-                        reply_skeleton(req, Ipv4Addr::UNSPECIFIED, MessageType::Nak, server);
-                    nak.set_ciaddr(Ipv4Addr::UNSPECIFIED);
-                    return Some(nak);
+                if want.is_unspecified() {
+                    return nak("no address requested");
                 }
-                self.bind(&mac, ours, now);
-                (ours, MessageType::Ack)
+                self.declined.retain(|_, until| *until > now);
+                match self.cfg.fixed.get(&mac) {
+                    Some(f) if *f != want => return nak("not this node's inventory address"),
+                    Some(_) => {}
+                    None if !self.in_range(want) => return nak("outside the range"),
+                    None if !self.usable(want, &mac, now) => {
+                        return nak("leased to another MAC, reserved or declined")
+                    }
+                    None => {}
+                }
+                self.bind(&mac, want, now);
+                (want, MessageType::Ack)
             }
             MessageType::Inform => (Ipv4Addr::UNSPECIFIED, MessageType::Ack),
-            MessageType::Release | MessageType::Decline => {
-                if for_us {
-                    self.release(&mac);
+            MessageType::Decline => {
+                let ip = requested.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                if !for_us || !self.holds(&mac, ip) {
+                    return Err("decline_not_ours");
                 }
-                return None;
+                self.release(&mac);
+                if self.cfg.fixed.get(&mac) == Some(&ip) {
+                    tracing::warn!(target: "kiln::serve::dhcp", %mac, %ip, "the node declined its inventory address: another host on the network uses it");
+                } else {
+                    self.declined.insert(ip, now + DECLINE_HOLD);
+                    tracing::warn!(target: "kiln::serve::dhcp", %mac, %ip, "address declined (another host uses it?): not offered for {} s", DECLINE_HOLD.as_secs());
+                }
+                return Err("declined");
             }
-            _ => return None,
+            MessageType::Release => {
+                if !for_us || !self.holds(&mac, req.ciaddr()) {
+                    return Err("release_not_ours");
+                }
+                self.release(&mac);
+                return Err("released");
+            }
+            _ => return Err("message_type"),
         };
         let mut r = reply_skeleton(req, ip, reply_type, server);
         {
@@ -403,19 +596,26 @@ impl Pool {
         if let Some(b) = boot {
             add_boot(&mut r, req, server, b);
         }
-        Some(r)
+        Ok(r)
     }
 }
 
-/// Where a reply to `req` goes (RFC 2131 4.1).
-pub fn reply_destination(req: &Message, from: SocketAddr, proxy_port: bool) -> SocketAddr {
+/// Where a reply to `req` goes (RFC 2131 4.1: a NAK not going through a relay is broadcast,
+/// even to a client that has an address).
+pub fn reply_destination(
+    req: &Message,
+    reply: &Message,
+    from: SocketAddr,
+    proxy_port: bool,
+) -> SocketAddr {
     if proxy_port {
         return from; // 4011: the client has an address and talks unicast
     }
     if !req.giaddr().is_unspecified() {
         return SocketAddr::V4(SocketAddrV4::new(req.giaddr(), 67));
     }
-    if !req.ciaddr().is_unspecified() {
+    let nak = reply.opts().msg_type() == Some(MessageType::Nak);
+    if !req.ciaddr().is_unspecified() && !nak {
         return SocketAddr::V4(SocketAddrV4::new(req.ciaddr(), 68));
     }
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, 68))
@@ -437,6 +637,8 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 4096];
+    let mut flood = Flood::default();
+    let port = if proxy_port { "4011" } else { "67" };
     loop {
         let (n, from) = tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
@@ -448,6 +650,20 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        let why = if n >= buf.len() {
+            Some(Ignored::Oversized)
+        } else if raw_mac(&buf[..n]).is_some_and(|m| !flood.allow(m, Instant::now())) {
+            Some(Ignored::RateLimited)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            state.metrics.inc(
+                "kiln_dhcp_ignored_total",
+                &[("reason", why.label()), ("port", port)],
+            );
+            continue;
+        }
         let Some((reply, dest)) = answer(&buf[..n], from, proxy_port, &mode, &state, server) else {
             continue;
         };
@@ -472,6 +688,14 @@ pub fn answer(
     server: Ipv4Addr,
 ) -> Option<(Message, SocketAddr)> {
     let port = if proxy_port { "4011" } else { "67" };
+    if let Err(why) = check_frame(bytes) {
+        st.metrics.inc(
+            "kiln_dhcp_ignored_total",
+            &[("reason", why.label()), ("port", port)],
+        );
+        tracing::debug!(target: "kiln::serve::dhcp", %from, "ignored: {}", why.label());
+        return None;
+    }
     // dhcproto asserts on some malformed option lengths (debug assertions; found by
     // `cargo fuzz run dhcp`): a packet must never take the server down, so decoding is isolated.
     let decoded = std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(bytes)));
@@ -529,13 +753,26 @@ pub fn answer(
         }
         Err(_) => None,
     };
+    // Only a packet that comes from its ciaddr teaches which MAC has that address (a spoofed
+    // ciaddr would otherwise mislabel another host's HTTP and TFTP log lines).
     if let (Ok(c), false) = (&pxe, msg.ciaddr().is_unspecified()) {
-        st.learn(std::net::IpAddr::V4(msg.ciaddr()), &c.mac);
+        if from.ip() == std::net::IpAddr::V4(msg.ciaddr()) {
+            st.learn(std::net::IpAddr::V4(msg.ciaddr()), &c.mac);
+        }
     }
     let reply = match mode {
         Mode::Full(pool) if !proxy_port => {
             let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.reply(&msg, server, boot.as_ref(), Instant::now())
+            match pool.reply(&msg, server, boot.as_ref(), Instant::now()) {
+                Ok(r) => Some(r),
+                Err(why) => {
+                    st.metrics.inc(
+                        "kiln_dhcp_ignored_total",
+                        &[("reason", why), ("port", port)],
+                    );
+                    None
+                }
+            }
         }
         _ => {
             let c = match &pxe {
@@ -566,7 +803,7 @@ pub fn answer(
         }
     };
     let reply = reply?;
-    let dest = reply_destination(&msg, from, proxy_port);
+    let dest = reply_destination(&msg, &reply, from, proxy_port);
     let t = reply.opts().msg_type().map(msg_type_label).unwrap_or("?");
     let arch = pxe
         .as_ref()
@@ -1052,5 +1289,305 @@ mod tests {
         )
         .unwrap();
         assert_eq!(dest, "10.9.0.1:67".parse().unwrap());
+    }
+    fn ignored(st: &State, reason: &str) -> f64 {
+        let m = st.metrics.render();
+        m.lines()
+            .filter(|l| {
+                l.starts_with("kiln_dhcp_ignored_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn wrong_or_zero_magic_cookie_is_dropped() {
+        // Issue 17: these were answered.
+        let (_d, st) = state(&["undionly.kpxe"]);
+        for cookie in [[0u8; 4], [99, 130, 83, 98], [1, 2, 3, 4]] {
+            let mut p = bios_discover();
+            p[236..240].copy_from_slice(&cookie);
+            for mode in [&Mode::Proxy, &pool(&[])] {
+                assert!(answer(&p, from68(), false, mode, &st, SERVER).is_none());
+            }
+        }
+        assert_eq!(ignored(&st, "bad_cookie"), 6.0);
+        assert!(answer(&bios_discover(), from68(), false, &Mode::Proxy, &st, SERVER).is_some());
+    }
+
+    #[test]
+    fn malformed_headers_and_options_are_dropped() {
+        let (_d, st) = state(&["undionly.kpxe"]);
+        let good = bios_discover();
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut p = good.clone();
+            f(&mut p);
+            p
+        };
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (with(&|p| p[0] = 2), "not_bootrequest"),
+            (with(&|p| p[0] = 3), "not_bootrequest"),
+            (with(&|p| p[1] = 6), "bad_chaddr"), // IEEE 802 with an Ethernet-sized address
+            (with(&|p| p[2] = 16), "bad_chaddr"), // Ethernet with a 16-byte address
+            (with(&|p| p[2] = 0), "bad_chaddr"),
+            (with(&|p| p[2] = 200), "bad_chaddr"),
+            (with(&|p| p[3] = 17), "too_many_hops"),
+            (good[..239].to_vec(), "short"),
+            // The last option claims more bytes than there are.
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[12, 40, b'h']);
+                }),
+                "truncated_options",
+            ),
+            // A lone option code at the very end.
+            (
+                with(&|p| {
+                    p.pop();
+                    p.push(12);
+                }),
+                "truncated_options",
+            ),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[52, 1, 3, 255]);
+                }),
+                "option_overload",
+            ),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[53, 1, 3, 255]);
+                }),
+                "duplicate_option",
+            ),
+            (
+                with(&|p| {
+                    p.pop();
+                    p.extend_from_slice(&[93, 2, 0, 7, 255]);
+                }),
+                "duplicate_option",
+            ),
+        ];
+        for (p, reason) in &cases {
+            let before = ignored(&st, reason);
+            for mode in [&Mode::Proxy, &pool(&[])] {
+                assert!(
+                    answer(p, from68(), false, mode, &st, SERVER).is_none(),
+                    "{reason}"
+                );
+            }
+            assert_eq!(ignored(&st, reason), before + 2.0, "{reason}");
+        }
+        // Padding, a repeated option kiln does not read and a missing END are fine.
+        let ok = with(&|p| {
+            p.pop();
+            p.extend_from_slice(&[0, 0, 12, 1, b'a', 12, 1, b'b']);
+        });
+        assert!(answer(&ok, from68(), false, &Mode::Proxy, &st, SERVER).is_some());
+    }
+
+    fn decode(b: &[u8]) -> Message {
+        Message::decode(&mut Decoder::new(b)).unwrap()
+    }
+
+    fn full_pool() -> Pool {
+        Pool::new(PoolConfig {
+            start: Ipv4Addr::new(10, 0, 0, 100),
+            end: Ipv4Addr::new(10, 0, 0, 101),
+            netmask: Ipv4Addr::new(255, 255, 255, 0),
+            router: None,
+            dns: vec![],
+            lease: Duration::from_secs(600),
+            fixed: BTreeMap::new(),
+        })
+    }
+
+    fn with_ciaddr(mut p: Vec<u8>, ip: [u8; 4]) -> Vec<u8> {
+        p[12..16].copy_from_slice(&ip);
+        p
+    }
+
+    const SRV: (u8, &[u8]) = (54, &[10, 0, 0, 1]);
+
+    fn offered(pool: &mut Pool, mac: u8, now: Instant) -> Option<Ipv4Addr> {
+        let d = with_mac(raw(1, &[]), mac);
+        pool.reply(&decode(&d), SERVER, None, now)
+            .ok()
+            .map(|m| m.yiaddr())
+    }
+
+    fn request(pool: &mut Pool, mac: u8, ip: [u8; 4], now: Instant) -> MessageType {
+        let r = with_mac(raw(3, &[(50, &ip), SRV]), mac);
+        let m = pool.reply(&decode(&r), SERVER, None, now).unwrap();
+        m.opts().msg_type().unwrap()
+    }
+
+    #[test]
+    fn a_declined_address_is_not_offered_for_ten_minutes() {
+        // Issue 17: RFC 2131 4.3.3; it was offered again at once.
+        let mut pool = full_pool();
+        let t0 = Instant::now();
+        assert_eq!(
+            offered(&mut pool, 1, t0),
+            Some(Ipv4Addr::new(10, 0, 0, 100))
+        );
+        assert_eq!(request(&mut pool, 1, [10, 0, 0, 100], t0), MessageType::Ack);
+        let decline = with_mac(raw(4, &[(50, &[10, 0, 0, 100]), SRV]), 1);
+        assert_eq!(
+            pool.reply(&decode(&decline), SERVER, None, t0).unwrap_err(),
+            "declined"
+        );
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            offered(&mut pool, 1, later),
+            Some(Ipv4Addr::new(10, 0, 0, 101))
+        );
+        assert_eq!(
+            offered(&mut pool, 2, later),
+            Some(Ipv4Addr::new(10, 0, 0, 101))
+        );
+        assert_eq!(
+            request(&mut pool, 2, [10, 0, 0, 100], later),
+            MessageType::Nak
+        );
+        let after = t0 + DECLINE_HOLD + Duration::from_secs(1);
+        assert_eq!(
+            offered(&mut pool, 3, after),
+            Some(Ipv4Addr::new(10, 0, 0, 100))
+        );
+    }
+
+    #[test]
+    fn decline_and_release_only_for_the_mac_holding_the_address() {
+        let mut pool = full_pool();
+        let t0 = Instant::now();
+        assert_eq!(request(&mut pool, 1, [10, 0, 0, 100], t0), MessageType::Ack);
+        // Another MAC declining or releasing 10.0.0.100 changes nothing.
+        let decline = with_mac(raw(4, &[(50, &[10, 0, 0, 100]), SRV]), 2);
+        assert_eq!(
+            pool.reply(&decode(&decline), SERVER, None, t0).unwrap_err(),
+            "decline_not_ours"
+        );
+        let release = with_ciaddr(with_mac(raw(7, &[SRV]), 2), [10, 0, 0, 100]);
+        assert_eq!(
+            pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(),
+            "release_not_ours"
+        );
+        // The holder releasing an address it does not hold changes nothing either.
+        let release = with_ciaddr(with_mac(raw(7, &[SRV]), 1), [10, 0, 0, 101]);
+        assert_eq!(
+            pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(),
+            "release_not_ours"
+        );
+        assert_eq!(request(&mut pool, 2, [10, 0, 0, 100], t0), MessageType::Nak);
+        assert_eq!(
+            offered(&mut pool, 1, t0),
+            Some(Ipv4Addr::new(10, 0, 0, 100))
+        );
+        // Its own RELEASE frees it.
+        let release = with_ciaddr(with_mac(raw(7, &[SRV]), 1), [10, 0, 0, 100]);
+        assert_eq!(
+            pool.reply(&decode(&release), SERVER, None, t0).unwrap_err(),
+            "released"
+        );
+        assert_eq!(request(&mut pool, 2, [10, 0, 0, 100], t0), MessageType::Ack);
+    }
+
+    #[test]
+    fn requests_outside_the_range_or_for_another_macs_address_are_naked() {
+        let (_d, st) = state(&["undionly.kpxe"]);
+        let mut pool = full_pool();
+        let t0 = Instant::now();
+        // A free address in the range is granted as asked (INIT-REBOOT after a restart).
+        assert_eq!(request(&mut pool, 1, [10, 0, 0, 101], t0), MessageType::Ack);
+        assert_eq!(request(&mut pool, 2, [10, 0, 0, 101], t0), MessageType::Nak);
+        assert_eq!(request(&mut pool, 2, [10, 0, 0, 7], t0), MessageType::Nak);
+        assert_eq!(request(&mut pool, 2, [10, 0, 0, 102], t0), MessageType::Nak);
+        assert_eq!(request(&mut pool, 2, [10, 9, 0, 100], t0), MessageType::Nak);
+        let none = with_mac(raw(3, &[SRV]), 2);
+        let m = pool.reply(&decode(&none), SERVER, None, t0).unwrap();
+        assert_eq!(m.opts().msg_type(), Some(MessageType::Nak));
+        // A renewing client (ciaddr set) is NAKed by broadcast, not unicast (RFC 2131 4.1).
+        let mode = Mode::Full(Mutex::new(full_pool()));
+        let renew = with_ciaddr(with_mac(raw(3, &[(50, &[10, 0, 0, 7])]), 3), [10, 0, 0, 7]);
+        let from: SocketAddr = "10.0.0.7:68".parse().unwrap();
+        let (nak, dest) = answer(&renew, from, false, &mode, &st, SERVER).unwrap();
+        assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
+        assert_eq!(dest, "255.255.255.255:68".parse().unwrap());
+    }
+
+    #[test]
+    fn full_mode_ignores_relays_from_other_subnets() {
+        let (_d, st) = state(&["undionly.kpxe"]);
+        let mode = pool(&[]);
+        let mut p = bios_discover();
+        p[24..28].copy_from_slice(&[10, 9, 0, 1]);
+        assert!(answer(
+            &p,
+            "10.9.0.1:67".parse().unwrap(),
+            false,
+            &mode,
+            &st,
+            SERVER
+        )
+        .is_none());
+        assert_eq!(ignored(&st, "relay_other_subnet"), 1.0);
+        // A relay on the pool's subnet is answered through it.
+        p[24..28].copy_from_slice(&[10, 0, 0, 2]);
+        let (_, dest) = answer(
+            &p,
+            "10.0.0.2:67".parse().unwrap(),
+            false,
+            &mode,
+            &st,
+            SERVER,
+        )
+        .unwrap();
+        assert_eq!(dest, "10.0.0.2:67".parse().unwrap());
+    }
+
+    #[test]
+    fn only_a_packet_from_its_ciaddr_teaches_the_ip_to_mac_map() {
+        let (_d, st) = state(&["undionly.kpxe"]);
+        let req = with_ciaddr(
+            raw(
+                3,
+                &[(93, &[0, 0]), (60, b"PXEClient:Arch:00000:UNDI:002001")],
+            ),
+            [10, 0, 0, 57],
+        );
+        let spoofed: SocketAddr = "10.0.0.99:4011".parse().unwrap();
+        assert!(answer(&req, spoofed, true, &Mode::Proxy, &st, SERVER).is_some());
+        assert_eq!(st.mac_of("10.0.0.57".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn flood_budget_per_mac() {
+        let mut f = Flood::default();
+        let t0 = Instant::now();
+        let a = [2, 0, 0, 0, 0, 1];
+        let allowed = (0..40).filter(|_| f.allow(a, t0)).count();
+        assert_eq!(allowed, Flood::BURST as usize);
+        assert!(
+            f.allow([2, 0, 0, 0, 0, 2], t0),
+            "another MAC has its own budget"
+        );
+        assert!(
+            f.allow(a, t0 + Duration::from_secs(1)),
+            "refilled after a second"
+        );
+        assert!(!f.allow(a, t0 + Duration::from_secs(1)));
+        // Random MACs cannot grow the table without bound.
+        for i in 0..(Flood::MAX_TRACKED as u32 * 2) {
+            let b = i.to_be_bytes();
+            f.allow([2, 1, b[0], b[1], b[2], b[3]], t0);
+        }
+        assert!(f.buckets.len() <= Flood::MAX_TRACKED);
+        assert_eq!(raw_mac(&bios_discover()), Some(MAC));
+        assert_eq!(raw_mac(&[1, 2, 3]), None);
     }
 }

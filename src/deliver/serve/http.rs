@@ -174,6 +174,10 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
     }
 }
 
+/// What a connection over a cap gets before it is closed.
+const BUSY_503: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\nContent-Length: 0\r\n\r\n";
+
 /// A descriptor held in reserve: when accept() finds none left (EMFILE), it is closed to take
 /// the waiting connection off the queue and close it, so clients are refused at once instead
 /// of hanging, and accept() does not spin.
@@ -212,12 +216,18 @@ pub async fn serve(
                     Err(e) => {
                         let emfile = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
                         if emfile && spare.take().is_some() {
-                            // Take the waiting client off the queue and close it.
-                            if let Ok((s, _)) = listener.accept().await {
-                                drop(s);
+                            // Take the waiting clients off the queue and close them (each
+                            // close frees the descriptor the next accept needs).
+                            for _ in 0..256 {
+                                match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                                    Ok(Ok((s, _))) => {
+                                        let _ = s.try_write(BUSY_503);
+                                        state.metrics.inc("kiln_http_connections_refused_total", &[("reason", "no_descriptors")]);
+                                    }
+                                    _ => break,
+                                }
                             }
                             spare = spare_fd();
-                            state.metrics.inc("kiln_http_connections_refused_total", &[("reason", "no_descriptors")]);
                         }
                         if let Some(held) = accept_log.allow() {
                             tracing::warn!("http: accept: {e} (backing off {backoff:?}; {held} more like it not logged)");
@@ -234,7 +244,7 @@ pub async fn serve(
                         if let Some(held) = refuse_log.allow() {
                             tracing::warn!(target: "kiln::serve::http", client = %peer.ip(), "http: too many connections ({reason}); closing new ones with 503 ({held} more not logged)");
                         }
-                        let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\nContent-Length: 0\r\n\r\n");
+                        let _ = stream.try_write(BUSY_503);
                         continue;
                     }
                 };

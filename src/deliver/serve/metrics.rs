@@ -64,6 +64,11 @@ const META: &[(&str, &str, &str)] = &[
         "counter",
     ),
     (
+        "kiln_tftp_in_flight",
+        "TFTP transfers running.",
+        "gauge",
+    ),
+    (
         "kiln_tftp_retransmits_total",
         "TFTP blocks sent again after a timeout or a lost-block ACK.",
         "counter",
@@ -71,6 +76,11 @@ const META: &[(&str, &str, &str)] = &[
     (
         "kiln_tftp_transfers_total",
         "TFTP transfers, by result.",
+        "counter",
+    ),
+    (
+        "kiln_tftp_unknown_tid_total",
+        "TFTP packets from an address or port that is no transfer's client (answered with error 5).",
         "counter",
     ),
 ];

@@ -55,6 +55,11 @@ pub struct ServeOptions {
     pub ipxe_dir: PathBuf,
     /// Largest TFTP block size offered (clamped to RFC 2348's 512..=65464).
     pub max_blksize: usize,
+    /// TFTP transfers at once: in total, and per client address.
+    pub tftp_max_transfers: usize,
+    pub tftp_max_per_client: usize,
+    /// Longest a TFTP transfer may take.
+    pub tftp_max_duration: Duration,
     pub key: PathBuf,
     pub json: bool,
     pub grace: Duration,
@@ -358,7 +363,17 @@ async fn run(
         tftp_sock,
         o.ipxe_dir.clone(),
         state.clone(),
-        o.max_blksize.clamp(tftp::MIN_BLKSIZE, tftp::MAX_BLKSIZE),
+        tftp::Limits {
+            max_blksize: o.max_blksize.clamp(tftp::MIN_BLKSIZE, tftp::MAX_BLKSIZE),
+            // A transfer holds one descriptor (its socket): at most a quarter of them, so
+            // that a saturated TFTP leaves HTTP (another quarter) and the rest their share.
+            max_transfers: o
+                .tftp_max_transfers
+                .min(tftp_fd_share(crate::sys::os::fd_limit()))
+                .max(1),
+            max_per_client: o.tftp_max_per_client.max(1),
+            max_duration: o.tftp_max_duration.max(Duration::from_secs(1)),
+        },
         rx.clone(),
     ));
     tasks.spawn(http::serve(
@@ -380,6 +395,11 @@ async fn run(
     serve_until_signalled(project, out_dir, o, key, &state, &mut tasks, signals).await?;
     shut_down(o, &tx, &mut tasks).await;
     print_summary(o, &state.metrics, out)
+}
+
+/// How many TFTP transfers the descriptor limit allows (a quarter, at least 4).
+fn tftp_fd_share(fd_limit: u64) -> usize {
+    (fd_limit / 4).clamp(4, usize::MAX as u64) as usize
 }
 
 /// Where the listeners are bound (port 0 picks a free one).
