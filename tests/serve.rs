@@ -1541,3 +1541,29 @@ fn secret_bearing_builds_are_warned_about_or_refused() {
         "{err}"
     );
 }
+
+/// An idle keep-alive connection is closed by the server (the 10 s header timeout runs while
+/// it waits for the next request; 30 s without a byte either way closes any connection), so
+/// idle clients cannot hold connection slots for ever.
+#[test]
+fn idle_keep_alive_connections_are_closed() {
+    let s = start(&[]);
+    let addr = s.status["http"].as_str().unwrap().to_string();
+    let mut t = TcpStream::connect(&addr).unwrap();
+    t.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    let t0 = Instant::now();
+    loop {
+        match t.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("still open after {:?}: {e}", t0.elapsed()),
+        }
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    s.stop();
+}
