@@ -584,3 +584,218 @@ fn missing_bases_skip_up_to_date_roles() {
         ["worker", "master"]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Confinement: a project reads only inside itself (issue 17, section 1).
+
+/// `kiln inspect --role <role> --json` on a project that names something outside itself:
+/// exit 2, the message names the file and key, says it is outside the project, gives a fix.
+fn inspect_rejects(dir: &std::path::Path, role: &str, file: &str, key: &str) -> String {
+    let o = kiln(dir, &["inspect", "--role", role, "--json"]);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2, got {:?}; stdout:\n{}\nstderr:\n{err}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout)
+    );
+    for w in [file, key, "fix:"] {
+        assert!(err.contains(w), "error does not name {w:?}:\n{err}");
+    }
+    err
+}
+
+/// A directory outside the project with a file `name` holding `text`.
+fn outside(name: &str, text: &str) -> tempfile::TempDir {
+    let o = tempfile::tempdir().unwrap();
+    fs::write(o.path().join(name), text).unwrap();
+    o
+}
+
+/// `../` enough times to climb from `<project>/recipes/` to `/`, then `abs` (without its `/`).
+fn climb_to(abs: &std::path::Path) -> String {
+    format!(
+        "{}{}",
+        "../".repeat(12),
+        abs.to_str().unwrap().trim_start_matches('/')
+    )
+}
+
+#[test]
+fn inherits_may_not_leave_recipes() {
+    let evil = outside("evil.toml", "description = \"EVIL\"\n");
+    let evil_abs = evil.path().join("evil");
+    for name in [climb_to(&evil_abs), evil_abs.to_str().unwrap().to_string()] {
+        let d = project_copy();
+        edit(
+            d.path(),
+            "recipes/worker.toml",
+            "inherits = \"base\"",
+            &format!("inherits = {name:?}"),
+        );
+        let e = inspect_rejects(d.path(), "worker", "recipes/worker.toml", "inherits");
+        assert!(e.contains("not a recipe name"), "{e}");
+    }
+    // A recipe that is a symlink out of the project.
+    let d = project_copy();
+    fs::remove_file(d.path().join("recipes/base.toml")).unwrap();
+    std::os::unix::fs::symlink(
+        evil.path().join("evil.toml"),
+        d.path().join("recipes/base.toml"),
+    )
+    .unwrap();
+    let e = inspect_rejects(d.path(), "worker", "recipes/worker.toml", "inherits");
+    assert!(e.contains("outside the project"), "{e}");
+}
+
+#[test]
+fn registries_must_be_a_file_inside_the_project() {
+    let host = outside("registries.yaml", "mirrors: {}\n");
+    let abs = host.path().join("registries.yaml");
+    let d = project_copy();
+    std::os::unix::fs::symlink(&abs, d.path().join("recipes/registries.yaml")).unwrap();
+    for name in [
+        abs.to_str().unwrap().to_string(),
+        climb_to(&abs),
+        "registries.yaml".to_string(),
+    ] {
+        edit(
+            d.path(),
+            "recipes/cluster.toml",
+            "bootstrapped = false",
+            &format!("bootstrapped = false\nregistries = {name:?}"),
+        );
+        let e = inspect_rejects(d.path(), "master", "recipes/cluster.toml", "k3s.registries");
+        assert!(
+            e.contains("outside the project") || e.contains("not a plain relative path"),
+            "{name}: {e}"
+        );
+        edit(
+            d.path(),
+            "recipes/cluster.toml",
+            &format!("bootstrapped = false\nregistries = {name:?}"),
+            "bootstrapped = false",
+        );
+    }
+    // /dev/zero is outside too (and never read).
+    fs::remove_file(d.path().join("recipes/registries.yaml")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", d.path().join("recipes/registries.yaml")).unwrap();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "bootstrapped = false",
+        "bootstrapped = false\nregistries = \"registries.yaml\"",
+    );
+    inspect_rejects(d.path(), "master", "recipes/cluster.toml", "k3s.registries");
+}
+
+#[test]
+fn a_manifest_symlinked_out_of_the_project_is_refused() {
+    let host = outside(
+        "m.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: host\n",
+    );
+    let d = project_copy();
+    let m = d.path().join("recipes/manifests/nvidia-runtimeclass.yaml");
+    fs::remove_file(&m).unwrap();
+    std::os::unix::fs::symlink(host.path().join("m.yaml"), &m).unwrap();
+    let e = inspect_rejects(
+        d.path(),
+        "master",
+        "recipes/master.toml",
+        "k3s.manifests[0]",
+    );
+    assert!(e.contains("outside the project"), "{e}");
+    // A symlink that stays inside the project is followed.
+    fs::remove_file(&m).unwrap();
+    fs::write(
+        d.path().join("recipes/rc.yaml"),
+        "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: nvidia\nhandler: nvidia\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../rc.yaml", &m).unwrap();
+    let o = kiln(d.path(), &["inspect", "--role", "master", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn overlay_roots_are_real_directories_inside_the_project() {
+    let host = outside("passwd", "root:x:0:0::/root:/bin/sh\n");
+    let d = project_copy();
+    fs::remove_dir_all(d.path().join("overlays/worker")).unwrap();
+    std::os::unix::fs::symlink(host.path(), d.path().join("overlays/worker")).unwrap();
+    let e = inspect_rejects(d.path(), "worker", "overlays/worker", "(overlay)");
+    assert!(e.contains("outside the project"), "{e}");
+    // Inside the project: followed (overlays/worker shares overlays/master).
+    fs::remove_file(d.path().join("overlays/worker")).unwrap();
+    std::os::unix::fs::symlink("master", d.path().join("overlays/worker")).unwrap();
+    let o = kiln(d.path(), &["inspect", "--role", "worker", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // overlays/common as a regular file is an error, not "no overlay".
+    let d = project_copy();
+    fs::remove_dir_all(d.path().join("overlays/common")).unwrap();
+    fs::write(d.path().join("overlays/common"), "not a dir\n").unwrap();
+    let e = inspect_rejects(d.path(), "worker", "overlays/common", "(overlay)");
+    assert!(e.contains("not a directory"), "{e}");
+    // overlays/ itself symlinked out of the project.
+    let d = project_copy();
+    fs::remove_dir_all(d.path().join("overlays")).unwrap();
+    std::os::unix::fs::symlink(host.path(), d.path().join("overlays")).unwrap();
+    inspect_rejects(d.path(), "worker", "overlays", "(overlay)");
+}
+
+#[test]
+fn symlinks_inside_overlays_stay_symlinks() {
+    let d = project_copy();
+    std::os::unix::fs::symlink("/etc/shadow", d.path().join("overlays/worker/shadow-link"))
+        .unwrap();
+    let o = kiln(d.path(), &["inspect", "--role", "worker", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = v["inputs"]["overlays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["image_path"] == "shadow-link")
+        .expect("listed");
+    assert_eq!(e["kind"], "symlink");
+    assert_eq!(e["sha256"], sha256_hex(b"/etc/shadow"));
+}
+
+#[test]
+fn overlay_special_files_and_key_links_out_are_refused() {
+    // A FIFO in an overlay (would block a reader; cannot go into the image as data).
+    let d = project_copy();
+    let fifo = d.path().join("overlays/worker/fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let e = inspect_rejects(d.path(), "worker", "overlays/worker/fifo", "(overlay)");
+    assert!(e.contains("FIFO"), "{e}");
+    // keys/k3s-token symlinked to a host file: it would be baked into the image.
+    let host = outside("token", "0123456789abcdef0123456789abcdef\n");
+    let d = project_copy();
+    fs::remove_file(d.path().join("keys/k3s-token")).unwrap();
+    std::os::unix::fs::symlink(host.path().join("token"), d.path().join("keys/k3s-token")).unwrap();
+    let e = inspect_rejects(d.path(), "worker", "keys/k3s-token", "(key file)");
+    assert!(e.contains("outside the project"), "{e}");
+}
+
+#[test]
+fn overlay_templates_cannot_read_the_environment_or_recurse() {
+    let d = project_copy();
+    let t = d.path().join("overlays/worker/env.tera");
+    fs::write(&t, "PATH={{ get_env(name=\"PATH\") }}\n").unwrap();
+    let e = rejects(d.path(), "overlays/worker/env.tera", "(template)");
+    assert!(e.contains("get_env"), "{e}");
+    fs::write(
+        &t,
+        "{% macro r() %}{{ self::r() }}{% endmacro r %}{{ self::r() }}\n",
+    )
+    .unwrap();
+    let e = rejects(d.path(), "overlays/worker/env.tera", "(template)");
+    assert!(e.contains("recursive macro"), "{e}");
+}

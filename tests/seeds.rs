@@ -224,7 +224,11 @@ fn bad_templates_are_refused_with_file_key_and_fix() {
     expect_user_error(
         d.path(),
         &["seed"],
-        &["overlays/seed/meta-data.tera", "rendering failed"],
+        &[
+            "overlays/seed/meta-data.tera",
+            "(template for master-1)",
+            "syntax error",
+        ],
     );
     // Unknown hostname.
     fs::remove_file(seed.join("meta-data.tera")).unwrap();
@@ -393,4 +397,70 @@ fn build_checks_seeds_before_building_anything() {
         stderr(&o)
     );
     assert!(!d.path().join("out").exists(), "nothing may be written");
+}
+
+#[test]
+fn seed_templates_stay_inside_the_project_and_see_no_host_state() {
+    let host = tempfile::tempdir().unwrap();
+    fs::write(
+        host.path().join("user-data.tera"),
+        "#cloud-config\n# HOST FILE\nhostname: {{ node.hostname }}\n",
+    )
+    .unwrap();
+    // A user-data.tera that is a symlink out of the project.
+    let d = project();
+    let seed = d.path().join("overlays/seed");
+    fs::create_dir_all(&seed).unwrap();
+    std::os::unix::fs::symlink(
+        host.path().join("user-data.tera"),
+        seed.join("user-data.tera"),
+    )
+    .unwrap();
+    expect_user_error(
+        d.path(),
+        &["seed"],
+        &["overlays/seed/user-data.tera", "outside the project"],
+    );
+    // overlays/seed/<host> symlinked out of the project.
+    fs::remove_file(seed.join("user-data.tera")).unwrap();
+    std::os::unix::fs::symlink(host.path(), seed.join("worker-1")).unwrap();
+    expect_user_error(
+        d.path(),
+        &["seed"],
+        &["overlays/seed/worker-1", "outside the project"],
+    );
+    fs::remove_file(seed.join("worker-1")).unwrap();
+    // The build host's environment.
+    fs::write(
+        seed.join("user-data.tera"),
+        "#cloud-config\nhostname: {{ node.hostname }}\n# {{ get_env(name=\"PATH\") }}\n",
+    )
+    .unwrap();
+    expect_user_error(
+        d.path(),
+        &["seed"],
+        &["overlays/seed/user-data.tera", "get_env() is not available"],
+    );
+    // A recursive macro: an error, not a stack overflow (signal 6).
+    fs::write(
+        seed.join("user-data.tera"),
+        "{% macro r(n) %}{{ self::r(n=n) }}{% endmacro r %}#cloud-config\nhostname: {{ self::r(n=1) }}\n",
+    )
+    .unwrap();
+    expect_user_error(
+        d.path(),
+        &["seed"],
+        &["overlays/seed/user-data.tera", "recursive macro"],
+    );
+    // Output past the bound.
+    fs::write(
+        seed.join("user-data.tera"),
+        "#cloud-config\n{% for i in range(end=10000) %}{% for j in range(end=10000) %}# {{ i }} {{ j }}\n{% endfor %}{% endfor %}",
+    )
+    .unwrap();
+    expect_user_error(
+        d.path(),
+        &["seed"],
+        &["overlays/seed/user-data.tera", "renders more than"],
+    );
 }

@@ -4,8 +4,9 @@
 //! to SOURCE_DATE_EPOCH); overlay and generated entries form an "upper" layer that replaces
 //! base entries at the same path and is owned by root with normalised modes and mtimes.
 
-use crate::project::overlays::{tera_error_chain, OverlayFile};
+use crate::project::overlays::{self, OverlayFile};
 use crate::project::recipe::{Cluster, Node, Project, Recipe, RecipeError};
+use crate::project::template;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -491,20 +492,30 @@ fn template_context(input: &ComposeInput) -> Result<tera::Context> {
 /// One overlay file as an upper entry: a directory, a symlink, or the file's bytes (rendered
 /// when it is a template).
 fn overlay_entry(project: &Project, o: &OverlayFile, tctx: &tera::Context) -> Result<Upper> {
-    let src = project.overlays_dir().join(&o.source);
+    let src = overlays::source_path(project, o)?;
     let origin = format!("overlays/{}", o.source);
     let u = match o.kind.as_str() {
         "dir" => Upper::Dir,
+        // A link stays a link: its target is never followed on the build host.
         "symlink" => Upper::Symlink {
             target: fs::read_link(&src)?.to_string_lossy().into_owned(),
             origin,
         },
         _ => {
-            let raw = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
             let data = if o.template {
-                render_template(&src, raw, tctx)?
+                let shown = project.overlays_dir().join(&o.source);
+                let text = overlays::read_template(&src)?;
+                template::render(
+                    &shown,
+                    "(template)",
+                    &text,
+                    tctx,
+                    MAX_OVERLAY_TEMPLATE_OUTPUT,
+                    "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}",
+                )?
+                .into_bytes()
             } else {
-                raw
+                fs::read(&src).with_context(|| format!("reading {}", src.display()))?
             };
             Upper::File {
                 data,
@@ -516,25 +527,8 @@ fn overlay_entry(project: &Project, o: &OverlayFile, tctx: &tera::Context) -> Re
     Ok(u)
 }
 
-/// Renders the template `src` (its bytes `raw`) with `tctx`.
-fn render_template(src: &Path, raw: Vec<u8>, tctx: &tera::Context) -> Result<Vec<u8>> {
-    let text = String::from_utf8(raw).map_err(|_| {
-        RecipeError::new(
-            src,
-            "(template)",
-            "template is not UTF-8",
-            "save it as UTF-8 or drop the .tera suffix",
-        )
-    })?;
-    Ok(tera::Tera::one_off(&text, tctx, false)
-        .map_err(|e| RecipeError::new(
-            src,
-            "(template)",
-            format!("cannot render: {}", tera_error_chain(&e)),
-            "fix the template; available variables: cluster, nodes, role.{name,description,nodes}, build.{id,kiln_version}",
-        ))?
-        .into_bytes())
-}
+/// The most bytes one overlay template may render.
+pub const MAX_OVERLAY_TEMPLATE_OUTPUT: usize = 16 << 20;
 
 /// Generated files (win over overlays: kiln owns them), then the entries of other stages.
 fn add_generated(input: &ComposeInput, upper: &mut BTreeMap<String, Upper>) -> Result<()> {
@@ -815,10 +809,10 @@ mod tests {
         assert!(!removed(&r, "usr/share/doc-base/x"));
     }
 
-    #[test]
-    fn a_dkms_generated_private_key_is_refused_unless_removed() {
-        let d = tempfile::tempdir().unwrap();
-        let r = d.path().join("recipes");
+    /// A project with a gpu role (no k3s) under `d`, and a minimal bootable base tarball with
+    /// `extra` files in it.
+    fn tiny(d: &Path, extra: &[(&str, &[u8])]) -> (Project, Recipe, std::path::PathBuf) {
+        let r = d.join("recipes");
         fs::create_dir_all(&r).unwrap();
         fs::write(
             r.join("cluster.toml"),
@@ -827,29 +821,79 @@ mod tests {
         .unwrap();
         fs::write(r.join("base.toml"), "[debian]\npackages = [\"systemd\"]\n").unwrap();
         fs::write(r.join("gpu.toml"), "inherits = \"base\"\n").unwrap();
-        let project = crate::project::recipe::load_project(d.path()).unwrap();
-        let mut recipe = crate::project::recipe::load_role(&project, "gpu").unwrap();
-        let base = d.path().join("base.tar");
-        {
-            let mut b = tar::Builder::new(fs::File::create(&base).unwrap());
-            for (path, data) in [
-                ("boot/vmlinuz-6.1.0-1-amd64", &b"kernel"[..]),
-                ("boot/initrd.img-6.1.0-1-amd64", b"initrd"),
-                (BOOTLOADER_PATH, b"MZ"),
-                ("usr/lib/live/boot/9990-main.sh", b"#!/bin/sh\n"),
+        let project = crate::project::recipe::load_project(d).unwrap();
+        let recipe = crate::project::recipe::load_role(&project, "gpu").unwrap();
+        let base = d.join("base.tar");
+        let mut b = tar::Builder::new(fs::File::create(&base).unwrap());
+        let files: [(&str, &[u8]); 4] = [
+            ("boot/vmlinuz-6.1.0-1-amd64", b"kernel"),
+            ("boot/initrd.img-6.1.0-1-amd64", b"initrd"),
+            (BOOTLOADER_PATH, b"MZ"),
+            ("usr/lib/live/boot/9990-main.sh", b"#!/bin/sh\n"),
+        ];
+        for (path, data) in files.iter().chain(extra) {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.finish().unwrap();
+        (project, recipe, base)
+    }
+
+    #[test]
+    fn overlay_symlinks_go_into_the_image_as_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let (project, recipe, base) = tiny(d.path(), &[]);
+        let etc = d.path().join("overlays/common/etc");
+        fs::create_dir_all(&etc).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", etc.join("host-shadow")).unwrap();
+        fs::write(etc.join("plain"), "x\n").unwrap();
+        let overlays = crate::project::overlays::scan_overlays(&project, "gpu").unwrap();
+        let out = d.path().join("composed.tar");
+        compose(
+            &ComposeInput {
+                project: &project,
+                recipe: &recipe,
+                build_id: "test",
+                overlays: &overlays,
+                base_tar: &base,
+                extra: BTreeMap::new(),
+                extra_enable: vec![],
+            },
+            &out,
+        )
+        .unwrap();
+        let mut ar = tar::Archive::new(fs::File::open(&out).unwrap());
+        let mut seen = false;
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            if norm(&e.path().unwrap()) == "etc/host-shadow" {
+                assert_eq!(e.header().entry_type(), tar::EntryType::Symlink);
+                assert_eq!(e.header().size().unwrap(), 0);
+                assert_eq!(
+                    e.link_name().unwrap().unwrap().to_str(),
+                    Some("/etc/shadow")
+                );
+                seen = true;
+            }
+        }
+        assert!(seen, "the link is in the image");
+    }
+
+    #[test]
+    fn a_dkms_generated_private_key_is_refused_unless_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let (project, mut recipe, base) = tiny(
+            d.path(),
+            &[
                 ("var/lib/dkms/mok.pub", b"0\x82"),
                 ("var/lib/dkms/mok.key", b"-----BEGIN PRIVATE KEY-----\n"),
-            ] {
-                let mut h = tar::Header::new_gnu();
-                h.set_size(data.len() as u64);
-                h.set_mode(0o600);
-                h.set_mtime(0);
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_cksum();
-                b.append_data(&mut h, path, data).unwrap();
-            }
-            b.finish().unwrap();
-        }
+            ],
+        );
         let out = d.path().join("composed.tar");
         let run = |recipe: &Recipe| {
             compose(

@@ -483,6 +483,18 @@ fn copy_local(a: &Artifact, url: &str, partial: &Path) -> Result<()> {
         .ok()
         .and_then(|u| u.to_file_path().ok())
         .with_context(|| format!("{}: {url} is not a valid absolute file:// URL", a.name))?;
+    // Checked before open (a FIFO would block it): a device such as /dev/zero would be copied
+    // until the disk is full before the digest could refuse it.
+    let meta = std::fs::metadata(&src)
+        .with_context(|| format!("{}: opening {} (from {url})", a.name, src.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{}: {} (from {url}) is a {}, not a regular file",
+            a.name,
+            src.display(),
+            crate::sys::util::file_kind(&meta)
+        );
+    }
     let mut input = File::open(&src)
         .with_context(|| format!("{}: opening {} (from {url})", a.name, src.display()))?;
     let mut out =
@@ -1240,6 +1252,12 @@ mod tests {
         let missing = artifact("gone", "file:///nonexistent/kiln/gone", b"x");
         let err = format!("{:#}", f.fetch(&missing).unwrap_err());
         assert!(err.contains("/nonexistent/kiln/gone"), "{err}");
+
+        // A device is refused before a byte is copied (it would fill the disk).
+        let mut zero = artifact("zero", "file:///dev/zero", b"x");
+        zero.size = None;
+        let err = format!("{:#}", f.fetch(&zero).unwrap_err());
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

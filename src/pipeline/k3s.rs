@@ -339,7 +339,11 @@ fn add_units_and_config(l: &mut Layer, project: &Project, k: &K3sCluster, recipe
 /// `registries.yaml` from the file `[k3s] registries` names, checked to be k3s's shape.
 fn add_registries(l: &mut Layer, project: &Project, r: &str) -> Result<()> {
     let p = project.recipes_dir().join(r);
-    let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let cluster_file = project.layout().cluster_file();
+    let by = crate::project::inventory::registries_named_by(&cluster_file);
+    let real = crate::project::confine::recipe_file(&project.layout(), r, by)?;
+    let text =
+        crate::project::confine::read_real(&real, &p, crate::project::confine::MAX_SMALL, by)?;
     let v: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
         RecipeError::new(
             &p,
@@ -371,8 +375,7 @@ fn add_registries(l: &mut Layer, project: &Project, r: &str) -> Result<()> {
 /// The recipe's manifests into k3s's auto-deploy directory (servers only).
 fn add_manifests(l: &mut Layer, project: &Project, recipe: &Recipe) -> Result<()> {
     for m in &recipe.k3s.manifests {
-        let p = project.recipes_dir().join(m);
-        let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let text = crate::project::confine::recipe_text(&project.layout(), m, "(manifest)")?;
         // validated by resolve::resolve, which every build runs first
         let name = std::path::Path::new(m)
             .file_name()
@@ -395,17 +398,25 @@ fn add_sealed_secrets(
     fetched: &Fetched,
 ) -> Result<()> {
     let (crt_p, key_p) = sealing_key_paths(project);
-    let read = |p: &PathBuf| {
-        fs::read_to_string(p).map_err(|e| {
+    let read = |name: &str, p: &PathBuf| -> Result<String> {
+        let b = crate::pipeline::resolve::read_key_file(
+            project,
+            name,
+            "(sealed-secrets key)",
+            "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
+        )?;
+        String::from_utf8(b).map_err(|_| {
             RecipeError::new(
                 p,
                 "(sealed-secrets key)",
-                format!("cannot read: {e}"),
-                "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
+                "not UTF-8 PEM text",
+                "run `kiln keys init --force` to make a new pair",
             )
+            .into()
         })
     };
-    let (crt, key) = (read(&crt_p)?, read(&key_p)?);
+    let crt = read(layout::key::SEALED_SECRETS_CRT, &crt_p)?;
+    let key = read(layout::key::SEALED_SECRETS_KEY, &key_p)?;
     let tgz = match &fetched.sealed_secrets_chart {
         Some(p) => Some(fs::read(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
@@ -427,8 +438,7 @@ fn add_sealed_secrets(
         ),
     );
     for f in &ss.secrets {
-        let p = project.recipes_dir().join(f);
-        let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let text = crate::project::confine::recipe_text(&project.layout(), f, "(sealed secret)")?;
         // validated by resolve::resolve
         let name = std::path::Path::new(f)
             .file_name()
@@ -452,10 +462,11 @@ fn add_charts(l: &mut Layer, project: &Project, recipe: &Recipe, fetched: &Fetch
             .with_context(|| format!("chart {} was not fetched", c.name))?;
         let tgz = fs::read(tgz_path).with_context(|| format!("reading {}", tgz_path.display()))?;
         let values = match &c.values {
-            Some(v) => Some(
-                fs::read_to_string(project.recipes_dir().join(v))
-                    .with_context(|| format!("reading recipes/{v}"))?,
-            ),
+            Some(v) => Some(crate::project::confine::recipe_text(
+                &project.layout(),
+                v,
+                "(chart values)",
+            )?),
             None => None,
         };
         l.entries.insert(

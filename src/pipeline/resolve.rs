@@ -4,6 +4,7 @@
 //! any machine. Secrets never go in (later stages keep them out of the hashed recipe).
 
 use crate::pipeline::base::BaseSpec;
+use crate::project::confine;
 use crate::project::manifests::{validate_manifest, validate_sealed};
 use crate::project::overlays::{check_templates, scan_overlays, OverlayFile};
 use crate::project::recipe::{self, Cluster, Project, Recipe};
@@ -25,24 +26,28 @@ pub fn secret_fingerprint(name: &str, secret: &[u8]) -> String {
     crate::sys::util::sha256_hex(&v)
 }
 
-/// Reads a text file a recipe references; failure is a user error naming the file.
-fn read_text(p: &std::path::Path, key: &str, fix: &str) -> Result<String> {
-    std::fs::read_to_string(p).map_err(|e| {
-        recipe::RecipeError::new(p, key, format!("cannot read as text: {e}"), fix).into()
-    })
+/// Reads a key file of `keys/` (confined to the project, small, regular), or the error
+/// `key`/`fix` says when it is absent or unreadable.
+pub fn read_key_file(project: &Project, name: &str, key: &str, fix: &str) -> Result<Vec<u8>> {
+    let layout = project.layout();
+    let p = layout.key(name);
+    let real = confine::key_file(&layout, name)?.ok_or_else(|| {
+        recipe::RecipeError::new(&p, key, format!("{} does not exist", p.display()), fix)
+    })?;
+    crate::sys::util::read_small(&real, confine::MAX_SMALL, key)
+        .map_err(|e| recipe::RecipeError::new(&p, key, format!("cannot read: {e:#}"), fix).into())
 }
 
 /// Reads the k3s token for a role that runs k3s.
 pub fn read_token(project: &Project) -> Result<String> {
     let p = token_path(project);
-    let t = std::fs::read_to_string(&p).map_err(|e| {
-        recipe::RecipeError::new(
-            &p,
-            "(k3s token)",
-            format!("cannot read the cluster token: {e}"),
-            "run `kiln keys init` (or put a random secret in keys/k3s-token, mode 0600)",
-        )
-    })?;
+    let t = read_key_file(
+        project,
+        crate::project::layout::key::K3S_TOKEN,
+        "(k3s token)",
+        "run `kiln keys init` (or put a random secret in keys/k3s-token, mode 0600)",
+    )?;
+    let t = String::from_utf8_lossy(&t);
     let t = t.trim().to_string();
     if t.len() < 16 || t.contains(char::is_whitespace) {
         return Err(recipe::RecipeError::new(
@@ -166,6 +171,14 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     // Both halves of the module-signing pair are read and cross-checked here (a bad pair is a
     // user error before anything is built); only the certificate's digest enters the spec.
     let module_cert = if recipe.debian.sign_modules {
+        // The pair is read from keys/ by trust::keys and, later, by the base build: both
+        // files must be inside the project.
+        for k in [
+            crate::project::layout::key::MODULE_SIGNING_CRT,
+            crate::project::layout::key::MODULE_SIGNING_KEY,
+        ] {
+            confine::key_file(&project.layout(), k)?;
+        }
         Some(crate::trust::keys::module_signing(&project.layout().keys())?.cert_sha256())
     } else {
         None
@@ -195,22 +208,19 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
             .as_ref()
             .filter(|_| recipe.k3s.mode.is_server());
         if let Some(ss) = sealed {
-            let (_, key_p) = crate::pipeline::k3s::sealing_key_paths(project);
-            let key = std::fs::read(&key_p).map_err(|e| {
-                recipe::RecipeError::new(
-                    &key_p,
-                    "(sealed-secrets key)",
-                    format!("cannot read the controller key: {e}"),
-                    "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
-                )
-            })?;
+            let key = read_key_file(
+                project,
+                crate::project::layout::key::SEALED_SECRETS_KEY,
+                "(sealed-secrets key)",
+                "run `kiln keys init`, or remove [sealed_secrets] from cluster.toml",
+            )?;
             secrets.insert(
                 "sealed-secrets-key".to_string(),
                 secret_fingerprint("sealed-secrets-key", &key),
             );
             for f in &ss.secrets {
                 let p = project.recipes_dir().join(f);
-                let text = read_text(&p, "(sealed secret)", "make it with `kiln seal`")?;
+                let text = confine::recipe_text(&project.layout(), f, "(sealed secret)")?;
                 validate_sealed(&p, &text)?;
                 referenced.push(f.clone());
             }
@@ -230,12 +240,12 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     }
     for m in &recipe.k3s.manifests {
         let p = project.recipes_dir().join(m);
-        let text = read_text(&p, "(manifest)", "save it as UTF-8 YAML")?;
+        let text = confine::recipe_text(&project.layout(), m, "(manifest)")?;
         validate_manifest(&p, &text)?;
     }
     for f in referenced {
-        let (sha, _) = crate::sys::util::sha256_file(&project.recipes_dir().join(&f))?;
-        files.insert(f, sha);
+        let text = confine::recipe_text(&project.layout(), &f, "(referenced file)")?;
+        files.insert(f, crate::sys::util::sha256_hex(text.as_bytes()));
     }
     let mut r = Resolved {
         schema: SCHEMA,

@@ -6,13 +6,18 @@
 //! `overlays/seed/<file>.tera`, then kiln's built-in default (`vendor-data` has no default: it is
 //! only written when the user provides a template).
 
-use crate::project::overlays::tera_error_chain;
+use crate::project::confine;
+use crate::project::overlays;
 use crate::project::recipe::{Cluster, Node, Project, RecipeError};
+use crate::project::template;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+
+/// The most bytes one seed file may render (a NoCloud seed is a few KiB).
+pub const MAX_SEED_FILE: usize = 1 << 20;
 
 /// The NoCloud file names, in the order they are written.
 pub const FILES: [&str; 4] = ["meta-data", "user-data", "network-config", "vendor-data"];
@@ -87,39 +92,48 @@ struct BuildCtx<'a> {
 
 /// Reads `keys/authorized_keys` (public: it is in git), one key per non-comment line.
 pub fn authorized_keys(project: &Project) -> Result<Vec<String>> {
-    let p = project
-        .layout()
-        .key(crate::project::layout::key::AUTHORIZED_KEYS);
-    match fs::read_to_string(&p) {
-        Ok(t) => Ok(t
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(String::from)
-            .collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    let name = crate::project::layout::key::AUTHORIZED_KEYS;
+    if confine::key_file(&project.layout(), name)?.is_none() {
+        return Ok(vec![]);
     }
+    let b = crate::pipeline::resolve::read_key_file(
+        project,
+        name,
+        "(authorized keys)",
+        "put one SSH public key per line in keys/authorized_keys",
+    )?;
+    Ok(String::from_utf8_lossy(&b)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect())
 }
 
 /// Finds the template for `file`: (path for messages, text).
+/// The seed template directories and files are confined to the project (see
+/// `project::confine`): a `user-data.tera` or an `overlays/seed/<host>/` that is a symlink
+/// out of the project is refused, never rendered.
 fn template_for(project: &Project, node: &Node, file: &str) -> Result<Option<(String, String)>> {
-    let dir = project.layout().seed_overlays();
+    let layout = project.layout();
     for sub in [node.hostname.as_str(), node.role.as_str(), ""] {
-        let p = if sub.is_empty() {
-            dir.join(format!("{file}.tera"))
+        let layer = if sub.is_empty() {
+            "seed".to_string()
         } else {
-            dir.join(sub).join(format!("{file}.tera"))
+            format!("seed/{sub}")
         };
-        if p.is_file() {
-            let text = fs::read_to_string(&p).map_err(|e| {
-                RecipeError::new(
-                    &p,
-                    "(template)",
-                    format!("cannot read as UTF-8 text: {e}"),
-                    "save it as UTF-8",
-                )
-            })?;
+        let Some(dir) = overlays::overlay_root(project, &layer)? else {
+            continue;
+        };
+        let p = layout.overlays().join(&layer).join(format!("{file}.tera"));
+        let by = confine::NamedBy {
+            file: &p,
+            key: "(template)",
+            fix: "make it a regular file inside the project (a symlink may point only inside the project)",
+        };
+        if let Some(real) = confine::optional_file(&layout, &dir.join(format!("{file}.tera")), by)?
+        {
+            let text = overlays::read_template(&real)?;
             let rel = p
                 .strip_prefix(&project.root)
                 .unwrap_or(&p)
@@ -190,14 +204,14 @@ pub fn render(
         } else {
             project.root.join(&source)
         };
-        let rendered = tera::Tera::one_off(&text, &tctx, false).map_err(|e| {
-            RecipeError::new(
-                &where_,
-                format!("(template for {})", node.hostname),
-                format!("rendering failed: {}", tera_error_chain(&e)),
-                "fix the template; it sees cluster, node, nodes, instance_id, build.id, ssh_authorized_keys, k3s",
-            )
-        })?;
+        let rendered = template::render(
+            &where_,
+            &format!("(template for {})", node.hostname),
+            &text,
+            &tctx,
+            MAX_SEED_FILE,
+            "fix the template; it sees cluster, node, nodes, instance_id, build.id, ssh_authorized_keys, k3s",
+        )?;
         let rendered = if rendered.ends_with('\n') {
             rendered
         } else {

@@ -1,9 +1,10 @@
 //! Reading a project's TOML files, and the checks recipe and inventory share: pinned
 //! downloads and DNS labels.
 
+use super::confine::{self, NamedBy};
 use super::error::{RecipeError, Result};
+use super::layout::Layout;
 use serde::{Deserialize, Serialize};
-use std::fs;
 use std::path::Path;
 
 /// A file kiln downloads, pinned by sha256.
@@ -16,20 +17,23 @@ pub struct Pinned {
     pub size: Option<u64>,
 }
 
-fn read(path: &Path) -> Result<String> {
-    fs::read_to_string(path).map_err(|e| {
-        RecipeError::new(
-            path,
-            "(file)",
-            format!("cannot read: {e}"),
-            "create the file (see docs/guide/recipes.md) or run kiln from the project directory (--dir)",
-        )
-    })
+/// Reads a TOML file of the project: it must be a regular file inside the project (after
+/// symlinks), at most [`confine::MAX_SMALL`] bytes.
+fn read(layout: &Layout, path: &Path) -> Result<String> {
+    let by = NamedBy {
+        file: path,
+        key: "(file)",
+        fix: "create the file (see docs/guide/recipes.md) or run kiln from the project directory (--dir); a project's files must be inside it",
+    };
+    confine::read_text(layout, path, confine::MAX_SMALL, by)
 }
 
 /// Reads and parses a TOML file; a syntax or schema error names the line, column and fix.
-pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = read(path)?;
+pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(
+    layout: &Layout,
+    path: &Path,
+) -> Result<T> {
+    let text = read(layout, path)?;
     toml::from_str(&text).map_err(|e| {
         let (line, col, snippet) = match e.span() {
             Some(span) => {

@@ -245,7 +245,7 @@ impl Project {
 pub fn load_project(root: &Path) -> Result<Project> {
     let layout = Layout::new(root);
     let path = layout.cluster_file();
-    let file: ClusterFile = parse_toml(&path)?;
+    let file: ClusterFile = parse_toml(&layout, &path)?;
     let cluster = validate_cluster(&layout, &path, file)?;
     Ok(Project {
         root: root.to_path_buf(),
@@ -519,15 +519,7 @@ fn check_k3s(layout: &Layout, path: &Path, k: &K3sCluster, nodes: &[Node]) -> Re
         }
     }
     if let Some(r) = &k.registries {
-        let rp = layout.recipe_file(r);
-        if !rp.is_file() {
-            return Err(RecipeError::new(
-                path,
-                "k3s.registries",
-                format!("{} does not exist", rp.display()),
-                "give a path relative to recipes/, e.g. \"registries.yaml\"",
-            ));
-        }
+        super::confine::recipe_file(layout, r, registries_named_by(path))?;
     }
     let masters = nodes.iter().filter(|n| n.role == "master").count();
     if masters > 1 && masters % 2 == 0 {
@@ -537,15 +529,30 @@ fn check_k3s(layout: &Layout, path: &Path, k: &K3sCluster, nodes: &[Node]) -> Re
     Ok(())
 }
 
+/// Who names the registries file: `[k3s] registries` of cluster.toml (at `path`).
+pub fn registries_named_by(path: &Path) -> super::confine::NamedBy<'_> {
+    super::confine::NamedBy {
+        file: path,
+        key: "k3s.registries",
+        fix: "give a path relative to recipes/ of a file inside the project, e.g. \"registries.yaml\"",
+    }
+}
+
 /// `[sealed_secrets]`: the chart pin, and the SealedSecret files under recipes/.
 fn check_sealed_secrets(layout: &Layout, path: &Path, ss: &SealedSecretsConfig) -> Result<()> {
     if let Some(c) = &ss.chart {
         validate_pinned(path, "sealed_secrets.chart", c)?;
     }
     for (i, f) in ss.secrets.iter().enumerate() {
-        if f.starts_with('/') || f.contains("..") || !layout.recipe_file(f).is_file() {
-            return Err(RecipeError::new(path, format!("sealed_secrets.secrets[{i}]"), format!("{f:?} is not a file under recipes/"), "give a path relative to recipes/, e.g. \"secrets/db.yaml\" (made with `kiln seal`)"));
-        }
+        super::confine::recipe_file(
+            layout,
+            f,
+            super::confine::NamedBy {
+                file: path,
+                key: &format!("sealed_secrets.secrets[{i}]"),
+                fix: "give a path relative to recipes/ of a file inside the project, e.g. \"secrets/db.yaml\" (made with `kiln seal`)",
+            },
+        )?;
     }
     Ok(())
 }

@@ -8,7 +8,6 @@ use crate::sys::util;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -41,8 +40,20 @@ pub struct LockedBase {
 
 /// Reads kiln.lock (an absent file is an empty lock).
 pub fn read(project_root: &Path) -> Result<Lock> {
-    let p = Layout::new(project_root).lock_file();
-    match fs::read_to_string(&p) {
+    let layout = Layout::new(project_root);
+    let p = layout.lock_file();
+    let by = super::confine::NamedBy {
+        file: &p,
+        key: "(lock)",
+        fix: "keep kiln.lock a regular file inside the project (delete it and run `kiln build` to regenerate it)",
+    };
+    let Some(real) = super::confine::optional_file(&layout, &p, by)? else {
+        return Ok(Lock {
+            version: 1,
+            ..Lock::default()
+        });
+    };
+    match super::confine::read_real(&real, &p, super::confine::MAX_TEXT, by) {
         Ok(t) => {
             let l: Lock = toml::from_str(&t).map_err(|e| {
                 RecipeError::new(
@@ -54,11 +65,7 @@ pub fn read(project_root: &Path) -> Result<Lock> {
             })?;
             Ok(l)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lock {
-            version: 1,
-            ..Lock::default()
-        }),
-        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        Err(e) => Err(e.into()),
     }
 }
 

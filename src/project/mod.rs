@@ -1,6 +1,7 @@
 //! The project's inputs: recipes and their merge, the inventory, overlays, referenced files,
 //! `kiln.lock`, and [`layout::Layout`], the one place every path of a project is spelled.
 
+pub mod confine;
 pub mod copy;
 pub mod error;
 mod files;
@@ -10,3 +11,4 @@ pub mod lock;
 pub mod manifests;
 pub mod overlays;
 pub mod recipe;
+pub mod template;

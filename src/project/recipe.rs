@@ -4,6 +4,7 @@
 //! Every user error is a [`RecipeError`] naming the file, the key and how to fix it; the CLI
 //! maps it to exit status 2. Nothing is written before this stage has accepted the input.
 
+use super::confine;
 use super::error::Result;
 use super::files::{is_dns_label, parse_toml, validate_pinned};
 use super::inventory::ROLES;
@@ -319,19 +320,32 @@ fn read_chain(layout: &Layout, cluster_file: &Path, role: &str) -> Result<Vec<Li
                 "make the chain end at a recipe without `inherits` (base)",
             ));
         }
-        if !path.is_file() {
-            let (file, key) = match chain.last() {
-                Some(l) => (l.path.clone(), "inherits"),
-                None => (cluster_file.to_path_buf(), "--role"),
-            };
+        let (from, key) = match chain.last() {
+            Some(l) => (l.path.clone(), "inherits"),
+            None => (cluster_file.to_path_buf(), "--role"),
+        };
+        if !is_recipe_name(&name) {
             return Err(RecipeError::new(
-                &file,
+                &from,
+                key,
+                format!("{name:?} is not a recipe name"),
+                "give the name of a file in recipes/ without .toml, e.g. \"base\" (no /, no ..)",
+            ));
+        }
+        let by = confine::NamedBy {
+            file: &from,
+            key,
+            fix: "keep recipes inside the project's recipes/ (a symlink may point only inside the project)",
+        };
+        if confine::optional_file(layout, &path, by)?.is_none() {
+            return Err(RecipeError::new(
+                &from,
                 key,
                 format!("recipe {name:?} not found at {}", path.display()),
                 format!("create recipes/{name}.toml or fix the name"),
             ));
         }
-        let file: RecipeFile = parse_toml(&path)?;
+        let file: RecipeFile = parse_toml(layout, &path)?;
         let parent = file.inherits.clone();
         chain.push(Link {
             name: name.clone(),
@@ -418,15 +432,16 @@ impl Merged {
             self.k3s_mode = Some((mode, path.to_path_buf()));
         }
         for (i, m) in k.manifests.iter().enumerate() {
-            let mp = layout.recipe_file(m);
-            if m.starts_with('/') || m.contains("..") || !mp.is_file() {
-                return Err(RecipeError::new(
-                    path,
-                    format!("k3s.manifests[{i}]"),
-                    format!("{m:?} is not a file under recipes/"),
-                    "give a path relative to recipes/, e.g. \"manifests/metallb.yaml\"",
-                ));
-            }
+            let key = format!("k3s.manifests[{i}]");
+            confine::recipe_file(
+                layout,
+                m,
+                confine::NamedBy {
+                    file: path,
+                    key: &key,
+                    fix: "give a path relative to recipes/, e.g. \"manifests/metallb.yaml\", of a file inside the project",
+                },
+            )?;
             if !self.manifests.contains(m) {
                 self.manifests.push(m.clone());
             }
@@ -464,14 +479,15 @@ impl Merged {
             },
         )?;
         if let Some(v) = &c.values {
-            if !layout.recipe_file(v).is_file() {
-                return Err(RecipeError::new(
-                    path,
-                    format!("{key}.values"),
-                    format!("{v:?} is not a file under recipes/"),
-                    "give a path relative to recipes/",
-                ));
-            }
+            confine::recipe_file(
+                layout,
+                v,
+                confine::NamedBy {
+                    file: path,
+                    key: &format!("{key}.values"),
+                    fix: "give a path relative to recipes/ of a file inside the project",
+                },
+            )?;
         }
         self.charts.retain(|x| x.name != c.name);
         self.charts.push(c.clone());
@@ -696,6 +712,15 @@ fn check_units(path: &Path, s: &SystemdFile) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A recipe name `inherits` may give: a file name in recipes/ without `.toml`.
+fn is_recipe_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with('.')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn merge_list(into: &mut Vec<String>, add: &[String]) {

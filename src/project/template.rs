@@ -1,0 +1,531 @@
+//! The one place kiln parses and renders a project's templates (`*.tera` overlays, seed
+//! templates): a tera engine that sees only the values kiln passes in, and limits that turn
+//! runaway templates into errors.
+//!
+//! - No host access: `get_env` is replaced by a function that refuses (tera would read the
+//!   build host's environment); `now` and `get_random` do not exist (tera is built without
+//!   its `builtins` feature); `include`, `import` and `extends` are refused (a template is
+//!   rendered alone, so they could only name the template itself).
+//! - No recursion: the macro call graph (`self::name()` calls) must be acyclic and at most
+//!   [`MAX_CALL_DEPTH`] deep, and tags nest at most [`MAX_NESTING`] deep. tera has no recursion
+//!   limit of its own: a recursive macro overflows the stack and aborts the process.
+//! - Bounded size: a template is at most [`MAX_TEMPLATE`] bytes, its output at most the bound
+//!   the caller gives (rendering stops there), and `range()` makes at most [`MAX_RANGE`] values.
+//!
+//! tera stays (rather than minijinja, which has fuel and a recursion limit) because the
+//! templates users have are tera: `is containing()`, `json_encode()`, `self::` macros. The
+//! checks walk tera's parsed AST (`tera::ast`, public but outside its semver promise), so
+//! Cargo.toml pins tera's exact version.
+
+use super::error::{RecipeError, Result};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::Path;
+use tera::ast::{Expr, ExprVal, Node};
+
+/// The largest template kiln reads (bytes).
+pub const MAX_TEMPLATE: u64 = 1 << 20;
+/// The deepest chain of macro calls a template may make.
+pub const MAX_CALL_DEPTH: usize = 16;
+/// The deepest nesting of tags (`if`, `for`, `macro`, `filter`, …) a template may have.
+pub const MAX_NESTING: usize = 32;
+/// The most values one `range()` call makes.
+pub const MAX_RANGE: usize = 100_000;
+/// The deepest nesting of `(`, `[` and `{` in a template's text, checked before tera parses
+/// it (its parser recurses once per level).
+const MAX_BRACKETS: usize = 64;
+
+/// The name a template is known by inside the engine (tera shows it in some messages).
+const NAME: &str = "template";
+
+/// Parses `text` (the template at `file`) and runs the static checks: a syntax error, an
+/// include/import/extends, a recursive macro or too deep a nesting is a [`RecipeError`].
+pub fn check(file: &Path, text: &str) -> Result<()> {
+    parse(file, "(template)", text).map(|_| ())
+}
+
+/// Renders the template `text` (at `file`) with `ctx`; the output must stay within
+/// `max_output` bytes. `key` and `fix` go into the error of a failed render (the key names
+/// what was being rendered, the fix what the template sees).
+pub fn render(
+    file: &Path,
+    key: &str,
+    text: &str,
+    ctx: &tera::Context,
+    max_output: usize,
+    fix: &str,
+) -> Result<String> {
+    let tera = parse(file, key, text)?;
+    let mut out = Bounded {
+        buf: Vec::new(),
+        max: max_output,
+        over: false,
+    };
+    let res = tera.render_to(NAME, ctx, &mut out);
+    if out.over {
+        return Err(RecipeError::new(
+            file,
+            key,
+            format!("the template renders more than {max_output} bytes"),
+            "make the template smaller (check loops over range() and nested loops)",
+        ));
+    }
+    res.map_err(|e| {
+        RecipeError::new(
+            file,
+            key,
+            format!("cannot render: {}", short(&error_chain(&e))),
+            fix,
+        )
+    })?;
+    String::from_utf8(out.buf).map_err(|_| {
+        RecipeError::new(
+            file,
+            key,
+            "the template rendered bytes that are not UTF-8",
+            fix,
+        )
+    })
+}
+
+/// A tera error and the errors under it, joined with `: `.
+pub fn error_chain(e: &tera::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// `s`, cut to a length a terminal can show (tera quotes the offending line whole).
+fn short(s: &str) -> String {
+    const MAX: usize = 1000;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &s[..end], s.len() - end)
+}
+
+/// Output that refuses to grow past `max` bytes (rendering stops at the first write past it).
+struct Bounded {
+    buf: Vec<u8>,
+    max: usize,
+    over: bool,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.max {
+            self.over = true;
+            return Err(std::io::Error::other("template output bound reached"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The engine with the template `text` added and checked.
+fn parse(file: &Path, key: &str, text: &str) -> Result<tera::Tera> {
+    let bad = |problem: String, fix: &str| RecipeError::new(file, key, problem, fix);
+    if text.len() as u64 > MAX_TEMPLATE {
+        return Err(bad(
+            format!(
+                "the template is {} bytes, more than {MAX_TEMPLATE}",
+                text.len()
+            ),
+            "split it, or drop the .tera suffix to copy the file verbatim",
+        ));
+    }
+    if bracket_depth(text) > MAX_BRACKETS {
+        return Err(bad(
+            format!("brackets nest more than {MAX_BRACKETS} deep"),
+            "simplify the expressions",
+        ));
+    }
+    let mut tera = engine();
+    tera.add_raw_template(NAME, text).map_err(|e| {
+        bad(
+            format!("template syntax error: {}", short(&error_chain(&e))),
+            "fix the tera syntax (https://keats.github.io/tera/docs/), or drop the .tera suffix to copy the file verbatim",
+        )
+    })?;
+    let t = tera.get_template(NAME).expect("just added");
+    check_ast(&t.ast, &t.macros).map_err(|p| {
+        bad(
+            p,
+            "kiln renders each template alone: no include/import/extends, no recursive macros (see docs/guide/recipes.md#templates)",
+        )
+    })?;
+    Ok(tera)
+}
+
+/// tera without access to the host: `get_env` refuses, `range` is bounded.
+fn engine() -> tera::Tera {
+    let mut t = tera::Tera::default();
+    t.register_function(
+        "get_env",
+        |_: &HashMap<String, tera::Value>| -> tera::Result<tera::Value> {
+            Err(tera::Error::msg(
+                "get_env is not available: kiln templates see only the values kiln passes in",
+            ))
+        },
+    );
+    t.register_function("range", range);
+    t
+}
+
+/// tera's `range(end, start=0, step_by=1)`, refusing more than [`MAX_RANGE`] values.
+fn range(args: &HashMap<String, tera::Value>) -> tera::Result<tera::Value> {
+    let num = |k: &str, default: Option<usize>| -> tera::Result<usize> {
+        match args.get(k) {
+            Some(v) => tera::from_value::<usize>(v.clone()).map_err(|_| {
+                tera::Error::msg(format!(
+                    "range() received {k}={v}, but {k} must be a non-negative integer"
+                ))
+            }),
+            None => default.ok_or_else(|| tera::Error::msg("range() needs an `end` argument")),
+        }
+    };
+    let (start, end, step) = (
+        num("start", Some(0))?,
+        num("end", None)?,
+        num("step_by", Some(1))?,
+    );
+    if start > end {
+        return Err(tera::Error::msg(format!(
+            "range() received start={start} > end={end}"
+        )));
+    }
+    if step == 0 {
+        return Err(tera::Error::msg("range() received step_by=0"));
+    }
+    let n = (end - start).div_ceil(step);
+    if n > MAX_RANGE {
+        return Err(tera::Error::msg(format!(
+            "range() would make {n} values, more than kiln's limit of {MAX_RANGE}"
+        )));
+    }
+    Ok(tera::to_value(
+        (start..end).step_by(step).collect::<Vec<_>>(),
+    )?)
+}
+
+/// The deepest nesting of `(`, `[`, `{` in `text` (a cheap bound on the parser's recursion;
+/// brackets in plain text count too, which only makes it stricter).
+fn bracket_depth(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for b in text.bytes() {
+        match b {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// The static checks on a parsed template; the problem on failure.
+fn check_ast(
+    ast: &[Node],
+    macros: &HashMap<String, tera::ast::MacroDefinition>,
+) -> std::result::Result<(), String> {
+    let mut top = Calls::default();
+    walk(ast, 0, &mut top)?;
+    let mut graph: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut functions = top.functions;
+    for (name, m) in macros {
+        let mut c = Calls::default();
+        walk(&m.body, 0, &mut c)?;
+        for e in m.args.values().flatten() {
+            expr(e, &mut c);
+        }
+        graph.insert(name, c.macros);
+        functions.extend(c.functions);
+    }
+    if functions.contains("get_env") {
+        // Also refused when called (see `engine`); here so it stops a build before anything
+        // is written.
+        return Err(
+            "get_env() is not available: kiln templates see only the values kiln passes in".into(),
+        );
+    }
+    // Depth-first from every macro: a macro met again on the current path is a cycle.
+    fn depth<'a>(
+        name: &'a str,
+        graph: &'a BTreeMap<&'a str, BTreeSet<String>>,
+        path: &mut Vec<&'a str>,
+        memo: &mut BTreeMap<&'a str, usize>,
+    ) -> std::result::Result<usize, String> {
+        if let Some(d) = memo.get(name) {
+            return Ok(*d);
+        }
+        if path.contains(&name) {
+            path.push(name);
+            return Err(format!(
+                "recursive macro: {} (tera has no recursion limit)",
+                path.join(" → ")
+            ));
+        }
+        path.push(name);
+        let mut d = 0;
+        for callee in graph.get(name).into_iter().flatten() {
+            if graph.contains_key(callee.as_str()) {
+                d = d.max(depth(callee, graph, path, memo)?);
+            }
+        }
+        path.pop();
+        memo.insert(name, d + 1);
+        Ok(d + 1)
+    }
+    let mut memo = BTreeMap::new();
+    for name in graph.keys() {
+        let d = depth(name, &graph, &mut Vec::new(), &mut memo)?;
+        if d > MAX_CALL_DEPTH {
+            return Err(format!(
+                "macro {name} calls macros {d} deep, more than {MAX_CALL_DEPTH}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a part of a template calls.
+#[derive(Default)]
+struct Calls {
+    /// `self::` macros.
+    macros: BTreeSet<String>,
+    /// Functions.
+    functions: BTreeSet<String>,
+}
+
+/// Walks `nodes` (at nesting `level`): refuses include/import/extends and too deep nesting,
+/// and collects the macro calls of every expression.
+fn walk(nodes: &[Node], level: usize, c: &mut Calls) -> std::result::Result<(), String> {
+    if level > MAX_NESTING {
+        return Err(format!("tags nest more than {MAX_NESTING} deep"));
+    }
+    for n in nodes {
+        match n {
+            Node::Include(_, names, _) => {
+                return Err(format!("{{% include {:?} %}} is not supported", names))
+            }
+            Node::ImportMacro(_, f, _) => {
+                return Err(format!("{{% import {f:?} %}} is not supported"))
+            }
+            Node::Extends(_, f) => return Err(format!("{{% extends {f:?} %}} is not supported")),
+            Node::VariableBlock(_, e) => expr(e, c),
+            Node::Set(_, s) => expr(&s.value, c),
+            // Macro bodies are walked on their own (the call graph); their nesting counts
+            // from the macro.
+            Node::MacroDefinition(_, m, _) => walk(&m.body, level + 1, &mut Calls::default())?,
+            Node::FilterSection(_, f, _) => {
+                f.filter.args.values().for_each(|e| expr(e, c));
+                walk(&f.body, level + 1, c)?;
+            }
+            Node::Block(_, b, _) => walk(&b.body, level + 1, c)?,
+            Node::Forloop(_, f, _) => {
+                expr(&f.container, c);
+                walk(&f.body, level + 1, c)?;
+                if let Some(b) = &f.empty_body {
+                    walk(b, level + 1, c)?;
+                }
+            }
+            Node::If(i, _) => {
+                for (_, e, body) in &i.conditions {
+                    expr(e, c);
+                    walk(body, level + 1, c)?;
+                }
+                if let Some((_, b)) = &i.otherwise {
+                    walk(b, level + 1, c)?;
+                }
+            }
+            Node::Super
+            | Node::Text(_)
+            | Node::Raw(..)
+            | Node::Break(_)
+            | Node::Continue(_)
+            | Node::Comment(..) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Collects the macro calls in `e`.
+fn expr(e: &Expr, c: &mut Calls) {
+    for f in &e.filters {
+        f.args.values().for_each(|a| expr(a, c));
+    }
+    val(&e.val, c);
+}
+
+fn val(v: &ExprVal, c: &mut Calls) {
+    match v {
+        ExprVal::MacroCall(m) => {
+            c.macros.insert(m.name.clone());
+            m.args.values().for_each(|a| expr(a, c));
+        }
+        ExprVal::FunctionCall(f) => {
+            c.functions.insert(f.name.clone());
+            f.args.values().for_each(|a| expr(a, c));
+        }
+        ExprVal::Math(m) => {
+            expr(&m.lhs, c);
+            expr(&m.rhs, c);
+        }
+        ExprVal::Logic(l) => {
+            expr(&l.lhs, c);
+            expr(&l.rhs, c);
+        }
+        ExprVal::In(i) => {
+            expr(&i.lhs, c);
+            expr(&i.rhs, c);
+        }
+        ExprVal::Test(t) => t.args.iter().for_each(|a| expr(a, c)),
+        ExprVal::Array(a) => a.iter().for_each(|x| expr(x, c)),
+        ExprVal::StringConcat(s) => s.values.iter().for_each(|x| val(x, c)),
+        ExprVal::String(_)
+        | ExprVal::Int(_)
+        | ExprVal::Float(_)
+        | ExprVal::Bool(_)
+        | ExprVal::Ident(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> tera::Context {
+        let mut c = tera::Context::new();
+        c.insert("name", "w-1");
+        c
+    }
+
+    fn render_err(text: &str) -> String {
+        render(
+            Path::new("t.tera"),
+            "(template)",
+            text,
+            &ctx(),
+            1 << 16,
+            "fix",
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
+    #[test]
+    fn renders_what_kiln_passes_in() {
+        let t = "{% macro m(x) %}<{{ x }}>{% endmacro m %}{{ self::m(x=name) }}\
+                 {% for i in range(end=3) %}{{ i }}{% endfor %}{{ name is containing(\"w\") }}";
+        let out = render(Path::new("t.tera"), "k", t, &ctx(), 1 << 16, "fix").unwrap();
+        assert_eq!(out, "<w-1>012true");
+    }
+
+    #[test]
+    fn get_env_is_refused() {
+        std::env::set_var("KILN_TEMPLATE_TEST_SECRET", "host-secret");
+        let e = render_err("{{ get_env(name=\"KILN_TEMPLATE_TEST_SECRET\") }}");
+        assert!(e.contains("get_env() is not available"), "{e}");
+        assert!(!e.contains("host-secret"), "{e}");
+        let e = render_err(
+            "{% macro m() %}{{ get_env(name=\"PATH\", default=\"x\") }}{% endmacro m %}",
+        );
+        assert!(e.contains("get_env() is not available"), "{e}");
+        // The engine refuses it too, whatever the static check misses.
+        let mut ctx = tera::Context::new();
+        ctx.insert("x", "y");
+        let err = engine()
+            .render_str("{{ get_env(name=\"KILN_TEMPLATE_TEST_SECRET\") }}", &ctx)
+            .unwrap_err();
+        assert!(error_chain(&err).contains("get_env is not available"));
+        for f in ["now()", "get_random(end=10)"] {
+            let e = render_err(&format!("{{{{ {f} }}}}"));
+            assert!(e.contains("cannot render"), "{f}: {e}");
+        }
+    }
+
+    #[test]
+    fn recursive_macros_are_refused_before_rendering() {
+        let direct = "{% macro r(n) %}{{ self::r(n=n) }}{% endmacro r %}{{ self::r(n=1) }}";
+        let e = render_err(direct);
+        assert!(e.contains("recursive macro: r → r"), "{e}");
+        let mutual = "{% macro a() %}{% if true %}{{ 1 + self::b() | length }}{% endif %}{% endmacro a %}\
+                      {% macro b() %}{% for x in [self::a()] %}{% endfor %}{% endmacro b %}{{ self::a() }}";
+        let e = check(Path::new("t.tera"), mutual).unwrap_err().to_string();
+        assert!(e.contains("recursive macro"), "{e}");
+        // A chain deeper than the bound.
+        let mut chain = String::new();
+        for i in 0..=MAX_CALL_DEPTH {
+            chain.push_str(&format!(
+                "{{% macro m{i}() %}}{{{{ self::m{}() }}}}{{% endmacro m{i} %}}",
+                i + 1
+            ));
+        }
+        chain.push_str(&format!(
+            "{{% macro m{}() %}}x{{% endmacro m{} %}}",
+            MAX_CALL_DEPTH + 1,
+            MAX_CALL_DEPTH + 1
+        ));
+        let e = check(Path::new("t.tera"), &chain).unwrap_err().to_string();
+        assert!(e.contains("deep"), "{e}");
+    }
+
+    #[test]
+    fn include_import_extends_are_refused() {
+        for t in [
+            "{% include \"template\" %}",
+            "{% import \"template\" as m %}",
+            "{% extends \"template\" %}",
+        ] {
+            let e = check(Path::new("t.tera"), t).unwrap_err().to_string();
+            assert!(
+                e.contains("not supported") || e.contains("Circular"),
+                "{t}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn output_and_range_are_bounded() {
+        let e = render_err("{% for i in range(end=1000) %}{% for j in range(end=1000) %}xxxxxxxx{% endfor %}{% endfor %}");
+        assert!(e.contains("renders more than 65536 bytes"), "{e}");
+        let e = render_err("{% for i in range(end=100000000) %}{% endfor %}");
+        assert!(e.contains("more than kiln's limit"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let parens = format!("{{{{ {}1{} }}}}", "(".repeat(100_000), ")".repeat(100_000));
+        let e = check(Path::new("t.tera"), &parens).unwrap_err().to_string();
+        assert!(e.contains("brackets nest"), "{e}");
+        let ifs = |n| format!("{}x{}", "{% if true %}".repeat(n), "{% endif %}".repeat(n));
+        let e = check(Path::new("t.tera"), &ifs(MAX_NESTING + 2))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nest more than"), "{e}");
+        check(Path::new("t.tera"), &ifs(MAX_NESTING)).unwrap();
+        // tera's parser has a stack limit of its own: a syntax error, kept short.
+        let e = check(Path::new("t.tera"), &ifs(5000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("syntax error") && e.len() < 4000,
+            "{}",
+            &e[..200]
+        );
+    }
+}
