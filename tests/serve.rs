@@ -1186,8 +1186,19 @@ fn boot_script_never_reflects_request_input() {
         &addr,
         b"GET /x%0d%0aFAKE-LOG-LINE HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
+    // TFTP file names reach log lines too (refused ones, and writes).
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for req in [
+        rrq("../x\nFAKE-TFTP-LINE", &[]),
+        b"\0\x02x\nFAKE-TFTP-WRITE\0octet\0".to_vec(),
+    ] {
+        u.send_to(&req, s.tftp()).unwrap();
+        let mut b = [0u8; 600];
+        let _ = u.recv_from(&mut b);
+    }
     let _ = get(&format!("{}/healthz", s.http()));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_stderr(&s, "write refused", 1);
     let err = s.stderr.lock().unwrap().clone();
     assert!(
         !err.lines()

@@ -427,14 +427,14 @@ pub async fn serve(
                             // One line per second at most: a flood must not flood the log too.
                             if last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                                 last_busy_log = Some(Instant::now());
-                                tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %filename, "refused: {}", busy.message());
+                                tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(&filename), "refused: {}", busy.message());
                             }
                             let _ = sock.send_to(&error(ERR_NOT_DEFINED, &busy.message()), peer).await;
                         }
                     },
                     Ok(Packet::Wrq { filename, .. }) => {
                         state.metrics.inc("kiln_tftp_transfers_total", &[("result", "refused_write")]);
-                        tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %filename, "write refused");
+                        tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(&filename), "write refused");
                         let _ = sock.send_to(&error(ERR_ACCESS, "read-only server"), peer).await;
                     }
                     // Never answer an error with an error (two servers would ping-pong).
@@ -589,7 +589,7 @@ impl Transfer<'_> {
         self.st
             .metrics
             .inc("kiln_tftp_transfers_total", &[("result", "too_slow")]);
-        tracing::warn!(target: "kiln::serve::tftp", client = %self.peer, file = %self.filename, "ended at block {block}: longer than the {secs} s a transfer may take (--tftp-max-secs)");
+        tracing::warn!(target: "kiln::serve::tftp", client = %self.peer, file = %super::http::log_safe(&self.filename), "ended at block {block}: longer than the {secs} s a transfer may take (--tftp-max-secs)");
         self.fail(
             ERR_NOT_DEFINED,
             format!("transfer took longer than {secs} s: ended"),
@@ -620,7 +620,7 @@ impl Transfer<'_> {
                 };
                 st.metrics
                     .inc("kiln_tftp_transfers_total", &[("result", result)]);
-                tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, "{result}");
+                tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %super::http::log_safe(filename), "{result}");
                 let msg = if code == ERR_NOT_FOUND {
                     "File not found"
                 } else {
@@ -659,7 +659,7 @@ impl Transfer<'_> {
                     Got::Packet(Packet::Error { code, message }) => {
                         st.metrics
                             .inc("kiln_tftp_transfers_total", &[("result", "declined")]);
-                        tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, tsize = len, "client ended after OACK (error {code}: {message})");
+                        tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %super::http::log_safe(filename), tsize = len, "client ended after OACK (error {code}: {message})");
                         return false;
                     }
                     Got::Packet(_) => continue,
@@ -724,7 +724,7 @@ impl Transfer<'_> {
                 Got::Packet(Packet::Error { code, message }) => {
                     st.metrics
                         .inc("kiln_tftp_transfers_total", &[("result", "aborted")]);
-                    tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %filename, "client aborted (error {code}: {message})");
+                    tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(filename), "client aborted (error {code}: {message})");
                     return None;
                 }
                 Got::Packet(_) => {}
@@ -733,7 +733,7 @@ impl Transfer<'_> {
                     if retries > MAX_RETRIES {
                         st.metrics
                             .inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
-                        tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %filename, "timed out at block {}", acked + 1);
+                        tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(filename), "timed out at block {}", acked + 1);
                         return None;
                     }
                     sent = acked; // go back to the first block the client lacks
@@ -799,7 +799,7 @@ impl Transfer<'_> {
             target: "kiln::serve::tftp",
             client = %peer,
             mac = mac.as_deref().unwrap_or("-"),
-            file = %filename,
+            file = %super::http::log_safe(filename),
             bytes = len,
             sent = sent_bytes,
             blksize = neg.blksize,
