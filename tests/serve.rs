@@ -26,6 +26,8 @@ struct Server {
     _project: tempfile::TempDir,
     out: PathBuf,
     ipxe: tempfile::TempDir,
+    /// Everything the server wrote on stderr so far.
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
@@ -55,12 +57,19 @@ fn bytes(n: usize, seed: u8) -> Vec<u8> {
 
 /// A project copy with a signed stand-in worker build and worker-1's signed seed.
 fn fixture() -> (tempfile::TempDir, PathBuf) {
+    fixture_secrets(false, false)
+}
+
+/// [`fixture`] whose role build (`manifest.json`) and worker-1 seed (`node.json`) say
+/// `contains_secrets` as given.
+fn fixture_secrets(role_secrets: bool, seed_secrets: bool) -> (tempfile::TempDir, PathBuf) {
     let project = common::project_copy();
     let out = project.path().join("out");
     let key = kiln::trust::sign::load_signing_key(&project.path().join("keys")).unwrap();
     let role = out.join("worker").join(BUILD_ID);
     let manifest = serde_json::json!({
-        "kernel": {"version": "6.1.0-test", "cmdline": "boot=live plainroot root=/dev/disk/by-partuuid/abc console=tty0 console=ttyS0,115200n8"}
+        "kernel": {"version": "6.1.0-test", "cmdline": "boot=live plainroot root=/dev/disk/by-partuuid/abc console=tty0 console=ttyS0,115200n8"},
+        "contains_secrets": role_secrets,
     });
     signing::make_signed_dir(
         &role,
@@ -79,7 +88,7 @@ fn fixture() -> (tempfile::TempDir, PathBuf) {
     let node = out.join("nodes/by-id/worker-1-0123456789abcdef");
     let node_json = serde_json::json!({
         "hostname": "worker-1", "role": "worker", "role_build_id": BUILD_ID,
-        "instance_id": "worker-1-aaaaaaaaaaaa",
+        "instance_id": "worker-1-aaaaaaaaaaaa", "contains_secrets": seed_secrets,
     });
     signing::make_signed_dir(
         &node,
@@ -116,8 +125,35 @@ fn start_with(
     out: PathBuf,
     extra: &[&str],
 ) -> Result<Server, (i32, String)> {
+    start_limited(project, out, extra, None)
+}
+
+/// [`start_with`], the server limited to `nofile` file descriptors (soft and hard).
+fn start_limited(
+    project: tempfile::TempDir,
+    out: PathBuf,
+    extra: &[&str],
+    nofile: Option<u64>,
+) -> Result<Server, (i32, String)> {
     let ipxe = ipxe_dir();
-    let mut child = signing::kiln()
+    let mut cmd = signing::kiln();
+    if let Some(n) = nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rl = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd
         .arg("--dir")
         .arg(project.path())
         .args([
@@ -156,10 +192,16 @@ fn start_with(
         return Err((st.code().unwrap_or(-1), e));
     }
     // Keep stderr drained so logging never blocks the server.
-    let mut err = child.stderr.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = stderr.clone();
     std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = err.read_to_end(&mut sink);
+        for l in BufReader::new(err).lines() {
+            let Ok(l) = l else { break };
+            let mut s = sink.lock().unwrap();
+            s.push_str(&l);
+            s.push('\n');
+        }
     });
     Ok(Server {
         child,
@@ -168,6 +210,7 @@ fn start_with(
         _project: project,
         out,
         ipxe,
+        stderr,
     })
 }
 
@@ -278,7 +321,7 @@ fn boot_script_per_mac_with_seed_and_inline_network_config() {
         .text()
         .unwrap();
     assert!(
-        junk.contains("not a MAC address") && !junk.contains('$'),
+        junk.contains("invalid MAC") && !junk.contains('$') && !junk.contains("net0"),
         "{junk}"
     );
     let (code, summary) = s.stop();
@@ -618,8 +661,12 @@ fn tftp_negotiates_blksize_tsize_windowsize() {
         "no retransmission wait?"
     );
     assert!(g.packets > want.len() / 1024 + 2);
-    // A file that is an exact multiple of the block size ends with an empty block.
+    // A file that is an exact multiple of the block size ends with an empty block. Files are
+    // pinned when the catalog loads: a new one is served after a reload.
     fs::write(s.ipxe.path().join("snponly.efi"), vec![7u8; 1024]).unwrap();
+    reload_until(&s, || {
+        get(&format!("{}/ipxe/snponly.efi", s.http())).status() == 200
+    });
     let g = tftp_get(
         s.tftp(),
         &rrq("snponly.efi", &[("blksize", "512")]),
@@ -988,4 +1035,595 @@ fn bench_pxe_part_measures_http_and_tftp() {
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && t.starts_with("machine: "), "{t}");
     assert!(t.contains("windowsize 16"), "{t}");
+}
+
+/// Waits until the server's stderr holds `n` times `what`.
+fn wait_stderr(s: &Server, what: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.stderr.lock().unwrap().matches(what).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} ×{n} in:\n{}",
+            s.stderr.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends SIGHUP until `ok()` holds (a reload re-reads out/ and the iPXE directory).
+fn reload_until(s: &Server, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    s.signal(libc::SIGHUP);
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not take effect:\n{}",
+            s.stderr.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        s.signal(libc::SIGHUP);
+    }
+}
+
+// --- Issue 17: integrity, limits, request input, secrets -------------------------------------
+
+/// A served file written in place (same inode) after verification is never sent under the
+/// signed ETag: with the verified-piece cache off, the changed piece fails its check, the
+/// response is cut short, and the file is then answered 503 — before and after SIGHUP (the
+/// reload fails verification and keeps the old catalog). With the cache, the verified bytes are
+/// what is sent.
+#[test]
+fn in_place_write_never_served_under_the_signed_etag() {
+    let (p, out) = fixture();
+    let s = start_with(p, out, &["--cache-mib", "0"]).unwrap_or_else(|e| panic!("{e:?}"));
+    let url = format!("{}/roles/worker/{BUILD_ID}/root.squashfs", s.http());
+    let path = s.out.join("worker").join(BUILD_ID).join("root.squashfs");
+    let want = fs::read(&path).unwrap();
+    assert_eq!(get(&url).bytes().unwrap().as_ref(), &want[..]);
+    // Same inode: open for writing without truncating, change bytes in the middle.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"EVIL", 2_000_000).unwrap();
+    }
+    let check = |when: &str| {
+        let r = get(&url);
+        let status = r.status().as_u16();
+        let etag = r
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap().to_string());
+        match r.bytes() {
+            // The body must never be the changed bytes.
+            Ok(b) => {
+                assert!(
+                    status == 503 || b.as_ref() == &want[..],
+                    "{when}: {status}, {} bytes served, etag {etag:?}",
+                    b.len()
+                );
+                assert!(!b.windows(4).any(|w| w == b"EVIL"), "{when}");
+            }
+            Err(_) => assert_eq!(status, 200, "{when}: cut short"),
+        }
+        status
+    };
+    let first = check("after the write");
+    assert!(first == 200 || first == 503);
+    assert_eq!(check("once found"), 503);
+    // A range inside the changed piece too.
+    let r = reqwest::blocking::Client::new()
+        .get(&url)
+        .header("Range", "bytes=2000000-2000003")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    s.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.stderr.lock().unwrap().contains("reload failed") {
+        assert!(Instant::now() < deadline, "no reload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(check("after SIGHUP"), 503);
+    let metrics = get(&format!("{}/metrics", s.http())).text().unwrap();
+    assert!(
+        metrics.contains("kiln_integrity_failures_total 1\n"),
+        "{metrics}"
+    );
+    wait_stderr(&s, "INTEGRITY", 1);
+
+    // With the cache (the default), the verified pieces are sent: exactly the signed bytes.
+    let (p, out) = fixture();
+    let s2 = start_with(p, out, &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let url2 = format!("{}/roles/worker/{BUILD_ID}/root.squashfs", s2.http());
+    let path2 = s2.out.join("worker").join(BUILD_ID).join("root.squashfs");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&path2).unwrap();
+        f.write_all_at(b"EVIL", 2_000_000).unwrap();
+    }
+    let r = get(&url2);
+    assert_eq!(r.bytes().unwrap().as_ref(), &want[..]);
+    s2.stop();
+    s.stop();
+}
+
+/// Truncated while served, or an iPXE binary changed in place: never sent (HTTP cut/503,
+/// TFTP ERROR); a file added to the iPXE directory is served only after a reload pinned it.
+#[test]
+fn truncated_or_changed_files_are_not_served_over_http_or_tftp() {
+    let (p, out) = fixture();
+    let s = start_with(p, out, &["--cache-mib", "0"]).unwrap_or_else(|e| panic!("{e:?}"));
+    let path = s.out.join("worker").join(BUILD_ID).join("initrd.img");
+    let initrd = fs::read(&path).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let url = format!("{}/roles/worker/{BUILD_ID}/initrd.img", s.http());
+    // Cut short (an error here) or, once found, 503: never the truncated file.
+    if let Ok(b) = get(&url).bytes() {
+        assert!(b.as_ref() == &initrd[..] || b.starts_with(b"this file changed"));
+    }
+    assert_eq!(get(&url).status(), 503);
+    // iPXE binary over TFTP and HTTP.
+    let efi = s.ipxe.path().join("ipxe.efi");
+    let want = fs::read(&efi).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&efi).unwrap();
+        f.write_all_at(b"EVIL", 500_000).unwrap();
+    }
+    let g = tftp_get(s.tftp(), &rrq("ipxe.efi", &[("blksize", "1468")]), 1, false);
+    assert_eq!(g.unwrap().data, want, "TFTP sent changed bytes");
+    // iPXE files are pinned in memory: the bytes read at start.
+    let r = get(&format!("{}/ipxe/ipxe.efi", s.http()));
+    assert_eq!(r.bytes().unwrap().as_ref(), &want[..]);
+    // Added after start: not served until a reload pins it (the changed files put back, so
+    // that the reload verifies).
+    fs::write(&efi, &want).unwrap();
+    fs::write(&path, initrd).unwrap();
+    fs::write(s.ipxe.path().join("snp.efi"), b"new").unwrap();
+    assert_eq!(get(&format!("{}/ipxe/snp.efi", s.http())).status(), 404);
+    reload_until(&s, || {
+        get(&format!("{}/ipxe/snp.efi", s.http())).status() == 200
+    });
+    s.stop();
+}
+
+/// `/boot.ipxe?mac=` never copies request input into the script (nor the Host header), and
+/// request text in log lines has its control characters escaped.
+#[test]
+fn boot_script_never_reflects_request_input() {
+    let s = start(&[]);
+    let addr = s.status["http"].as_str().unwrap().to_string();
+    for mac in [
+        "x%20;%20chain%20http://evil.example/x",
+        "x%20||%20shell",
+        "52:54:00:00:00:21%0ashell",
+        "52:54:00:00:00:21%20||%20shell",
+        "%24%7Bnet0/mac%7D",
+        "",
+    ] {
+        let r = raw_http(
+            &addr,
+            format!(
+                "GET /boot.ipxe?mac={mac} HTTP/1.1\r\nHost: evil.example;shell\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert!(r.starts_with("HTTP/1.1 200"), "{mac}: {r}");
+        let body = r.split("\r\n\r\n").nth(1).unwrap();
+        assert!(body.starts_with("#!ipxe\n"), "{mac}: {body}");
+        assert!(body.contains("invalid MAC"), "{mac}: {body}");
+        for bad in ["evil", "shell", "||", ";", "net0"] {
+            assert!(!body.contains(bad), "{mac}: {bad:?} in {body}");
+        }
+    }
+    // A good MAC: the script's URLs come from the advertised address, never the Host header.
+    let r = raw_http(
+        &addr,
+        b"GET /boot.ipxe?mac=52-54-00-00-00-21 HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        r.contains("kernel http://127.0.0.1:") && !r.contains("evil"),
+        "{r}"
+    );
+    // Log lines: an encoded CR/LF stays escaped; nothing a client sends starts a log line.
+    let _ = raw_http(
+        &addr,
+        b"GET /x%0d%0aFAKE-LOG-LINE HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    // TFTP file names reach log lines too (refused ones, and writes).
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for req in [
+        rrq("../x\nFAKE-TFTP-LINE", &[]),
+        b"\0\x02x\nFAKE-TFTP-WRITE\0octet\0".to_vec(),
+    ] {
+        u.send_to(&req, s.tftp()).unwrap();
+        let mut b = [0u8; 600];
+        let _ = u.recv_from(&mut b);
+    }
+    let _ = get(&format!("{}/healthz", s.http()));
+    wait_stderr(&s, "write refused", 1);
+    let err = s.stderr.lock().unwrap().clone();
+    assert!(
+        !err.lines()
+            .any(|l| l.starts_with("FAKE") || l.contains("\rFAKE")),
+        "{err}"
+    );
+    s.stop();
+}
+
+/// ETags: `If-None-Match` compares weakly (`W/"…"`, lists, `*`); `If-Range` strongly.
+#[test]
+fn if_none_match_is_weak_and_if_range_strong() {
+    let s = start(&[]);
+    let url = format!("{}/roles/worker/{BUILD_ID}/vmlinuz", s.http());
+    let want = fs::read(s.out.join("worker").join(BUILD_ID).join("vmlinuz")).unwrap();
+    let tag = format!("\"{}\"", sha(&want));
+    let c = reqwest::blocking::Client::new();
+    for (inm, code) in [
+        (format!("W/{tag}"), 304),
+        (format!("\"a\", W/{tag}"), 304),
+        (format!("\"a\",{tag}"), 304),
+        ("*".to_string(), 304),
+        ("\"a\", \"b\"".to_string(), 200),
+        (format!("W/\"{}\"", &tag[1..20]), 200),
+    ] {
+        let r = c.get(&url).header("If-None-Match", &inm).send().unwrap();
+        assert_eq!(r.status(), code, "If-None-Match: {inm}");
+    }
+    for (ir, code) in [(tag.clone(), 206), (format!("W/{tag}"), 200)] {
+        let r = c
+            .get(&url)
+            .header("Range", "bytes=0-9")
+            .header("If-Range", &ir)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), code, "If-Range: {ir}");
+    }
+    // Many, overlapping and huge ranges: the whole file, a 416, or the right bytes.
+    for (range, code) in [
+        ("bytes=0-1,0-1,0-1,0-1,0-1,0-1,0-1", 200),
+        ("bytes=0-99999999999999999999999999", 206),
+        ("bytes=99999999999999999999999999-", 416),
+        ("bytes=-99999999999999999999999999", 206),
+    ] {
+        let r = c.get(&url).header("Range", range).send().unwrap();
+        assert_eq!(r.status(), code, "{range}");
+        if code == 206 {
+            assert_eq!(r.bytes().unwrap().as_ref(), &want[..], "{range}");
+        }
+    }
+    s.stop();
+}
+
+/// Oversized request lines and heads are refused with 414/431 (or the connection closed),
+/// HTTP/1.0 and HEAD work, and traversal through encoded or NUL path pieces finds nothing.
+#[test]
+fn http_heads_are_bounded() {
+    let s = start(&[]);
+    let addr = s.status["http"].as_str().unwrap().to_string();
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    let r = raw_http(&addr, long.as_bytes());
+    assert!(
+        r.is_empty() || r.starts_with("HTTP/1.1 414") || r.starts_with("HTTP/1.1 431"),
+        "{}",
+        &r[..r.len().min(200)]
+    );
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(40_000)
+    );
+    let r = raw_http(&addr, big.as_bytes());
+    assert!(
+        r.is_empty() || r.starts_with("HTTP/1.1 431"),
+        "{}",
+        &r[..r.len().min(200)]
+    );
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = raw_http(
+        &addr,
+        format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        r.is_empty() || r.starts_with("HTTP/1.1 431"),
+        "{}",
+        &r[..r.len().min(200)]
+    );
+    let r = raw_http(&addr, b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.0 200") && r.ends_with("ok\n"), "{r}");
+    let r = raw_http(
+        &addr,
+        format!("HEAD /roles/worker/{BUILD_ID}/vmlinuz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 200")
+            && r.contains("content-length: 300000")
+            && r.ends_with("\r\n\r\n"),
+        "{r}"
+    );
+    for path in [
+        "/ipxe/%2e%2e%2fkiln-serve-secret",
+        "/ipxe/undionly.kpxe%00",
+        "/roles/worker/%2e%2e/nodes",
+        format!("/roles/worker/{BUILD_ID}/..%2fmanifest.json").leak(),
+    ] {
+        let r = raw_http(
+            &addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(
+            r.starts_with("HTTP/1.1 404") || r.starts_with("HTTP/1.1 400"),
+            "{path}: {r}"
+        );
+        assert!(!r.contains("TOPSECRET"), "{path}");
+    }
+    s.stop();
+}
+
+/// A symlink in the iPXE directory that leads outside it is not served (nor pinned).
+#[test]
+fn symlinks_leading_outside_the_ipxe_dir_are_not_served() {
+    let (p, out) = fixture();
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("outside"), b"TOPSECRET").unwrap();
+    let s = start_with(p, out, &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    std::os::unix::fs::symlink(d.path().join("outside"), s.ipxe.path().join("evil.efi")).unwrap();
+    s.signal(libc::SIGHUP);
+    wait_stderr(&s, "reloaded", 1);
+    let r = get(&format!("{}/ipxe/evil.efi", s.http()));
+    assert_eq!(r.status(), 404);
+    assert!(!r.text().unwrap().contains("TOPSECRET"));
+    assert!(tftp_get(s.tftp(), &rrq("evil.efi", &[]), 1, false).is_err());
+    s.stop();
+}
+
+/// Connect from `src` (any 127.0.0.0/8 address) to `addr`.
+fn connect_from(src: &str, addr: &str) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{src}:0").parse().unwrap();
+    sock.bind(&src.into()).unwrap();
+    let a: SocketAddr = addr.parse().unwrap();
+    sock.connect(&a.into()).unwrap();
+    sock.into()
+}
+
+/// Slow clients (slowloris: a request head that never ends) hold at most the per-client share
+/// of connections; the rest are closed at once with 503 (logged rarely), another client is
+/// served meanwhile, and the slow ones are closed after the header timeout.
+#[test]
+fn slow_clients_do_not_lock_others_out() {
+    let s = start(&[]);
+    let addr = s.status["http"].as_str().unwrap().to_string();
+    let mut slow = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        let mut t = connect_from("127.0.0.1", &addr);
+        t.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        slow.push(t);
+    }
+    for t in &mut slow {
+        t.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 64];
+        if let Ok(n) = t.read(&mut b) {
+            if b[..n].starts_with(b"HTTP/1.1 503") {
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused >= 30,
+        "only {refused} of 100 slow connections refused"
+    );
+    // Another client is served while they hang.
+    let mut t = connect_from("127.0.0.2", &addr);
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut r = String::new();
+    let _ = t.read_to_string(&mut r);
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ok\n"), "{r}");
+    // The slow ones are closed by the server after the header timeout (10 s).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for t in &mut slow {
+        t.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut b = [0u8; 512];
+        loop {
+            match t.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(_) => assert!(Instant::now() < deadline, "a slow client was never closed"),
+            }
+        }
+    }
+    let err = s.stderr.lock().unwrap().clone();
+    let lines = err.matches("too many connections").count();
+    assert!((1..=2).contains(&lines), "{lines} refusal lines:\n{err}");
+    let metrics = get(&format!("{}/metrics", s.http())).text().unwrap();
+    assert!(
+        metrics.contains("kiln_http_connections_refused_total{reason=\"client_cap\"}"),
+        "{metrics}"
+    );
+    s.stop();
+}
+
+/// HTTP keeps working while TFTP is saturated: against a 64-descriptor limit, clients at ten
+/// addresses hold every TFTP transfer they may (un-ACKed, `timeout=255`), and a new HTTP client
+/// is still served (TFTP and HTTP each get a share of the descriptors).
+#[test]
+fn http_is_served_while_tftp_is_saturated() {
+    let (p, out) = fixture();
+    let s = start_limited(p, out, &[], Some(64)).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut held = Vec::new();
+    for i in 1..=10 {
+        let u = connect_udp(&format!("127.0.0.{i}"));
+        for _ in 0..10 {
+            u.send_to(&rrq("ipxe.efi", &[("timeout", "255")]), s.tftp())
+                .unwrap();
+        }
+        held.push(u);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..5 {
+        let r = get(&format!("{}/healthz", s.http()));
+        assert_eq!(r.status(), 200);
+    }
+    let err = s.stderr.lock().unwrap().clone();
+    assert!(!err.contains("http: accept:"), "{err}");
+    s.stop();
+}
+
+fn connect_udp(ip: &str) -> UdpSocket {
+    UdpSocket::bind(format!("{ip}:0")).unwrap()
+}
+
+/// With every descriptor taken (a 36-descriptor limit: TFTP's and HTTP's shares do not both
+/// fit), accept() failing with EMFILE neither spins nor floods the log: waiting HTTP clients
+/// are closed at once (a descriptor is kept in reserve for that) and the failure is logged once
+/// per 10 s.
+#[test]
+fn accept_without_descriptors_backs_off_and_logs_rarely() {
+    let (p, out) = fixture();
+    let s = start_limited(p, out, &[], Some(36)).unwrap_or_else(|e| panic!("{e:?}"));
+    let addr = s.status["http"].as_str().unwrap().to_string();
+    let mut held = Vec::new();
+    for i in 1..=4 {
+        let u = connect_udp(&format!("127.0.0.{i}"));
+        for _ in 0..8 {
+            u.send_to(&rrq("ipxe.efi", &[("timeout", "255")]), s.tftp())
+                .unwrap();
+        }
+        held.push(u);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        idle.push(TcpStream::connect(&addr).unwrap());
+    }
+    let t0 = Instant::now();
+    let mut closed = 0;
+    for _ in 0..10 {
+        let mut t = TcpStream::connect(&addr).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = t.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut r = Vec::new();
+        match t.read_to_end(&mut r) {
+            Ok(_) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 10, "clients left hanging");
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    let err = s.stderr.lock().unwrap().clone();
+    let accept_lines = err.matches("http: accept:").count();
+    assert!(
+        (1..=2).contains(&accept_lines),
+        "{accept_lines} accept lines:\n{err}"
+    );
+    drop(idle);
+    s.stop();
+}
+
+/// `--json`'s stop summary counts in integers (never `2.0` or `-0.0`).
+#[test]
+fn json_stop_summary_has_integer_counters() {
+    let s = start(&[]);
+    let _ = get(&format!("{}/healthz", s.http()));
+    let (code, rest) = s.stop();
+    assert_eq!(code, 0);
+    let line = rest.lines().find(|l| l.contains("\"stopped\"")).unwrap();
+    assert!(!line.contains(".0") && !line.contains("-0"), "{line}");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["http_requests"].as_u64(), Some(1), "{line}");
+    assert_eq!(v["tftp_transfers"].as_u64(), Some(0), "{line}");
+}
+
+/// Builds and seeds with `contains_secrets: true` are named in a warning at start and on
+/// reload; `--refuse-secret-builds` leaves them out, saying why.
+#[test]
+fn secret_bearing_builds_are_warned_about_or_refused() {
+    let (p, out) = fixture_secrets(false, true);
+    let s = start_with(p, out, &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    wait_stderr(&s, "carry secrets", 1);
+    assert!(s.stderr.lock().unwrap().contains("the seed of worker-1"));
+    s.signal(libc::SIGHUP);
+    wait_stderr(&s, "carry secrets", 2);
+    s.stop();
+
+    // Refused: worker-1's seed carries the token; worker-2 (no seed) still boots.
+    let (p, out) = fixture_secrets(false, true);
+    let s = start_with(p, out, &["--refuse-secret-builds"]).unwrap_or_else(|e| panic!("{e:?}"));
+    let script = get(&format!("{}/boot.ipxe?mac={WORKER_1}", s.http()))
+        .text()
+        .unwrap();
+    assert!(
+        script.contains("not provisioned") && script.contains("carries secrets"),
+        "{script}"
+    );
+    assert_eq!(
+        get(&format!("{}/nocloud/{WORKER_1}/user-data", s.http())).status(),
+        404
+    );
+    let w2 = get(&format!("{}/boot.ipxe?mac=52:54:00:00:00:22", s.http()))
+        .text()
+        .unwrap();
+    assert!(w2.contains("kernel "), "{w2}");
+    let unprov = s.status["catalog"]["unprovisioned"].as_array().unwrap();
+    assert!(
+        unprov
+            .iter()
+            .any(|u| u["hostname"] == "worker-1"
+                && u["reason"].as_str().unwrap().contains("secrets")),
+        "{unprov:?}"
+    );
+    wait_stderr(&s, "--refuse-secret-builds", 1);
+    s.stop();
+
+    // A role build that carries secrets: nothing left to serve.
+    let (p, out) = fixture_secrets(true, false);
+    let (code, err) = start_with(p, out, &["--refuse-secret-builds"])
+        .err()
+        .expect("must refuse");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("carries secrets") && err.contains("nothing to serve"),
+        "{err}"
+    );
+}
+
+/// An idle keep-alive connection is closed by the server (the 10 s header timeout runs while
+/// it waits for the next request; 30 s without a byte either way closes any connection), so
+/// idle clients cannot hold connection slots for ever.
+#[test]
+fn idle_keep_alive_connections_are_closed() {
+    let s = start(&[]);
+    let addr = s.status["http"].as_str().unwrap().to_string();
+    let mut t = TcpStream::connect(&addr).unwrap();
+    t.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    let t0 = Instant::now();
+    loop {
+        match t.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("still open after {:?}: {e}", t0.elapsed()),
+        }
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    s.stop();
 }

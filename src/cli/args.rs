@@ -293,6 +293,15 @@ pub struct ServeArgs {
     /// Print a JSON status line when listening and a summary when stopped.
     #[arg(long)]
     pub json: bool,
+    /// Do not serve role builds or node seeds that carry secrets (`contains_secrets: true` in
+    /// manifest.json or node.json: the k3s token, a master's keys); their nodes are listed as
+    /// not provisioned, with the reason.
+    #[arg(long)]
+    pub refuse_secret_builds: bool,
+    /// MiB of memory for verified pieces of the served files (each piece is read and checked
+    /// against the digest taken at verification once, then sent from memory).
+    #[arg(long, default_value_t = crate::deliver::serve::catalog::DEFAULT_CACHE_MIB)]
+    pub cache_mib: u64,
 }
 
 /// `--dhcp`: how DHCP is answered.

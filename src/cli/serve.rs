@@ -36,6 +36,8 @@ pub(crate) fn serve(cx: &Ctx, a: &ServeArgs) -> Result<()> {
         key: cx.key(&a.key, key::VERIFYING_KEY),
         json: a.json,
         grace: Duration::from_secs(a.grace_secs),
+        refuse_secret_builds: a.refuse_secret_builds,
+        cache_bytes: a.cache_mib.saturating_mul(1 << 20),
     };
     serve::serve_command(&project, cx.out.dir(), &opts, &line)
 }

@@ -160,6 +160,47 @@ pub fn clock_ticks_per_second() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
+/// Raises the soft limit on open file descriptors to the hard limit (a server's clients each
+/// hold some); returns the (soft, hard) limits now in force.
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one plain C struct valid for the call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // An unlimited hard limit still stops at the kernel's nr_open (1 Mi by default).
+        let target = rl.rlim_max.min(1 << 20);
+        if rl.rlim_cur < target {
+            let want = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            rl.rlim_cur = target;
+        }
+    }
+    Ok((rl.rlim_cur, rl.rlim_max))
+}
+
+/// The soft limit on open file descriptors.
+pub fn fd_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one plain C struct valid for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 1024;
+    }
+    rl.rlim_cur
+}
+
 /// Sends SIGTERM to a process (a child of ours).
 pub fn terminate(pid: u32) {
     // SAFETY: plain syscall; a wrong pid fails with ESRCH.
@@ -169,6 +210,13 @@ pub fn terminate(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fd_limit_is_raised_to_the_hard_limit() {
+        let (soft, hard) = raise_fd_limit().unwrap();
+        assert_eq!(soft, hard.min(1 << 20));
+        assert_eq!(fd_limit(), soft);
+    }
 
     #[test]
     fn blkgetsize64_number() {

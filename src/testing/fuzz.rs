@@ -104,6 +104,13 @@ pub fn fuzz_range(bytes: &[u8]) {
     if let Ok(Some((a, b))) = http::parse_range(Some(&h), len) {
         assert!(a <= b && b < len, "{h:?} on {len}: {a}-{b}");
     }
+    // The same bytes as validator lists and as request text for a log line.
+    let tag = "\"0123abcd\"";
+    if http::if_range_matches(&h, tag) {
+        assert!(http::if_none_match(&h, tag), "{h:?}");
+    }
+    let logged = http::log_safe(&h);
+    assert!(!logged.chars().any(|c| c.is_control()), "{logged:?}");
 }
 
 #[cfg(test)]

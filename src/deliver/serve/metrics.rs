@@ -32,10 +32,20 @@ const META: &[(&str, &str, &str)] = &[
         "HTTP body bytes sent, by route.",
         "counter",
     ),
+    (
+        "kiln_http_connections_refused_total",
+        "HTTP connections closed at once, by reason (server or per-client cap, no descriptors).",
+        "counter",
+    ),
     ("kiln_http_in_flight", "HTTP responses being sent.", "gauge"),
     (
         "kiln_http_requests_total",
         "HTTP requests answered, by route and status code.",
+        "counter",
+    ),
+    (
+        "kiln_integrity_failures_total",
+        "Served files found changed on disk since they were verified (responses cut).",
         "counter",
     ),
     (
@@ -102,6 +112,17 @@ impl Metrics {
             .sum()
     }
 
+    /// Sum of every series of the counter `name`, as the integer it counts (0 when it has no
+    /// series: an empty float sum is -0.0).
+    pub fn count(&self, name: &str) -> u64 {
+        let t = self.total(name);
+        if t.is_finite() && t > 0.0 {
+            t.round() as u64
+        } else {
+            0
+        }
+    }
+
     /// The Prometheus text format.
     pub fn render(&self) -> String {
         let m = self.values.lock().unwrap_or_else(|e| e.into_inner());
@@ -161,5 +182,11 @@ mod tests {
         assert!(t.contains("kiln_http_bytes_sent_total{route=\"a\\\"b\"} 10\n"));
         assert!(t.contains("# TYPE kiln_http_in_flight gauge\nkiln_http_in_flight 0\n"));
         assert_eq!(m.total("kiln_http_requests_total"), 2.0);
+        assert_eq!(m.count("kiln_http_requests_total"), 2);
+        assert_eq!(m.count("kiln_tftp_transfers_total"), 0);
+        assert_eq!(
+            serde_json::json!(m.count("kiln_tftp_transfers_total")).to_string(),
+            "0"
+        );
     }
 }

@@ -63,6 +63,43 @@ pub struct ServeOptions {
     pub key: PathBuf,
     pub json: bool,
     pub grace: Duration,
+    /// Leave builds and seeds with `contains_secrets: true` out of what is served.
+    pub refuse_secret_builds: bool,
+    /// Budget of the verified-piece cache, bytes.
+    pub cache_bytes: u64,
+}
+
+impl ServeOptions {
+    fn load_options(&self, cache: Arc<catalog::PieceCache>) -> catalog::LoadOptions {
+        catalog::LoadOptions {
+            default_role: self.default_role.clone(),
+            refuse_secrets: self.refuse_secret_builds,
+            ipxe_dir: Some(self.ipxe_dir.clone()),
+            cache,
+        }
+    }
+}
+
+/// Prints what the operator must know about a freshly loaded catalog: its warnings, and every
+/// served build or seed that carries secrets (anyone on the network can fetch those).
+fn warn_catalog(c: &Catalog) {
+    for w in &c.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !c.secret_bearing.is_empty() {
+        eprintln!(
+            "warning: serving {} that carry secrets (contains_secrets: true; the k3s token, and \
+             on masters the controller keys) to any client that asks: {}; serve them only on a \
+             network you trust, or pass --refuse-secret-builds (see docs/guide/pxe.md#secrets)",
+            if c.secret_bearing.len() == 1 {
+                "one item"
+            } else {
+                "items"
+            },
+            c.secret_bearing.join(", ")
+        );
+        tracing::warn!(target: "kiln::serve", builds = %c.secret_bearing.join(", "), "serving secret-bearing builds");
+    }
 }
 
 /// The shortest lease full DHCP mode hands out (a shorter `lease` is raised to it).
@@ -78,6 +115,8 @@ pub struct State {
     ipxe_files: BTreeSet<String>,
     /// Client IP → MAC, learnt from DHCP (ciaddr) and from MAC-bearing HTTP requests.
     clients: Mutex<BTreeMap<IpAddr, String>>,
+    /// Verified pieces of the served files (shared by reloads: it is content-addressed).
+    pub cache: Arc<catalog::PieceCache>,
 }
 
 impl State {
@@ -94,6 +133,7 @@ impl State {
             ipxe_dir,
             ipxe_files,
             clients: Mutex::new(BTreeMap::new()),
+            cache: Arc::new(catalog::PieceCache::new(catalog::DEFAULT_CACHE_MIB << 20)),
         };
         st.count_catalog();
         st
@@ -262,8 +302,17 @@ pub fn serve_command(
         )
         .into());
     }
+    match crate::sys::os::raise_fd_limit() {
+        Ok((soft, hard)) if soft < 4096 => eprintln!(
+            "warning: only {soft} file descriptors (hard limit {hard}): fewer clients at once \
+             (raise it with `ulimit -Hn` or LimitNOFILE=)"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: raising the file descriptor limit: {e}"),
+    }
     eprintln!("kiln serve: verifying builds in {} …", out_dir.display());
-    let cat = Catalog::load(project, out_dir, &key, o.default_role.as_deref())?;
+    let cache = Arc::new(catalog::PieceCache::new(o.cache_bytes));
+    let cat = Catalog::load(project, out_dir, &key, &o.load_options(cache.clone()))?;
     if cat.nodes.is_empty() && cat.default.is_none() {
         bail!(
             "nothing to serve: no inventory node has a verified build in {} and no \
@@ -271,18 +320,17 @@ pub fn serve_command(
             out_dir.display()
         );
     }
-    for w in &cat.warnings {
-        eprintln!("warning: {w}");
-    }
+    warn_catalog(&cat);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run(project, out_dir, o, cat, advertise, key, out))
+    rt.block_on(run(project, out_dir, o, cat, advertise, key, out, cache))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     project: &Project,
     out_dir: &Path,
@@ -291,12 +339,15 @@ async fn run(
     advertise: Ipv4Addr,
     key: ed25519_dalek::VerifyingKey,
     out: &dyn Fn(&str),
+    cache: Arc<catalog::PieceCache>,
 ) -> Result<()> {
     // HTTP first: its port is part of every URL handed out.
     let http_listener = bind_http(o).await?;
     let http_bound = http_listener.local_addr()?;
     let base_url = format!("http://{advertise}:{}", http_bound.port());
-    let state = Arc::new(State::new(cat, base_url.clone(), o.ipxe_dir.clone()));
+    let mut state = State::new(cat, base_url.clone(), o.ipxe_dir.clone());
+    state.cache = cache;
+    let state = Arc::new(state);
     warn_missing_ipxe(&state, o);
     let tftp_sock = bind_tftp(o)?;
     let tftp_bound = tftp_sock.local_addr()?;
@@ -314,7 +365,12 @@ async fn run(
         state.clone(),
         tftp::Limits {
             max_blksize: o.max_blksize.clamp(tftp::MIN_BLKSIZE, tftp::MAX_BLKSIZE),
-            max_transfers: o.tftp_max_transfers.max(1),
+            // A transfer holds one descriptor (its socket): at most a quarter of them, so
+            // that a saturated TFTP leaves HTTP (another quarter) and the rest their share.
+            max_transfers: o
+                .tftp_max_transfers
+                .min(tftp_fd_share(crate::sys::os::fd_limit()))
+                .max(1),
             max_per_client: o.tftp_max_per_client.max(1),
             max_duration: o.tftp_max_duration.max(Duration::from_secs(1)),
         },
@@ -333,10 +389,17 @@ async fn run(
         dhcp: dhcp_bound,
         proxy: proxy_bound,
     };
+    // Signal handlers before the status line: a SIGHUP right after it must reload, not kill.
+    let signals = Signals::new()?;
     print_status(o, &state, &base_url, &bound, out)?;
-    serve_until_signalled(project, out_dir, o, key, &state, &mut tasks).await?;
+    serve_until_signalled(project, out_dir, o, key, &state, &mut tasks, signals).await?;
     shut_down(o, &tx, &mut tasks).await;
     print_summary(o, &state.metrics, out)
+}
+
+/// How many TFTP transfers the descriptor limit allows (a quarter, at least 4).
+fn tftp_fd_share(fd_limit: u64) -> usize {
+    (fd_limit / 4).clamp(4, usize::MAX as u64) as usize
 }
 
 /// Where the listeners are bound (port 0 picks a free one).
@@ -530,6 +593,24 @@ fn print_status(
     Ok(())
 }
 
+/// The signals `kiln serve` handles: INT/TERM stop, HUP reloads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Serves until SIGINT or SIGTERM; SIGHUP reloads the builds. A listener that fails ends it
 /// with an error.
 async fn serve_until_signalled(
@@ -539,12 +620,13 @@ async fn serve_until_signalled(
     key: ed25519_dalek::VerifyingKey,
     state: &State,
     tasks: &mut tokio::task::JoinSet<()>,
+    signals: Signals,
 ) -> Result<()> {
-    // Signals: INT/TERM stop, HUP reloads.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -568,17 +650,15 @@ async fn reload(
     key: ed25519_dalek::VerifyingKey,
     state: &State,
 ) {
-    let (p, out, k, d) = (
+    let (p, out, k, lo) = (
         project.clone(),
         out_dir.to_path_buf(),
         key,
-        o.default_role.clone(),
+        o.load_options(state.cache.clone()),
     );
-    match tokio::task::spawn_blocking(move || Catalog::load(&p, &out, &k, d.as_deref())).await {
+    match tokio::task::spawn_blocking(move || Catalog::load(&p, &out, &k, &lo)).await {
         Ok(Ok(c)) => {
-            for w in &c.warnings {
-                eprintln!("warning: {w}");
-            }
+            warn_catalog(&c);
             eprintln!(
                 "kiln serve: reloaded: {} build(s), {} node(s)",
                 c.builds.len(),
@@ -613,11 +693,12 @@ async fn shut_down(
 fn print_summary(o: &ServeOptions, m: &Metrics, out: &dyn Fn(&str)) -> Result<()> {
     let summary = serde_json::json!({
         "event": "stopped",
-        "http_requests": m.total("kiln_http_requests_total"),
-        "http_bytes": m.total("kiln_http_bytes_sent_total"),
-        "tftp_transfers": m.total("kiln_tftp_transfers_total"),
-        "tftp_bytes": m.total("kiln_tftp_bytes_sent_total"),
-        "dhcp_replies": m.total("kiln_dhcp_replies_total"),
+        "http_requests": m.count("kiln_http_requests_total"),
+        "http_bytes": m.count("kiln_http_bytes_sent_total"),
+        "tftp_transfers": m.count("kiln_tftp_transfers_total"),
+        "tftp_bytes": m.count("kiln_tftp_bytes_sent_total"),
+        "dhcp_replies": m.count("kiln_dhcp_replies_total"),
+        "integrity_failures": m.count("kiln_integrity_failures_total"),
     });
     if o.json {
         out(&serde_json::to_string(&summary)?);

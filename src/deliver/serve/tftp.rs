@@ -1,6 +1,7 @@
 //! TFTP server, read-only: RFC 1350 (octet mode), option negotiation RFC 2347 with `blksize`
 //! (2348), `timeout` and `tsize` (2349) and `windowsize` (7440). Each transfer runs on its own
-//! socket (the server's TID) and task; files are read with `pread` from under the root only.
+//! socket (the server's TID) and task; files are the root's, pinned in memory when the catalog
+//! loaded ([`super::catalog::Catalog::pinned`]): a transfer holds no descriptor of its own.
 //!
 //! Every client is untrusted: transfers are capped in number (in total and per client
 //! address, [`Limits`]; a request beyond the cap gets an ERROR) and in time, the `timeout`
@@ -8,11 +9,10 @@
 //! duplicate ACKs never make kiln send again (only a timeout does), and packets from another
 //! port get ERROR 5 without disturbing the transfer.
 
+use super::catalog::Blob;
 use super::State;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -427,14 +427,14 @@ pub async fn serve(
                             // One line per second at most: a flood must not flood the log too.
                             if last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                                 last_busy_log = Some(Instant::now());
-                                tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %filename, "refused: {}", busy.message());
+                                tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(&filename), "refused: {}", busy.message());
                             }
                             let _ = sock.send_to(&error(ERR_NOT_DEFINED, &busy.message()), peer).await;
                         }
                     },
                     Ok(Packet::Wrq { filename, .. }) => {
                         state.metrics.inc("kiln_tftp_transfers_total", &[("result", "refused_write")]);
-                        tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %filename, "write refused");
+                        tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(&filename), "write refused");
                         let _ = sock.send_to(&error(ERR_ACCESS, "read-only server"), peer).await;
                     }
                     // Never answer an error with an error (two servers would ping-pong).
@@ -499,7 +499,7 @@ async fn transfer(
         deadline: started + limits.max_duration,
         max_duration: limits.max_duration,
     };
-    let Some(mut src) = t.open(root, &req.mode).await else {
+    let Some(src) = t.open(root, &req.mode).await else {
         return;
     };
     let neg = negotiate(&req.options, src.len, limits.max_blksize);
@@ -507,54 +507,10 @@ async fn transfer(
     if !neg.oack.is_empty() && !t.acknowledge_options(&neg, src.len, &mut rbuf).await {
         return;
     }
-    let Some(sent_bytes) = t.send_file(&mut src, &neg, &mut rbuf).await else {
+    let Some(sent_bytes) = t.send_file(&src, &neg, &mut rbuf).await else {
         return;
     };
     t.done(started, src.len, sent_bytes, &neg);
-}
-
-/// The file a transfer sends. Its descriptor is open only while blocks are being sent — not
-/// while the client is asked to acknowledge options, nor while a silent client is waited for —
-/// and every reopening must find the same file (device, inode, length).
-struct Source {
-    path: PathBuf,
-    len: u64,
-    id: (u64, u64),
-    file: Option<File>,
-}
-
-impl Source {
-    fn open(path: PathBuf) -> std::io::Result<Source> {
-        use std::os::unix::fs::MetadataExt;
-        let m = File::open(&path)?.metadata()?;
-        Ok(Source {
-            path,
-            len: m.len(),
-            id: (m.dev(), m.ino()),
-            file: None,
-        })
-    }
-
-    /// The open file (opened again if it was released).
-    fn file(&mut self) -> std::io::Result<&File> {
-        use std::os::unix::fs::MetadataExt;
-        if self.file.is_none() {
-            let f = File::open(&self.path)?;
-            let m = f.metadata()?;
-            if (m.dev(), m.ino()) != self.id || m.len() != self.len {
-                return Err(std::io::Error::other(
-                    "the file changed during the transfer",
-                ));
-            }
-            self.file = Some(f);
-        }
-        Ok(self.file.as_ref().expect("just opened"))
-    }
-
-    /// Closes the descriptor until the next `file()`.
-    fn release(&mut self) {
-        self.file = None;
-    }
 }
 
 /// What waiting for the client's next packet gave.
@@ -633,7 +589,7 @@ impl Transfer<'_> {
         self.st
             .metrics
             .inc("kiln_tftp_transfers_total", &[("result", "too_slow")]);
-        tracing::warn!(target: "kiln::serve::tftp", client = %self.peer, file = %self.filename, "ended at block {block}: longer than the {secs} s a transfer may take (--tftp-max-secs)");
+        tracing::warn!(target: "kiln::serve::tftp", client = %self.peer, file = %super::http::log_safe(&self.filename), "ended at block {block}: longer than the {secs} s a transfer may take (--tftp-max-secs)");
         self.fail(
             ERR_NOT_DEFINED,
             format!("transfer took longer than {secs} s: ended"),
@@ -643,7 +599,7 @@ impl Transfer<'_> {
 
     /// The requested file, resolved and checked (not held open); the client gets an ERROR (and
     /// the refusal is counted) when the mode is not octet or the file cannot be served.
-    async fn open(&self, root: &Path, mode: &str) -> Option<Source> {
+    async fn open(&self, root: &Path, mode: &str) -> Option<Blob> {
         let (st, peer, mac, filename) = (self.st, self.peer, &self.mac, &self.filename);
         if mode != "octet" {
             st.metrics
@@ -664,7 +620,7 @@ impl Transfer<'_> {
                 };
                 st.metrics
                     .inc("kiln_tftp_transfers_total", &[("result", result)]);
-                tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, "{result}");
+                tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %super::http::log_safe(filename), "{result}");
                 let msg = if code == ERR_NOT_FOUND {
                     "File not found"
                 } else {
@@ -674,9 +630,10 @@ impl Transfer<'_> {
                 return None;
             }
         };
-        match Source::open(path) {
-            Ok(s) => Some(s),
-            Err(_) => {
+        // Only the bytes pinned when the catalog was loaded.
+        match st.catalog().pinned(&path).cloned() {
+            Some(s) => Some(s),
+            None => {
                 st.metrics
                     .inc("kiln_tftp_transfers_total", &[("result", "not_found")]);
                 self.fail(ERR_NOT_FOUND, "File not found".into()).await;
@@ -702,7 +659,7 @@ impl Transfer<'_> {
                     Got::Packet(Packet::Error { code, message }) => {
                         st.metrics
                             .inc("kiln_tftp_transfers_total", &[("result", "declined")]);
-                        tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %filename, tsize = len, "client ended after OACK (error {code}: {message})");
+                        tracing::info!(target: "kiln::serve::tftp", client = %peer, mac = mac.as_deref().unwrap_or("-"), file = %super::http::log_safe(filename), tsize = len, "client ended after OACK (error {code}: {message})");
                         return false;
                     }
                     Got::Packet(_) => continue,
@@ -729,7 +686,7 @@ impl Transfer<'_> {
     /// again, from the first one not acknowledged (RFC 1123 4.2.3.1, the Sorcerer's Apprentice
     /// bug). Returns the bytes sent (resent blocks included), or None when the transfer ended
     /// early.
-    async fn send_file(&self, src: &mut Source, neg: &Negotiated, rbuf: &mut [u8]) -> Option<u64> {
+    async fn send_file(&self, src: &Blob, neg: &Negotiated, rbuf: &mut [u8]) -> Option<u64> {
         let (st, peer, filename) = (self.st, self.peer, &self.filename);
         let bs = neg.blksize as u64;
         let total_blocks = src.len / bs + 1; // the last block is short (possibly empty)
@@ -749,10 +706,6 @@ impl Transfer<'_> {
                 highest = highest.max(upto);
                 sent = upto;
                 until = Instant::now() + neg.timeout;
-                if retries > 0 {
-                    // The client has gone quiet: no descriptor while waiting for it.
-                    src.release();
-                }
             }
             match self.recv(rbuf, until).await {
                 Got::Packet(Packet::Ack { block }) => {
@@ -771,7 +724,7 @@ impl Transfer<'_> {
                 Got::Packet(Packet::Error { code, message }) => {
                     st.metrics
                         .inc("kiln_tftp_transfers_total", &[("result", "aborted")]);
-                    tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %filename, "client aborted (error {code}: {message})");
+                    tracing::info!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(filename), "client aborted (error {code}: {message})");
                     return None;
                 }
                 Got::Packet(_) => {}
@@ -780,7 +733,7 @@ impl Transfer<'_> {
                     if retries > MAX_RETRIES {
                         st.metrics
                             .inc("kiln_tftp_transfers_total", &[("result", "timeout")]);
-                        tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %filename, "timed out at block {}", acked + 1);
+                        tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(filename), "timed out at block {}", acked + 1);
                         return None;
                     }
                     sent = acked; // go back to the first block the client lacks
@@ -799,24 +752,14 @@ impl Transfer<'_> {
     /// error is reported to the client).
     async fn send_blocks(
         &self,
-        src: &mut Source,
+        src: &Blob,
         bs: u64,
         (first, last): (u64, u64),
         highest: u64,
         block_buf: &mut [u8],
     ) -> Option<u64> {
         let st = self.st;
-        let len = src.len;
-        let file = match src.file() {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(target: "kiln::serve::tftp", client = %self.peer, file = %self.filename, "reopening: {e}");
-                self.fail(ERR_NOT_DEFINED, "read error".into()).await;
-                st.metrics
-                    .inc("kiln_tftp_transfers_total", &[("result", "read_error")]);
-                return None;
-            }
-        };
+        let (len, file) = (src.len, src);
         let mut sent_bytes = 0u64;
         for b in first..=last {
             let off = (b - 1) * bs;
@@ -856,7 +799,7 @@ impl Transfer<'_> {
             target: "kiln::serve::tftp",
             client = %peer,
             mac = mac.as_deref().unwrap_or("-"),
-            file = %filename,
+            file = %super::http::log_safe(filename),
             bytes = len,
             sent = sent_bytes,
             blksize = neg.blksize,
