@@ -266,7 +266,7 @@ fn stand_in_build(project_dir: &Path, work: &Path, role: &str, scale: usize) -> 
     }
     fs::write(
         dir.join("manifest.json"),
-        br#"{"kernel":{"cmdline":"boot=live console=ttyS0"}}"#,
+        br#"{"contains_secrets":false,"kernel":{"cmdline":"boot=live console=ttyS0"}}"#,
     )?;
     let arts = crate::trust::sums::hash_artifacts(
         &dir,
