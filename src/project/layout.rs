@@ -80,10 +80,6 @@ impl Layout {
     pub fn overlays(&self) -> PathBuf {
         self.root.join("overlays")
     }
-    /// `<root>/overlays/seed`: cloud-init seed templates (`<file>.tera`, `<role>/`, `<hostname>/`).
-    pub fn seed_overlays(&self) -> PathBuf {
-        self.overlays().join("seed")
-    }
     /// `<root>/kiln.lock`.
     pub fn lock_file(&self) -> PathBuf {
         self.root.join(LOCK_FILE)

@@ -390,17 +390,6 @@ pub struct LoadOptions {
     pub cache: Arc<PieceCache>,
 }
 
-impl LoadOptions {
-    pub fn new(cache: Arc<PieceCache>) -> LoadOptions {
-        LoadOptions {
-            default_role: None,
-            refuse_secrets: false,
-            ipxe_dir: None,
-            cache,
-        }
-    }
-}
-
 /// Most files and bytes of the iPXE directory that are pinned, in memory (the rest is not
 /// served).
 const PIN_MAX_FILES: usize = 4096;
