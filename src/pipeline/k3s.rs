@@ -340,6 +340,14 @@ fn add_units_and_config(l: &mut Layer, project: &Project, k: &K3sCluster, recipe
 fn add_registries(l: &mut Layer, project: &Project, r: &str) -> Result<()> {
     let p = project.recipes_dir().join(r);
     let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    crate::project::limits::check_yaml(&text, crate::project::limits::REGISTRIES).map_err(|e| {
+        RecipeError::new(
+            &p,
+            "(registries)",
+            e.to_string(),
+            "see https://docs.k3s.io/installation/private-registry",
+        )
+    })?;
     let v: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
         RecipeError::new(
             &p,

@@ -245,6 +245,13 @@ fn invalid(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Inv
 /// Checks one rendered file: YAML parses, required keys, network-config v2 keys.
 pub fn validate(file: &str, text: &str, node: &Node, iid: &str) -> Result<(), Invalid> {
     let parse = |t: &str| -> Result<serde_yaml::Value, Invalid> {
+        crate::project::limits::check_yaml(t, crate::project::limits::SEED_FILE).map_err(|e| {
+            invalid(
+                "(yaml)",
+                format!("rendered {file} is refused: {e}"),
+                "make the template render a smaller, flatter document",
+            )
+        })?;
         serde_yaml::from_str(t).map_err(|e| {
             invalid(
                 "(yaml)",
