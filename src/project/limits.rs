@@ -132,8 +132,15 @@ impl Scan {
 /// The 1-based line where nesting first exceeds `max`, if it does.
 fn first_line_deeper_than(text: &str, max: usize) -> Option<usize> {
     let mut s = Scan::default();
-    for (n, line) in text.split('\n').enumerate() {
-        let b = line.strip_suffix('\r').unwrap_or(line).as_bytes();
+    // libyaml skips a byte order mark at the start, and breaks lines at CR, LF, CR LF, NEL,
+    // LS and PS: a "line" that hid one of them would hide what follows it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let lines = text.split('\n').enumerate().flat_map(|(n, l)| {
+        l.split(['\r', '\u{85}', '\u{2028}', '\u{2029}'])
+            .map(move |part| (n, part))
+    });
+    for (n, line) in lines {
+        let b = line.as_bytes();
         let indent = b.iter().take_while(|&&c| c == b' ').count();
         if let Some(parent) = s.block_scalar {
             let doc_marker = indent == 0 && (b.starts_with(b"---") || b.starts_with(b"..."));
@@ -305,6 +312,12 @@ mod tests {
         assert!(depth_ok(doc, 3), "{:?}", first_line_deeper_than(doc, 3));
         // A quoted scalar over several lines.
         assert!(depth_ok("a: \"[[[\n  [[[[\"\nb: 1\n", 1));
+        // Line breaks other than LF end a comment as they do for libyaml; a BOM is skipped.
+        assert!(!depth_ok("# x\u{2028}[[[1]]]", 2));
+        assert!(!depth_ok("# x\r[[[1]]]", 2));
+        assert!(!depth_ok("# x\u{85}[[[1]]]", 2));
+        assert!(!depth_ok("\u{feff}[[[1]]]", 2));
+        assert!(depth_ok("a:\r\n  b: 1\r\n", 2));
         // Documents reset the block structure.
         assert!(depth_ok("a:\n  b: 1\n---\nc:\n  d: 1\n", 2));
     }
@@ -346,6 +359,42 @@ mod tests {
             assert_eq!(check_yaml(&t, MANIFEST), Ok(()), "{f}");
             // Deep enough to count something, and not more than the parser sees.
             assert!(first_line_deeper_than(&t, 12).is_none(), "{f}");
+        }
+    }
+
+    /// Every way to nest 130 levels refused (serde_yaml's own limit is 128), and the fuzz
+    /// entry's property on the committed seeds and on these.
+    #[test]
+    fn no_form_of_deep_nesting_passes() {
+        let n = 130;
+        let indented: String = (0..n).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        let seq_in_map: String = (0..n).map(|i| format!("{}- k:\n", "  ".repeat(i))).collect();
+        let forms = [
+            "[".repeat(n),
+            "{a: ".repeat(n),
+            "{\"a\":".repeat(n),
+            "- ".repeat(n) + "x",
+            "? ".repeat(n) + "x",
+            indented,
+            seq_in_map,
+            format!("a: &x !t {}", "[".repeat(n)),
+            format!("--- {}", "[".repeat(n)),
+            format!("# c\u{2028}{}", "[".repeat(n)),
+            format!("\u{feff}{}", "[".repeat(n)),
+            format!("a: [\n{}", "[\n".repeat(n)),
+            format!("a: \"x\"\nb: [{}", "[ ".repeat(n)),
+        ];
+        for f in &forms {
+            assert!(
+                matches!(check_yaml(f, SECRET), Err(YamlLimitError::TooDeep { .. })),
+                "passed: {:?}",
+                &f[..f.len().min(60)]
+            );
+            crate::testing::fuzz::fuzz_yaml_limits(f.as_bytes());
+        }
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/yaml_limits");
+        for e in std::fs::read_dir(seeds).unwrap() {
+            crate::testing::fuzz::fuzz_yaml_limits(&std::fs::read(e.unwrap().path()).unwrap());
         }
     }
 }
