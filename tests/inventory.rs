@@ -41,29 +41,54 @@ fn refused_master_key(line: &str, key: &str, needle: &str) {
 
 #[test]
 fn multicast_mac_is_refused() {
-    refused_cluster("52:54:00:00:00:21", "01:00:5e:00:00:21", "nodes[1].mac", "multicast");
+    refused_cluster(
+        "52:54:00:00:00:21",
+        "01:00:5e:00:00:21",
+        "nodes[1].mac",
+        "multicast",
+    );
 }
 
 #[test]
 fn broadcast_mac_is_refused() {
-    refused_cluster("52:54:00:00:00:21", "FF-FF-FF-FF-FF-FF", "nodes[1].mac", "broadcast");
+    refused_cluster(
+        "52:54:00:00:00:21",
+        "FF-FF-FF-FF-FF-FF",
+        "nodes[1].mac",
+        "broadcast",
+    );
 }
 
 #[test]
 fn all_zero_mac_is_refused() {
-    refused_cluster("52:54:00:00:00:21", "00:00:00:00:00:00", "nodes[1].mac", "all-zero");
+    refused_cluster(
+        "52:54:00:00:00:21",
+        "00:00:00:00:00:00",
+        "nodes[1].mac",
+        "all-zero",
+    );
 }
 
 // --- addresses, gateways, DNS -----------------------------------------------------------------
 
 #[test]
 fn network_address_is_refused() {
-    refused_cluster("10.0.0.11/24", "10.0.0.0/24", "nodes[0].address", "network address");
+    refused_cluster(
+        "10.0.0.11/24",
+        "10.0.0.0/24",
+        "nodes[0].address",
+        "network address",
+    );
 }
 
 #[test]
 fn broadcast_address_is_refused() {
-    refused_cluster("10.0.0.11/24", "10.0.0.255/24", "nodes[0].address", "broadcast address");
+    refused_cluster(
+        "10.0.0.11/24",
+        "10.0.0.255/24",
+        "nodes[0].address",
+        "broadcast address",
+    );
 }
 
 #[test]
@@ -73,7 +98,12 @@ fn prefix_zero_is_refused() {
 
 #[test]
 fn loopback_address_is_refused() {
-    refused_cluster("10.0.0.11/24", "127.0.0.11/8", "nodes[0].address", "loopback");
+    refused_cluster(
+        "10.0.0.11/24",
+        "127.0.0.11/8",
+        "nodes[0].address",
+        "loopback",
+    );
 }
 
 #[test]
@@ -98,12 +128,22 @@ fn gateway_equal_to_the_node_is_refused() {
 
 #[test]
 fn multicast_dns_server_is_refused() {
-    refused_cluster(MASTER_DNS, "dns = [\"224.0.0.251\"]", "nodes[0].dns[0]", "multicast");
+    refused_cluster(
+        MASTER_DNS,
+        "dns = [\"224.0.0.251\"]",
+        "nodes[0].dns[0]",
+        "multicast",
+    );
 }
 
 #[test]
 fn unspecified_dns_server_is_refused() {
-    refused_cluster(MASTER_DNS, "dns = [\"0.0.0.0\"]", "nodes[0].dns[0]", "0.0.0.0/8");
+    refused_cluster(
+        MASTER_DNS,
+        "dns = [\"0.0.0.0\"]",
+        "nodes[0].dns[0]",
+        "0.0.0.0/8",
+    );
 }
 
 #[test]
@@ -135,7 +175,11 @@ fn api_endpoint_on_a_worker_is_refused() {
                 "mac = \"52:54:00:00:00:21\"",
                 "mac = \"52:54:00:00:00:21\"\naddress = \"10.0.0.21/24\"",
             ),
-            (CLUSTER, "api_endpoint = \"10.0.0.10\"", "api_endpoint = \"10.0.0.21\""),
+            (
+                CLUSTER,
+                "api_endpoint = \"10.0.0.10\"",
+                "api_endpoint = \"10.0.0.21\"",
+            ),
         ],
         "worker",
         CLUSTER,
@@ -158,7 +202,12 @@ fn api_endpoint_that_is_not_a_name_is_refused() {
 
 #[test]
 fn ipv6_address_is_refused() {
-    refused_cluster("10.0.0.11/24", "fd00::11/64", "nodes[0].address", "IPv6 node addresses are not supported");
+    refused_cluster(
+        "10.0.0.11/24",
+        "fd00::11/64",
+        "nodes[0].address",
+        "IPv6 node addresses are not supported",
+    );
 }
 
 #[test]
@@ -180,12 +229,20 @@ fn ipv6_dns_server_is_refused() {
 
 #[test]
 fn relative_disk_is_refused() {
-    refused_master_key("disk = \"relative/path\"", "nodes[0].disk", "/dev/disk/by-id");
+    refused_master_key(
+        "disk = \"relative/path\"",
+        "nodes[0].disk",
+        "/dev/disk/by-id",
+    );
 }
 
 #[test]
 fn disk_with_shell_syntax_is_refused() {
-    refused_master_key("disk = \"/dev/sda; rm -rf /\"", "nodes[0].disk", "contains ';'");
+    refused_master_key(
+        "disk = \"/dev/sda; rm -rf /\"",
+        "nodes[0].disk",
+        "contains ';'",
+    );
 }
 
 #[test]
@@ -209,18 +266,33 @@ fn stable_disk_paths_are_accepted() {
 
 #[test]
 fn domain_with_a_space_is_refused() {
-    refused_cluster("domain = \"lab.internal\"", "domain = \"lab internal\"", "cluster.domain", "' '");
+    refused_cluster(
+        "domain = \"lab.internal\"",
+        "domain = \"lab internal\"",
+        "cluster.domain",
+        "' '",
+    );
 }
 
 #[test]
 fn domain_with_an_empty_label_is_refused() {
-    refused_cluster("domain = \"lab.internal\"", "domain = \"a..b\"", "cluster.domain", "empty label");
+    refused_cluster(
+        "domain = \"lab.internal\"",
+        "domain = \"a..b\"",
+        "cluster.domain",
+        "empty label",
+    );
 }
 
 #[test]
 fn domain_label_over_63_is_refused() {
     let long = format!("domain = \"{}.internal\"", "a".repeat(64));
-    refused_cluster("domain = \"lab.internal\"", &long, "cluster.domain", "at most 63");
+    refused_cluster(
+        "domain = \"lab.internal\"",
+        &long,
+        "cluster.domain",
+        "at most 63",
+    );
 }
 
 #[test]
@@ -236,7 +308,12 @@ fn fqdn_over_253_is_refused() {
 
 #[test]
 fn all_digit_hostname_is_refused() {
-    refused_cluster("hostname = \"worker-2\"", "hostname = \"2222\"", "nodes[2].hostname", "digits");
+    refused_cluster(
+        "hostname = \"worker-2\"",
+        "hostname = \"2222\"",
+        "nodes[2].hostname",
+        "digits",
+    );
 }
 
 #[test]
@@ -251,7 +328,12 @@ fn bad_tls_san_is_refused() {
 
 #[test]
 fn unknown_disable_component_is_refused() {
-    refused_cluster("disable = [\"traefik\"]", "disable = [\"trafik\"]", "k3s.disable[0]", "servicelb");
+    refused_cluster(
+        "disable = [\"traefik\"]",
+        "disable = [\"trafik\"]",
+        "k3s.disable[0]",
+        "servicelb",
+    );
 }
 
 #[test]
@@ -292,7 +374,11 @@ fn label_value_with_shell_syntax_is_refused() {
 #[test]
 fn taint_with_non_ascii_value_is_refused() {
     refused(
-        &[("recipes/gpu.toml", "gpu=present:NoSchedule", "gpu=présent:NoSchedule")],
+        &[(
+            "recipes/gpu.toml",
+            "gpu=present:NoSchedule",
+            "gpu=présent:NoSchedule",
+        )],
         "gpu",
         "recipes/gpu.toml",
         "k3s.node_taints[0]",
@@ -358,7 +444,12 @@ fn refused_sealed_file(text: &str, key: &str, needle: &str) {
     let d = project_copy();
     fs::create_dir_all(d.path().join("recipes/secrets")).unwrap();
     fs::write(d.path().join("recipes/secrets/x.yaml"), text).unwrap();
-    edit(d.path(), CLUSTER, "secrets = []", "secrets = [\"secrets/x.yaml\"]");
+    edit(
+        d.path(),
+        CLUSTER,
+        "secrets = []",
+        "secrets = [\"secrets/x.yaml\"]",
+    );
     let o = kiln(d.path(), &["build", "--role", "master"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
@@ -370,12 +461,20 @@ fn refused_sealed_file(text: &str, key: &str, needle: &str) {
 
 #[test]
 fn sealed_secret_name_with_a_slash_is_refused() {
-    refused_sealed_file(&sealed_secret("db/creds", "default"), "metadata.name", "'/'");
+    refused_sealed_file(
+        &sealed_secret("db/creds", "default"),
+        "metadata.name",
+        "'/'",
+    );
 }
 
 #[test]
 fn sealed_secret_name_of_300_characters_is_refused() {
-    refused_sealed_file(&sealed_secret(&"a".repeat(300), "default"), "metadata.name", "300 characters");
+    refused_sealed_file(
+        &sealed_secret(&"a".repeat(300), "default"),
+        "metadata.name",
+        "300 characters",
+    );
 }
 
 #[test]
@@ -385,12 +484,20 @@ fn sealed_secret_non_ascii_name_is_refused() {
 
 #[test]
 fn sealed_secret_upper_case_name_is_refused() {
-    refused_sealed_file(&sealed_secret("DB_Creds", "default"), "metadata.name", "DNS-1123 subdomain");
+    refused_sealed_file(
+        &sealed_secret("DB_Creds", "default"),
+        "metadata.name",
+        "DNS-1123 subdomain",
+    );
 }
 
 #[test]
 fn sealed_secret_namespace_with_a_slash_is_refused() {
-    refused_sealed_file(&sealed_secret("creds", "team/a"), "metadata.namespace", "DNS-1123 label");
+    refused_sealed_file(
+        &sealed_secret("creds", "team/a"),
+        "metadata.namespace",
+        "DNS-1123 label",
+    );
 }
 
 #[test]
@@ -407,7 +514,10 @@ fn seal_refuses(secret: &str, needle: &str) {
     let o = kiln(d.path(), &["seal", p.to_str().unwrap()]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains(needle), "error does not say {needle:?}:\n{err}");
+    assert!(
+        err.contains(needle),
+        "error does not say {needle:?}:\n{err}"
+    );
     assert!(o.stdout.is_empty(), "something was sealed");
 }
 
@@ -466,7 +576,10 @@ fn deeply_nested_manifest_is_refused_before_parsing() {
     let d = project_copy();
     fs::write(
         d.path().join("recipes/manifests/deep.yaml"),
-        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\ndata: {}\n", "[".repeat(100_000)),
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\ndata: {}\n",
+            "[".repeat(100_000)
+        ),
     )
     .unwrap();
     edit(
@@ -478,7 +591,10 @@ fn deeply_nested_manifest_is_refused_before_parsing() {
     let o = kiln(d.path(), &["build", "--role", "master"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("deep.yaml") && err.contains("nested more than 100"), "{err}");
+    assert!(
+        err.contains("deep.yaml") && err.contains("nested more than 100"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -498,7 +614,10 @@ fn manifest_name_with_a_slash_is_refused() {
     let o = kiln(d.path(), &["build", "--role", "master"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("bad.yaml") && err.contains("metadata.name"), "{err}");
+    assert!(
+        err.contains("bad.yaml") && err.contains("metadata.name"),
+        "{err}"
+    );
 }
 
 /// A seed template that renders 100 000 nested sequences is refused with the template named.
@@ -521,4 +640,20 @@ fn deeply_nested_rendered_seed_is_refused() {
         "{err}"
     );
     assert!(!Path::new(&out).join("master-1").exists());
+}
+
+/// TOML nesting is bounded by the toml crate itself (80 levels): pinned, so a change of its
+/// features cannot bring back slow refusals of cluster.toml or recipes.
+#[test]
+fn deeply_nested_toml_is_refused() {
+    refused_cluster(
+        "suite = \"bookworm\"",
+        &format!(
+            "suite = \"bookworm\"\nx = {}{}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        ),
+        "line 7",
+        "recursion limit",
+    );
 }

@@ -380,7 +380,9 @@ fn host_or_ip_problem(s: &str) -> Option<String> {
         Ok(IpAddr::V4(ip)) => host_address_problem(ip).map(|p| format!("the address {p}")),
         Ok(IpAddr::V6(ip)) => (ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
             .then(|| "not a unicast IPv6 address".to_string()),
-        Err(_) if s.contains(':') => Some("not an IP address, and a name has no ':' (no port)".into()),
+        Err(_) if s.contains(':') => {
+            Some("not an IP address, and a name has no ':' (no port)".into())
+        }
         Err(_) => domain_problem(s),
     }
 }
@@ -395,7 +397,10 @@ fn check_names_and_endpoint(path: &Path, c: &ClusterSection, nodes: &[Node]) -> 
                 return Err(RecipeError::new(
                     path,
                     node_key(i, "hostname"),
-                    format!("{}.{d} is {len} characters, longer than a DNS name ({MAX_DNS_NAME})", n.hostname),
+                    format!(
+                        "{}.{d} is {len} characters, longer than a DNS name ({MAX_DNS_NAME})",
+                        n.hostname
+                    ),
                     "shorten the hostname or cluster.domain",
                 ));
             }
@@ -405,7 +410,12 @@ fn check_names_and_endpoint(path: &Path, c: &ClusterSection, nodes: &[Node]) -> 
             return Err(RecipeError::new(
                 path,
                 "cluster.api_endpoint",
-                format!("{} is the address of {} (role {}), which runs no API server", own.unwrap_or_default(), n.hostname, n.role),
+                format!(
+                    "{} is the address of {} (role {}), which runs no API server",
+                    own.unwrap_or_default(),
+                    n.hostname,
+                    n.role
+                ),
                 "give a master's address or a VIP the masters hold",
             ));
         }
@@ -472,7 +482,10 @@ fn check_hostname(path: &Path, i: usize, n: &Node, seen: &mut BTreeSet<String>) 
         return Err(RecipeError::new(
             path,
             node_key(i, "hostname"),
-            format!("{:?} is all digits (it reads as a number or an address)", n.hostname),
+            format!(
+                "{:?} is all digits (it reads as a number or an address)",
+                n.hostname
+            ),
             "start it with a letter, e.g. \"node-1\"",
         ));
     }
@@ -550,19 +563,28 @@ fn check_node_role(layout: &Layout, path: &Path, i: usize, n: &Node) -> Result<(
 /// Address (dhcp or an IPv4 host address in CIDR form), gateway (only with a static address,
 /// inside its subnet), DNS servers (unicast, at most three, no repeats); the static address.
 fn check_node_network(path: &Path, i: usize, n: &Node) -> Result<Option<Cidr4>> {
-    let err = |k: &str, problem: String, fix: &str| Err(RecipeError::new(path, node_key(i, k), problem, fix));
+    let err = |k: &str, problem: String, fix: &str| {
+        Err(RecipeError::new(path, node_key(i, k), problem, fix))
+    };
     let cidr = if n.address == "dhcp" {
         None
     } else {
         let Some((ip, prefix)) = parse_cidr(&n.address) else {
             return err(
                 "address",
-                format!("{:?} is neither \"dhcp\" nor an address in CIDR form", n.address),
+                format!(
+                    "{:?} is neither \"dhcp\" nor an address in CIDR form",
+                    n.address
+                ),
                 "write \"dhcp\" or e.g. \"10.0.0.11/24\"",
             );
         };
         let IpAddr::V4(addr) = ip else {
-            return err("address", format!("{:?} is an IPv6 address", n.address), IPV6_FIX);
+            return err(
+                "address",
+                format!("{:?} is an IPv6 address", n.address),
+                IPV6_FIX,
+            );
         };
         if !(8..=32).contains(&prefix) {
             return err(
@@ -572,58 +594,115 @@ fn check_node_network(path: &Path, i: usize, n: &Node) -> Result<Option<Cidr4>> 
             );
         }
         if let Some(p) = host_address_problem(addr) {
-            return err("address", format!("{addr} {p}"), "give the node an address from its LAN");
+            return err(
+                "address",
+                format!("{addr} {p}"),
+                "give the node an address from its LAN",
+            );
         }
         let c = Cidr4 { addr, prefix };
         // /31 (RFC 3021) and /32 have no network or broadcast address.
         if prefix <= 30 && (addr == c.network() || addr == c.broadcast()) {
-            let which = if addr == c.network() { "network" } else { "broadcast" };
+            let which = if addr == c.network() {
+                "network"
+            } else {
+                "broadcast"
+            };
             return err(
                 "address",
                 format!("{addr} is the {which} address of {}/{prefix}", c.network()),
-                &format!("use a host address between {} and {}", Ipv4Addr::from(u32::from(c.network()) + 1), Ipv4Addr::from(u32::from(c.broadcast()) - 1)),
+                &format!(
+                    "use a host address between {} and {}",
+                    Ipv4Addr::from(u32::from(c.network()) + 1),
+                    Ipv4Addr::from(u32::from(c.broadcast()) - 1)
+                ),
             );
         }
         Some(c)
     };
     if let Some(gw) = &n.gateway {
         let Some(c) = cidr else {
-            return err("gateway", "a gateway is set but the address is dhcp".into(), "remove gateway, or give a static address");
+            return err(
+                "gateway",
+                "a gateway is set but the address is dhcp".into(),
+                "remove gateway, or give a static address",
+            );
         };
         let g = match gw.parse::<IpAddr>() {
             Ok(IpAddr::V4(g)) => g,
-            Ok(IpAddr::V6(_)) => return err("gateway", format!("{gw:?} is an IPv6 address"), IPV6_FIX),
-            Err(_) => return err("gateway", format!("{gw:?} is not an IP address"), "write e.g. \"10.0.0.1\""),
+            Ok(IpAddr::V6(_)) => {
+                return err("gateway", format!("{gw:?} is an IPv6 address"), IPV6_FIX)
+            }
+            Err(_) => {
+                return err(
+                    "gateway",
+                    format!("{gw:?} is not an IP address"),
+                    "write e.g. \"10.0.0.1\"",
+                )
+            }
         };
         if let Some(p) = host_address_problem(g) {
-            return err("gateway", format!("{g} {p}"), "give the router's address on the node's subnet");
+            return err(
+                "gateway",
+                format!("{g} {p}"),
+                "give the router's address on the node's subnet",
+            );
         }
         if g == c.addr {
-            return err("gateway", format!("{g} is the node's own address"), "give the router's address, not the node's");
+            return err(
+                "gateway",
+                format!("{g} is the node's own address"),
+                "give the router's address, not the node's",
+            );
         }
         if !c.contains(g) || (c.prefix <= 30 && (g == c.network() || g == c.broadcast())) {
             return err(
                 "gateway",
-                format!("{g} is not a host of the node's subnet {}/{}", c.network(), c.prefix),
+                format!(
+                    "{g} is not a host of the node's subnet {}/{}",
+                    c.network(),
+                    c.prefix
+                ),
                 "give a router on that subnet, or correct the address's prefix length",
             );
         }
     }
     if n.dns.len() > 3 {
-        return err("dns", format!("{} DNS servers; the resolver uses only the first 3", n.dns.len()), "list at most three DNS servers");
+        return err(
+            "dns",
+            format!(
+                "{} DNS servers; the resolver uses only the first 3",
+                n.dns.len()
+            ),
+            "list at most three DNS servers",
+        );
     }
     for (j, d) in n.dns.iter().enumerate() {
         let key = format!("dns[{j}]");
         let ip = match d.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => ip,
             Ok(IpAddr::V6(_)) => return err(&key, format!("{d:?} is an IPv6 address"), IPV6_FIX),
-            Err(_) => return err(&key, format!("{d:?} is not an IP address"), "list DNS servers as IPs, e.g. [\"10.0.0.1\"]"),
+            Err(_) => {
+                return err(
+                    &key,
+                    format!("{d:?} is not an IP address"),
+                    "list DNS servers as IPs, e.g. [\"10.0.0.1\"]",
+                )
+            }
         };
         if let Some(p) = dns_server_problem(ip) {
-            return err(&key, format!("{ip} {p}"), "list the unicast addresses of DNS servers, e.g. [\"10.0.0.1\"]");
+            return err(
+                &key,
+                format!("{ip} {p}"),
+                "list the unicast addresses of DNS servers, e.g. [\"10.0.0.1\"]",
+            );
         }
         if n.dns[..j].contains(d) {
-            return err(&key, format!("{d} is listed twice"), "list each DNS server once");
+            return err(
+                &key,
+                format!("{d} is listed twice"),
+                "list each DNS server once",
+            );
         }
     }
     Ok(cidr)
@@ -693,7 +772,9 @@ fn check_k3s_networks(path: &Path, k: &K3sCluster, nodes: &[Node]) -> Result<()>
         ("k3s.service_cidr", &k.service_cidr),
     ] {
         let Some(v) = v else { continue };
-        let err = |problem: String| Err(RecipeError::new(path, key, problem, "write the network, e.g. \"10.42.0.0/16\" (or a dual-stack pair \"10.42.0.0/16,fd00:42::/56\")"));
+        let err = |problem: String| {
+            Err(RecipeError::new(path, key, problem, "write the network, e.g. \"10.42.0.0/16\" (or a dual-stack pair \"10.42.0.0/16,fd00:42::/56\")"))
+        };
         let parts: Vec<&str> = v.split(',').collect();
         let mut families = BTreeSet::new();
         for part in &parts {
@@ -705,9 +786,17 @@ fn check_k3s_networks(path: &Path, k: &K3sCluster, nodes: &[Node]) -> Result<()>
                 IpAddr::V4(addr) => {
                     let c = Cidr4 { addr, prefix };
                     if c.network() != addr || prefix == 0 {
-                        return err(format!("{part:?} is not a network address (its network is {}/{prefix})", c.network()));
+                        return err(format!(
+                            "{part:?} is not a network address (its network is {}/{prefix})",
+                            c.network()
+                        ));
                     }
-                    if let Some((o, what)) = node_nets.iter().map(|(n, h)| (n, format!("node {h}'s subnet"))).chain(seen.iter().map(|(n, k)| (n, k.to_string()))).find(|(o, _)| o.overlaps(&c)) {
+                    if let Some((o, what)) = node_nets
+                        .iter()
+                        .map(|(n, h)| (n, format!("node {h}'s subnet")))
+                        .chain(seen.iter().map(|(n, k)| (n, k.to_string())))
+                        .find(|(o, _)| o.overlaps(&c))
+                    {
                         return err(format!("{c} overlaps {what} {}/{}", o.network(), o.prefix));
                     }
                     seen.push((c, key));
@@ -771,12 +860,23 @@ fn check_sealed_secrets(layout: &Layout, path: &Path, ss: &SealedSecretsConfig) 
     }
     // Both go into the HelmChart manifest masters deploy.
     let url_ok = ss.chart_repo.starts_with("https://") || ss.chart_repo.starts_with("http://");
-    if !url_ok || ss.chart_repo.len() > 2048 || !ss.chart_repo.bytes().all(|b| b.is_ascii_graphic()) {
+    if !url_ok || ss.chart_repo.len() > 2048 || !ss.chart_repo.bytes().all(|b| b.is_ascii_graphic())
+    {
         return Err(RecipeError::new(path, "sealed_secrets.chart_repo", format!("{:?} is not an http(s) URL", ss.chart_repo), "give the chart repository's URL, e.g. \"https://bitnami-labs.github.io/sealed-secrets\""));
     }
     let v = &ss.chart_version;
-    if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
-        return Err(RecipeError::new(path, "sealed_secrets.chart_version", format!("{v:?} is not a chart version"), "write a version like \"2.17.2\""));
+    if v.is_empty()
+        || v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return Err(RecipeError::new(
+            path,
+            "sealed_secrets.chart_version",
+            format!("{v:?} is not a chart version"),
+            "write a version like \"2.17.2\"",
+        ));
     }
     for (i, f) in ss.secrets.iter().enumerate() {
         if f.starts_with('/') || f.contains("..") || !layout.recipe_file(f).is_file() {

@@ -167,8 +167,7 @@ fn first_line_deeper_than(text: &str, max: usize) -> Option<usize> {
                 }
                 pos = indent;
                 // Block indicators, several possibly on one line: `- - x`, `? - x`, `: x`.
-                while matches!(b.get(pos), Some(b'-' | b'?' | b':')) && blank_or_end(b, pos + 1)
-                {
+                while matches!(b.get(pos), Some(b'-' | b'?' | b':')) && blank_or_end(b, pos + 1) {
                     s.open_block(pos);
                     if s.indents.len() > max {
                         return Some(n + 1);
@@ -217,7 +216,8 @@ fn scan_line(s: &mut Scan, b: &[u8], pos: usize, max: usize) -> bool {
             b'#' if after_blank => break,
             b' ' | b'\t' => {}
             b':' if blank_or_end(b, j + 1)
-                || (s.flow > 0 && matches!(b.get(j + 1), Some(b',' | b'[' | b']' | b'{' | b'}'))) =>
+                || (s.flow > 0
+                    && matches!(b.get(j + 1), Some(b',' | b'[' | b']' | b'{' | b'}'))) =>
             {
                 if s.flow == 0 && !key_seen {
                     key_seen = true;
@@ -368,7 +368,9 @@ mod tests {
     fn no_form_of_deep_nesting_passes() {
         let n = 130;
         let indented: String = (0..n).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
-        let seq_in_map: String = (0..n).map(|i| format!("{}- k:\n", "  ".repeat(i))).collect();
+        let seq_in_map: String = (0..n)
+            .map(|i| format!("{}- k:\n", "  ".repeat(i)))
+            .collect();
         let forms = [
             "[".repeat(n),
             "{a: ".repeat(n),

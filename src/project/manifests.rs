@@ -24,7 +24,10 @@ fn check_limits(path: &Path, key: &str, text: &str, input: YamlInput) -> Result<
 /// without `/`, a namespace is a DNS-1123 label.
 fn check_names(path: &Path, doc: usize, v: &serde_yaml::Value, strict: bool) -> Result<()> {
     let meta = v.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or_default();
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or_default();
     let problem = if strict {
         k8s_subdomain_problem(name)
     } else {

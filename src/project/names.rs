@@ -12,7 +12,9 @@ pub const MAX_DNS_LABEL: usize = 63;
 /// One RFC 1123 label: 1–63 of `a-z 0-9 -`, not starting or ending with `-`.
 fn label_problem(l: &str, what: &str) -> Option<String> {
     if l.is_empty() {
-        return Some(format!("{what} has an empty label (two dots in a row, or a dot at an end)"));
+        return Some(format!(
+            "{what} has an empty label (two dots in a row, or a dot at an end)"
+        ));
     }
     if l.len() > MAX_DNS_LABEL {
         return Some(format!(
@@ -29,7 +31,9 @@ fn label_problem(l: &str, what: &str) -> Option<String> {
         ));
     }
     if l.starts_with('-') || l.ends_with('-') {
-        return Some(format!("{what} has a label {l:?} that starts or ends with '-'"));
+        return Some(format!(
+            "{what} has a label {l:?} that starts or ends with '-'"
+        ));
     }
     None
 }
@@ -52,7 +56,10 @@ pub fn domain_problem(s: &str) -> Option<String> {
             return Some(p);
         }
     }
-    if s.rsplit('.').next().is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit())) {
+    if s.rsplit('.')
+        .next()
+        .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Some("its last label is all digits (it reads as an IP address)".into());
     }
     None
@@ -193,12 +200,18 @@ pub fn disk_path_problem(d: &str) -> Option<String> {
     let Some(rest) = d.strip_prefix("/dev/") else {
         return Some("is not an absolute path under /dev/".into());
     };
-    if let Some(c) = d.chars().find(|c| !c.is_ascii() || !is_disk_path_byte(*c as u8)) {
+    if let Some(c) = d
+        .chars()
+        .find(|c| !c.is_ascii() || !is_disk_path_byte(*c as u8))
+    {
         return Some(format!(
             "contains {c:?}; a device path has only letters, digits and / - _ . : + @"
         ));
     }
-    if rest.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Some("has an empty, '.' or '..' component".into());
     }
     None
@@ -237,7 +250,15 @@ mod tests {
     #[test]
     fn kubernetes_names() {
         assert_eq!(k8s_subdomain_problem("db-creds.v2"), None);
-        for bad in ["ns/name", "Name", "a..b", "-a", "", "sécret", &"a".repeat(254)] {
+        for bad in [
+            "ns/name",
+            "Name",
+            "a..b",
+            "-a",
+            "",
+            "sécret",
+            &"a".repeat(254),
+        ] {
             assert!(k8s_subdomain_problem(bad).is_some(), "{bad:?}");
         }
         assert!(k8s_subdomain_problem(&"a".repeat(253)).is_none());
@@ -253,7 +274,10 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(label_key_problem("node.longhorn.io/create-default-disk"), None);
+        assert_eq!(
+            label_key_problem("node.longhorn.io/create-default-disk"),
+            None
+        );
         assert_eq!(label_key_problem("gpu"), None);
         assert_eq!(label_value_problem(""), None);
         assert_eq!(label_value_problem("true"), None);

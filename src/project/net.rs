@@ -110,8 +110,18 @@ mod tests {
         assert_eq!(parse_cidr("10.0.0.1/+8"), None);
         assert_eq!(parse_cidr("10.0.0.1/"), None);
         assert!(parse_cidr("fd00::1/64").is_some());
-        for bad in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "240.0.0.1", "127.0.0.1", "169.254.1.1"] {
-            assert!(host_address_problem(bad.parse().unwrap()).is_some(), "{bad}");
+        for bad in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "127.0.0.1",
+            "169.254.1.1",
+        ] {
+            assert!(
+                host_address_problem(bad.parse().unwrap()).is_some(),
+                "{bad}"
+            );
         }
         assert_eq!(host_address_problem(Ipv4Addr::new(192, 168, 1, 10)), None);
         assert_eq!(dns_server_problem(Ipv4Addr::new(127, 0, 0, 53)), None);

@@ -652,7 +652,11 @@ fn check_labels_and_taints(path: &Path, k: &K3sRoleFile) -> Result<()> {
         label_key_problem(key).or_else(|| label_value_problem(value))
     };
     for (i, l) in k.node_labels.iter().enumerate() {
-        let p = if l.contains('=') { kv_problem(l) } else { Some("it has no '='".into()) };
+        let p = if l.contains('=') {
+            kv_problem(l)
+        } else {
+            Some("it has no '='".into())
+        };
         if let Some(p) = p {
             return Err(RecipeError::new(
                 path,
@@ -664,8 +668,12 @@ fn check_labels_and_taints(path: &Path, k: &K3sRoleFile) -> Result<()> {
     }
     for (i, t) in k.node_taints.iter().enumerate() {
         let p = match t.rsplit_once(':') {
-            Some((kv, eff)) if matches!(eff, "NoSchedule" | "PreferNoSchedule" | "NoExecute") => {
-                if kv.contains('=') { kv_problem(kv) } else { label_key_problem(kv) }
+            Some((kv, "NoSchedule" | "PreferNoSchedule" | "NoExecute")) => {
+                if kv.contains('=') {
+                    kv_problem(kv)
+                } else {
+                    label_key_problem(kv)
+                }
             }
             _ => Some("the effect must be NoSchedule, PreferNoSchedule or NoExecute".into()),
         };
