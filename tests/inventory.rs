@@ -657,3 +657,46 @@ fn deeply_nested_toml_is_refused() {
         "recursion limit",
     );
 }
+
+/// A seed template's network-config: `body` under a device matching the node, refused with
+/// `needle` (the built-in template's checks apply to overrides too).
+fn network_config_refused(body: &str, needle: &str) {
+    let d = project_copy();
+    let seed = d.path().join("overlays/seed");
+    fs::create_dir_all(&seed).unwrap();
+    fs::write(
+        seed.join("network-config.tera"),
+        format!("version: 2\nethernets:\n  e:\n    match:\n      macaddress: \"{{{{ node.mac }}}}\"\n{body}"),
+    )
+    .unwrap();
+    let o = kiln(d.path(), &["seed"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for want in ["overlays/seed/network-config.tera", "fix:", needle] {
+        assert!(err.contains(want), "error does not say {want:?}:\n{err}");
+    }
+}
+
+#[test]
+fn network_config_prefix_out_of_range_is_refused() {
+    network_config_refused(
+        "    addresses: [\"10.0.0.11/200\"]\n",
+        "ethernets.e.addresses",
+    );
+}
+
+#[test]
+fn network_config_gateway4_of_the_wrong_family_is_refused() {
+    network_config_refused(
+        "    addresses: [\"10.0.0.11/24\"]\n    gateway4: \"fd00::1\"\n",
+        "not an IPv4 address",
+    );
+}
+
+#[test]
+fn network_config_multicast_mac_match_is_refused() {
+    network_config_refused(
+        "  f:\n    match:\n      macaddress: \"01:00:5e:00:00:01\"\n",
+        "multicast",
+    );
+}

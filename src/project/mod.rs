@@ -10,6 +10,6 @@ pub mod limits;
 pub mod lock;
 pub mod manifests;
 pub mod names;
-mod net;
+pub mod net;
 pub mod overlays;
 pub mod recipe;
