@@ -344,6 +344,14 @@ fn add_registries(l: &mut Layer, project: &Project, r: &str) -> Result<()> {
     let real = crate::project::confine::recipe_file(&project.layout(), r, by)?;
     let text =
         crate::project::confine::read_real(&real, &p, crate::project::confine::MAX_SMALL, by)?;
+    crate::project::limits::check_yaml(&text, crate::project::limits::REGISTRIES).map_err(|e| {
+        RecipeError::new(
+            &p,
+            "(registries)",
+            e.to_string(),
+            "see https://docs.k3s.io/installation/private-registry",
+        )
+    })?;
     let v: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
         RecipeError::new(
             &p,

@@ -259,6 +259,13 @@ fn invalid(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Inv
 /// Checks one rendered file: YAML parses, required keys, network-config v2 keys.
 pub fn validate(file: &str, text: &str, node: &Node, iid: &str) -> Result<(), Invalid> {
     let parse = |t: &str| -> Result<serde_yaml::Value, Invalid> {
+        crate::project::limits::check_yaml(t, crate::project::limits::SEED_FILE).map_err(|e| {
+            invalid(
+                "(yaml)",
+                format!("rendered {file} is refused: {e}"),
+                "make the template render a smaller, flatter document",
+            )
+        })?;
         serde_yaml::from_str(t).map_err(|e| {
             invalid(
                 "(yaml)",
@@ -446,6 +453,13 @@ fn validate_network(v: &serde_yaml::Value, node: &Node) -> Result<(), Invalid> {
                             "quote it: macaddress: \"aa:bb:cc:dd:ee:ff\"",
                         ));
                     }
+                    if let Some(p) = crate::project::inventory::mac_problem(&mac) {
+                        return Err(invalid(
+                            &format!("{at}match.macaddress"),
+                            format!("{mac} {p}"),
+                            "match a NIC's own address, e.g. \"{{ node.mac }}\"",
+                        ));
+                    }
                     mac_matched |= mac == node.mac;
                 }
             }
@@ -459,10 +473,8 @@ fn validate_network(v: &serde_yaml::Value, node: &Node) -> Result<(), Invalid> {
                 })?;
                 for x in list {
                     let s = x.as_str().unwrap_or_default();
-                    let ok = s.split_once('/').is_some_and(|(ip, len)| {
-                        ip.parse::<std::net::IpAddr>().is_ok() && len.parse::<u8>().is_ok()
-                    });
-                    if !ok {
+                    // The prefix length within the family's bounds (/33 or /200 are not).
+                    if crate::project::net::parse_cidr(s).is_none() {
                         return Err(invalid(
                             &format!("{at}addresses"),
                             format!("{s:?} is not an address in CIDR form"),
@@ -471,16 +483,22 @@ fn validate_network(v: &serde_yaml::Value, node: &Node) -> Result<(), Invalid> {
                     }
                 }
             }
-            for g in ["gateway4", "gateway6"] {
+            for (g, v4) in [("gateway4", true), ("gateway6", false)] {
                 if let Some(x) = d.get(g) {
-                    if x.as_str()
+                    let family_ok = x
+                        .as_str()
                         .and_then(|s| s.parse::<std::net::IpAddr>().ok())
-                        .is_none()
-                    {
+                        .is_some_and(|ip| ip.is_ipv4() == v4);
+                    if !family_ok {
+                        let want = if v4 { "an IPv4" } else { "an IPv6" };
                         return Err(invalid(
                             &format!("{at}{g}"),
-                            format!("{x:?} is not an IP address"),
-                            "write e.g. \"10.0.0.1\"",
+                            format!("{x:?} is not {want} address"),
+                            if v4 {
+                                "write e.g. \"10.0.0.1\""
+                            } else {
+                                "write e.g. \"fd00::1\", or use gateway4 for IPv4"
+                            },
                         ));
                     }
                 }

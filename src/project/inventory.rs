@@ -5,13 +5,32 @@
 use super::error::{RecipeError, Result};
 use super::files::{is_dns_label, parse_toml, validate_pinned, Pinned};
 use super::layout::Layout;
+use super::names::{disk_path_problem, domain_problem, MAX_DNS_NAME};
+use super::net::{dns_server_problem, host_address_problem, parse_cidr, Cidr4};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 /// The earliest SOURCE_DATE_EPOCH kiln accepts: FAT (the ESP) cannot store times before 1980.
 pub const MIN_SOURCE_DATE_EPOCH: i64 = 315_532_800;
+/// The latest SOURCE_DATE_EPOCH kiln accepts, 2106-02-07 06:28:15 UTC: squashfs stores times
+/// as unsigned 32-bit seconds (FAT ends later, 2107-12-31; ISO 9660 in 2155).
+pub const MAX_SOURCE_DATE_EPOCH: i64 = u32::MAX as i64;
+
+/// What nodes support as addresses: IPv4 only. kiln's PXE (DHCPv4, iPXE over IPv4), the
+/// seed's network-config (`dhcp4`), the on-node inventory and Proxmox's `ipconfig0` speak IPv4.
+const IPV6_FIX: &str = "IPv6 node addresses are not supported (kiln's PXE, seeds and Proxmox clones configure IPv4): give an IPv4 address, or \"dhcp\"; SLAAC still configures IPv6 on the node";
+
+/// k3s components servers can `--disable`.
+const K3S_COMPONENTS: &[&str] = &[
+    "coredns",
+    "servicelb",
+    "traefik",
+    "local-storage",
+    "metrics-server",
+    "runtimes",
+];
 
 /// Roles kiln knows how to build; a recipe file for each lives in `recipes/`.
 pub const ROLES: &[&str] = &["master", "worker", "gpu", "storage"];
@@ -253,6 +272,21 @@ pub fn load_project(root: &Path) -> Result<Project> {
     })
 }
 
+/// Why a normalised MAC cannot be a NIC's own address: all zero, broadcast, or multicast (the
+/// low bit of the first byte set).
+pub fn mac_problem(mac: &str) -> Option<&'static str> {
+    let first = u8::from_str_radix(mac.get(..2)?, 16).ok()?;
+    if mac == "00:00:00:00:00:00" {
+        Some("is the all-zero MAC, which no NIC has")
+    } else if mac == "ff:ff:ff:ff:ff:ff" {
+        Some("is the broadcast MAC, not a NIC's address")
+    } else if first & 1 == 1 {
+        Some("is a multicast MAC (the low bit of its first byte is set), not a NIC's address")
+    } else {
+        None
+    }
+}
+
 /// Normalises a MAC (`AA-BB-CC-DD-EE-FF`, `aa:bb:...`) to `aa:bb:cc:dd:ee:ff`.
 pub fn normalize_mac(mac: &str) -> Option<String> {
     let parts: Vec<&str> = mac.split([':', '-']).collect();
@@ -273,6 +307,7 @@ pub fn normalize_mac(mac: &str) -> Option<String> {
 fn validate_cluster(layout: &Layout, path: &Path, file: ClusterFile) -> Result<Cluster> {
     check_section(path, &file.cluster)?;
     let nodes = check_nodes(layout, path, file.nodes)?;
+    check_names_and_endpoint(path, &file.cluster, &nodes)?;
     if let Some(k) = &file.k3s {
         check_k3s(layout, path, k, &nodes)?;
     }
@@ -300,6 +335,9 @@ fn check_section(path: &Path, c: &ClusterSection) -> Result<()> {
     if c.source_date_epoch < MIN_SOURCE_DATE_EPOCH {
         return Err(RecipeError::new(path, "cluster.source_date_epoch", format!("{} is before 1980-01-01", c.source_date_epoch), format!("use a Unix time >= {MIN_SOURCE_DATE_EPOCH}, e.g. the date of your last commit: `git log -1 --format=%ct`")));
     }
+    if c.source_date_epoch > MAX_SOURCE_DATE_EPOCH {
+        return Err(RecipeError::new(path, "cluster.source_date_epoch", format!("{} is after 2106-02-07 06:28:15 UTC, the last time root.squashfs can store (unsigned 32-bit seconds; the FAT ESP ends at 2107-12-31)", c.source_date_epoch), format!("use a Unix time from {MIN_SOURCE_DATE_EPOCH} to {MAX_SOURCE_DATE_EPOCH}, e.g. `git log -1 --format=%ct`")));
+    }
     if c.suite.is_empty()
         || !c
             .suite
@@ -314,15 +352,71 @@ fn check_section(path: &Path, c: &ClusterSection) -> Result<()> {
         ));
     }
     if let Some(ep) = &c.api_endpoint {
-        let bad = ep.is_empty()
-            || ep.contains(['/', ' '])
-            || (ep.contains(':') && ep.parse::<IpAddr>().is_err());
-        if bad {
+        if let Some(p) = host_or_ip_problem(ep) {
             return Err(RecipeError::new(
                 path,
                 "cluster.api_endpoint",
-                format!("{ep:?} is not a host name or IP address"),
-                "give an IP (\"10.0.0.10\") or a DNS name, without scheme or port",
+                format!("{ep:?} is not a host name or IP address: {p}"),
+                "give an IP (\"10.0.0.10\") or a DNS name (\"k3s.lab.internal\"), without scheme or port",
+            ));
+        }
+    }
+    if let Some(d) = &c.domain {
+        if let Some(p) = domain_problem(d) {
+            return Err(RecipeError::new(
+                path,
+                "cluster.domain",
+                format!("{d:?} is not a DNS domain: {p}"),
+                "write dot-separated labels of a-z, 0-9 and '-' (each 1-63 characters), e.g. \"lab.internal\"",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why `s` is neither a usable IP address nor an RFC 1123 host name.
+fn host_or_ip_problem(s: &str) -> Option<String> {
+    match s.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => host_address_problem(ip).map(|p| format!("the address {p}")),
+        Ok(IpAddr::V6(ip)) => (ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
+            .then(|| "not a unicast IPv6 address".to_string()),
+        Err(_) if s.contains(':') => {
+            Some("not an IP address, and a name has no ':' (no port)".into())
+        }
+        Err(_) => domain_problem(s),
+    }
+}
+
+/// Across [cluster] and the nodes: every `<hostname>.<domain>` fits in a DNS name, and an API
+/// endpoint that is a node's address is a master's.
+fn check_names_and_endpoint(path: &Path, c: &ClusterSection, nodes: &[Node]) -> Result<()> {
+    for (i, n) in nodes.iter().enumerate() {
+        if let Some(d) = &c.domain {
+            let len = n.hostname.len() + 1 + d.len();
+            if len > MAX_DNS_NAME {
+                return Err(RecipeError::new(
+                    path,
+                    node_key(i, "hostname"),
+                    format!(
+                        "{}.{d} is {len} characters, longer than a DNS name ({MAX_DNS_NAME})",
+                        n.hostname
+                    ),
+                    "shorten the hostname or cluster.domain",
+                ));
+            }
+        }
+        let own = n.address.split_once('/').map(|(ip, _)| ip);
+        if c.api_endpoint.is_some() && own == c.api_endpoint.as_deref() && n.role != "master" {
+            return Err(RecipeError::new(
+                path,
+                "cluster.api_endpoint",
+                format!(
+                    "{} is the address of {} (role {}), which runs no API server",
+                    own.unwrap_or_default(),
+                    n.hostname,
+                    n.role
+                ),
+                "give a master's address or a VIP the masters hold",
             ));
         }
     }
@@ -334,14 +428,40 @@ fn check_nodes(layout: &Layout, path: &Path, file_nodes: Vec<Node>) -> Result<Ve
     let mut nodes = Vec::with_capacity(file_nodes.len());
     let mut hostnames = BTreeSet::new();
     let mut macs = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
     for (i, mut n) in file_nodes.into_iter().enumerate() {
         check_hostname(path, i, &n, &mut hostnames)?;
         n.mac = check_mac(path, i, &n, &mut macs)?;
         check_node_role(layout, path, i, &n)?;
-        check_node_network(path, i, &n)?;
+        if let Some(ip) = check_node_network(path, i, &n)? {
+            if let Some(other) = addresses.insert(ip.addr, n.hostname.clone()) {
+                return Err(RecipeError::new(
+                    path,
+                    node_key(i, "address"),
+                    format!("{} is already the address of node {other:?}", ip.addr),
+                    "give every node its own address",
+                ));
+            }
+        }
+        check_disk(path, i, &n)?;
         nodes.push(n);
     }
     Ok(nodes)
+}
+
+/// `disk`: an absolute `/dev/…` path with nothing a shell would read (docs/guide/recipes.md
+/// recommends `/dev/disk/by-id/…`: `/dev/sdX` may name another disk after a reboot).
+fn check_disk(path: &Path, i: usize, n: &Node) -> Result<()> {
+    let Some(d) = &n.disk else { return Ok(()) };
+    if let Some(p) = disk_path_problem(d) {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "disk"),
+            format!("{d:?} {p}"),
+            "give the device path, preferably a stable one: \"/dev/disk/by-id/…\" or \"/dev/disk/by-path/…\" (`ls -l /dev/disk/by-id/`)",
+        ));
+    }
+    Ok(())
 }
 
 /// `nodes[<i>].<k>`.
@@ -355,7 +475,18 @@ fn check_hostname(path: &Path, i: usize, n: &Node, seen: &mut BTreeSet<String>) 
             path,
             node_key(i, "hostname"),
             format!("{:?} is not a valid host name", n.hostname),
-            "use lower-case letters, digits and '-', at most 63 characters",
+            "use lower-case letters, digits and '-' (not at either end), at most 63 characters",
+        ));
+    }
+    if n.hostname.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "hostname"),
+            format!(
+                "{:?} is all digits (it reads as a number or an address)",
+                n.hostname
+            ),
+            "start it with a letter, e.g. \"node-1\"",
         ));
     }
     if !seen.insert(n.hostname.clone()) {
@@ -384,6 +515,14 @@ fn check_mac(
             "write six hex byte pairs separated by ':' like \"52:54:00:12:34:56\"",
         )
     })?;
+    if let Some(p) = mac_problem(&mac) {
+        return Err(RecipeError::new(
+            path,
+            node_key(i, "mac"),
+            format!("{mac} {p}"),
+            "give the boot NIC's own (unicast) address, as `ip link` shows it on the machine",
+        ));
+    }
     if let Some(other) = seen.insert(mac.clone(), n.hostname.clone()) {
         return Err(RecipeError::new(
             path,
@@ -421,55 +560,152 @@ fn check_node_role(layout: &Layout, path: &Path, i: usize, n: &Node) -> Result<(
     Ok(())
 }
 
-/// Address (dhcp or CIDR), gateway (only with a static address), DNS servers.
-fn check_node_network(path: &Path, i: usize, n: &Node) -> Result<()> {
-    if n.address != "dhcp" {
-        let ok = n
-            .address
-            .split_once('/')
-            .and_then(|(ip, len)| Some((ip.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?)))
-            .is_some_and(|(ip, len)| len <= if ip.is_ipv4() { 32 } else { 128 });
-        if !ok {
-            return Err(RecipeError::new(
-                path,
-                node_key(i, "address"),
+/// Address (dhcp or an IPv4 host address in CIDR form), gateway (only with a static address,
+/// inside its subnet), DNS servers (unicast, at most three, no repeats); the static address.
+fn check_node_network(path: &Path, i: usize, n: &Node) -> Result<Option<Cidr4>> {
+    let err = |k: &str, problem: String, fix: &str| {
+        Err(RecipeError::new(path, node_key(i, k), problem, fix))
+    };
+    let cidr = if n.address == "dhcp" {
+        None
+    } else {
+        let Some((ip, prefix)) = parse_cidr(&n.address) else {
+            return err(
+                "address",
                 format!(
                     "{:?} is neither \"dhcp\" nor an address in CIDR form",
                     n.address
                 ),
                 "write \"dhcp\" or e.g. \"10.0.0.11/24\"",
-            ));
+            );
+        };
+        let IpAddr::V4(addr) = ip else {
+            return err(
+                "address",
+                format!("{:?} is an IPv6 address", n.address),
+                IPV6_FIX,
+            );
+        };
+        if !(8..=32).contains(&prefix) {
+            return err(
+                "address",
+                format!("/{prefix} is not the prefix of a LAN subnet"),
+                "give the subnet's prefix length, /8 to /32, e.g. \"10.0.0.11/24\"",
+            );
+        }
+        if let Some(p) = host_address_problem(addr) {
+            return err(
+                "address",
+                format!("{addr} {p}"),
+                "give the node an address from its LAN",
+            );
+        }
+        let c = Cidr4 { addr, prefix };
+        // /31 (RFC 3021) and /32 have no network or broadcast address.
+        if prefix <= 30 && (addr == c.network() || addr == c.broadcast()) {
+            let which = if addr == c.network() {
+                "network"
+            } else {
+                "broadcast"
+            };
+            return err(
+                "address",
+                format!("{addr} is the {which} address of {}/{prefix}", c.network()),
+                &format!(
+                    "use a host address between {} and {}",
+                    Ipv4Addr::from(u32::from(c.network()) + 1),
+                    Ipv4Addr::from(u32::from(c.broadcast()) - 1)
+                ),
+            );
+        }
+        Some(c)
+    };
+    if let Some(gw) = &n.gateway {
+        let Some(c) = cidr else {
+            return err(
+                "gateway",
+                "a gateway is set but the address is dhcp".into(),
+                "remove gateway, or give a static address",
+            );
+        };
+        let g = match gw.parse::<IpAddr>() {
+            Ok(IpAddr::V4(g)) => g,
+            Ok(IpAddr::V6(_)) => {
+                return err("gateway", format!("{gw:?} is an IPv6 address"), IPV6_FIX)
+            }
+            Err(_) => {
+                return err(
+                    "gateway",
+                    format!("{gw:?} is not an IP address"),
+                    "write e.g. \"10.0.0.1\"",
+                )
+            }
+        };
+        if let Some(p) = host_address_problem(g) {
+            return err(
+                "gateway",
+                format!("{g} {p}"),
+                "give the router's address on the node's subnet",
+            );
+        }
+        if g == c.addr {
+            return err(
+                "gateway",
+                format!("{g} is the node's own address"),
+                "give the router's address, not the node's",
+            );
+        }
+        if !c.contains(g) || (c.prefix <= 30 && (g == c.network() || g == c.broadcast())) {
+            return err(
+                "gateway",
+                format!(
+                    "{g} is not a host of the node's subnet {}/{}",
+                    c.network(),
+                    c.prefix
+                ),
+                "give a router on that subnet, or correct the address's prefix length",
+            );
         }
     }
-    if let Some(gw) = &n.gateway {
-        if gw.parse::<IpAddr>().is_err() {
-            return Err(RecipeError::new(
-                path,
-                node_key(i, "gateway"),
-                format!("{gw:?} is not an IP address"),
-                "write e.g. \"10.0.0.1\"",
-            ));
-        }
-        if n.address == "dhcp" {
-            return Err(RecipeError::new(
-                path,
-                node_key(i, "gateway"),
-                "a gateway is set but the address is dhcp",
-                "remove gateway, or give a static address",
-            ));
-        }
+    if n.dns.len() > 3 {
+        return err(
+            "dns",
+            format!(
+                "{} DNS servers; the resolver uses only the first 3",
+                n.dns.len()
+            ),
+            "list at most three DNS servers",
+        );
     }
     for (j, d) in n.dns.iter().enumerate() {
-        if d.parse::<IpAddr>().is_err() {
-            return Err(RecipeError::new(
-                path,
-                format!("nodes[{i}].dns[{j}]"),
-                format!("{d:?} is not an IP address"),
-                "list DNS servers as IPs, e.g. [\"10.0.0.1\"]",
-            ));
+        let key = format!("dns[{j}]");
+        let ip = match d.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => ip,
+            Ok(IpAddr::V6(_)) => return err(&key, format!("{d:?} is an IPv6 address"), IPV6_FIX),
+            Err(_) => {
+                return err(
+                    &key,
+                    format!("{d:?} is not an IP address"),
+                    "list DNS servers as IPs, e.g. [\"10.0.0.1\"]",
+                )
+            }
+        };
+        if let Some(p) = dns_server_problem(ip) {
+            return err(
+                &key,
+                format!("{ip} {p}"),
+                "list the unicast addresses of DNS servers, e.g. [\"10.0.0.1\"]",
+            );
+        }
+        if n.dns[..j].contains(d) {
+            return err(
+                &key,
+                format!("{d} is listed twice"),
+                "list each DNS server once",
+            );
         }
     }
-    Ok(())
+    Ok(cidr)
 }
 
 /// `[k3s]`: pins, CIDRs, kubeconfig mode, registries file; warns on an even number of masters.
@@ -489,25 +725,8 @@ fn check_k3s(layout: &Layout, path: &Path, k: &K3sCluster, nodes: &[Node]) -> Re
             ));
         }
     }
-    for (key, v) in [
-        ("k3s.cluster_cidr", &k.cluster_cidr),
-        ("k3s.service_cidr", &k.service_cidr),
-    ] {
-        if let Some(v) = v {
-            let ok = v.split(',').all(|c| {
-                c.split_once('/')
-                    .is_some_and(|(ip, l)| ip.parse::<IpAddr>().is_ok() && l.parse::<u8>().is_ok())
-            });
-            if !ok {
-                return Err(RecipeError::new(
-                    path,
-                    key,
-                    format!("{v:?} is not a CIDR (or comma-separated dual-stack pair)"),
-                    "write e.g. \"10.42.0.0/16\"",
-                ));
-            }
-        }
-    }
+    check_k3s_networks(path, k, nodes)?;
+    check_k3s_names(path, k)?;
     if let Some(m) = &k.write_kubeconfig_mode {
         if m.len() != 4 || !m.starts_with('0') || !m.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
             return Err(RecipeError::new(
@@ -538,10 +757,127 @@ pub fn registries_named_by(path: &Path) -> super::confine::NamedBy<'_> {
     }
 }
 
+/// `cluster_cidr` and `service_cidr`: one subnet or a dual-stack pair (one per family), written
+/// as the network (no host bits), not overlapping each other or a node's subnet.
+fn check_k3s_networks(path: &Path, k: &K3sCluster, nodes: &[Node]) -> Result<()> {
+    let node_nets: Vec<(Cidr4, &str)> = nodes
+        .iter()
+        .filter_map(|n| match parse_cidr(&n.address)? {
+            (IpAddr::V4(addr), prefix) => Some((Cidr4 { addr, prefix }, n.hostname.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut seen: Vec<(Cidr4, &str)> = Vec::new();
+    for (key, v) in [
+        ("k3s.cluster_cidr", &k.cluster_cidr),
+        ("k3s.service_cidr", &k.service_cidr),
+    ] {
+        let Some(v) = v else { continue };
+        let err = |problem: String| {
+            Err(RecipeError::new(path, key, problem, "write the network, e.g. \"10.42.0.0/16\" (or a dual-stack pair \"10.42.0.0/16,fd00:42::/56\")"))
+        };
+        let parts: Vec<&str> = v.split(',').collect();
+        let mut families = BTreeSet::new();
+        for part in &parts {
+            let Some((ip, prefix)) = parse_cidr(part) else {
+                return err(format!("{part:?} is not a CIDR"));
+            };
+            families.insert(ip.is_ipv4());
+            match ip {
+                IpAddr::V4(addr) => {
+                    let c = Cidr4 { addr, prefix };
+                    if c.network() != addr || prefix == 0 {
+                        return err(format!(
+                            "{part:?} is not a network address (its network is {}/{prefix})",
+                            c.network()
+                        ));
+                    }
+                    if let Some((o, what)) = node_nets
+                        .iter()
+                        .map(|(n, h)| (n, format!("node {h}'s subnet")))
+                        .chain(seen.iter().map(|(n, k)| (n, k.to_string())))
+                        .find(|(o, _)| o.overlaps(&c))
+                    {
+                        return err(format!("{c} overlaps {what} {}/{}", o.network(), o.prefix));
+                    }
+                    seen.push((c, key));
+                }
+                IpAddr::V6(a) => {
+                    let bits = u128::from(a);
+                    let host = bits & u128::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
+                    if prefix == 0 || host != 0 {
+                        return err(format!("{part:?} is not an IPv6 network address"));
+                    }
+                }
+            }
+        }
+        if parts.len() > 2 || families.len() != parts.len() {
+            return err(format!("{v:?} is neither one CIDR nor an IPv4,IPv6 pair"));
+        }
+    }
+    Ok(())
+}
+
+/// `disable` (k3s's components), `tls_san` (names and addresses), `cluster_domain`.
+fn check_k3s_names(path: &Path, k: &K3sCluster) -> Result<()> {
+    for (i, d) in k.disable.iter().enumerate() {
+        if !K3S_COMPONENTS.contains(&d.as_str()) {
+            return Err(RecipeError::new(
+                path,
+                format!("k3s.disable[{i}]"),
+                format!("{d:?} is not a component k3s can disable"),
+                format!("use one of {}", K3S_COMPONENTS.join(", ")),
+            ));
+        }
+    }
+    for (i, san) in k.tls_san.iter().enumerate() {
+        let name = san.strip_prefix("*.").unwrap_or(san);
+        if let Some(p) = host_or_ip_problem(name) {
+            return Err(RecipeError::new(
+                path,
+                format!("k3s.tls_san[{i}]"),
+                format!("{san:?} is not a DNS name or IP address: {p}"),
+                "give a name (\"k3s.lab.internal\", \"*.lab.internal\") or an IP address",
+            ));
+        }
+    }
+    if let Some(d) = &k.cluster_domain {
+        if let Some(p) = domain_problem(d) {
+            return Err(RecipeError::new(
+                path,
+                "k3s.cluster_domain",
+                format!("{d:?} is not a DNS domain: {p}"),
+                "write e.g. \"cluster.local\"",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `[sealed_secrets]`: the chart pin, and the SealedSecret files under recipes/.
 fn check_sealed_secrets(layout: &Layout, path: &Path, ss: &SealedSecretsConfig) -> Result<()> {
     if let Some(c) = &ss.chart {
         validate_pinned(path, "sealed_secrets.chart", c)?;
+    }
+    // Both go into the HelmChart manifest masters deploy.
+    let url_ok = ss.chart_repo.starts_with("https://") || ss.chart_repo.starts_with("http://");
+    if !url_ok || ss.chart_repo.len() > 2048 || !ss.chart_repo.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(RecipeError::new(path, "sealed_secrets.chart_repo", format!("{:?} is not an http(s) URL", ss.chart_repo), "give the chart repository's URL, e.g. \"https://bitnami-labs.github.io/sealed-secrets\""));
+    }
+    let v = &ss.chart_version;
+    if v.is_empty()
+        || v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return Err(RecipeError::new(
+            path,
+            "sealed_secrets.chart_version",
+            format!("{v:?} is not a chart version"),
+            "write a version like \"2.17.2\"",
+        ));
     }
     for (i, f) in ss.secrets.iter().enumerate() {
         super::confine::recipe_file(

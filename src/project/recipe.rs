@@ -658,27 +658,46 @@ fn check_k3s_role(
     Ok(mode)
 }
 
-/// `k3s.node_labels` are `key=value`, `k3s.node_taints` `key[=value]:Effect`.
+/// `k3s.node_labels` are `key=value`, `k3s.node_taints` `key[=value]:Effect`, with keys and
+/// values as Kubernetes takes them (`[prefix/]name`, the prefix a DNS subdomain; names and
+/// values at most 63 characters of letters, digits, '-', '_', '.').
 fn check_labels_and_taints(path: &Path, k: &K3sRoleFile) -> Result<()> {
+    use super::names::{label_key_problem, label_value_problem};
+    let kv_problem = |kv: &str| -> Option<String> {
+        let (key, value) = kv.split_once('=')?;
+        label_key_problem(key).or_else(|| label_value_problem(value))
+    };
     for (i, l) in k.node_labels.iter().enumerate() {
-        if !l.contains('=') || l.contains(char::is_whitespace) {
+        let p = if l.contains('=') {
+            kv_problem(l)
+        } else {
+            Some("it has no '='".into())
+        };
+        if let Some(p) = p {
             return Err(RecipeError::new(
                 path,
                 format!("k3s.node_labels[{i}]"),
-                format!("{l:?} is not key=value"),
+                format!("{l:?} is not a Kubernetes label key=value: {p}"),
                 "write e.g. \"node.longhorn.io/create-default-disk=true\"",
             ));
         }
     }
     for (i, t) in k.node_taints.iter().enumerate() {
-        let ok = t
-            .split_once(':')
-            .is_some_and(|(_, eff)| matches!(eff, "NoSchedule" | "PreferNoSchedule" | "NoExecute"));
-        if !ok || t.contains(char::is_whitespace) {
+        let p = match t.rsplit_once(':') {
+            Some((kv, "NoSchedule" | "PreferNoSchedule" | "NoExecute")) => {
+                if kv.contains('=') {
+                    kv_problem(kv)
+                } else {
+                    label_key_problem(kv)
+                }
+            }
+            _ => Some("the effect must be NoSchedule, PreferNoSchedule or NoExecute".into()),
+        };
+        if let Some(p) = p {
             return Err(RecipeError::new(
                 path,
                 format!("k3s.node_taints[{i}]"),
-                format!("{t:?} is not key[=value]:Effect"),
+                format!("{t:?} is not key[=value]:Effect: {p}"),
                 "write e.g. \"nvidia.com/gpu=present:NoSchedule\"",
             ));
         }

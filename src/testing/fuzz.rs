@@ -1,5 +1,6 @@
 //! Fuzz entry points for fuzz/fuzz_targets/ (and the fixed-seed mutation test in
-//! `deliver::serve`): the PXE server's parsers on arbitrary bytes.
+//! `deliver::serve`): the PXE server's parsers, and the pre-check and name checks of project
+//! input, on arbitrary bytes.
 
 use crate::deliver::serve::catalog::Catalog;
 use crate::deliver::serve::{dhcp, http, tftp, State};
@@ -113,6 +114,40 @@ pub fn fuzz_range(bytes: &[u8]) {
     assert!(!logged.chars().any(|c| c.is_control()), "{logged:?}");
 }
 
+/// Fuzz entry (fuzz/fuzz_targets/yaml_limits.rs): the YAML/JSON pre-check and the name checks
+/// never panic on any text; what the pre-check passes, serde_yaml parses without reaching its
+/// own recursion limit (the pre-check does not count too little), aliases aside (they can nest
+/// a shallow text deeply, and serde_yaml bounds them itself).
+pub fn fuzz_yaml_limits(bytes: &[u8]) {
+    use crate::project::{limits, names};
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return;
+    };
+    for f in [
+        names::domain_problem,
+        names::k8s_subdomain_problem,
+        names::k8s_label_problem,
+        names::k8s_any_name_problem,
+        names::label_key_problem,
+        names::label_value_problem,
+        names::disk_path_problem,
+    ] {
+        let _ = f(text);
+    }
+    if limits::check_yaml(text, limits::SECRET).is_ok() && !text.contains('*') {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            use serde::Deserialize;
+            if let Err(e) = serde_yaml::Value::deserialize(doc) {
+                assert!(
+                    !e.to_string().contains("recursion limit exceeded"),
+                    "the pre-check passed a text nested deeper than serde_yaml's limit: {e}"
+                );
+                break;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Every committed seed (fuzz/seeds/) goes through its entry point in every `cargo test`.
@@ -123,6 +158,7 @@ mod tests {
             ("dhcp", super::fuzz_dhcp as fn(&[u8])),
             ("tftp", super::fuzz_tftp as fn(&[u8])),
             ("http_range", super::fuzz_range as fn(&[u8])),
+            ("yaml_limits", super::fuzz_yaml_limits as fn(&[u8])),
         ] {
             let mut n = 0;
             for e in std::fs::read_dir(seeds.join(dir)).expect("seed directory") {

@@ -33,6 +33,7 @@
 //! the secret in clear; `spec.template.type`/`immutable` are copied. `data` (base64) and
 //! `stringData` (plain) are merged, `stringData` winning, as the API server does.
 
+use crate::project::{limits, names};
 use crate::trust::pem::{parse_cert, parse_rsa_private, CertError};
 use anyhow::{Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -442,8 +443,10 @@ struct SecretIn {
     values: BTreeMap<String, Vec<u8>>,
 }
 
-/// Parses exactly one YAML (or JSON, a subset) document.
-fn parse_one_document(text: &str) -> Result<Value, SealError> {
+/// Parses exactly one YAML (or JSON, a subset) document, refused at once when it is larger
+/// or nested deeper than kiln reads.
+fn parse_one_document(text: &str, input: limits::YamlInput) -> Result<Value, SealError> {
+    limits::check_yaml(text, input).map_err(|e| SealError::Parse(e.to_string()))?;
     let mut docs = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
         let v = Value::deserialize(doc).map_err(|e| SealError::Parse(e.to_string()))?;
@@ -574,8 +577,29 @@ fn check_data_key(key: &str, section: &str) -> Result<(), SealError> {
     }
 }
 
+/// `metadata.name` (a DNS-1123 subdomain) and `metadata.namespace` (a DNS-1123 label) as the
+/// API server takes them for Secrets: with a `/` in either, the strict-scope label
+/// `"<namespace>/<name>"` would be ambiguous.
+fn check_object_names(name: &str, namespace: Option<&str>) -> Result<(), SealError> {
+    if let Some(p) = names::k8s_subdomain_problem(name) {
+        return Err(invalid(
+            "metadata.name",
+            format!("{name:?} {p}; use e.g. \"db-credentials\""),
+        ));
+    }
+    if let Some(ns) = namespace {
+        if let Some(p) = names::k8s_label_problem(ns) {
+            return Err(invalid(
+                "metadata.namespace",
+                format!("{ns:?} {p}; use e.g. \"default\""),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn parse_secret(text: &str) -> Result<SecretIn, SealError> {
-    let root = parse_one_document(text)?;
+    let root = parse_one_document(text, limits::SECRET)?;
     let root = match root {
         Value::Mapping(m) => m,
         other => {
@@ -601,6 +625,7 @@ fn parse_secret(text: &str) -> Result<SecretIn, SealError> {
         return Err(SealError::MissingName("Secret"));
     }
     let namespace = opt_str(&meta, "namespace", "metadata.namespace")?.filter(|s| !s.is_empty());
+    check_object_names(&name, namespace.as_deref())?;
     let labels = string_map(&meta, "labels", "metadata.labels")?;
     let annotations = string_map(&meta, "annotations", "metadata.annotations")?;
     let type_ = opt_str(&root, "type", "type")?.filter(|s| !s.is_empty());
@@ -727,7 +752,7 @@ pub fn seal(secret_yaml: &str, cert_pem: &str, scope_override: Option<Scope>) ->
 /// For round trips and debugging: the output holds the secrets in clear.
 pub fn unseal(sealed_yaml: &str, key_pem: &str) -> Result<String> {
     let privkey = parse_rsa_private(key_pem)?;
-    let root = parse_one_document(sealed_yaml)?;
+    let root = parse_one_document(sealed_yaml, limits::SEALED_SECRET)?;
     let map = root
         .as_mapping()
         .ok_or_else(|| SealError::Parse("expected a mapping (a Kubernetes object)".to_string()))?;
@@ -737,6 +762,10 @@ pub fn unseal(sealed_yaml: &str, key_pem: &str) -> Result<String> {
     if ss.metadata.name.is_empty() {
         return Err(SealError::MissingName("SealedSecret").into());
     }
+    check_object_names(
+        &ss.metadata.name,
+        ss.metadata.namespace.as_deref().filter(|s| !s.is_empty()),
+    )?;
     if ss.spec.data.is_some() {
         return Err(SealError::Unsupported(
             "spec.data (the deprecated whole-Secret format) is not supported: re-seal the Secret"
