@@ -327,7 +327,12 @@ pub fn serve_command(
         .worker_threads(2)
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run(project, out_dir, o, cat, advertise, key, out, cache))
+    let grace = o.grace;
+    let r = rt.block_on(run(project, out_dir, o, cat, advertise, key, out, cache));
+    // TFTP transfers run on blocking threads, which dropping the runtime would wait for: they
+    // get the time `tftp::serve` gives them after the stop, then the process ends without them.
+    rt.shutdown_timeout(grace + Duration::from_secs(35));
+    r
 }
 
 #[allow(clippy::too_many_arguments)]

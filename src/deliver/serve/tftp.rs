@@ -415,9 +415,10 @@ pub async fn serve(
                             let running = slots.running();
                             state.metrics.set("kiln_tftp_in_flight", &[], running as f64);
                             let slots = slots.clone();
-                            tasks.spawn(async move {
+                            // One blocking thread per transfer (at most `max_transfers`).
+                            tasks.spawn_blocking(move || {
                                 let req = Request { filename, mode, options };
-                                transfer(bind, peer, &root, req, &st, limits).await;
+                                transfer(bind, peer, &root, req, &st, limits);
                                 drop(slot);
                                 st.metrics.set("kiln_tftp_in_flight", &[], slots.running() as f64);
                             });
@@ -472,7 +473,7 @@ struct Request {
     options: Vec<(String, String)>,
 }
 
-async fn transfer(
+fn transfer(
     bind: SocketAddr,
     peer: SocketAddr,
     root: &Path,
@@ -483,7 +484,7 @@ async fn transfer(
     let started = Instant::now();
     let mac = st.mac_of(peer.ip());
     // Not connected: a packet from another address must reach us to get its ERROR 5.
-    let sock = match UdpSocket::bind(bind).await {
+    let sock = match std::net::UdpSocket::bind(bind) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("tftp: binding a transfer socket on {bind}: {e}");
@@ -492,6 +493,7 @@ async fn transfer(
     };
     let t = Transfer {
         sock,
+        read_timeout: std::cell::Cell::new(Duration::ZERO),
         peer,
         st,
         mac,
@@ -499,15 +501,15 @@ async fn transfer(
         deadline: started + limits.max_duration,
         max_duration: limits.max_duration,
     };
-    let Some(src) = t.open(root, &req.mode).await else {
+    let Some(src) = t.open(root, &req.mode) else {
         return;
     };
     let neg = negotiate(&req.options, src.len, limits.max_blksize);
     let mut rbuf = vec![0u8; 2048];
-    if !neg.oack.is_empty() && !t.acknowledge_options(&neg, src.len, &mut rbuf).await {
+    if !neg.oack.is_empty() && !t.acknowledge_options(&neg, src.len, &mut rbuf) {
         return;
     }
-    let Some(sent_bytes) = t.send_file(&src, &neg, &mut rbuf).await else {
+    let Some(sent_bytes) = t.send_file(&src, &neg, &mut rbuf) else {
         return;
     };
     t.done(started, src.len, sent_bytes, &neg);
@@ -525,7 +527,9 @@ enum Got {
 
 /// One read transfer: its socket (the server's TID) and what its log lines name.
 struct Transfer<'a> {
-    sock: UdpSocket,
+    sock: std::net::UdpSocket,
+    /// The socket's read timeout as last set.
+    read_timeout: std::cell::Cell<Duration>,
     peer: SocketAddr,
     st: &'a Arc<State>,
     mac: Option<String>,
@@ -536,31 +540,58 @@ struct Transfer<'a> {
 
 impl Transfer<'_> {
     /// Sends an ERROR packet to the client.
-    async fn fail(&self, code: u16, message: String) {
+    fn fail(&self, code: u16, message: String) {
         let _ = self
             .sock
-            .send_to(&encode(&Packet::Error { code, message }), self.peer)
-            .await;
+            .send_to(&encode(&Packet::Error { code, message }), self.peer);
     }
 
     /// The next packet from the client before `until` (or the transfer's deadline). A packet
     /// from any other address or port is not the client's (wrong TID, RFC 1350): it gets
     /// ERROR 5 and changes nothing; undecodable packets from the client are ignored.
-    async fn recv(&self, rbuf: &mut [u8], until: Instant) -> Got {
+    fn recv(&self, rbuf: &mut [u8], until: Instant) -> Got {
         loop {
             let stop = until.min(self.deadline);
-            let r = tokio::time::timeout_at(stop.into(), self.sock.recv_from(rbuf)).await;
-            let (n, from) = match r {
-                Err(_) if stop == self.deadline => return Got::Expired,
-                Err(_) => return Got::Timeout,
-                Ok(Err(e)) => {
+            let left = stop.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return if stop == self.deadline {
+                    Got::Expired
+                } else {
+                    Got::Timeout
+                };
+            }
+            // A blocking wait in the kernel: in lock-step (windowsize 1) each block waits for
+            // its ACK, and a thread woken straight by the socket answers sooner than a task
+            // woken through the runtime's reactor.
+            // Set again only when it moved by more than a millisecond (one syscall less per
+            // packet; the wait then ends at most that much later).
+            let set = self.read_timeout.get();
+            if set.abs_diff(left) > Duration::from_millis(1) {
+                if let Err(e) = self.sock.set_read_timeout(Some(left)) {
+                    tracing::debug!(target: "kiln::serve::tftp", client = %self.peer, "set_read_timeout: {e}");
+                    return Got::Failed;
+                }
+                self.read_timeout.set(left);
+            }
+            let (n, from) = match self.sock.recv_from(rbuf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue; // the top of the loop tells a timeout from the deadline
+                }
+                Err(e) => {
                     tracing::debug!(target: "kiln::serve::tftp", client = %self.peer, "recv: {e}");
                     return Got::Failed;
                 }
-                Ok(Ok(x)) => x,
             };
             if from != self.peer {
-                self.unknown_tid(from, &rbuf[..n]).await;
+                self.unknown_tid(from, &rbuf[..n]);
                 continue;
             }
             if let Ok(p) = parse(&rbuf[..n]) {
@@ -570,7 +601,7 @@ impl Transfer<'_> {
     }
 
     /// ERROR 5 to a packet that came from someone other than the client (none to an ERROR).
-    async fn unknown_tid(&self, from: SocketAddr, packet: &[u8]) {
+    fn unknown_tid(&self, from: SocketAddr, packet: &[u8]) {
         self.st.metrics.inc("kiln_tftp_unknown_tid_total", &[]);
         tracing::debug!(target: "kiln::serve::tftp", client = %self.peer, stranger = %from, "packet from an unknown TID");
         if from.port() == 0 || matches!(parse(packet), Ok(Packet::Error { .. })) {
@@ -580,11 +611,11 @@ impl Transfer<'_> {
             code: ERR_UNKNOWN_TID,
             message: "unknown transfer ID".into(),
         });
-        let _ = self.sock.send_to(&e, from).await;
+        let _ = self.sock.send_to(&e, from);
     }
 
     /// The transfer ran out of time: the client is told, the end is counted and logged.
-    async fn expired(&self, block: u64) {
+    fn expired(&self, block: u64) {
         let secs = self.max_duration.as_secs();
         self.st
             .metrics
@@ -593,13 +624,12 @@ impl Transfer<'_> {
         self.fail(
             ERR_NOT_DEFINED,
             format!("transfer took longer than {secs} s: ended"),
-        )
-        .await;
+        );
     }
 
     /// The requested file, resolved and checked (not held open); the client gets an ERROR (and
     /// the refusal is counted) when the mode is not octet or the file cannot be served.
-    async fn open(&self, root: &Path, mode: &str) -> Option<Blob> {
+    fn open(&self, root: &Path, mode: &str) -> Option<Blob> {
         let (st, peer, mac, filename) = (self.st, self.peer, &self.mac, &self.filename);
         if mode != "octet" {
             st.metrics
@@ -607,8 +637,7 @@ impl Transfer<'_> {
             self.fail(
                 ERR_ILLEGAL_OP,
                 format!("mode {mode:?} not supported: use octet"),
-            )
-            .await;
+            );
             return None;
         }
         let path = match super::safe_path(root, filename) {
@@ -626,7 +655,7 @@ impl Transfer<'_> {
                 } else {
                     "Access violation"
                 };
-                self.fail(code, msg.into()).await;
+                self.fail(code, msg.into());
                 return None;
             }
         };
@@ -636,7 +665,7 @@ impl Transfer<'_> {
             None => {
                 st.metrics
                     .inc("kiln_tftp_transfers_total", &[("result", "not_found")]);
-                self.fail(ERR_NOT_FOUND, "File not found".into()).await;
+                self.fail(ERR_NOT_FOUND, "File not found".into());
                 None
             }
         }
@@ -644,17 +673,17 @@ impl Transfer<'_> {
 
     /// Option acknowledgement: the client answers ACK 0 (go) or ERROR 8 (e.g. UEFI asking only
     /// for tsize, then starting again). Whether the transfer goes on.
-    async fn acknowledge_options(&self, neg: &Negotiated, len: u64, rbuf: &mut [u8]) -> bool {
+    fn acknowledge_options(&self, neg: &Negotiated, len: u64, rbuf: &mut [u8]) -> bool {
         let (st, peer, mac, filename) = (self.st, self.peer, &self.mac, &self.filename);
         let oack = encode(&Packet::Oack {
             options: neg.oack.clone(),
         });
         let mut tries = 0;
         loop {
-            let _ = self.sock.send_to(&oack, peer).await;
+            let _ = self.sock.send_to(&oack, peer);
             let until = Instant::now() + neg.timeout;
             loop {
-                match self.recv(rbuf, until).await {
+                match self.recv(rbuf, until) {
                     Got::Packet(Packet::Ack { block: 0 }) => return true,
                     Got::Packet(Packet::Error { code, message }) => {
                         st.metrics
@@ -665,7 +694,7 @@ impl Transfer<'_> {
                     Got::Packet(_) => continue,
                     Got::Timeout => break,
                     Got::Expired => {
-                        self.expired(0).await;
+                        self.expired(0);
                         return false;
                     }
                     Got::Failed => return false,
@@ -686,7 +715,7 @@ impl Transfer<'_> {
     /// again, from the first one not acknowledged (RFC 1123 4.2.3.1, the Sorcerer's Apprentice
     /// bug). Returns the bytes sent (resent blocks included), or None when the transfer ended
     /// early.
-    async fn send_file(&self, src: &Blob, neg: &Negotiated, rbuf: &mut [u8]) -> Option<u64> {
+    fn send_file(&self, src: &Blob, neg: &Negotiated, rbuf: &mut [u8]) -> Option<u64> {
         let (st, peer, filename) = (self.st, self.peer, &self.filename);
         let bs = neg.blksize as u64;
         let total_blocks = src.len / bs + 1; // the last block is short (possibly empty)
@@ -700,14 +729,13 @@ impl Transfer<'_> {
         loop {
             let upto = (acked + neg.windowsize as u64).min(total_blocks);
             if sent < upto {
-                sent_bytes += self
-                    .send_blocks(src, bs, (sent + 1, upto), highest, &mut block_buf)
-                    .await?;
+                sent_bytes +=
+                    self.send_blocks(src, bs, (sent + 1, upto), highest, &mut block_buf)?;
                 highest = highest.max(upto);
                 sent = upto;
                 until = Instant::now() + neg.timeout;
             }
-            match self.recv(rbuf, until).await {
+            match self.recv(rbuf, until) {
                 Got::Packet(Packet::Ack { block }) => {
                     // Map the 16-bit block number (it wraps) onto the blocks in flight.
                     let delta = block.wrapping_sub(acked as u16) as u64;
@@ -739,7 +767,7 @@ impl Transfer<'_> {
                     sent = acked; // go back to the first block the client lacks
                 }
                 Got::Expired => {
-                    self.expired(acked + 1).await;
+                    self.expired(acked + 1);
                     return None;
                 }
                 Got::Failed => return None,
@@ -750,7 +778,7 @@ impl Transfer<'_> {
     /// Sends blocks `first..=last` (`bs` bytes each); blocks up to `highest` count as
     /// retransmissions. Returns the bytes sent, or None when reading or sending failed (a read
     /// error is reported to the client).
-    async fn send_blocks(
+    fn send_blocks(
         &self,
         src: &Blob,
         bs: u64,
@@ -767,24 +795,23 @@ impl Transfer<'_> {
             block_buf[0..2].copy_from_slice(&DATA.to_be_bytes());
             block_buf[2..4].copy_from_slice(&(b as u16).to_be_bytes());
             if n > 0 && file.read_exact_at(&mut block_buf[4..4 + n], off).is_err() {
-                self.fail(ERR_NOT_DEFINED, "read error".into()).await;
+                self.fail(ERR_NOT_DEFINED, "read error".into());
                 st.metrics
                     .inc("kiln_tftp_transfers_total", &[("result", "read_error")]);
                 return None;
             }
-            if self
-                .sock
-                .send_to(&block_buf[..4 + n], self.peer)
-                .await
-                .is_err()
-            {
+            if self.sock.send_to(&block_buf[..4 + n], self.peer).is_err() {
                 return None;
             }
             sent_bytes += n as u64;
-            st.metrics.add("kiln_tftp_bytes_sent_total", &[], n as f64);
-            if b <= highest {
-                st.metrics.inc("kiln_tftp_retransmits_total", &[]);
-            }
+        }
+        // Counted once per window, not per block (a metrics update takes a lock).
+        st.metrics
+            .add("kiln_tftp_bytes_sent_total", &[], sent_bytes as f64);
+        let resent = highest.min(last).saturating_sub(first - 1);
+        if resent > 0 {
+            st.metrics
+                .add("kiln_tftp_retransmits_total", &[], resent as f64);
         }
         Some(sent_bytes)
     }
