@@ -10,7 +10,8 @@
 //!   [`MAX_CALL_DEPTH`] deep, and tags nest at most [`MAX_NESTING`] deep. tera has no recursion
 //!   limit of its own: a recursive macro overflows the stack and aborts the process.
 //! - Bounded size: a template is at most [`MAX_TEMPLATE`] bytes, its output at most the bound
-//!   the caller gives (rendering stops there), and `range()` makes at most [`MAX_RANGE`] values.
+//!   the caller gives (rendering stops there), and `range()` makes at most [`MAX_RANGE`] values
+//!   per call and [`MAX_RANGE_TOTAL`] per render.
 //!
 //! tera stays (rather than minijinja, which has fuel and a recursion limit) because the
 //! templates users have are tera: `is containing()`, `json_encode()`, `self::` macros. The
@@ -31,6 +32,14 @@ pub const MAX_CALL_DEPTH: usize = 16;
 pub const MAX_NESTING: usize = 32;
 /// The most values one `range()` call makes.
 pub const MAX_RANGE: usize = 100_000;
+/// The most values all `range()` calls of one render make together: nested loops over
+/// `range()` that print nothing are bounded too (the output bound cannot see them).
+pub const MAX_RANGE_TOTAL: usize = 1_000_000;
+
+thread_local! {
+    /// What is left of [`MAX_RANGE_TOTAL`] in the render running on this thread.
+    static RANGE_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(MAX_RANGE_TOTAL) };
+}
 /// The deepest nesting of `(`, `[` and `{` in a template's text, checked before tera parses
 /// it (its parser recurses once per level).
 const MAX_BRACKETS: usize = 64;
@@ -56,6 +65,7 @@ pub fn render(
     fix: &str,
 ) -> Result<String> {
     let tera = parse(file, key, text)?;
+    RANGE_LEFT.with(|l| l.set(MAX_RANGE_TOTAL));
     let mut out = Bounded {
         buf: Vec::new(),
         max: max_output,
@@ -215,6 +225,14 @@ fn range(args: &HashMap<String, tera::Value>) -> tera::Result<tera::Value> {
             "range() would make {n} values, more than kiln's limit of {MAX_RANGE}"
         )));
     }
+    let left = RANGE_LEFT.with(|l| l.get());
+    if n > left {
+        return Err(tera::Error::msg(format!(
+            "range() calls would make more than {MAX_RANGE_TOTAL} values in all in one \
+             render (nested loops over range()?)"
+        )));
+    }
+    RANGE_LEFT.with(|l| l.set(left - n));
     Ok(tera::to_value(
         (start..end).step_by(step).collect::<Vec<_>>(),
     )?)
@@ -505,6 +523,23 @@ mod tests {
         assert!(e.contains("renders more than 65536 bytes"), "{e}");
         let e = render_err("{% for i in range(end=100000000) %}{% endfor %}");
         assert!(e.contains("more than kiln's limit"), "{e}");
+        // Nested loops that print nothing: 10^15 iterations, refused at the 11th inner range.
+        let e = render_err(
+            "{% for i in range(end=100000) %}{% for j in range(end=100000) %}\
+             {% for k in range(end=100000) %}{% endfor %}{% endfor %}{% endfor %}",
+        );
+        assert!(e.contains("values in all in one render"), "{e}");
+        // The budget is per render: the next render starts afresh.
+        let ok = render(
+            Path::new("t.tera"),
+            "k",
+            "{% for i in range(end=100000) %}{% endfor %}ok",
+            &tera::Context::new(),
+            1 << 16,
+            "fix",
+        )
+        .unwrap();
+        assert_eq!(ok, "ok");
     }
 
     #[test]
