@@ -43,6 +43,12 @@ thread_local! {
 /// The deepest nesting of `(`, `[` and `{` in a template's text, checked before tera parses
 /// it (its parser recurses once per level).
 const MAX_BRACKETS: usize = 64;
+/// The deepest nesting of block tags in a template's text, checked before tera parses it (the
+/// AST check then holds templates to [`MAX_NESTING`]).
+const MAX_TAG_TEXT_NESTING: usize = 64;
+/// The most operators one `{{ }}` or `{% %}` may hold: tera builds `1 + 1 + …` as a tree as
+/// deep as the chain, and parsing, checking or dropping 60 000 of them overflows the stack.
+const MAX_OPERATORS: usize = 512;
 
 /// The name a template is known by inside the engine (tera shows it in some messages).
 const NAME: &str = "template";
@@ -162,6 +168,20 @@ fn parse(file: &Path, key: &str, text: &str) -> Result<tera::Tera> {
             "simplify the expressions",
         ));
     }
+    // tera's parser recurses once per nested block tag: thousands of nested `{% if %}` overflow
+    // the stack before the AST check below could count them.
+    if tag_depth(text) > MAX_TAG_TEXT_NESTING {
+        return Err(bad(
+            format!("block tags (if, for, macro, filter, block) nest more than {MAX_TAG_TEXT_NESTING} deep"),
+            "flatten the template (kiln allows 32 levels)",
+        ));
+    }
+    if let Some(n) = max_operators(text).filter(|n| *n > MAX_OPERATORS) {
+        return Err(bad(
+            format!("one tag holds {n} operators, more than {MAX_OPERATORS}"),
+            "split the expression (set intermediate values with {% set %})",
+        ));
+    }
     let mut tera = engine();
     tera.add_raw_template(NAME, text).map_err(|e| {
         bad(
@@ -236,6 +256,91 @@ fn range(args: &HashMap<String, tera::Value>) -> tera::Result<tera::Value> {
     Ok(tera::to_value(
         (start..end).step_by(step).collect::<Vec<_>>(),
     )?)
+}
+
+/// The most operators in one `{{ … }}` or `{% … %}` of `text` (None for a template without
+/// tags). String literals are skipped, so a `"}}"` inside one does not end the tag early; a
+/// `==` counts twice, which only makes it stricter.
+fn max_operators(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let mut max = None;
+    let mut i = 0;
+    while i + 1 < b.len() {
+        let close = match (b[i], b[i + 1]) {
+            (b'{', b'{') => b'}',
+            (b'{', b'%') => b'%',
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        i += 2;
+        let (mut ops, mut word) = (0usize, String::new());
+        let count_word = |w: &mut String, ops: &mut usize| {
+            if matches!(w.as_str(), "and" | "or" | "not" | "in" | "is") {
+                *ops += 1;
+            }
+            w.clear();
+        };
+        while i < b.len() {
+            let c = b[i];
+            if c == close && b.get(i + 1) == Some(&b'}') {
+                i += 2;
+                break;
+            }
+            match c {
+                b'"' | b'\'' | b'`' => {
+                    count_word(&mut word, &mut ops);
+                    i += 1;
+                    while i < b.len() && b[i] != c {
+                        i += 1;
+                    }
+                }
+                b'+' | b'-' | b'*' | b'/' | b'%' | b'~' | b'<' | b'>' | b'=' | b'!' => {
+                    count_word(&mut word, &mut ops);
+                    ops += 1;
+                }
+                c if c.is_ascii_alphanumeric() || c == b'_' => word.push(c as char),
+                _ => count_word(&mut word, &mut ops),
+            }
+            i += 1;
+        }
+        count_word(&mut word, &mut ops);
+        max = max.max(Some(ops));
+    }
+    max
+}
+
+/// The deepest nesting of block tags in `text`, counted on the text before tera parses it (a
+/// cheap bound on its parser's recursion; tags in comments count too, which only makes it
+/// stricter).
+fn tag_depth(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut rest = text;
+    while let Some(i) = rest.find("{%") {
+        rest = &rest[i + 2..];
+        let body = rest.trim_start_matches(['-', '+']).trim_start();
+        let word: String = body
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        match word.as_str() {
+            "if" | "for" | "macro" | "filter" | "block" => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            "endif" | "endfor" | "endmacro" | "endfilter" | "endblock" => {
+                depth = depth.saturating_sub(1)
+            }
+            // Everything up to `endraw` is text, tags included.
+            "raw" => match rest.find("endraw") {
+                Some(j) => rest = &rest[j..],
+                None => break,
+            },
+            _ => {}
+        }
+    }
+    max
 }
 
 /// The deepest nesting of `(`, `[`, `{` in `text` (a cheap bound on the parser's recursion;
@@ -553,14 +658,39 @@ mod tests {
             .to_string();
         assert!(e.contains("nest more than"), "{e}");
         check(Path::new("t.tera"), &ifs(MAX_NESTING)).unwrap();
-        // tera's parser has a stack limit of its own: a syntax error, kept short.
-        let e = check(Path::new("t.tera"), &ifs(5000))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("syntax error") && e.len() < 4000,
-            "{}",
-            &e[..200]
+        // Thousands of nested tags are refused before tera's parser, which recurses per level
+        // (in a release build 5000 levels overflowed a test thread's stack).
+        for n in [5000, 40_000] {
+            let e = check(Path::new("t.tera"), &ifs(n)).unwrap_err().to_string();
+            assert!(e.contains("block tags") && e.len() < 4000, "{e:.200}");
+        }
+        let fors = format!(
+            "{}x{}",
+            "{%- for i in [1] -%}".repeat(5000),
+            "{% endfor %}".repeat(5000)
         );
+        let e = check(Path::new("t.tera"), &fors).unwrap_err().to_string();
+        assert!(e.contains("block tags"), "{e}");
+        // Long operator chains are refused before tera builds them (60 000 `+` overflowed an
+        // 8 MiB stack), also behind a string holding the closing delimiter.
+        for text in [
+            format!("{{{{ 1{} }}}}", " + 1".repeat(60_000)),
+            format!("{{{{ true{} }}}}", " and true".repeat(60_000)),
+            format!(
+                "{{% if \"%}}\" == \"x\"{} %}}x{{% endif %}}",
+                " or true".repeat(60_000)
+            ),
+        ] {
+            let e = check(Path::new("t.tera"), &text).unwrap_err().to_string();
+            assert!(e.contains("operators, more than"), "{e:.200}");
+        }
+        // Ordinary expressions are far below the bound.
+        assert_eq!(
+            max_operators("{{ a + 1 }}{% if a == b and not c %}{% endif %}"),
+            Some(4)
+        );
+        // Tags inside raw are text.
+        let raw = format!("{{% raw %}}{}{{% endraw %}}", "{% if true %}".repeat(100));
+        check(Path::new("t.tera"), &raw).unwrap();
     }
 }
