@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of kiln serve's parsers (DHCP, TFTP, HTTP Range) and of the YAML/JSON
-# pre-check and name checks for project input (yaml_limits) for a bounded time,
+# pre-check and name checks for project input (yaml_limits) and of the template checks (template) for a bounded time,
 # on stable Rust: libFuzzer (the libfuzzer-sys crate) driven by LLVM's sanitizer-coverage
 # instrumentation, switched on by RUSTFLAGS — what `cargo fuzz` does, without its nightly-only
 # address sanitizer (kiln has no unsafe code in these parsers; a panic is the crash libFuzzer
@@ -26,7 +26,7 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 # --target keeps RUSTFLAGS off the build scripts (they are not linked with libFuzzer).
 cargo build --release --locked --quiet --target "$host" --target-dir "$root/target/fuzz" --bins
 mkdir -p "$root/target/fuzz-artifacts"
-for t in dhcp tftp http_range yaml_limits; do
+for t in dhcp tftp http_range yaml_limits template; do
   corpus="$root/target/fuzz-corpus/$t"
   mkdir -p "$corpus"
   echo "fuzz: $t for ${secs}s"

@@ -100,6 +100,9 @@ struct Scan {
     indents: Vec<usize>,
     /// Open flow collections.
     flow: usize,
+    /// Per open flow collection, innermost last: whether it is a sequence whose current entry
+    /// is an implicit single-pair mapping (`[a: b]`), a level of its own to the parser.
+    pairs: Vec<(bool, bool)>,
     /// Block depth where the outermost open flow collection began.
     flow_base: usize,
     /// An open quoted scalar (`'` or `"`) continuing on the next line.
@@ -122,7 +125,7 @@ impl Scan {
 
     fn depth(&self) -> usize {
         if self.flow > 0 {
-            self.flow_base + self.flow
+            self.flow_base + self.flow + self.pairs.iter().filter(|(_, p)| *p).count()
         } else {
             self.indents.len()
         }
@@ -226,15 +229,29 @@ fn scan_line(s: &mut Scan, b: &[u8], pos: usize, max: usize) -> bool {
                         return true;
                     }
                 }
+                // A key in a flow sequence opens a single-pair mapping (found by the
+                // yaml_limits fuzz target: `[a: [a: …` nests twice per bracket).
+                if let Some((true, pair)) = s.pairs.last_mut() {
+                    if !*pair {
+                        *pair = true;
+                        if s.depth() > max {
+                            return true;
+                        }
+                    }
+                }
                 s.plain = false;
                 s.start = true;
             }
             b',' if s.flow > 0 => {
+                if let Some((_, pair)) = s.pairs.last_mut() {
+                    *pair = false;
+                }
                 s.plain = false;
                 s.start = true;
             }
             b']' | b'}' if s.flow > 0 => {
                 s.flow -= 1;
+                s.pairs.pop();
                 s.plain = false;
                 s.start = false;
             }
@@ -243,6 +260,7 @@ fn scan_line(s: &mut Scan, b: &[u8], pos: usize, max: usize) -> bool {
                     s.flow_base = s.indents.len();
                 }
                 s.flow += 1;
+                s.pairs.push((c == b'[', false));
                 s.plain = false;
                 s.start = true;
                 if s.depth() > max {
@@ -293,6 +311,11 @@ mod tests {
         assert!(!depth_ok("[[[1]]]", 2));
         assert!(depth_ok("{a: {b: {c: 1}}}", 3));
         assert!(!depth_ok("{a: {b: {c: 1}}}", 2));
+        // An implicit key in a flow sequence is a mapping of its own: [ (1) → a: (2) → [ (3)
+        // → b: (4); the next entry of the same sequence starts without it.
+        assert!(!depth_ok("[a: [b: 1]]", 3));
+        assert!(depth_ok("[a: [b: 1]]", 4));
+        assert!(depth_ok("[a: 1, b: 2, [c]]", 2));
         assert!(!depth_ok("- - - x\n", 2));
         assert!(depth_ok("- - - x\n", 3));
         assert!(!depth_ok("? ? ? x\n", 2));

@@ -148,6 +148,16 @@ pub fn fuzz_yaml_limits(bytes: &[u8]) {
     }
 }
 
+/// Fuzz entry (fuzz/fuzz_targets/template.rs): the template checks (kiln's pre-checks, tera's
+/// parser, the AST checks) return Ok or a RecipeError on any text — never a panic or a stack
+/// overflow; what they accept is within kiln's bounds.
+pub fn fuzz_template(bytes: &[u8]) {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return;
+    };
+    let _ = crate::project::template::check(std::path::Path::new("fuzz.tera"), text);
+}
+
 #[cfg(test)]
 mod tests {
     /// Every committed seed (fuzz/seeds/) goes through its entry point in every `cargo test`.
@@ -159,6 +169,7 @@ mod tests {
             ("tftp", super::fuzz_tftp as fn(&[u8])),
             ("http_range", super::fuzz_range as fn(&[u8])),
             ("yaml_limits", super::fuzz_yaml_limits as fn(&[u8])),
+            ("template", super::fuzz_template as fn(&[u8])),
         ] {
             let mut n = 0;
             for e in std::fs::read_dir(seeds.join(dir)).expect("seed directory") {
