@@ -62,15 +62,6 @@ pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
-pub(super) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 pub(super) fn validate_pinned(path: &Path, key: &str, p: &Pinned) -> Result<()> {
     if !(p.url.starts_with("https://")
         || p.url.starts_with("http://")

@@ -3,8 +3,9 @@
 //! anything is written.
 
 use super::error::{RecipeError, Result};
-use super::files::{is_dns_label, parse_toml, validate_pinned, Pinned};
+use super::files::{parse_toml, validate_pinned, Pinned};
 use super::layout::Layout;
+use super::names::is_dns_label;
 use super::names::{disk_path_problem, domain_problem, MAX_DNS_NAME};
 use super::net::{dns_server_problem, host_address_problem, parse_cidr, Cidr4};
 use serde::{Deserialize, Serialize};

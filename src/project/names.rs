@@ -9,6 +9,21 @@ pub const MAX_DNS_NAME: usize = 253;
 /// Longest DNS label (RFC 1035) and Kubernetes label name.
 pub const MAX_DNS_LABEL: usize = 63;
 
+/// Non-empty `a-z 0-9 -`, not starting or ending with `-` (no length bound): the letters-digits-
+/// hyphen rule of RFC 1123 labels and Kubernetes DNS-1123 names.
+fn is_ldh(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 label of at most 63 characters (host names, cluster and chart names).
+pub fn is_dns_label(s: &str) -> bool {
+    s.len() <= MAX_DNS_LABEL && is_ldh(s)
+}
+
 /// One RFC 1123 label: 1–63 of `a-z 0-9 -`, not starting or ending with `-`.
 fn label_problem(l: &str, what: &str) -> Option<String> {
     if l.is_empty() {
@@ -78,13 +93,7 @@ pub fn k8s_subdomain_problem(s: &str) -> Option<String> {
         return Some("is empty".into());
     }
     for part in s.split('.') {
-        if part.is_empty()
-            || !part
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            || part.starts_with('-')
-            || part.ends_with('-')
-        {
+        if !is_ldh(part) {
             return Some(
                 "is not a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
                     .into(),
@@ -103,13 +112,7 @@ pub fn k8s_label_problem(s: &str) -> Option<String> {
             s.len()
         ));
     }
-    if s.is_empty()
-        || !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        || s.starts_with('-')
-        || s.ends_with('-')
-    {
+    if !is_ldh(s) {
         return Some(
             "is not a DNS-1123 label (lower-case letters, digits and '-', starting and ending with a letter or digit)"
                 .into(),

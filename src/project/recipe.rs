@@ -6,9 +6,10 @@
 
 use super::confine;
 use super::error::Result;
-use super::files::{is_dns_label, parse_toml, validate_pinned};
+use super::files::{parse_toml, validate_pinned};
 use super::inventory::ROLES;
 use super::layout::Layout;
+use super::names::is_dns_label;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
