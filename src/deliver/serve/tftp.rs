@@ -387,7 +387,8 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let slots = Arc::new(Slots::default());
     let mut buf = vec![0u8; 65536];
-    let mut last_busy_log: Option<Instant> = None;
+    // One "busy" line per second at most: a flood must not flood the log too.
+    let busy_log = super::http::RateLimited::new(Duration::from_secs(1));
     let error = |code, message: &str| {
         encode(&Packet::Error {
             code,
@@ -425,9 +426,7 @@ pub async fn serve(
                         }
                         Err(busy) => {
                             state.metrics.inc("kiln_tftp_transfers_total", &[("result", "busy")]);
-                            // One line per second at most: a flood must not flood the log too.
-                            if last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                                last_busy_log = Some(Instant::now());
+                            if busy_log.allow().is_some() {
                                 tracing::warn!(target: "kiln::serve::tftp", client = %peer, file = %super::http::log_safe(&filename), "refused: {}", busy.message());
                             }
                             let _ = sock.send_to(&error(ERR_NOT_DEFINED, &busy.message()), peer).await;
