@@ -7,6 +7,7 @@
 #![allow(unsafe_code)]
 
 mod common;
+use common::{ack, rrq};
 mod signing;
 
 use std::fs;
@@ -522,23 +523,6 @@ fn http_survives_traversal_and_garbage() {
 }
 
 // --- TFTP -----------------------------------------------------------------------------------
-
-fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
-    let mut v = vec![0, 1];
-    for s in [name, "octet"]
-        .iter()
-        .chain(opts.iter().flat_map(|(a, b)| [a, b]))
-    {
-        v.extend_from_slice(s.as_bytes());
-        v.push(0);
-    }
-    v
-}
-
-fn ack(b: u16) -> [u8; 4] {
-    let x = b.to_be_bytes();
-    [0, 4, x[0], x[1]]
-}
 
 struct Got {
     data: Vec<u8>,

@@ -5,6 +5,7 @@
 //! The happy paths are in tests/serve.rs.
 
 mod common;
+use common::{ack, rrq};
 mod signing;
 
 use std::fs;
@@ -102,23 +103,6 @@ fn start(extra: &[&str]) -> Server {
         _project: project,
         ipxe,
     }
-}
-
-fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
-    let mut v = vec![0, 1];
-    for s in [name, "octet"]
-        .iter()
-        .chain(opts.iter().flat_map(|(a, b)| [a, b]))
-    {
-        v.extend_from_slice(s.as_bytes());
-        v.push(0);
-    }
-    v
-}
-
-fn ack(b: u16) -> [u8; 4] {
-    let x = b.to_be_bytes();
-    [0, 4, x[0], x[1]]
 }
 
 fn client(ip: &str) -> UdpSocket {

@@ -269,3 +269,22 @@ pub fn remove_on_success(dir: &Path) {
     });
     DIRS.lock().unwrap().push(dir.to_path_buf());
 }
+
+/// A TFTP read request (RFC 1350, octet mode) for `name` with options (RFC 2347).
+pub fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
+    let mut v = vec![0, 1];
+    for s in [name, "octet"]
+        .iter()
+        .chain(opts.iter().flat_map(|(a, b)| [a, b]))
+    {
+        v.extend_from_slice(s.as_bytes());
+        v.push(0);
+    }
+    v
+}
+
+/// A TFTP ACK of block `b`.
+pub fn ack(b: u16) -> [u8; 4] {
+    let x = b.to_be_bytes();
+    [0, 4, x[0], x[1]]
+}
