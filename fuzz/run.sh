@@ -8,12 +8,17 @@
 #
 #   fuzz/run.sh [seconds per target]        (default 30; test.sh runs it after the tests)
 #
+# libFuzzer's random seed is fixed (KILN_FUZZ_SEED, default 1) so that a run from the same
+# corpus explores the same inputs: a CI run does not fail by luck of the draw. KILN_FUZZ_SEED=0
+# lets libFuzzer pick one (exploring new ground; what it finds goes into fuzz/seeds/).
+#
 # Starts from the committed seeds (fuzz/seeds/<target>, a merged corpus of earlier runs) and
 # keeps what it finds in target/fuzz-corpus/<target>; a crash leaves its input in
 # target/fuzz-artifacts/ and makes this script fail.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-30}
+seed=${KILN_FUZZ_SEED:-1}
 if ! command -v c++ >/dev/null; then
   echo "SKIP: fuzz: no C++ compiler to build libFuzzer (apt-get install g++)"
   exit 0
@@ -32,7 +37,7 @@ for t in dhcp tftp http_range yaml_limits template; do
   echo "fuzz: $t for ${secs}s"
   log="$root/target/fuzz-$t.log"
   rc=0
-  "$root/target/fuzz/$host/release/$t" -max_total_time="$secs" -rss_limit_mb=2048 \
+  "$root/target/fuzz/$host/release/$t" -max_total_time="$secs" -rss_limit_mb=2048 -seed="$seed" \
     -print_final_stats=1 -artifact_prefix="$root/target/fuzz-artifacts/$t-" \
     "$corpus" "seeds/$t" >"$log" 2>&1 || rc=$?
   grep -E '^(stat::number_of_executed_units|stat::new_units_added|Done [0-9]+ runs)' "$log" || true
