@@ -477,6 +477,12 @@ pub struct FlashArgs {
     /// Do not ask before overwriting a block device (required when stdin is not a terminal).
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Keep the node's state: rewrite only the ESP, root slot a and seed of a target that
+    /// already holds this node's kiln disk, and keep its kiln-root-b and kiln-data partitions
+    /// (refused, with the reason, for any other target). Without it the node comes back with
+    /// empty state and the same identity.
+    #[arg(long)]
+    pub keep_data: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,

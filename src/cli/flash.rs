@@ -48,6 +48,7 @@ fn flash_command(
         key,
         dry_run: a.dry_run,
         yes: a.yes,
+        keep_data: a.keep_data,
         progress: true,
         protected,
     };

@@ -68,6 +68,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             || e.downcast_ref::<SealError>().is_some()
             || e.downcast_ref::<CertError>().is_some()
             || e.downcast_ref::<FlashError>().is_some()
+            || e.downcast_ref::<crate::deliver::reflash::KeepDataRefused>()
+                .is_some()
             || e.downcast_ref::<crate::sys::util::InputFileError>()
                 .is_some()
             || e.downcast_ref::<crate::sys::util::OutputFileError>()

@@ -140,6 +140,9 @@ pub struct FlashOptions {
     pub dry_run: bool,
     /// Do not ask before overwriting a block device.
     pub yes: bool,
+    /// Rewrite only partitions 1–3 of a disk that already holds this node's kiln disk, keeping
+    /// its second root slot and data partition ([`crate::deliver::reflash`]).
+    pub keep_data: bool,
     /// Draw progress bars on stderr (when it is a terminal).
     pub progress: bool,
     /// Paths a file target may not be or be inside (the project's keys/, recipes, the output
@@ -234,6 +237,9 @@ pub struct FlashReport {
     pub bytes_written: u64,
     /// Whether the read-back sha256 of the target matched.
     pub verified_after_write: bool,
+    /// With `--keep-data`: the target's partitions that were kept (e.g. kiln-root-b, kiln-data).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<String>,
 }
 
 /// Host names allowed in node directory names.
@@ -725,7 +731,11 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         written: false,
         bytes_written: 0,
         verified_after_write: false,
+        kept: vec![],
     };
+    if opts.keep_data {
+        return flash_keep_data(opts, &mut image, target, report);
+    }
     if opts.dry_run {
         return Ok(report);
     }
@@ -759,6 +769,49 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     Ok(report)
 }
 
+/// `--keep-data`: checks the target holds this node's kiln disk, then rewrites partitions 1–3
+/// in place (see [`crate::deliver::reflash`]).
+fn flash_keep_data(
+    opts: &FlashOptions,
+    image: &mut File,
+    target: Target,
+    mut report: FlashReport,
+) -> Result<FlashReport> {
+    use crate::deliver::reflash;
+    if target.kind == TargetKind::NewFile {
+        return Err(reflash::KeepDataRefused {
+            path: target.path.clone(),
+            reason: "it does not exist, so it holds no data".into(),
+            fix: "flash without --keep-data to create it".into(),
+        }
+        .into());
+    }
+    let size = target.size.unwrap_or(0);
+    let mut t = if target.kind == TargetKind::BlockDevice {
+        open_exclusive(&target.resolved, !opts.dry_run, &target.path)?
+    } else {
+        OpenOptions::new()
+            .read(true)
+            .write(!opts.dry_run)
+            .open(&target.resolved)
+            .with_context(|| format!("opening {}", target.path.display()))?
+    };
+    let plan = reflash::plan(image, &mut t, &target.path, size, &opts.hostname)?;
+    report.kept = plan.kept.clone();
+    if opts.dry_run {
+        return Ok(report);
+    }
+    if target.kind == TargetKind::BlockDevice && !opts.yes {
+        confirm(&report)?;
+    }
+    report.bytes_written = reflash::write(image, &mut t, &plan, &target.path)?;
+    report.written = true;
+    drop(t);
+    reflash::read_back(image, &target.resolved, &plan)?;
+    report.verified_after_write = true;
+    Ok(report)
+}
+
 fn confirm(r: &FlashReport) -> Result<()> {
     if !io::stdin().is_terminal() {
         return Err(FlashError::NotConfirmed {
@@ -767,15 +820,22 @@ fn confirm(r: &FlashReport) -> Result<()> {
         .into());
     }
     let mut err = io::stderr().lock();
+    let lost = if r.kept.is_empty() {
+        format!("EVERYTHING on {} will be lost.", r.target.path.display())
+    } else {
+        format!(
+            "Its partitions 1-3 (ESP, root slot a, seed) are rewritten; kept: {}.",
+            r.kept.join(", ")
+        )
+    };
     writeln!(
         err,
-        "About to write {} ({}, {}) to {}: {}.\nEVERYTHING on {} will be lost.",
+        "About to write {} ({}, {}) to {}: {}.\n{lost}",
         r.image.display(),
         r.hostname,
         HumanBytes(r.image_size),
         r.target.path.display(),
         r.target.description,
-        r.target.path.display()
     )
     .context("writing to stderr")?;
     write!(err, "Type yes to continue: ").context("writing to stderr")?;

@@ -3,4 +3,5 @@
 
 pub mod flash;
 pub mod proxmox;
+pub mod reflash;
 pub mod serve;

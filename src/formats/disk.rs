@@ -108,6 +108,10 @@ pub struct DiskLayout {
     pub esp_volume_id: u32,
     /// GPT partition name of the root partition (at most 36 UTF-16 units).
     pub root_partition_name: String,
+    /// Size in MiB of the root partition (a *slot*: the image at its start, the rest a zero
+    /// hole), so that a later, larger build fits the same partition; `0` = the image's size
+    /// rounded up to a MiB. An image larger than the slot is an error.
+    pub root_slot_mib: u64,
     /// Size in MiB of the (empty) seed partition 3; `0` = no seed partition.
     pub seed_size_mib: u64,
     /// Unique partition GUID of the seed partition (on-disk byte order).
@@ -192,7 +196,22 @@ pub fn write_disk(
         .with_context(|| format!("stat root image {}", root_image.display()))?
         .len();
     ensure!(root_len > 0, "root image {} is empty", root_image.display());
-    let root_bytes = round_up(root_len, MIB);
+    let root_bytes = if layout.root_slot_mib == 0 {
+        round_up(root_len, MIB)
+    } else {
+        let slot = layout
+            .root_slot_mib
+            .checked_mul(MIB)
+            .context("root slot size overflows")?;
+        ensure!(
+            root_len <= slot,
+            "root image {} is {} MiB, larger than the root slot of {} MiB",
+            root_image.display(),
+            root_len.div_ceil(MIB),
+            layout.root_slot_mib
+        );
+        slot
+    };
 
     let esp_bytes = if layout.esp_size_mib == 0 {
         auto_esp_size(esp_files)?
@@ -243,6 +262,7 @@ pub fn write_disk(
             unique_guid: layout.esp_guid,
             first_lba: esp_first,
             last_lba: esp_last,
+            attributes: 0,
             name: esp_name,
         },
         GptPartition {
@@ -250,6 +270,7 @@ pub fn write_disk(
             unique_guid: layout.root_guid,
             first_lba: root_first,
             last_lba: root_last,
+            attributes: 0,
             name: root_name,
         },
     ];
@@ -259,6 +280,7 @@ pub fn write_disk(
             unique_guid: layout.seed_guid,
             first_lba,
             last_lba,
+            attributes: 0,
             name: gpt_partition_name(SEED_PARTITION_NAME)?,
         });
     }
@@ -377,7 +399,10 @@ fn round_up(value: u64, unit: u64) -> u64 {
     value.div_ceil(unit) * unit
 }
 
-/// Automatic ESP size: content * 1.2 + 32 MiB, rounded up to MiB, >= 64 MiB.
+/// Automatic ESP size: room for the content twice over (a second kernel and initrd, written
+/// next to the first by an A/B update) plus 10 % and 32 MiB, rounded up to a multiple of
+/// 256 MiB, so that the size — and with it every later partition's offset — stays the same
+/// from build to build while the kernel and initrd grow a little.
 fn auto_esp_size(esp_files: &[EspFile]) -> Result<u64> {
     let mut content: u64 = 0;
     for f in esp_files {
@@ -386,9 +411,8 @@ fn auto_esp_size(esp_files: &[EspFile]) -> Result<u64> {
         };
         content = content.saturating_add(len);
     }
-    let scaled = content.saturating_mul(6).div_ceil(5);
-    let bytes = round_up(scaled.saturating_add(32 * MIB), MIB);
-    Ok(bytes.max(64 * MIB))
+    let twice = content.saturating_mul(2).saturating_mul(11).div_ceil(10);
+    Ok(round_up(twice.saturating_add(32 * MIB), 256 * MIB))
 }
 
 /// Encodes a FAT volume label: ASCII, at most 11 characters, upper-cased and
@@ -454,13 +478,120 @@ fn validate_esp_paths(esp_files: &[EspFile]) -> Result<()> {
 // GPT / MBR
 // ---------------------------------------------------------------------------
 
-/// One populated GPT partition entry.
-struct GptPartition {
-    type_guid: [u8; 16],
-    unique_guid: [u8; 16],
-    first_lba: u64,
-    last_lba: u64,
-    name: [u8; 72],
+/// One populated GPT partition entry (LBAs inclusive; `name` as stored: UTF-16LE, zero padded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GptPartition {
+    pub type_guid: [u8; 16],
+    pub unique_guid: [u8; 16],
+    pub first_lba: u64,
+    pub last_lba: u64,
+    pub attributes: u64,
+    pub name: [u8; 72],
+}
+
+impl GptPartition {
+    /// The partition's name as text.
+    pub fn name_text(&self) -> String {
+        let units: Vec<u16> = self
+            .name
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|u| *u != 0)
+            .collect();
+        String::from_utf16_lossy(&units)
+    }
+}
+
+/// A disk's GPT as read by [`read_gpt`].
+#[derive(Debug, Clone)]
+pub struct GptTable {
+    pub disk_guid: [u8; 16],
+    /// The populated entries from slot 1 on, in slot order; reading stops at the first empty
+    /// slot (kiln's disks and systemd-repart fill slots without gaps).
+    pub partitions: Vec<GptPartition>,
+}
+
+/// Reads and checks (signature, header and entry CRCs) the primary GPT of a disk or image.
+pub fn read_gpt(file: &mut File) -> Result<GptTable> {
+    let hdr = read_at(file, SECTOR_SIZE, SECTOR_SIZE as usize).context("read GPT header")?;
+    ensure!(&hdr[0..8] == b"EFI PART", "no GPT header at LBA 1");
+    let hsize = le32(&hdr, 12) as usize;
+    ensure!(
+        (GPT_HEADER_SIZE as usize..=SECTOR_SIZE as usize).contains(&hsize),
+        "GPT header size {hsize} is out of range"
+    );
+    let mut check = hdr[..hsize].to_vec();
+    check[16..20].fill(0);
+    ensure!(
+        crc32fast::hash(&check) == le32(&hdr, 16),
+        "GPT header CRC mismatch"
+    );
+    let entries_lba = u64::from_le_bytes(hdr[72..80].try_into().expect("8 bytes"));
+    let count = le32(&hdr, 80);
+    let esize = le32(&hdr, 84);
+    ensure!(
+        esize == GPT_ENTRY_SIZE && (1..=1024).contains(&count),
+        "GPT with {count} entries of {esize} bytes is not supported"
+    );
+    let entries = read_at(
+        file,
+        entries_lba * SECTOR_SIZE,
+        (count * GPT_ENTRY_SIZE) as usize,
+    )
+    .context("read GPT entries")?;
+    ensure!(
+        crc32fast::hash(&entries) == le32(&hdr, 88),
+        "GPT partition entries CRC mismatch"
+    );
+    let mut disk_guid = [0u8; 16];
+    disk_guid.copy_from_slice(&hdr[56..72]);
+    let mut partitions = Vec::new();
+    for e in entries.chunks(GPT_ENTRY_SIZE as usize) {
+        if e[0..16].iter().all(|b| *b == 0) {
+            break;
+        }
+        let mut p = GptPartition {
+            type_guid: e[0..16].try_into().expect("16 bytes"),
+            unique_guid: e[16..32].try_into().expect("16 bytes"),
+            first_lba: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
+            last_lba: u64::from_le_bytes(e[40..48].try_into().expect("8 bytes")),
+            attributes: u64::from_le_bytes(e[48..56].try_into().expect("8 bytes")),
+            name: [0u8; 72],
+        };
+        p.name.copy_from_slice(&e[56..128]);
+        partitions.push(p);
+    }
+    Ok(GptTable {
+        disk_guid,
+        partitions,
+    })
+}
+
+/// Writes a protective MBR and primary and backup GPT holding `partitions` (at most 128) for
+/// a disk of `total_lbas` sectors.
+pub fn write_gpt(
+    file: &mut File,
+    total_lbas: u64,
+    disk_guid: &[u8; 16],
+    partitions: &[GptPartition],
+) -> Result<()> {
+    ensure!(
+        partitions.len() <= GPT_ENTRY_COUNT as usize,
+        "more than {GPT_ENTRY_COUNT} partitions"
+    );
+    let last_usable = total_lbas.saturating_sub(GPT_ENTRY_SECTORS + 2);
+    for p in partitions {
+        ensure!(
+            p.first_lba >= 2 + GPT_ENTRY_SECTORS
+                && p.first_lba <= p.last_lba
+                && p.last_lba <= last_usable,
+            "partition {} (LBA {}..{}) does not fit a disk of {total_lbas} sectors",
+            p.name_text(),
+            p.first_lba,
+            p.last_lba
+        );
+    }
+    write_partition_tables(file, total_lbas, disk_guid, partitions)
 }
 
 /// Serialises the full 128-entry partition array.
@@ -472,7 +603,7 @@ fn gpt_entries(partitions: &[GptPartition]) -> Vec<u8> {
         e[16..32].copy_from_slice(&p.unique_guid);
         e[32..40].copy_from_slice(&p.first_lba.to_le_bytes());
         e[40..48].copy_from_slice(&p.last_lba.to_le_bytes());
-        // 48..56: attributes, all clear.
+        e[48..56].copy_from_slice(&p.attributes.to_le_bytes());
         e[56..128].copy_from_slice(&p.name);
     }
     buf
@@ -1128,7 +1259,8 @@ mod tests {
             esp_size_mib: 0,
             esp_label: "kiln-esp".to_string(),
             esp_volume_id: 0xDEAD_BEEF,
-            root_partition_name: "kiln-root".to_string(),
+            root_partition_name: "kiln-root-a".to_string(),
+            root_slot_mib: 0,
             seed_size_mib: 0,
             seed_guid: guid_from_seed(b"build-1234", "seed"),
         }
@@ -1222,8 +1354,9 @@ mod tests {
         let b = std::fs::read(b).unwrap();
         assert_eq!(a.len() as u64, info_a.size_bytes);
         assert!(a == b, "images differ");
-        // 1 MiB head + 64 MiB ESP (auto minimum) + 3 MiB root + 1 MiB tail.
-        assert_eq!(info_a.size_bytes, (1 + 64 + 3 + 1) * MIB);
+        // 1 MiB head + 256 MiB ESP (auto: room for two kernel/initrd pairs, in 256 MiB
+        // steps) + 3 MiB root + 1 MiB tail.
+        assert_eq!(info_a.size_bytes, (1 + 256 + 3 + 1) * MIB);
     }
 
     #[test]
@@ -1267,7 +1400,7 @@ mod tests {
         assert_eq!(&e1[0..16], &ESP_TYPE_GUID);
         assert_eq!(&e1[16..32], &layout().esp_guid);
         assert_eq!((u64_at(e1, 32), u64_at(e1, 40)), info.esp);
-        assert_eq!(info.esp, (2048, 2048 + 64 * 2048 - 1));
+        assert_eq!(info.esp, (2048, 2048 + 256 * 2048 - 1));
         assert_eq!(&e1[56..62], &[b'E', 0, b'S', 0, b'P', 0]);
 
         let e2 = &primary[128..256];
@@ -1280,7 +1413,7 @@ mod tests {
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .take_while(|&u| u != 0)
             .collect();
-        assert_eq!(String::from_utf16(&name).unwrap(), "kiln-root");
+        assert_eq!(String::from_utf16(&name).unwrap(), "kiln-root-a");
         assert!(primary[256..].iter().all(|&b| b == 0));
 
         // Root contents copied verbatim.
@@ -1382,6 +1515,93 @@ mod tests {
     }
 
     #[test]
+    fn read_gpt_and_write_gpt_round_trip_on_a_larger_disk() {
+        let fx = fixture();
+        let out = fx.dir.path().join("rt.img");
+        let lay = DiskLayout {
+            seed_size_mib: 4,
+            ..layout()
+        };
+        write_disk(&out, &lay, &fx.files, &fx.root, EPOCH).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&out)
+            .unwrap();
+        let t = read_gpt(&mut f).unwrap();
+        let names: Vec<String> = t.partitions.iter().map(|p| p.name_text()).collect();
+        assert_eq!(names, ["ESP", "kiln-root-a", "kiln-seed"]);
+        // Grow the disk and add a fourth partition after the seed, as a node's first boot does.
+        let total = f.metadata().unwrap().len() / SECTOR_SIZE + 64 * 2048;
+        f.set_len(total * SECTOR_SIZE).unwrap();
+        let mut parts = t.partitions.clone();
+        parts.push(GptPartition {
+            type_guid: LINUX_DATA_TYPE_GUID,
+            unique_guid: guid_from_seed(b"x", "data"),
+            first_lba: t.partitions[2].last_lba + 1,
+            last_lba: total - 34,
+            attributes: 1 << 63,
+            name: gpt_partition_name("kiln-data").unwrap(),
+        });
+        write_gpt(&mut f, total, &t.disk_guid, &parts).unwrap();
+        let back = read_gpt(&mut f).unwrap();
+        assert_eq!(back.partitions, parts);
+        assert_eq!(back.disk_guid, t.disk_guid);
+        // sfdisk agrees, when it is installed.
+        if let Ok(o) = Command::new("sfdisk").arg("--dump").arg(&out).output() {
+            if o.status.success() {
+                let d = String::from_utf8_lossy(&o.stdout);
+                assert!(d.contains("name=\"kiln-data\""), "{d}");
+                assert!(
+                    !String::from_utf8_lossy(&o.stderr).contains("GPT"),
+                    "{}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+        }
+        // A partition past the last usable sector is refused.
+        parts[3].last_lba = total - 1;
+        assert!(write_gpt(&mut f, total, &t.disk_guid, &parts).is_err());
+    }
+
+    #[test]
+    fn root_slot_pads_the_root_partition_and_refuses_a_larger_image() {
+        let fx = fixture();
+        let out = fx.dir.path().join("slot.img");
+        let lay = DiskLayout {
+            root_slot_mib: 8,
+            ..layout()
+        };
+        let info = write_disk(&out, &lay, &fx.files, &fx.root, EPOCH).unwrap();
+        assert_eq!((info.root.1 - info.root.0 + 1) * SECTOR_SIZE, 8 * MIB);
+        assert_eq!(info.size_bytes, (1 + 256 + 8 + 1) * MIB);
+        // The image at the slot's start; the rest reads as zeros.
+        let disk = std::fs::read(&out).unwrap();
+        let root = std::fs::read(&fx.root).unwrap();
+        let at = (info.root.0 * SECTOR_SIZE) as usize;
+        assert!(disk[at..at + root.len()] == root[..]);
+        assert!(disk[at + root.len()..at + (8 * MIB) as usize]
+            .iter()
+            .all(|&b| b == 0));
+        let small = DiskLayout {
+            root_slot_mib: 1,
+            ..layout()
+        };
+        let e = write_disk(
+            &fx.dir.path().join("small.img"),
+            &small,
+            &fx.files,
+            &fx.root,
+            EPOCH,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("larger than the root slot of 1 MiB"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
     fn seed_partition_holds_a_cidata_volume() {
         let fx = fixture();
         let out = fx.dir.path().join("seeded.img");
@@ -1393,7 +1613,7 @@ mod tests {
         let (first, last) = info.seed.expect("seed partition");
         assert_eq!(first, info.root.1 + 1);
         assert_eq!((last - first + 1) * SECTOR_SIZE, 4 * MIB);
-        assert_eq!(info.size_bytes, (1 + 64 + 3 + 4 + 1) * MIB);
+        assert_eq!(info.size_bytes, (1 + 256 + 3 + 4 + 1) * MIB);
         let mut f = OpenOptions::new()
             .read(true)
             .write(true)

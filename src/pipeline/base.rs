@@ -87,8 +87,10 @@ impl BaseSpec {
     /// Machine-independent key of the recipe-level inputs (part of the build id).
     pub fn key(&self) -> String {
         // Bumped when kiln makes a base differently from the same spec (2: one initramfs,
-        // made after the recipe's commands).
-        let json = serde_json::to_vec(&("kiln.base/2", self)).expect("serialisable");
+        // made after the recipe's commands; 3: kiln's initramfs script, whose text is hashed
+        // in too).
+        let hook = util::sha256_hex(crate::pipeline::state::initramfs_customize_hook().as_bytes());
+        let json = serde_json::to_vec(&("kiln.base/3", self, hook)).expect("serialisable");
         util::sha256_hex(&json)
     }
 
@@ -426,7 +428,15 @@ fn mmdebstrap_args(
             .into(),
         );
     }
-    // The initramfs, once, after every package and recipe command (see INITRAMFS_HOOK).
+    // kiln's initramfs script (the node's identity from its seed, before systemd starts),
+    // then the initramfs, once, after every package and recipe command (see INITRAMFS_HOOK).
+    a.push(
+        format!(
+            "--customize-hook={}",
+            crate::pipeline::state::initramfs_customize_hook()
+        )
+        .into(),
+    );
     a.push(format!("--customize-hook={INITRAMFS_HOOK}").into());
     if signing.is_some() {
         // The private half leaves the base (and so every image); DKMS's build logs carry
@@ -533,7 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn plain_base_has_only_the_initramfs_hook_and_an_unchanged_key() {
+    fn plain_base_has_only_the_initramfs_hooks_and_an_unchanged_key() {
         let s = spec();
         assert_eq!(
             args(&s, None, None),
@@ -542,6 +552,10 @@ mod tests {
                 "--format=tar",
                 "--components=main,non-free",
                 "--include=nvidia-driver,systemd",
+                &format!(
+                    "--customize-hook={}",
+                    crate::pipeline::state::initramfs_customize_hook()
+                ),
                 &format!("--customize-hook={INITRAMFS_HOOK}"),
                 "bookworm",
                 "/o/rootfs.tar"
@@ -612,16 +626,17 @@ mod tests {
             .iter()
             .filter(|x| x.starts_with("--customize-hook="))
             .collect();
-        assert_eq!(cust.len(), 3);
-        // The recipe's commands run in the chroot, quoted for sh; then the initramfs, after
-        // them; kiln's clean-up comes last.
+        assert_eq!(cust.len(), 4);
+        // The recipe's commands run in the chroot, quoted for sh; then kiln's initramfs
+        // script and the initramfs, after them; kiln's clean-up comes last.
         assert_eq!(
             cust[0],
             "--customize-hook=chroot \"$1\" /bin/sh -euc 'echo '\\''a b'\\'' > /etc/x'"
         );
-        assert!(cust[1].contains("update-initramfs \"$m\" -k \"$v\""));
-        assert!(cust[2].contains("rm -f \"$1/var/lib/dkms/mok.key\""));
-        assert!(cust[2].contains("make.log"));
+        assert!(cust[1].contains("scripts/init-bottom/kiln-identity"));
+        assert!(cust[2].contains("update-initramfs \"$m\" -k \"$v\""));
+        assert!(cust[3].contains("rm -f \"$1/var/lib/dkms/mok.key\""));
+        assert!(cust[3].contains("make.log"));
         assert_eq!(&a[a.len() - 2..], ["bookworm", "/o/rootfs.tar"]);
     }
 

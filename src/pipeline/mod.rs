@@ -15,3 +15,4 @@ pub mod node;
 pub mod reproduce;
 pub mod resolve;
 pub mod seed;
+pub mod state;

@@ -118,8 +118,10 @@ pub struct BootFile {
     /// Extra kernel command-line arguments.
     #[serde(default)]
     pub cmdline: Vec<String>,
-    /// Size of the EFI system partition in MiB (0 or absent = sized to fit).
+    /// Size of the EFI system partition in MiB (0 or absent = sized to fit twice the content).
     pub esp_size_mib: Option<u64>,
+    /// Size of each root slot (kiln-root-a, and kiln-root-b made at first boot) in MiB.
+    pub root_slot_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -237,7 +239,17 @@ impl Debian {
 pub struct Boot {
     pub cmdline: Vec<String>,
     pub esp_size_mib: u64,
+    /// Size of each root slot in MiB ([`DEFAULT_ROOT_SLOT_MIB`] unless a recipe says).
+    pub root_slot_mib: u64,
+    /// The recipe that set `root_slot_mib` last (for errors), if any did.
+    #[serde(skip)]
+    pub root_slot_from: Option<PathBuf>,
 }
+
+/// Default size of a root slot: room for a role's squashfs to grow to a few times a worker's
+/// (~240 MB today) before the partition layout — and with it `kiln flash --keep-data` — has to
+/// change.
+pub const DEFAULT_ROOT_SLOT_MIB: u64 = 2048;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Systemd {
@@ -376,6 +388,7 @@ struct Merged {
     customize: Vec<String>,
     cmdline: Vec<String>,
     esp_size_mib: Option<u64>,
+    root_slot_mib: Option<(u64, PathBuf)>,
     enable: Vec<String>,
     mask: Vec<String>,
     /// The last `k3s.mode` and the recipe that set it.
@@ -411,6 +424,17 @@ impl Merged {
                 ));
             }
             self.esp_size_mib = Some(s);
+        }
+        if let Some(s) = f.boot.root_slot_mib {
+            if !(256..=65536).contains(&s) {
+                return Err(RecipeError::new(
+                    path,
+                    "boot.root_slot_mib",
+                    format!("{s} MiB is out of range"),
+                    "use 256..65536 (MiB); each root slot holds one build's root.squashfs",
+                ));
+            }
+            self.root_slot_mib = Some((s, path.to_path_buf()));
         }
         self.add_debian(path, &f.debian)?;
         merge_list(&mut self.cmdline, &f.boot.cmdline);
@@ -593,6 +617,11 @@ impl Merged {
             boot: Boot {
                 cmdline: self.cmdline,
                 esp_size_mib: self.esp_size_mib.unwrap_or(0),
+                root_slot_mib: self
+                    .root_slot_mib
+                    .as_ref()
+                    .map_or(DEFAULT_ROOT_SLOT_MIB, |(s, _)| *s),
+                root_slot_from: self.root_slot_mib.as_ref().map(|(_, p)| p.clone()),
             },
             systemd: Systemd {
                 enable: self.enable,

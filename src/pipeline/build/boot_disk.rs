@@ -6,6 +6,42 @@ use super::*;
 /// `CIDATA` volume there.
 pub const SEED_PARTITION_MIB: u64 = 4;
 
+/// GPT name of the first root slot (partition 2), where every build's root.squashfs goes.
+pub const ROOT_A_PARTITION_NAME: &str = "kiln-root-a";
+/// GPT name of the second root slot (partition 4), made empty at first boot for A/B updates.
+pub const ROOT_B_PARTITION_NAME: &str = "kiln-root-b";
+/// GPT name of the data partition (partition 5, the rest of the disk), made at first boot.
+pub const DATA_PARTITION_NAME: &str = "kiln-data";
+
+/// The role's root.squashfs fits its root slot, or the recipe error says which key to raise.
+pub fn check_root_slot(r: &Resolved, squashfs_len: u64) -> Result<()> {
+    let slot = r.recipe.boot.root_slot_mib;
+    if squashfs_len > slot * disk::MIB {
+        let file = r
+            .recipe
+            .boot
+            .root_slot_from
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("recipes/{}.toml", r.role)));
+        return Err(crate::project::error::RecipeError::new(
+            &file,
+            "boot.root_slot_mib",
+            format!(
+                "root.squashfs of role {} is {} MiB, larger than its root slot of {slot} MiB",
+                r.role,
+                squashfs_len.div_ceil(disk::MIB)
+            ),
+            format!(
+                "set [boot] root_slot_mib = {} (or more) in {} and reflash the role's nodes: the slot size is part of the disk layout",
+                squashfs_len.div_ceil(disk::MIB).div_ceil(256) * 256,
+                file.display()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Partition GUIDs derived from the build id: stable across rebuilds, distinct per build.
 pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
     let seed = r.build_id.as_bytes();
@@ -20,7 +56,8 @@ pub fn disk_layout(r: &Resolved) -> disk::DiskLayout {
                 .try_into()
                 .expect("4 bytes"),
         ),
-        root_partition_name: "kiln-root".into(),
+        root_partition_name: ROOT_A_PARTITION_NAME.into(),
+        root_slot_mib: r.recipe.boot.root_slot_mib,
         seed_size_mib: SEED_PARTITION_MIB,
         seed_guid: disk::guid_from_seed(seed, "seed"),
     }

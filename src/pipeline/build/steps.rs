@@ -30,6 +30,14 @@ pub(super) fn compose_root(
     k3s_layer: k3s::Layer,
     tar_path: &Path,
 ) -> Result<compose::Composed> {
+    let mut extra = k3s_layer.entries;
+    let owner = crate::pipeline::state::data_owner(project)?;
+    extra.extend(crate::pipeline::state::image_entries(
+        resolved.recipe.boot.root_slot_mib,
+        &owner,
+    ));
+    let mut extra_enable = k3s_layer.enable;
+    extra_enable.push("kiln-data.service".into());
     compose::compose(
         &ComposeInput {
             project,
@@ -37,8 +45,8 @@ pub(super) fn compose_root(
             build_id: &resolved.build_id,
             overlays: &resolved.overlays,
             base_tar: &base.tar,
-            extra: k3s_layer.entries,
-            extra_enable: k3s_layer.enable,
+            extra,
+            extra_enable,
         },
         tar_path,
     )
@@ -137,6 +145,8 @@ pub(super) fn write_disk_raw(
     sde: i64,
 ) -> Result<disk::DiskInfo> {
     let files = esp_files(resolved, composed, cmdline);
+    let squashfs = sd.join("root.squashfs");
+    check_root_slot(resolved, fs::metadata(&squashfs)?.len())?;
     disk::write_disk(
         &sd.join("disk.raw"),
         layout,
