@@ -63,6 +63,25 @@ fn standin_project(root: &Path) -> PathBuf {
         "secrets = []",
         "secrets = [\"secrets/db.yaml\"]",
     );
+    // The state probe in every image, and a storage node with extra disks (issue 18's test).
+    let unit = project.join("overlays/common/etc/systemd/system/kiln-test-state.service");
+    fs::create_dir_all(unit.parent().unwrap()).unwrap();
+    fs::write(&unit, STATE_PROBE_UNIT).unwrap();
+    let script = project.join("overlays/common/usr/local/lib/kiln-test-state");
+    fs::create_dir_all(script.parent().unwrap()).unwrap();
+    fs::write(&script, STATE_PROBE_SCRIPT).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    edit(
+        &project,
+        "recipes/base.toml",
+        "enable = [\"systemd-networkd.service\", \"systemd-resolved.service\"]",
+        "enable = [\"systemd-networkd.service\", \"systemd-resolved.service\", \"kiln-test-state.service\"]",
+    );
+    let inv = project.join("recipes/cluster.toml");
+    let mut c = fs::read_to_string(&inv).unwrap();
+    c.push_str(STORAGE_NODE);
+    fs::write(&inv, c).unwrap();
     project
 }
 
@@ -1518,4 +1537,306 @@ fn privileged_pxe_full_dhcp_uefi_default_role() {
         "{}",
         serve_log.display()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Node state and identity (issue 18): one storage node, three boots of one writable disk.
+// ---------------------------------------------------------------------------------------
+
+/// The test unit baked into every image of the stand-in project: once kiln-data has run, it
+/// prints what survived (a counter in a persistent path, a file in an ephemeral one, the
+/// identity) and then bumps the counter — one line to read per boot.
+pub const STATE_PROBE_UNIT: &str = "[Unit]
+Description=kiln test: state probe
+After=kiln-data.service kiln-booted.service
+
+[Service]
+Type=oneshot
+StandardOutput=journal+console
+ExecStart=/usr/local/lib/kiln-test-state
+
+[Install]
+WantedBy=multi-user.target
+";
+
+pub const STATE_PROBE_SCRIPT: &str = r#"#!/bin/sh
+n=$(cat /var/lib/rancher/kiln-test-count 2>/dev/null || echo 0)
+eph=$(cat /var/tmp/kiln-test 2>/dev/null || echo none)
+ssh=$(cut -d ' ' -f 2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null || echo none)
+pw=$(cat /etc/rancher/node/password 2>/dev/null || echo none)
+lh=$(tr -d '\n ' </run/kiln/longhorn-disks.json 2>/dev/null || echo none)
+echo "kiln-test-state: host=$(cat /proc/sys/kernel/hostname) count=$n eph=$eph mid=$(cat /etc/machine-id) ssh=$ssh pw=$pw $(cat /run/kiln/data.state 2>/dev/null || echo data=unknown) longhorn=$lh mounts=$(findmnt -n -o TARGET /var/lib/rancher >/dev/null && echo rancher)"
+echo $((n + 1)) >/var/lib/rancher/kiln-test-count
+echo here >/var/tmp/kiln-test
+sync
+echo "kiln-test-state: written"
+"#;
+
+/// The inventory entry of the stand-in project's storage node: three extra disks named by
+/// virtio serial (`/dev/disk/by-id/virtio-<serial>`), two blank, one with a foreign file system.
+pub const STORAGE_NODE: &str = r#"
+[[nodes]]
+hostname = "storage-1"
+mac = "52:54:00:00:00:31"
+role = "storage"
+
+[[nodes.disks]]
+device = "/dev/disk/by-id/virtio-lh-nvme"
+use = "longhorn"
+tags = ["nvme", "fast"]
+
+[[nodes.disks]]
+device = "/dev/disk/by-id/virtio-lh-sas"
+use = "longhorn"
+tags = ["sas-ssd"]
+
+[[nodes.disks]]
+device = "/dev/disk/by-id/virtio-foreign"
+use = "longhorn"
+"#;
+
+/// One `kiln-test-state:` line, as key → value.
+fn state_line(log: &Path) -> BTreeMap<String, String> {
+    let console = fs::read_to_string(log).unwrap();
+    let line = console
+        .lines()
+        .find(|l| l.contains("kiln-test-state: host="))
+        .unwrap_or_else(|| panic!("no state line in {}", log.display()));
+    line[line.find("host=").unwrap()..]
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Boots `disk` (written for real) as storage-1 with its three extra disks; returns the state
+/// line.
+fn boot_storage(disk: &Path, extra: &[(&Path, &str)], log: &Path) -> BTreeMap<String, String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = kiln::testing::qemu::uefi_disk_command_with(
+        disk,
+        &tmp.path().join("vars.fd"),
+        2048,
+        Some("52:54:00:00:00:31"),
+        true,
+    )
+    .unwrap();
+    for (i, (img, serial)) in extra.iter().enumerate() {
+        cmd.args([
+            "-drive",
+            &format!("file={},if=none,id=x{i},format=raw", img.display()),
+            "-device",
+            &format!("virtio-blk-pci,drive=x{i},serial={serial}"),
+        ]);
+    }
+    let booted = kiln::testing::qemu::wait_for_marker(
+        cmd,
+        "kiln-test-state: written",
+        Duration::from_secs(1500),
+        log,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "storage-1 booted in {:.0}s ({})",
+        booted.elapsed.as_secs_f64(),
+        log.display()
+    );
+    state_line(log)
+}
+
+fn sha256_file(p: &Path) -> String {
+    kiln::sys::util::sha256_hex(&fs::read(p).unwrap())
+}
+
+/// storage-1's node disk, flashed to a larger disk file: the first boot makes kiln-root-b and
+/// kiln-data, formats and mounts the two blank Longhorn disks (listed for Longhorn with their
+/// tags) and leaves the foreign one alone; a reboot keeps the persistent file and drops the
+/// ephemeral one; a `--keep-data` reflash of a *new* build keeps the data, a plain reflash
+/// does not; machine-id, SSH host key and k3s node password never change, match what kiln
+/// derived, differ from another node's, and the node password passes the k3s server model.
+#[test]
+fn slow_state_storage_node_reboot_and_reflash() {
+    let name = "slow_state_storage_node_reboot_and_reflash";
+    if let Some(r) = missing_build_capability() {
+        return skip(name, &r);
+    }
+    if !which("qemu-system-x86_64") || !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
+        return skip(
+            name,
+            "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
+        );
+    }
+    let b = built();
+    let work = b.out.join("state-test");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).unwrap();
+    let flash = |out: &Path, args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--dir")
+            .arg(&b.project)
+            .arg("--out")
+            .arg(out)
+            .arg("flash")
+            .args(args)
+            .output()
+            .unwrap();
+        (o.status.code(), stdout(&o), stderr(&o))
+    };
+    let disk = work.join("storage-1.img");
+    let (rc, _, e) = flash(&b.out, &["storage-1", disk.to_str().unwrap()]);
+    assert_eq!(rc, Some(0), "{e}");
+    // The machine's disk is larger than the image: the rest becomes kiln-root-b and kiln-data.
+    let grow = |p: &Path| {
+        let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(f.metadata().unwrap().len() + 4 * 1024 * 1024 * 1024)
+            .unwrap();
+    };
+    grow(&disk);
+    // --keep-data on a disk that has no data partition yet: refused, untouched.
+    let before = sha256_file(&disk);
+    let (rc, _, e) = flash(
+        &b.out,
+        &["--keep-data", "storage-1", disk.to_str().unwrap()],
+    );
+    assert_eq!(rc, Some(2), "{e}");
+    assert!(e.contains("no kiln-data partition"), "{e}");
+    assert_eq!(sha256_file(&disk), before);
+
+    let blank = |n: &str| {
+        let p = work.join(n);
+        let f = fs::File::create(&p).unwrap();
+        f.set_len(512 * 1024 * 1024).unwrap();
+        p
+    };
+    let nvme = blank("lh-nvme.img");
+    let sas = blank("lh-sas.img");
+    let foreign = blank("foreign.img");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "someone-else"])
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let foreign_sha = sha256_file(&foreign);
+    let extra: [(&Path, &str); 3] = [(&nvme, "lh-nvme"), (&sas, "lh-sas"), (&foreign, "foreign")];
+
+    // Identity as kiln derived it (the seed's files).
+    let seed_dir = b.out.join("nodes/storage-1").canonicalize().unwrap();
+    let seed_file = |f: &str| fs::read_to_string(seed_dir.join("kiln").join(f)).ok();
+    let want_mid = seed_file("machine-id").expect("the seed carries kiln/machine-id");
+
+    // Boot 1: first boot.
+    let s1 = boot_storage(&disk, &extra, &work.join("boot-1.log"));
+    println!("boot 1: {s1:?}");
+    assert_eq!(s1["host"], "storage-1");
+    assert_eq!(s1["count"], "0");
+    assert!(s1["data"].starts_with("new("), "{s1:?}");
+    assert_eq!(s1["mid"], want_mid.trim(), "machine-id is the derived one");
+    assert_ne!(s1["ssh"], "none");
+    assert_ne!(s1["pw"], "none");
+    let lh = &s1["longhorn"];
+    assert!(
+        lh.contains(r#""path":"/var/lib/longhorn-disks/disk0","allowScheduling":true,"tags":["nvme","fast"]"#)
+            && lh.contains(r#""path":"/var/lib/longhorn-disks/disk1","allowScheduling":true,"tags":["sas-ssd"]"#),
+        "{lh}"
+    );
+    assert!(
+        !lh.contains("disk2"),
+        "the foreign disk is not offered to Longhorn: {lh}"
+    );
+    let disks = s1.get("disks").cloned().unwrap_or_default();
+    assert!(
+        disks.contains("foreign(/dev/disk/by-id/virtio-foreign)"),
+        "{s1:?}"
+    );
+    assert_eq!(
+        sha256_file(&foreign),
+        foreign_sha,
+        "the foreign disk was written to"
+    );
+    let o = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let table = stdout(&o);
+    for n in ["kiln-root-a", "kiln-seed", "kiln-root-b", "kiln-data"] {
+        assert!(
+            table.contains(&format!("name=\"{n}\"")),
+            "{n} missing:\n{table}"
+        );
+    }
+    let mut model = kiln::testing::k3s::NodePasswords::default();
+    model.verify("storage-1", &s1["pw"]).unwrap();
+
+    // Boot 2: a reboot of the same disk.
+    let s2 = boot_storage(&disk, &extra, &work.join("boot-2.log"));
+    println!("boot 2: {s2:?}");
+    assert_eq!(s2["count"], "1", "the persistent file survived the reboot");
+    assert_eq!(s2["eph"], "none", "the ephemeral file did not");
+    assert!(s2["data"].starts_with("kept("), "{s2:?}");
+    for k in ["mid", "ssh", "pw", "longhorn"] {
+        assert_eq!(s1[k], s2[k], "{k} changed across a reboot");
+    }
+
+    // A new build of the storage role (another overlay byte) from a copy of the project.
+    let p2 = work.join("project2");
+    copy_tree(&b.project, &p2);
+    edit(&p2, "overlays/common/etc/motd.tera", "\n", "\n\n");
+    let out2 = work.join("out2");
+    let o = run_build(&p2, &out2, &shared_cache(), &["--role", "storage"]);
+    assert!(o.status.success(), "rebuild failed:\n{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id2 = v["roles"][0]["build_id"].as_str().unwrap().to_string();
+    assert_ne!(id2, b.ids["storage"]);
+    let (rc, out, e) = flash(
+        &out2,
+        &["--keep-data", "--json", "storage-1", disk.to_str().unwrap()],
+    );
+    assert_eq!(rc, Some(0), "{e}");
+    assert!(out.contains("kiln-data"), "{out}");
+    let s3 = boot_storage(&disk, &extra, &work.join("boot-3.log"));
+    println!("boot 3: {s3:?}");
+    let console = fs::read_to_string(work.join("boot-3.log")).unwrap();
+    assert!(
+        console.contains(&format!("build={id2}")),
+        "boot 3 is not the new build"
+    );
+    assert_eq!(s3["count"], "2", "--keep-data kept the data");
+    assert!(s3["data"].starts_with("kept("), "{s3:?}");
+    for k in ["mid", "ssh", "pw", "longhorn"] {
+        assert_eq!(s1[k], s3[k], "{k} changed across a --keep-data reflash");
+    }
+    model.verify("storage-1", &s3["pw"]).unwrap();
+
+    // A plain reflash makes a disk with no data partition (the next boot makes a new, empty
+    // one, as boot 1 did) and the same identity in its seed.
+    let (rc, _, e) = flash(&out2, &["storage-1", disk.to_str().unwrap()]);
+    assert_eq!(rc, Some(0), "{e}");
+    let o = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(!stdout(&o).contains("kiln-data"), "{}", stdout(&o));
+    let seed2 = out2.join("nodes/storage-1").canonicalize().unwrap();
+    for f in ["machine-id", "node-password", "ssh_host_ed25519_key.pub"] {
+        assert_eq!(
+            fs::read(seed2.join("kiln").join(f)).unwrap(),
+            fs::read(seed_dir.join("kiln").join(f)).unwrap(),
+            "{f} differs between two builds"
+        );
+    }
+    // Another node has another identity.
+    let other = b.out.join("nodes/worker-1/kiln");
+    for f in ["machine-id", "node-password", "ssh_host_ed25519_key.pub"] {
+        assert_ne!(
+            fs::read(other.join(f)).unwrap(),
+            fs::read(seed_dir.join("kiln").join(f)).unwrap(),
+            "{f} is the same on two nodes"
+        );
+    }
+    // A password another node would present for storage-1 is refused by the server model.
+    let wrong = fs::read_to_string(other.join("node-password")).unwrap();
+    assert!(model.verify("storage-1", wrong.trim()).is_err());
 }

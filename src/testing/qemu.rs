@@ -25,6 +25,19 @@ pub fn uefi_disk_command(
     memory_mib: u32,
     mac: Option<&str>,
 ) -> Result<Command> {
+    uefi_disk_command_with(disk, vars, memory_mib, mac, false)
+}
+
+/// [`uefi_disk_command`] with the disk written for real (`writable`: no `snapshot=on`), as a
+/// machine's own disk is: what a boot changes is there for the next boot. Killing qemu is a
+/// power cut (the host's page cache keeps what qemu wrote).
+pub fn uefi_disk_command_with(
+    disk: &Path,
+    vars: &Path,
+    memory_mib: u32,
+    mac: Option<&str>,
+    writable: bool,
+) -> Result<Command> {
     if !Path::new(OVMF_CODE).is_file() {
         bail!("UEFI firmware {OVMF_CODE} not found; install it with `apt-get install ovmf`");
     }
@@ -56,8 +69,9 @@ pub fn uefi_disk_command(
         .args([
             "-drive",
             &format!(
-                "file={},if=virtio,format={format},snapshot=on",
-                disk.display()
+                "file={},if=virtio,format={format}{}",
+                disk.display(),
+                if writable { "" } else { ",snapshot=on" }
             ),
         ])
         .args(["-netdev", "user,id=n0", "-device"]);

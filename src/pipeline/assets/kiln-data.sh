@@ -30,8 +30,19 @@ status_data="none"
 status_disks=""
 
 build=$(sed -n 's/.*"build_id": *"\([0-9a-f]*\)".*/\1/p' /etc/kiln/build.json)
+# Who this node is: the seed's name, else the inventory's entry for one of its MACs.
 host=$(cat "$ident/hostname" 2>/dev/null)
+if [ -z "$host" ]; then
+  for n in /sys/class/net/*; do
+    mac=$(cat "$n/address" 2>/dev/null) || continue
+    host=$(awk -F '\t' -v m="$mac" 'tolower($1) == tolower(m) { print $2; exit }' /etc/kiln/inventory.tsv 2>/dev/null)
+    [ -n "$host" ] && break
+  done
+fi
 [ -n "$host" ] || host=$(cat /proc/sys/kernel/hostname)
+# This node's extra disks from the inventory (use, device, wipe, mount, tags; see kiln's
+# [[nodes.disks]]).
+disks=/etc/kiln/disks/$host.tsv
 owner=$(cat "$lib/data-owner")
 
 # The whole disk a partition device belongs to.
@@ -87,7 +98,7 @@ new_disk() {
 }
 
 # --- the data partition ---------------------------------------------------------------
-data_line=$(grep -v '^#' "$ident/disks" 2>/dev/null | awk -F '\t' '$1 == "data"' | head -n 1)
+data_line=$(grep -v '^#' "$disks" 2>/dev/null | awk -F '\t' '$1 == "data"' | head -n 1)
 dev=""
 if [ -n "$data_line" ]; then
   ddisk=$(echo "$data_line" | cut -f 2)
@@ -225,7 +236,7 @@ fi
 # --- Longhorn disks -------------------------------------------------------------------
 json=""
 i=0
-grep -v '^#' "$ident/disks" 2>/dev/null | awk -F '\t' '$1 == "longhorn"' >/run/kiln/longhorn.lines
+grep -v '^#' "$disks" 2>/dev/null | awk -F '\t' '$1 == "longhorn"' >/run/kiln/longhorn.lines
 while IFS='	' read -r use ldisk wipe mnt tags; do
   i=$((i + 1))
   if ! wait_dev "$ldisk" 30; then

@@ -32,12 +32,17 @@ pub(super) fn compose_root(
 ) -> Result<compose::Composed> {
     let mut extra = k3s_layer.entries;
     let owner = crate::pipeline::state::data_owner(project)?;
+    let k3s = resolved.recipe.k3s.mode.runs_k3s();
     extra.extend(crate::pipeline::state::image_entries(
         resolved.recipe.boot.root_slot_mib,
         &owner,
+        k3s,
     ));
     let mut extra_enable = k3s_layer.enable;
     extra_enable.push("kiln-data.service".into());
+    if k3s {
+        extra_enable.push("kiln-longhorn-disks.service".into());
+    }
     compose::compose(
         &ComposeInput {
             project,
