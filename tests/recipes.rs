@@ -492,8 +492,9 @@ fn build_id_golden() {
     );
 }
 
-// 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1).
-const GOLDEN_ID: &str = "3bb1cf275df633147ba2ebac171f894434a9fbb9dde49273c3077faf24b21486";
+// 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1); then the merged
+// recipe gained `persist` (issue 18: the role's persistent paths, `/var/lib/cloud` here).
+const GOLDEN_ID: &str = "493de6a26c4abc939ab03ab49f8d76898c5b412c6fa627228e06aa5fc45ebadb";
 
 #[test]
 fn doctor_lists_tools() {

@@ -398,6 +398,29 @@ pub fn inventory_tsv(cluster: &Cluster) -> String {
     s
 }
 
+/// Where each node's disk list lives in its role's image: `<host>.tsv`
+/// ([`crate::project::inventory::disks_file`]) and, for a node with Longhorn disks,
+/// `<host>.longhorn.json` (the `node.longhorn.io/default-disks-config` annotation's value).
+pub const DISKS_DIR: &str = "etc/kiln/disks";
+
+/// The disk files of the role's nodes that name `[[nodes.disks]]`: image path → text.
+pub fn node_disk_files(cluster: &Cluster, role: &str) -> BTreeMap<String, String> {
+    use crate::project::inventory::{disks_file, longhorn_disks_config};
+    let mut out = BTreeMap::new();
+    for n in cluster.nodes.iter().filter(|n| n.role == role) {
+        if let Some(t) = disks_file(n) {
+            out.insert(format!("{DISKS_DIR}/{}.tsv", n.hostname), t);
+        }
+        if let Some(j) = longhorn_disks_config(n) {
+            out.insert(
+                format!("{DISKS_DIR}/{}.longhorn.json", n.hostname),
+                j + "\n",
+            );
+        }
+    }
+    out
+}
+
 /// Finds this machine in the baked inventory by the MAC of any Ethernet NIC; sets the hostname,
 /// writes a static systemd-networkd config when the node has one, and links the node's k3s
 /// drop-in. Runs before the network and k3s.
@@ -571,6 +594,13 @@ fn add_generated(input: &ComposeInput, upper: &mut BTreeMap<String, Upper>) -> R
         "etc/systemd/system/kiln-identify.service".into(),
         gen(IDENTIFY_UNIT.to_string()),
     );
+    upper.insert(
+        crate::project::recipe::PERSIST_LIST.into(),
+        gen(crate::project::recipe::persist_list(recipe)),
+    );
+    for (path, text) in node_disk_files(&project.cluster, &recipe.role) {
+        upper.insert(path, gen(text));
+    }
     for (p, e) in &input.extra {
         upper.insert(p.clone(), e.clone());
     }
