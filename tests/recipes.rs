@@ -493,8 +493,9 @@ fn build_id_golden() {
 }
 
 // 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1); then the merged
-// recipe gained `persist` (issue 18: the role's persistent paths, `/var/lib/cloud` here).
-const GOLDEN_ID: &str = "493de6a26c4abc939ab03ab49f8d76898c5b412c6fa627228e06aa5fc45ebadb";
+// recipe gained `persist` (issue 18: the role's persistent paths, `/var/lib/cloud` here) and
+// FORMAT_GENERATION became 2 (every image carries /usr/lib/kiln/persist.list).
+const GOLDEN_ID: &str = "06be56d25f4bca9b796ac0a5227ab4a90a64afa42fd9556e1259682cb82943de";
 
 #[test]
 fn doctor_lists_tools() {
