@@ -19,39 +19,76 @@ use std::fs;
 use std::path::Path;
 
 /// (generation, [(output, sha256)]), one row per generation, oldest first.
-const PINS: &[(u32, &[(&str, &str)])] = &[(
-    1,
-    &[
-        (
-            "build-id",
-            "31f2f7e2e5544e22570bec260f6dde7f692dd70225fde1480c9f43b70da0bb3f",
-        ),
-        (
-            "cidata.img",
-            "59cc50ef64efcc3ec95cccb22e9b170a698d5d972885a9350ccd6314346c14f4",
-        ),
-        (
-            "cidata.iso",
-            "a552e2cdab3153f6424841476b589a53763d260b18a0ee65214a10aae371de07",
-        ),
-        (
-            "disk.raw",
-            "03be2cc02614b2a1d1d594b0138ffe5b0f436a47456e9ef55f0fa9e393b81abb",
-        ),
-        (
-            "iso9660",
-            "9f99e1636af0be1a47e2b3aaf76135cd63475ab242c75850a8c2ff222fe114be",
-        ),
-        (
-            "root.squashfs",
-            "a315f42426ea91099bade21633a99ffacca5fdfc6263c1cffa2c66a34acd94e3",
-        ),
-        (
-            "rootfs.tar.zst",
-            "abd2e6cccc37c222573ff050523e889eb88bef55e0a14829e931deb696641170",
-        ),
-    ],
-)];
+const PINS: &[(u32, &[(&str, &str)])] = &[
+    (
+        1,
+        &[
+            (
+                "build-id",
+                "31f2f7e2e5544e22570bec260f6dde7f692dd70225fde1480c9f43b70da0bb3f",
+            ),
+            (
+                "cidata.img",
+                "59cc50ef64efcc3ec95cccb22e9b170a698d5d972885a9350ccd6314346c14f4",
+            ),
+            (
+                "cidata.iso",
+                "a552e2cdab3153f6424841476b589a53763d260b18a0ee65214a10aae371de07",
+            ),
+            (
+                "disk.raw",
+                "03be2cc02614b2a1d1d594b0138ffe5b0f436a47456e9ef55f0fa9e393b81abb",
+            ),
+            (
+                "iso9660",
+                "9f99e1636af0be1a47e2b3aaf76135cd63475ab242c75850a8c2ff222fe114be",
+            ),
+            (
+                "root.squashfs",
+                "a315f42426ea91099bade21633a99ffacca5fdfc6263c1cffa2c66a34acd94e3",
+            ),
+            (
+                "rootfs.tar.zst",
+                "abd2e6cccc37c222573ff050523e889eb88bef55e0a14829e931deb696641170",
+            ),
+        ],
+    ),
+    // 2: every image carries /usr/lib/kiln/persist.list and the merged recipe gains `persist`
+    // (issue 18); the format writers are unchanged, the build id (and the disk that embeds it) moved.
+    (
+        2,
+        &[
+            (
+                "build-id",
+                "343ebd8c0d48abbc6f4ce54bfec9e3c1bc59873d1308e0265dcb687cd4003d6f",
+            ),
+            (
+                "cidata.img",
+                "59cc50ef64efcc3ec95cccb22e9b170a698d5d972885a9350ccd6314346c14f4",
+            ),
+            (
+                "cidata.iso",
+                "a552e2cdab3153f6424841476b589a53763d260b18a0ee65214a10aae371de07",
+            ),
+            (
+                "disk.raw",
+                "14c9d066a62baf60cd69a34b17e6e01cea6d4e4361897a2580c3b8c204f32b9a",
+            ),
+            (
+                "iso9660",
+                "9f99e1636af0be1a47e2b3aaf76135cd63475ab242c75850a8c2ff222fe114be",
+            ),
+            (
+                "root.squashfs",
+                "a315f42426ea91099bade21633a99ffacca5fdfc6263c1cffa2c66a34acd94e3",
+            ),
+            (
+                "rootfs.tar.zst",
+                "abd2e6cccc37c222573ff050523e889eb88bef55e0a14829e931deb696641170",
+            ),
+        ],
+    ),
+];
 
 const EPOCH: i64 = 1_700_000_000;
 

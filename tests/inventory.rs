@@ -703,3 +703,256 @@ fn network_config_multicast_mac_match_is_refused() {
         "multicast",
     );
 }
+
+// --- [[nodes.disks]] (issue 18) -----------------------------------------------------------------
+
+const BY_ID: &str = "/dev/disk/by-id/nvme-Samsung_SSD_970_EVO_1TB_S467NX0M000001";
+const BY_ID_2: &str = "/dev/disk/by-id/ata-WDC_WD40EFRX-68N32N0_WD-WCC7K0000002";
+const BY_PATH: &str = "/dev/disk/by-path/pci-0000:00:1f.2-ata-3";
+
+/// `[[nodes.disks]]` tables for master-1 (nodes[0]), one per `(device, rest)`: `rest` is the
+/// table's other lines.
+fn master_disks(disks: &[(&str, &str)]) -> String {
+    disks
+        .iter()
+        .map(|(dev, rest)| format!("\n[[nodes.disks]]\ndevice = \"{dev}\"\n{rest}"))
+        .collect()
+}
+
+/// master-1 with `disks`, refused with `key` and `needle`; every such error names the node.
+fn refused_disks(disks: &[(&str, &str)], key: &str, needle: &str) {
+    refused_master_key(&master_disks(disks), key, needle);
+    refused_master_key(&master_disks(disks), key, "\"master-1\"");
+}
+
+#[test]
+fn a_disk_by_an_unstable_name_is_refused() {
+    refused_disks(
+        &[("/dev/sdb", "use = \"longhorn\"")],
+        "nodes[0].disks[0].device",
+        "/dev/disk/by-id/",
+    );
+}
+
+#[test]
+fn a_disk_path_with_shell_syntax_is_refused() {
+    refused_disks(
+        &[("/dev/disk/by-id/x;reboot", "use = \"data\"")],
+        "nodes[0].disks[0].device",
+        "contains ';'",
+    );
+    refused_disks(
+        &[("/dev/disk/by-id/../../sda", "use = \"data\"")],
+        "nodes[0].disks[0].device",
+        "'..'",
+    );
+}
+
+#[test]
+fn a_disk_needs_a_known_use() {
+    refused_master_key(&master_disks(&[(BY_ID, "")]), "line", "missing field `use`");
+    refused_master_key(
+        &master_disks(&[(BY_ID, "use = \"swap\"")]),
+        "line",
+        "unknown variant `swap`",
+    );
+}
+
+#[test]
+fn unknown_disk_fields_are_refused() {
+    let o = "use = \"longhorn\"\nsize = \"1T\"";
+    refused_master_key(&master_disks(&[(BY_ID, o)]), "line", "unknown field `size`");
+}
+
+#[test]
+fn two_data_disks_are_refused() {
+    refused_disks(
+        &[(BY_ID, "use = \"data\""), (BY_ID_2, "use = \"data\"")],
+        "nodes[0].disks[1].use",
+        "second data disk (disks[0]",
+    );
+}
+
+#[test]
+fn a_disk_listed_twice_is_refused() {
+    refused_disks(
+        &[(BY_ID, "use = \"data\""), (BY_ID, "use = \"longhorn\"")],
+        "nodes[0].disks[1].device",
+        "also disks[0]",
+    );
+}
+
+#[test]
+fn the_boot_disk_is_not_an_extra_disk() {
+    let line = format!(
+        "disk = \"{BY_ID}\"{}",
+        master_disks(&[(BY_ID, "use = \"longhorn\"")])
+    );
+    refused_master_key(&line, "nodes[0].disks[0].device", "boot disk");
+}
+
+#[test]
+fn a_mount_on_the_data_disk_is_refused() {
+    refused_disks(
+        &[(BY_ID, "use = \"data\"\nmount = \"/srv/data\"")],
+        "nodes[0].disks[0].mount",
+        "data partition",
+    );
+}
+
+#[test]
+fn tags_on_the_data_disk_are_refused() {
+    refused_disks(
+        &[(BY_ID, "use = \"data\"\ntags = [\"nvme\"]")],
+        "nodes[0].disks[0].tags",
+        "data disk",
+    );
+}
+
+#[test]
+fn bad_longhorn_mounts_are_refused() {
+    for (mount, needle) in [
+        ("srv/disk", "absolute"),
+        ("/srv/disk/", "ends with '/'"),
+        ("/srv/../disk", "normalised"),
+        ("/tmp/disk", "under /tmp"),
+        ("/var", "too broad"),
+        ("/srv/disk one", "contains ' '"),
+    ] {
+        let rest = format!("use = \"longhorn\"\nmount = \"{mount}\"");
+        refused_disks(&[(BY_ID, &rest)], "nodes[0].disks[0].mount", needle);
+    }
+}
+
+#[test]
+fn duplicate_and_nested_mounts_are_refused() {
+    // disks[1]'s default mount is /var/lib/longhorn-disks/disk1, which disks[0] took.
+    refused_disks(
+        &[
+            (
+                BY_ID,
+                "use = \"longhorn\"\nmount = \"/var/lib/longhorn-disks/disk1\"",
+            ),
+            (BY_ID_2, "use = \"longhorn\""),
+        ],
+        "nodes[0].disks[1].mount",
+        "is also the mount of disks[0]",
+    );
+    refused_disks(
+        &[
+            (BY_ID, "use = \"longhorn\"\nmount = \"/srv/lh\""),
+            (BY_ID_2, "use = \"longhorn\"\nmount = \"/srv/lh/fast\""),
+        ],
+        "nodes[0].disks[1].mount",
+        "inside the mount of disks[0]",
+    );
+}
+
+#[test]
+fn bad_longhorn_tags_are_refused() {
+    for (tags, key, needle) in [
+        (
+            "[\"nvme ssd\"]",
+            "nodes[0].disks[0].tags[0]",
+            "not a Longhorn disk tag",
+        ),
+        (
+            "[\"\"]",
+            "nodes[0].disks[0].tags[0]",
+            "not a Longhorn disk tag",
+        ),
+        ("[\"ok\", \"ok\"]", "nodes[0].disks[0].tags[1]", "twice"),
+    ] {
+        let rest = format!("use = \"longhorn\"\ntags = {tags}");
+        refused_disks(&[(BY_ID, &rest)], key, needle);
+    }
+    let long = format!("[\"{}\"]", "t".repeat(64));
+    let rest = format!("use = \"longhorn\"\ntags = {long}");
+    refused_disks(&[(BY_ID, &rest)], "nodes[0].disks[0].tags[0]", "tag");
+    let many: Vec<String> = (0..17).map(|i| format!("\"t{i}\"")).collect();
+    let rest = format!("use = \"longhorn\"\ntags = [{}]", many.join(", "));
+    refused_disks(&[(BY_ID, &rest)], "nodes[0].disks[0].tags", "17 tags");
+}
+
+#[test]
+fn more_than_sixteen_disks_are_refused() {
+    let devs: Vec<String> = (0..17).map(|i| format!("{BY_PATH}{i}")).collect();
+    let disks: Vec<(&str, &str)> = devs
+        .iter()
+        .map(|d| (d.as_str(), "use = \"longhorn\""))
+        .collect();
+    refused_disks(&disks, "nodes[0].disks", "17 disks");
+}
+
+/// A project whose master-1 has a data disk and two Longhorn disks (one with its own mount).
+fn project_with_disks() -> (tempfile::TempDir, kiln::project::recipe::Project) {
+    let d = project_copy();
+    let disks = master_disks(&[
+        (BY_ID, "use = \"data\"\nwipe = true"),
+        (BY_ID_2, "use = \"longhorn\"\ntags = [\"hdd\", \"big\"]"),
+        (
+            BY_PATH,
+            "use = \"longhorn\"\nmount = \"/srv/fast\"\ntags = [\"nvme\"]",
+        ),
+    ]);
+    edit(
+        d.path(),
+        CLUSTER,
+        MASTER_DNS,
+        &format!("{MASTER_DNS}\n{disks}"),
+    );
+    let p = kiln::project::recipe::load_project(d.path()).unwrap();
+    (d, p)
+}
+
+#[test]
+fn disks_file_lists_every_disk_with_its_mount() {
+    use kiln::project::inventory::disks_file;
+    let (_d, p) = project_with_disks();
+    let want = format!(
+        "# use\tdevice\twipe\tmount\ttags (generated by kiln)\n\
+         data\t{BY_ID}\t1\t-\t-\n\
+         longhorn\t{BY_ID_2}\t0\t/var/lib/longhorn-disks/disk0\thdd,big\n\
+         longhorn\t{BY_PATH}\t0\t/srv/fast\tnvme\n"
+    );
+    assert_eq!(
+        disks_file(&p.cluster.nodes[0]).as_deref(),
+        Some(want.as_str())
+    );
+    assert_eq!(
+        disks_file(&p.cluster.nodes[1]),
+        None,
+        "worker-1 names no disks"
+    );
+}
+
+#[test]
+fn longhorn_disks_config_is_longhorns_annotation_value() {
+    use kiln::project::inventory::longhorn_disks_config;
+    let (_d, p) = project_with_disks();
+    let j = longhorn_disks_config(&p.cluster.nodes[0]).unwrap();
+    assert_eq!(
+        j,
+        r#"[{"path":"/var/lib/longhorn-disks/disk0","allowScheduling":true,"tags":["hdd","big"]},{"path":"/srv/fast","allowScheduling":true,"tags":["nvme"]}]"#
+    );
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        2,
+        "the data disk is not Longhorn's"
+    );
+    assert_eq!(longhorn_disks_config(&p.cluster.nodes[1]), None);
+
+    // A node with only a data disk announces nothing to Longhorn.
+    let d = project_copy();
+    let disks = master_disks(&[(BY_ID, "use = \"data\"")]);
+    edit(
+        d.path(),
+        CLUSTER,
+        MASTER_DNS,
+        &format!("{MASTER_DNS}\n{disks}"),
+    );
+    let p = kiln::project::recipe::load_project(d.path()).unwrap();
+    assert_eq!(longhorn_disks_config(&p.cluster.nodes[0]), None);
+    assert!(kiln::project::inventory::disks_file(&p.cluster.nodes[0]).is_some());
+}

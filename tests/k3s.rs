@@ -319,3 +319,69 @@ fn helm_chart_embeds_archive() {
     assert_eq!(raw, b"\x1f\x8bfake-tgz");
     assert_eq!(v["spec"]["valuesContent"], "speaker:\n  enabled: true");
 }
+
+/// The `node-label` list of a k3s config file (the key without `+` replaces earlier files').
+fn node_labels(yaml: &str) -> Option<Vec<String>> {
+    let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+    let l = v.get("node-label")?;
+    Some(
+        l.as_sequence()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+#[test]
+fn a_node_with_longhorn_disks_asks_longhorn_for_its_config_once() {
+    let d = project_copy();
+    let p = d.path().join("recipes/cluster.toml");
+    let mut s = fs::read_to_string(&p).unwrap();
+    s.push_str(concat!(
+        "\n[[nodes]]\nhostname = \"storage-1\"\nmac = \"52:54:00:00:00:31\"\nrole = \"storage\"\n",
+        "[[nodes.disks]]\ndevice = \"/dev/disk/by-id/nvme-a\"\nuse = \"longhorn\"\ntags = [\"nvme\"]\n",
+        "\n[[nodes]]\nhostname = \"storage-2\"\nmac = \"52:54:00:00:00:32\"\nrole = \"storage\"\n",
+        "[[nodes.disks]]\ndevice = \"/dev/disk/by-id/ata-b\"\nuse = \"data\"\n",
+        "\n[[nodes]]\nhostname = \"worker-3\"\nmac = \"52:54:00:00:00:23\"\nrole = \"worker\"\n",
+        "[[nodes.disks]]\ndevice = \"/dev/disk/by-id/ata-c\"\nuse = \"longhorn\"\n",
+    ));
+    fs::write(&p, s).unwrap();
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
+    let k = project.cluster.k3s.clone().unwrap();
+    let st = kiln::project::recipe::load_role(&project, "storage").unwrap();
+    let role = kiln::pipeline::k3s::role_config(&project.cluster, &k, &st);
+    assert_eq!(
+        node_labels(&role).unwrap(),
+        [
+            "kiln.dev/role=storage",
+            "node.longhorn.io/create-default-disk=true"
+        ],
+        "the role's nodes without Longhorn disks get Longhorn's default disk"
+    );
+    let nodes = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &st);
+    // storage-1 names a Longhorn disk: its drop-in replaces the list, with one value of the key.
+    assert_eq!(
+        node_labels(&nodes["storage-1"]).unwrap(),
+        [
+            "kiln.dev/role=storage",
+            "node.longhorn.io/create-default-disk=config"
+        ],
+        "{}",
+        nodes["storage-1"]
+    );
+    assert!(!nodes["storage-1"].contains("node-label+"), "no append");
+    // storage-2's only extra disk is its data disk: the role's labels stand.
+    assert_eq!(node_labels(&nodes["storage-2"]), None);
+    // Any k3s role's node with Longhorn disks gets the label; the role's own labels stay.
+    let w = kiln::project::recipe::load_role(&project, "worker").unwrap();
+    let wn = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &w);
+    assert_eq!(
+        node_labels(&wn["worker-3"]).unwrap(),
+        [
+            "kiln.dev/role=worker",
+            "node.longhorn.io/create-default-disk=config"
+        ]
+    );
+    assert_eq!(node_labels(&wn["worker-1"]), None);
+}

@@ -492,8 +492,10 @@ fn build_id_golden() {
     );
 }
 
-// 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1).
-const GOLDEN_ID: &str = "3bb1cf275df633147ba2ebac171f894434a9fbb9dde49273c3077faf24b21486";
+// 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1); then the merged
+// recipe gained `persist` (issue 18: the role's persistent paths, `/var/lib/cloud` here) and
+// FORMAT_GENERATION became 2 (every image carries /usr/lib/kiln/persist.list).
+const GOLDEN_ID: &str = "06be56d25f4bca9b796ac0a5227ab4a90a64afa42fd9556e1259682cb82943de";
 
 #[test]
 fn doctor_lists_tools() {
@@ -798,4 +800,245 @@ fn overlay_templates_cannot_read_the_environment_or_recurse() {
     .unwrap();
     let e = rejects(d.path(), "overlays/worker/env.tera", "(template)");
     assert!(e.contains("recursive macro"), "{e}");
+}
+
+// --- [persist] (issue 18) -------------------------------------------------------------------------
+
+/// kiln's defaults for every k3s role, in order.
+const K3S_PERSIST: &[&str] = &[
+    "/var/lib/cloud",
+    "/var/lib/rancher",
+    "/var/lib/kubelet",
+    "/etc/rancher/node",
+    "/var/lib/cni",
+    "/var/log/pods",
+    "/var/log/containers",
+];
+
+fn persist_of(dir: &std::path::Path, role: &str) -> Vec<String> {
+    let project = kiln::project::recipe::load_project(dir).unwrap();
+    kiln::project::recipe::load_role(&project, role)
+        .unwrap()
+        .persist
+        .paths
+}
+
+/// Appends `text` to recipes/<name>.toml.
+fn append(dir: &std::path::Path, name: &str, text: &str) {
+    let p = dir.join(format!("recipes/{name}.toml"));
+    let s = fs::read_to_string(&p).unwrap();
+    fs::write(&p, format!("{s}\n{text}")).unwrap();
+}
+
+#[test]
+fn persist_defaults_per_role() {
+    let d = project_copy();
+    assert_eq!(persist_of(d.path(), "worker"), K3S_PERSIST);
+    assert_eq!(
+        persist_of(d.path(), "master"),
+        K3S_PERSIST,
+        "etcd (/var/lib/rancher/k3s/server/db) is inside /var/lib/rancher"
+    );
+    let mut storage: Vec<&str> = K3S_PERSIST.to_vec();
+    storage.push("/var/lib/longhorn");
+    assert_eq!(persist_of(d.path(), "storage"), storage);
+    // A role without k3s keeps only what every node keeps.
+    fs::write(
+        d.path().join("recipes/gpu.toml"),
+        "inherits = \"base\"\n[k3s]\nmode = \"none\"\n",
+    )
+    .unwrap();
+    assert_eq!(persist_of(d.path(), "gpu"), ["/var/lib/cloud"]);
+}
+
+#[test]
+fn persist_paths_merge_along_inherits() {
+    let d = project_copy();
+    append(
+        d.path(),
+        "base",
+        "[persist]\npaths = [\"/srv/base\", \"/srv/shared\", \"/var/lib/rancher\"]\n",
+    );
+    append(
+        d.path(),
+        "worker",
+        "[persist]\npaths = [\"/srv/shared\", \"/srv/worker\"]\n",
+    );
+    let mut want: Vec<&str> = K3S_PERSIST.to_vec();
+    want.extend(["/srv/base", "/srv/shared", "/srv/worker"]);
+    assert_eq!(
+        persist_of(d.path(), "worker"),
+        want,
+        "defaults, then parent first; a repeated path (also a default's) once"
+    );
+    // inspect shows the merged list (it is part of the hashed recipe).
+    let o = kiln(d.path(), &["inspect", "--role", "worker", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["inputs"]["recipe"]["persist"]["paths"],
+        serde_json::json!(want)
+    );
+}
+
+#[test]
+fn persist_defaults_false_drops_kilns_defaults() {
+    let d = project_copy();
+    append(
+        d.path(),
+        "worker",
+        "[persist]\ndefaults = false\npaths = [\"/var/lib/rancher/k3s\"]\n",
+    );
+    assert_eq!(persist_of(d.path(), "worker"), ["/var/lib/rancher/k3s"]);
+    // The child's choice wins over the parent's, like every scalar.
+    let e = project_copy();
+    append(e.path(), "base", "[persist]\ndefaults = false\n");
+    assert!(persist_of(e.path(), "worker").is_empty());
+    append(e.path(), "worker", "[persist]\ndefaults = true\n");
+    assert_eq!(persist_of(e.path(), "worker"), K3S_PERSIST);
+}
+
+/// A worker recipe listing `paths` (TOML array items) is refused with `needle`.
+fn persist_rejected(paths: &str, needle: &str) -> String {
+    let d = project_copy();
+    append(
+        d.path(),
+        "worker",
+        &format!("[persist]\npaths = [{paths}]\n"),
+    );
+    let e = rejects(d.path(), "recipes/worker.toml", "persist.paths");
+    assert!(e.contains(needle), "error does not say {needle:?}:\n{e}");
+    e
+}
+
+#[test]
+fn persist_paths_must_be_absolute_and_normalised() {
+    persist_rejected("\"var/lib/x\"", "\"var/lib/x\" is not an absolute path");
+    persist_rejected("\"/var/lib/x/\"", "ends with '/'");
+    persist_rejected("\"/var//lib/x\"", "not normalised");
+    persist_rejected("\"/var/lib/./x\"", "not normalised");
+    persist_rejected("\"/var/lib/../x\"", "not normalised");
+    persist_rejected("\"/\"", "root directory");
+}
+
+#[test]
+fn persist_paths_are_plain_and_short() {
+    persist_rejected("\"/srv/my data\"", "contains ' '");
+    persist_rejected("\"/srv/$(reboot)\"", "contains '$'");
+    persist_rejected("\"/srv/x;y\"", "contains ';'");
+    persist_rejected("\"/srv/é\"", "contains 'é'");
+    let long = format!("\"/srv/{}\"", "a".repeat(196));
+    persist_rejected(&long, "201 bytes long");
+    // 200 bytes is fine.
+    let d = project_copy();
+    let ok = format!("/srv/{}", "a".repeat(195));
+    append(
+        d.path(),
+        "worker",
+        &format!("[persist]\npaths = [\"{ok}\"]\n"),
+    );
+    assert!(persist_of(d.path(), "worker").contains(&ok));
+}
+
+#[test]
+fn persist_paths_keep_out_of_the_system_and_the_image() {
+    for (p, needle) in [
+        ("/proc/x", "under /proc"),
+        ("/sys", "is /sys"),
+        ("/dev/shm", "under /dev"),
+        ("/run/k3s", "under /run"),
+        ("/tmp", "is /tmp"),
+        ("/boot/efi", "under /boot"),
+        ("/usr/local/bin", "under /usr"),
+        ("/bin", "is /bin"),
+        ("/sbin/x", "under /sbin"),
+        ("/lib/modules", "under /lib"),
+        ("/lib64", "is /lib64"),
+        ("/efi", "is /efi"),
+        ("/etc", "too broad"),
+        ("/var", "too broad"),
+    ] {
+        persist_rejected(&format!("\"{p}\""), needle);
+    }
+}
+
+#[test]
+fn persist_paths_inside_another_are_refused() {
+    let e = persist_rejected("\"/var/lib/rancher/k3s\"", "\"/var/lib/rancher/k3s\" (from");
+    assert!(
+        e.contains("inside kiln's default \"/var/lib/rancher\""),
+        "{e}"
+    );
+    assert!(
+        e.contains("defaults = false"),
+        "the fix names the way out:\n{e}"
+    );
+    // A path that contains a default is reported the other way round.
+    let e = persist_rejected(
+        "\"/var/lib\"",
+        "kiln's default \"/var/lib/cloud\" is inside \"/var/lib\"",
+    );
+    assert!(e.contains("recipes/worker.toml"), "{e}");
+    // Between a recipe's own paths, both are named.
+    let e = persist_rejected("\"/srv/a\", \"/srv/a/b\"", "\"/srv/a/b\" (from");
+    assert!(e.contains("inside \"/srv/a\" (from"), "{e}");
+    // A sibling with a common prefix is not inside.
+    let d = project_copy();
+    append(
+        d.path(),
+        "worker",
+        "[persist]\npaths = [\"/var/lib/rancher2\"]\n",
+    );
+    assert!(persist_of(d.path(), "worker").contains(&"/var/lib/rancher2".to_string()));
+}
+
+#[test]
+fn at_most_64_persist_paths() {
+    // 7 defaults + 57 = 64 is fine; one more is refused.
+    let list = |n: usize| {
+        (0..n)
+            .map(|i| format!("\"/srv/p{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let d = project_copy();
+    append(
+        d.path(),
+        "worker",
+        &format!("[persist]\npaths = [{}]\n", list(57)),
+    );
+    assert_eq!(persist_of(d.path(), "worker").len(), 64);
+    persist_rejected(&list(58), "65 persistent paths");
+}
+
+#[test]
+fn the_persist_list_changes_the_build_id() {
+    let a = project_copy();
+    let id = build_id(a.path(), "worker");
+    let b = project_copy();
+    append(b.path(), "worker", "[persist]\npaths = [\"/srv/worker\"]\n");
+    let with_path = build_id(b.path(), "worker");
+    assert_ne!(id, with_path, "a new persistent path is a new build");
+    let c = project_copy();
+    append(c.path(), "worker", "[persist]\ndefaults = false\n");
+    assert_ne!(
+        id,
+        build_id(c.path(), "worker"),
+        "dropping the defaults too"
+    );
+    // Listing a default again changes nothing: the merged list is what is hashed.
+    let e = project_copy();
+    append(
+        e.path(),
+        "worker",
+        "[persist]\npaths = [\"/var/lib/kubelet\"]\n",
+    );
+    assert_eq!(id, build_id(e.path(), "worker"));
+    // At the resolve level: the canonical inputs carry the list.
+    let project = kiln::project::recipe::load_project(b.path()).unwrap();
+    let r = kiln::pipeline::resolve::resolve(&project, "worker").unwrap();
+    assert_eq!(r.build_id.as_str(), with_path);
+    assert!(r
+        .canonical_json()
+        .contains("\"persist\":{\"paths\":[\"/var/lib/cloud\""));
 }

@@ -115,6 +115,29 @@ fn yaml_list(out: &mut String, key: &str, items: &[String]) {
     }
 }
 
+/// Longhorn's label key: `true` makes Longhorn create its default disk (default data path) on
+/// the node, `config` makes it create the disks `node.longhorn.io/default-disks-config` lists.
+pub const LONGHORN_CREATE_DEFAULT_DISK: &str = "node.longhorn.io/create-default-disk";
+
+/// The `node-label` list of a role: `kiln.dev/role=<role>`, then the recipe's labels.
+pub fn role_labels(recipe: &Recipe) -> Vec<String> {
+    let mut labels = vec![format!("kiln.dev/role={}", recipe.role)];
+    labels.extend(recipe.k3s.node_labels.iter().cloned());
+    labels
+}
+
+/// The `node-label` list of a node with Longhorn disks: the role's labels without any
+/// `node.longhorn.io/create-default-disk=…` (e.g. the storage role's `=true`), then
+/// `node.longhorn.io/create-default-disk=config`, so the node has one value: the disks it names.
+pub fn longhorn_node_labels(recipe: &Recipe) -> Vec<String> {
+    let mut labels: Vec<String> = role_labels(recipe)
+        .into_iter()
+        .filter(|l| l.split_once('=').map(|(k, _)| k) != Some(LONGHORN_CREATE_DEFAULT_DISK))
+        .collect();
+    labels.push(format!("{LONGHORN_CREATE_DEFAULT_DISK}=config"));
+    labels
+}
+
 /// `/etc/rancher/k3s/config.yaml` for a role: what every node of the role shares.
 pub fn role_config(cluster: &Cluster, k: &K3sCluster, recipe: &Recipe) -> String {
     let mut s = format!(
@@ -122,8 +145,7 @@ pub fn role_config(cluster: &Cluster, k: &K3sCluster, recipe: &Recipe) -> String
         recipe.role, cluster.section.name
     );
     s.push_str(&format!("token-file: {}\n", q(&format!("/{TOKEN}"))));
-    let mut labels = vec![format!("kiln.dev/role={}", recipe.role)];
-    labels.extend(recipe.k3s.node_labels.iter().cloned());
+    let labels = role_labels(recipe);
     if recipe.k3s.mode.is_server() {
         s.push_str(&format!(
             "write-kubeconfig-mode: {}\n",
@@ -181,6 +203,12 @@ pub fn node_configs(
             } else if let Some(url) = cluster.server_url() {
                 s.push_str(&format!("server: {}\n", q(&url)));
             }
+        }
+        if crate::project::inventory::has_longhorn_disks(n) {
+            // Replaces (no `+`) the role config's list: k3s reads a drop-in's key as the
+            // whole value, so the node carries exactly one create-default-disk value.
+            s.push_str("# The node's Longhorn disks (default-disks-config): the role's labels, create-default-disk=config.\n");
+            yaml_list(&mut s, "node-label", &longhorn_node_labels(recipe));
         }
         out.insert(n.hostname.clone(), s);
     }

@@ -220,6 +220,73 @@ pub fn disk_path_problem(d: &str) -> Option<String> {
     None
 }
 
+/// Longest path a `[persist] paths` entry or a disk `mount` may be.
+pub const MAX_NODE_PATH: usize = 200;
+
+/// Directories no persistent path or data-disk mount may be, or be under: kernel and runtime
+/// file systems (`/proc`, `/sys`, `/dev`, `/run`, `/tmp`), what boots the node (`/boot`, `/efi`)
+/// and the read-only image's programs and libraries.
+pub const FORBIDDEN_NODE_ROOTS: &[&str] = &[
+    "/proc", "/sys", "/dev", "/run", "/tmp", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32",
+    "/lib64", "/libx32", "/efi",
+];
+
+/// Directories too broad to keep whole on the data partition: a subdirectory must be named.
+pub const TOO_BROAD_NODE_PATHS: &[&str] = &["/etc", "/var"];
+
+/// Whether `p` is `root` or a path under it (both normalised, no trailing `/`).
+pub fn path_is_within(p: &str, root: &str) -> bool {
+    p == root || (p.starts_with(root) && p.as_bytes().get(root.len()) == Some(&b'/'))
+}
+
+/// A directory on the node that lives on the data partition (`[persist] paths`) or a disk's
+/// mount point: absolute and normalised (no `.`/`..` components, no `//`, no trailing `/`), at
+/// most [`MAX_NODE_PATH`] bytes of `A-Z a-z 0-9 . _ @ + - /` (node-side shell scripts read the
+/// list), not `/`, not in [`FORBIDDEN_NODE_ROOTS`] and not one of [`TOO_BROAD_NODE_PATHS`].
+pub fn node_path_problem(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return Some("is not an absolute path (it must start with '/')".into());
+    }
+    if p.len() > MAX_NODE_PATH {
+        return Some(format!(
+            "is {} bytes long (at most {MAX_NODE_PATH})",
+            p.len()
+        ));
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '+' | '-' | '/')))
+    {
+        return Some(format!(
+            "contains {c:?}; a node path has only letters, digits and . _ @ + - /"
+        ));
+    }
+    if p == "/" {
+        return Some(
+            "is the root directory: the whole file system cannot live on the data partition".into(),
+        );
+    }
+    if p.ends_with('/') {
+        return Some("ends with '/'".into());
+    }
+    if p[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Some("is not normalised (it has an empty, '.' or '..' component)".into());
+    }
+    if let Some(r) = FORBIDDEN_NODE_ROOTS.iter().find(|r| path_is_within(p, r)) {
+        let at = if p == *r { "" } else { "under " };
+        return Some(format!(
+            "is {at}{r}, which belongs to the kernel, the boot or the read-only image"
+        ));
+    }
+    if TOO_BROAD_NODE_PATHS.contains(&p) {
+        return Some("is too broad to keep whole: name a subdirectory".into());
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +357,44 @@ mod tests {
         for bad in ["a b", "-x", "x$", &"v".repeat(64)] {
             assert!(label_value_problem(bad).is_some(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn node_paths() {
+        for ok in [
+            "/var/lib/rancher",
+            "/etc/rancher/node",
+            "/srv/data@2+x_y.z-w",
+            "/usrlocal",
+            "/var/lib/longhorn-disks/disk0",
+        ] {
+            assert_eq!(node_path_problem(ok), None, "{ok}");
+        }
+        let long = format!("/srv/{}", "a".repeat(200));
+        for (bad, why) in [
+            ("var/lib/x", "absolute"),
+            ("/", "root directory"),
+            ("/var/lib/x/", "ends with"),
+            ("/var//lib", "normalised"),
+            ("/var/./lib", "normalised"),
+            ("/var/lib/../x", "normalised"),
+            ("/var/lib/a b", "contains ' '"),
+            ("/var/lib/$(x)", "contains '$'"),
+            ("/var/lib/ü", "contains"),
+            ("/proc", "is /proc"),
+            ("/usr/local/x", "under /usr"),
+            ("/run/k3s", "under /run"),
+            ("/efi/x", "under /efi"),
+            ("/etc", "too broad"),
+            ("/var", "too broad"),
+            (&long, "bytes long"),
+        ] {
+            let p = node_path_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(p.contains(why), "{bad:?}: {p}");
+        }
+        assert!(path_is_within("/var/lib/rancher/k3s", "/var/lib/rancher"));
+        assert!(path_is_within("/var/lib/rancher", "/var/lib/rancher"));
+        assert!(!path_is_within("/var/lib/rancher2", "/var/lib/rancher"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::error::Result;
 use super::files::{parse_toml, validate_pinned};
 use super::inventory::ROLES;
 use super::layout::Layout;
-use super::names::is_dns_label;
+use super::names::{is_dns_label, node_path_problem, path_is_within};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,20 @@ pub struct RecipeFile {
     pub systemd: SystemdFile,
     #[serde(default)]
     pub k3s: K3sRoleFile,
+    #[serde(default)]
+    pub persist: PersistFile,
+}
+
+/// `[persist]` of a recipe: directories that live on the node's data partition.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistFile {
+    /// Absolute directories kept on the data partition (merged along `inherits`).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// `false` drops kiln's built-in per-role paths ([`default_persist_paths`]); absent =
+    /// the parent's choice (true at the root).
+    pub defaults: Option<bool>,
 }
 
 /// `[k3s]` of a role recipe: how this role runs k3s.
@@ -148,6 +162,60 @@ pub struct Recipe {
     pub boot: Boot,
     pub systemd: Systemd,
     pub k3s: K3sRole,
+    pub persist: Persist,
+}
+
+/// `[persist]`, merged: what lives on the node's data partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct Persist {
+    /// kiln's defaults for the role (unless `defaults = false`), then the recipes' paths,
+    /// parent first, without duplicates; none is inside another.
+    pub paths: Vec<String>,
+}
+
+/// Where the merged `[persist] paths` are written in every image, one per line.
+pub const PERSIST_LIST: &str = "usr/lib/kiln/persist.list";
+
+/// The most paths `[persist]` may list, defaults included.
+pub const MAX_PERSIST_PATHS: usize = 64;
+
+/// Persistent paths of every role: cloud-init's state (instance id, semaphores).
+const DEFAULT_PERSIST_ALL: &[&str] = &["/var/lib/cloud"];
+
+/// Persistent paths of every k3s role: k3s's data dir (on servers also etcd, in
+/// `/var/lib/rancher/k3s/server/db`, and its snapshots), kubelet, the node password, CNI state
+/// and pod logs.
+const DEFAULT_PERSIST_K3S: &[&str] = &[
+    "/var/lib/rancher",
+    "/var/lib/kubelet",
+    "/etc/rancher/node",
+    "/var/lib/cni",
+    "/var/log/pods",
+    "/var/log/containers",
+];
+
+/// kiln's built-in persistent paths for a role running k3s in `mode`.
+pub fn default_persist_paths(mode: K3sMode) -> Vec<String> {
+    let k3s: &[&str] = if mode.runs_k3s() {
+        DEFAULT_PERSIST_K3S
+    } else {
+        &[]
+    };
+    DEFAULT_PERSIST_ALL
+        .iter()
+        .chain(k3s)
+        .map(|p| p.to_string())
+        .collect()
+}
+
+/// The text of [`PERSIST_LIST`]: one path per line, in merge order (empty when there are none).
+pub fn persist_list(recipe: &Recipe) -> String {
+    recipe
+        .persist
+        .paths
+        .iter()
+        .map(|p| format!("{p}\n"))
+        .collect()
 }
 
 /// How a role runs k3s (`[k3s] mode`); serialised as the recipe spells it.
@@ -306,8 +374,11 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
         ));
     }
     let mode = check_k3s_role(project, role, &cluster_file, &role_path, &merged)?;
+    let persist = merged.persist_paths(mode, &role_path)?;
     let chain = chain.into_iter().map(|l| l.name).collect();
-    Ok(merged.into_recipe(role, chain, &project.cluster.section.suite, variant, mode))
+    let mut recipe = merged.into_recipe(role, chain, &project.cluster.section.suite, variant, mode);
+    recipe.persist.paths = persist;
+    Ok(recipe)
 }
 
 /// One recipe of a role's inheritance chain.
@@ -397,6 +468,10 @@ struct Merged {
     node_taints: Vec<String>,
     manifests: Vec<String>,
     charts: Vec<ChartFile>,
+    /// `[persist] paths` with the recipe that listed each.
+    persist: Vec<(String, PathBuf)>,
+    /// The last `persist.defaults`.
+    persist_defaults: Option<bool>,
 }
 
 impl Merged {
@@ -437,6 +512,7 @@ impl Merged {
             self.root_slot_mib = Some((s, path.to_path_buf()));
         }
         self.add_debian(path, &f.debian)?;
+        self.add_persist(path, &f.persist)?;
         merge_list(&mut self.cmdline, &f.boot.cmdline);
         merge_list(&mut self.enable, &f.systemd.enable);
         merge_list(&mut self.mask, &f.systemd.mask);
@@ -478,6 +554,81 @@ impl Merged {
         merge_list(&mut self.node_labels, &k.node_labels);
         merge_list(&mut self.node_taints, &k.node_taints);
         Ok(())
+    }
+
+    /// `[persist]`: each path checked ([`node_path_problem`]), merged without duplicates.
+    fn add_persist(&mut self, path: &Path, p: &PersistFile) -> Result<()> {
+        for entry in &p.paths {
+            if let Some(problem) = node_path_problem(entry) {
+                return Err(RecipeError::new(
+                    path,
+                    "persist.paths",
+                    format!("{entry:?} {problem}"),
+                    "list absolute, normalised directories of the node, e.g. \"/var/lib/longhorn\" (not /, /etc or /var themselves, nothing under /proc /sys /dev /run /tmp /boot /efi /usr /bin /sbin /lib*)",
+                ));
+            }
+            if !self.persist.iter().any(|(q, _)| q == entry) {
+                self.persist.push((entry.clone(), path.to_path_buf()));
+            }
+        }
+        if let Some(d) = p.defaults {
+            self.persist_defaults = Some(d);
+        }
+        Ok(())
+    }
+
+    /// The merged persistent paths: the role's defaults (unless turned off), then the recipes'
+    /// paths; none inside another, at most [`MAX_PERSIST_PATHS`]. `role_path` is the role's
+    /// own recipe, named when the list is too long.
+    fn persist_paths(&self, mode: K3sMode, role_path: &Path) -> Result<Vec<String>> {
+        let mut all: Vec<(String, Option<&Path>)> = Vec::new();
+        if self.persist_defaults != Some(false) {
+            all.extend(default_persist_paths(mode).into_iter().map(|p| (p, None)));
+        }
+        for (p, from) in &self.persist {
+            if !all.iter().any(|(q, _)| q == p) {
+                all.push((p.clone(), Some(from.as_path())));
+            }
+        }
+        let name = |x: &str, f: Option<&Path>| match f {
+            None => format!("kiln's default {x:?}"),
+            Some(f) => format!("{x:?} (from {})", f.display()),
+        };
+        for (i, (p, from)) in all.iter().enumerate() {
+            for (q, q_from) in &all[..i] {
+                let ((inner, in_from), (outer, out_from)) = if path_is_within(p, q) {
+                    ((p, *from), (q, *q_from))
+                } else if path_is_within(q, p) {
+                    ((q, *q_from), (p, *from))
+                } else {
+                    continue;
+                };
+                // The later entry is the one a recipe added (defaults come first).
+                let file = from.or(*q_from).unwrap_or(role_path);
+                return Err(RecipeError::new(
+                    file,
+                    "persist.paths",
+                    format!(
+                        "{} is inside {}: a directory on the data partition keeps everything under it",
+                        name(inner, in_from),
+                        name(outer, out_from),
+                    ),
+                    format!("remove {inner:?} (it is kept already), or list subdirectories instead of {outer:?} (`defaults = false` under [persist] drops kiln's defaults)"),
+                ));
+            }
+        }
+        if all.len() > MAX_PERSIST_PATHS {
+            return Err(RecipeError::new(
+                role_path,
+                "persist.paths",
+                format!(
+                    "{} persistent paths (defaults included); at most {MAX_PERSIST_PATHS}",
+                    all.len()
+                ),
+                "keep a parent directory instead of many of its subdirectories",
+            ));
+        }
+        Ok(all.into_iter().map(|(p, _)| p).collect())
     }
 
     /// `k3s.charts[i]`: a later chart of the same name replaces an earlier one.
@@ -634,6 +785,7 @@ impl Merged {
                 manifests: self.manifests,
                 charts: self.charts,
             },
+            persist: Persist { paths: Vec::new() },
         }
     }
 }
