@@ -493,7 +493,7 @@ fn build_id_golden() {
 }
 
 // 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1); then the merged
-// recipe gained `persist` (issue 18: the role's persistent paths, `/var/lib/cloud` here) and
+// recipe gained `persist` (issue 18: the role's persistent paths) and
 // FORMAT_GENERATION became 2 (every image carries /usr/lib/kiln/persist.list).
 const GOLDEN_ID: &str = "06be56d25f4bca9b796ac0a5227ab4a90a64afa42fd9556e1259682cb82943de";
 
@@ -806,7 +806,6 @@ fn overlay_templates_cannot_read_the_environment_or_recurse() {
 
 /// kiln's defaults for every k3s role, in order.
 const K3S_PERSIST: &[&str] = &[
-    "/var/lib/cloud",
     "/var/lib/rancher",
     "/var/lib/kubelet",
     "/etc/rancher/node",
@@ -842,13 +841,14 @@ fn persist_defaults_per_role() {
     let mut storage: Vec<&str> = K3S_PERSIST.to_vec();
     storage.push("/var/lib/longhorn");
     assert_eq!(persist_of(d.path(), "storage"), storage);
-    // A role without k3s keeps only what every node keeps.
+    // A role without k3s keeps nothing by default (cloud-init's state is not kept: see
+    // DEFAULT_PERSIST_ALL).
     fs::write(
         d.path().join("recipes/gpu.toml"),
         "inherits = \"base\"\n[k3s]\nmode = \"none\"\n",
     )
     .unwrap();
-    assert_eq!(persist_of(d.path(), "gpu"), ["/var/lib/cloud"]);
+    assert!(persist_of(d.path(), "gpu").is_empty());
 }
 
 #[test]
@@ -976,7 +976,7 @@ fn persist_paths_inside_another_are_refused() {
     // A path that contains a default is reported the other way round.
     let e = persist_rejected(
         "\"/var/lib\"",
-        "kiln's default \"/var/lib/cloud\" is inside \"/var/lib\"",
+        "kiln's default \"/var/lib/rancher\" is inside \"/var/lib\"",
     );
     assert!(e.contains("recipes/worker.toml"), "{e}");
     // Between a recipe's own paths, both are named.
@@ -994,7 +994,7 @@ fn persist_paths_inside_another_are_refused() {
 
 #[test]
 fn at_most_64_persist_paths() {
-    // 7 defaults + 57 = 64 is fine; one more is refused.
+    // 6 defaults + 58 = 64 is fine; one more is refused.
     let list = |n: usize| {
         (0..n)
             .map(|i| format!("\"/srv/p{i}\""))
@@ -1005,10 +1005,10 @@ fn at_most_64_persist_paths() {
     append(
         d.path(),
         "worker",
-        &format!("[persist]\npaths = [{}]\n", list(57)),
+        &format!("[persist]\npaths = [{}]\n", list(58)),
     );
     assert_eq!(persist_of(d.path(), "worker").len(), 64);
-    persist_rejected(&list(58), "65 persistent paths");
+    persist_rejected(&list(59), "65 persistent paths");
 }
 
 #[test]
@@ -1040,5 +1040,5 @@ fn the_persist_list_changes_the_build_id() {
     assert_eq!(r.build_id.as_str(), with_path);
     assert!(r
         .canonical_json()
-        .contains("\"persist\":{\"paths\":[\"/var/lib/cloud\""));
+        .contains("\"persist\":{\"paths\":[\"/var/lib/rancher\""));
 }

@@ -179,8 +179,12 @@ pub const PERSIST_LIST: &str = "usr/lib/kiln/persist.list";
 /// The most paths `[persist]` may list, defaults included.
 pub const MAX_PERSIST_PATHS: usize = 64;
 
-/// Persistent paths of every role: cloud-init's state (instance id, semaphores).
-const DEFAULT_PERSIST_ALL: &[&str] = &["/var/lib/cloud"];
+/// Persistent paths of every role: none. Not `/var/lib/cloud`: cloud-init's state records that
+/// this instance ran its per-instance modules (users and SSH keys, write_files such as the
+/// seed's k3s token, the network configuration), whose results live in `/etc` and `/root`,
+/// which come fresh from the image on every boot; kept, it would make cloud-init skip them on
+/// the second boot and leave the node without them. The seed is applied again on every boot.
+const DEFAULT_PERSIST_ALL: &[&str] = &[];
 
 /// Persistent paths of every k3s role: k3s's data dir (on servers also etcd, in
 /// `/var/lib/rancher/k3s/server/db`, and its snapshots), kubelet, the node password, CNI state
