@@ -61,6 +61,37 @@ pub fn read_token(project: &Project) -> Result<String> {
     Ok(t)
 }
 
+/// Reads the cluster's node-identity secret (`keys/node-identity.key`), the root of every
+/// node's derived identity (see [`crate::trust::identity`]). Errors name the file and the fix.
+pub fn read_node_identity(project: &Project) -> Result<zeroize::Zeroizing<[u8; 32]>> {
+    let name = crate::project::layout::key::NODE_IDENTITY_KEY;
+    let key = "(node-identity key)";
+    let b = zeroize::Zeroizing::new(read_key_file(
+        project,
+        name,
+        key,
+        "run `kiln keys init --add-missing` (adds this key and keeps every other key)",
+    )?);
+    let text = std::str::from_utf8(&b).unwrap_or_default().trim();
+    crate::trust::keys::parse_node_identity(text)
+        .map(zeroize::Zeroizing::new)
+        .ok_or_else(|| {
+            recipe::RecipeError::new(
+                project.layout().key(name),
+                key,
+                format!(
+                    "it must hold {} hex characters (32 bytes) and a newline",
+                    crate::trust::keys::NODE_IDENTITY_HEX_LEN
+                ),
+                "restore it from your backup; a new key (`kiln keys init --add-missing` after \
+                 moving it away) gives every node a new identity: new SSH host keys, and k3s \
+                 refuses the new node passwords until each <node>.node-password.k3s secret in \
+                 kube-system is deleted",
+            )
+            .into()
+        })
+}
+
 /// Version of the build-id schema; bump when the meaning of the inputs changes.
 pub const SCHEMA: &str = "kiln.build-id/1";
 

@@ -30,6 +30,9 @@ pub mod key {
     /// The kernel-module signing certificate (public) and key (secret) of DKMS builds.
     pub const MODULE_SIGNING_CRT: &str = "module-signing.crt";
     pub const MODULE_SIGNING_KEY: &str = "module-signing.key";
+    /// The cluster's node-identity secret (32 random bytes, hex): every node's machine-id, k3s
+    /// node password and SSH host key are derived from it (`trust::identity`).
+    pub const NODE_IDENTITY_KEY: &str = "node-identity.key";
     /// Keeps the secret files out of git.
     pub const GITIGNORE: &str = ".gitignore";
 }

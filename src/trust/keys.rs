@@ -14,6 +14,7 @@
 //! | `k3s-token` | 0600 | 64 lowercase hex characters (32 random bytes) and a newline |
 //! | `module-signing.key` | 0600 | RSA-2048 private key, PKCS#8 PEM: DKMS signs the kernel modules it builds with it |
 //! | `module-signing.crt` | 0644 | its self-signed X.509 certificate (see [`MODULE_SIGNING_CN`]) (DKMS's `mok.pub` in gpu images) |
+//! | `node-identity.key` | 0600 | 64 lowercase hex characters (32 random bytes) and a newline: every node's machine-id, k3s node password and SSH host key are derived from it (see `trust::identity`) |
 //! | `.gitignore` | 0644 | written only if missing: ignores everything but public files |
 //!
 //! Every file is written atomically: a temp file in `keys/` gets its final mode before it is renamed
@@ -61,6 +62,8 @@ pub const CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const CERT_BACKDATE: Duration = Duration::from_secs(3600);
 /// Length of the k3s token in hex characters.
 pub const K3S_TOKEN_HEX_LEN: usize = 64;
+/// Length of the node-identity secret in hex characters (32 bytes).
+pub const NODE_IDENTITY_HEX_LEN: usize = 64;
 /// RSA modulus size of the module-signing key (what DKMS itself generates).
 pub const MODULE_SIGNING_RSA_BITS: usize = 2048;
 /// Subject of the module-signing certificate (`modinfo -F signer` shows the CN).
@@ -140,6 +143,8 @@ pub struct KeyPaths {
     pub module_signing_key: PathBuf,
     /// Its self-signed certificate, PEM (0644).
     pub module_signing_cert: PathBuf,
+    /// The node-identity secret, hex (0600).
+    pub node_identity: PathBuf,
     /// `.gitignore` keeping private files out of git.
     pub gitignore: PathBuf,
 }
@@ -159,18 +164,20 @@ impl KeyPaths {
             k3s_token: dir.join(key::K3S_TOKEN),
             module_signing_key: dir.join(key::MODULE_SIGNING_KEY),
             module_signing_cert: dir.join(key::MODULE_SIGNING_CRT),
+            node_identity: dir.join(key::NODE_IDENTITY_KEY),
             gitignore: dir.join(key::GITIGNORE),
         }
     }
 
     /// Files that must be mode 0600 and never enter git.
-    pub fn private_files(&self) -> [&Path; 5] {
+    pub fn private_files(&self) -> [&Path; 6] {
         [
             &self.ssh_private,
             &self.signing_private,
             &self.sealed_secrets_key,
             &self.k3s_token,
             &self.module_signing_key,
+            &self.node_identity,
         ]
     }
 
@@ -187,7 +194,7 @@ impl KeyPaths {
 
     /// The generated files by key: each group is written together or not at all (see
     /// [`add_missing`]).
-    fn groups(&self) -> [(&'static str, Vec<&Path>); 5] {
+    fn groups(&self) -> [(&'static str, Vec<&Path>); 6] {
         [
             (
                 "ssh",
@@ -203,6 +210,7 @@ impl KeyPaths {
                 "module-signing",
                 vec![&self.module_signing_key, &self.module_signing_cert],
             ),
+            ("node-identity", vec![&self.node_identity]),
         ]
     }
 
@@ -247,6 +255,7 @@ struct Material {
     k3s_token: String,
     module_key: String,
     module_cert_pem: String,
+    node_identity: String,
 }
 
 /// Creates every key file in `keys_dir` (created if missing) for cluster `cluster_name`.
@@ -338,7 +347,7 @@ fn write_material(
             .with_context(|| format!("setting mode 755 on {}", keys_dir.display()))?;
     }
     let mut written = Vec::new();
-    let files: [(&Path, &str, u32); 10] = [
+    let files: [(&Path, &str, u32); 11] = [
         (&paths.ssh_private, &m.ssh_private, 0o600),
         (&paths.ssh_public, &m.ssh_public_line, 0o644),
         (&paths.authorized_keys, &m.ssh_public_line, 0o644),
@@ -349,6 +358,7 @@ fn write_material(
         (&paths.k3s_token, &m.k3s_token, 0o600),
         (&paths.module_signing_key, &m.module_key, 0o600),
         (&paths.module_signing_cert, &m.module_cert_pem, 0o644),
+        (&paths.node_identity, &m.node_identity, 0o600),
     ];
     for (path, content, mode) in files {
         if !select(path) {
@@ -415,6 +425,9 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
     // k3s token: 32 random bytes as hex.
     let mut token = [0u8; K3S_TOKEN_HEX_LEN / 2];
     OsRng.fill_bytes(&mut token);
+    // Node identity: 32 random bytes as hex, the root of every node's derived identity.
+    let mut identity = zeroize::Zeroizing::new([0u8; NODE_IDENTITY_HEX_LEN / 2]);
+    OsRng.fill_bytes(identity.as_mut());
 
     Ok(Material {
         ssh_private: ssh_private.to_string(),
@@ -426,6 +439,7 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
         k3s_token: format!("{}\n", hex::encode(token)),
         module_key,
         module_cert_pem,
+        node_identity: format!("{}\n", hex::encode(identity.as_ref())),
     })
 }
 
@@ -599,7 +613,7 @@ pub fn permission_warnings(keys_dir: &Path) -> Vec<String> {
 pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
     let paths = KeyPaths::new(keys_dir);
     let mut out = Vec::new();
-    let entries: [(&Path, Describe); 10] = [
+    let entries: [(&Path, Describe); 11] = [
         (&paths.ssh_private, describe_ssh_private),
         (&paths.ssh_public, describe_ssh_public),
         (&paths.authorized_keys, describe_authorized_keys),
@@ -610,6 +624,7 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
         (&paths.k3s_token, describe_token),
         (&paths.module_signing_key, describe_module_key),
         (&paths.module_signing_cert, describe_cert),
+        (&paths.node_identity, describe_node_identity),
     ];
     for (path, describe) in entries {
         let name = path
@@ -887,6 +902,29 @@ fn describe_cert(bytes: &[u8]) -> Result<(String, String)> {
     Ok((kind, cert_fingerprint(&der)))
 }
 
+/// The node-identity secret is reported only as present, with its length and whether it is
+/// well formed (a build refuses anything else).
+fn describe_node_identity(bytes: &[u8]) -> Result<(String, String)> {
+    let t = utf8(bytes)?.trim();
+    let n = t.chars().count();
+    let kind = if parse_node_identity(t).is_some() {
+        "node-identity secret (machine-id, k3s node password, SSH host keys)".to_string()
+    } else {
+        format!("node-identity secret — MALFORMED (want {NODE_IDENTITY_HEX_LEN} hex characters)")
+    };
+    Ok((kind, format!("present ({n} chars)")))
+}
+
+/// The 32 bytes of a node-identity secret (the file's text, trimmed): exactly
+/// [`NODE_IDENTITY_HEX_LEN`] hex digits, or `None`.
+pub fn parse_node_identity(text: &str) -> Option<[u8; 32]> {
+    if text.len() != NODE_IDENTITY_HEX_LEN {
+        return None;
+    }
+    let v = hex::decode(text).ok()?;
+    v.try_into().ok()
+}
+
 fn describe_token(bytes: &[u8]) -> Result<(String, String)> {
     let n = utf8(bytes)?.trim().chars().count();
     Ok((
@@ -911,7 +949,7 @@ mod tests {
         let keys = d.path().join("keys");
         let written = init_with_rsa_bits(&keys, "lab", false, BITS).unwrap();
         let p = KeyPaths::new(&keys);
-        assert_eq!(written.len(), 11);
+        assert_eq!(written.len(), 12);
         for f in p.private_files() {
             assert_eq!(mode(f), 0o600, "{}", f.display());
         }
@@ -935,6 +973,9 @@ mod tests {
         let token = fs::read_to_string(&p.k3s_token).unwrap();
         assert_eq!(token.trim().len(), 64);
         assert!(token.trim().chars().all(|c| c.is_ascii_hexdigit()));
+        let ident = fs::read_to_string(&p.node_identity).unwrap();
+        assert!(ident.ends_with('\n') && parse_node_identity(ident.trim()).is_some());
+        assert_ne!(ident, token, "independent secrets");
         let signing_pub = fs::read_to_string(&p.signing_public).unwrap();
         assert_eq!(signing_pub.trim().len(), 44);
         // PKCS#8 v1 (48 bytes of DER, no embedded public key) for OpenSSL/Python interop.
@@ -999,6 +1040,53 @@ mod tests {
     }
 
     #[test]
+    fn add_missing_adds_only_the_node_identity_key_to_an_older_project() {
+        let d = tempfile::tempdir().unwrap();
+        let p = KeyPaths::new(d.path());
+        init_with_rsa_bits(d.path(), "lab", false, BITS).unwrap();
+        // A project made before node identity existed.
+        fs::remove_file(&p.node_identity).unwrap();
+        let before: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|f| (f.clone(), fs::read(&f).unwrap()))
+            .collect();
+        // `init` without --add-missing refuses (the other keys exist)...
+        assert!(init_with_rsa_bits(d.path(), "lab", false, BITS).is_err());
+        assert!(!p.node_identity.exists());
+        // ...--add-missing writes exactly the new key, 0600, and touches nothing else.
+        let w = add_missing(d.path(), "lab", BITS).unwrap();
+        assert_eq!(w, std::slice::from_ref(&p.node_identity));
+        assert_eq!(mode(&p.node_identity), 0o600);
+        let text = fs::read_to_string(&p.node_identity).unwrap();
+        assert_eq!(text.len(), NODE_IDENTITY_HEX_LEN + 1);
+        assert!(parse_node_identity(text.trim()).is_some());
+        for (f, bytes) in before {
+            assert_eq!(fs::read(&f).unwrap(), bytes, "{} changed", f.display());
+        }
+        // The .gitignore keeps it out of git (only *.pub, *.crt, authorized_keys pass).
+        assert!(!GITIGNORE.lines().any(|l| l == "!node-identity.key"));
+        check_private_permissions(d.path()).unwrap();
+        fs::set_permissions(&p.node_identity, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = check_private_permissions(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("node-identity.key") && e.contains("chmod 600"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn node_identity_parsing_is_strict() {
+        assert!(parse_node_identity(&"ab".repeat(32)).is_some());
+        assert!(parse_node_identity(&"ab".repeat(31)).is_none());
+        assert!(parse_node_identity(&"zz".repeat(32)).is_none());
+        assert!(parse_node_identity("").is_none());
+        let (kind, fp) = describe_node_identity(b"short\n").unwrap();
+        assert!(kind.contains("MALFORMED"), "{kind}");
+        assert_eq!(fp, "present (5 chars)");
+    }
+
+    #[test]
     fn init_refuses_to_overwrite_and_force_replaces() {
         let d = tempfile::tempdir().unwrap();
         let keys = d.path();
@@ -1012,7 +1100,7 @@ mod tests {
         assert!(msg.contains("--force"), "{msg}");
         assert!(matches!(
             err.downcast_ref::<KeysError>(),
-            Some(KeysError::AlreadyExists(v)) if v.len() == 10
+            Some(KeysError::AlreadyExists(v)) if v.len() == 11
         ));
         assert_eq!(fs::read(&p.ssh_private).unwrap(), before);
 
@@ -1028,7 +1116,7 @@ mod tests {
         // A custom .gitignore is kept, even with --force.
         fs::write(&p.gitignore, "custom\n").unwrap();
         let written = init_with_rsa_bits(keys, "lab", true, BITS).unwrap();
-        assert_eq!(written.len(), 10);
+        assert_eq!(written.len(), 11);
         assert_ne!(fs::read(&p.ssh_private).unwrap(), before);
         assert_eq!(fs::read_to_string(&p.gitignore).unwrap(), "custom\n");
         assert_eq!(mode(&p.ssh_private), 0o600);
@@ -1075,7 +1163,7 @@ mod tests {
         init_with_rsa_bits(d.path(), "lab", false, BITS).unwrap();
         let p = KeyPaths::new(d.path());
         let infos = show(d.path()).unwrap();
-        assert_eq!(infos.len(), 10);
+        assert_eq!(infos.len(), 11);
         assert!(infos.iter().all(|i| i.present));
         let get = |n: &str| infos.iter().find(|i| i.name == n).unwrap().clone();
 
@@ -1095,6 +1183,10 @@ mod tests {
         assert!(!cert.kind.contains("DOES NOT MATCH"), "{cert:?}");
         assert!(get("sealed-secrets.key").fingerprint.starts_with("SHA256:"));
         assert_eq!(get("k3s-token").fingerprint, "present (64 chars)");
+        let ni = get("node-identity.key");
+        assert_eq!(ni.fingerprint, "present (64 chars)");
+        assert!(ni.kind.starts_with("node-identity secret ("), "{ni:?}");
+        let ident = fs::read_to_string(&p.node_identity).unwrap();
         let mk = get("module-signing.key");
         assert!(mk.kind.starts_with("RSA-2048 module-signing"), "{mk:?}");
         let mc = get("module-signing.crt");
@@ -1105,6 +1197,7 @@ mod tests {
         let json = serde_json::to_string(&infos).unwrap();
         let token = fs::read_to_string(&p.k3s_token).unwrap();
         assert!(!json.contains(token.trim()));
+        assert!(!json.contains(ident.trim()));
         for f in p.private_files() {
             let body = fs::read_to_string(f).unwrap();
             for line in body

@@ -1,5 +1,6 @@
-//! Keys, PEM/X.509, SHA256SUMS + SSHSIG signatures, sealed secrets.
+//! Keys, per-node identity, PEM/X.509, SHA256SUMS + SSHSIG signatures, sealed secrets.
 
+pub mod identity;
 pub mod keys;
 pub mod pem;
 pub mod seal;
