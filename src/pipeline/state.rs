@@ -150,11 +150,13 @@ pub fn image_entries(root_slot_mib: u64, data_owner: &str, k3s: bool) -> BTreeMa
     m
 }
 
-/// The owner tag of this cluster's data partitions (derived from keys/node-identity.key).
+/// The owner tag of this cluster's data partitions (derived from keys/node-identity.key; the
+/// image carries the tag, never the key).
 pub fn data_owner(project: &crate::project::recipe::Project) -> anyhow::Result<String> {
-    // Interim until trust::identity lands: a digest of the cluster name.
-    Ok(crate::sys::util::sha256_hex(
-        project.cluster.section.name.as_bytes(),
+    let secret = crate::pipeline::resolve::read_node_identity(project)?;
+    Ok(crate::trust::identity::data_owner(
+        &secret,
+        &project.cluster.section.name,
     ))
 }
 
