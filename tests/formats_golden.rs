@@ -54,13 +54,14 @@ const PINS: &[(u32, &[(&str, &str)])] = &[
         ],
     ),
     // 2: every image carries /usr/lib/kiln/persist.list and the merged recipe gains `persist`
-    // (issue 18); the format writers are unchanged, the build id (and the disk that embeds it) moved.
+    // (issue 18); the disk layout gains an ESP for two kernels and a fixed root slot
+    // (kiln-root-a); the build id (and the disk that embeds it) moved.
     (
         2,
         &[
             (
                 "build-id",
-                "343ebd8c0d48abbc6f4ce54bfec9e3c1bc59873d1308e0265dcb687cd4003d6f",
+                "bbd3043f7374b5331e913372688f46244a63cd6ba07866d1543bf85fec936691",
             ),
             (
                 "cidata.img",
@@ -72,7 +73,7 @@ const PINS: &[(u32, &[(&str, &str)])] = &[
             ),
             (
                 "disk.raw",
-                "14c9d066a62baf60cd69a34b17e6e01cea6d4e4361897a2580c3b8c204f32b9a",
+                "cd7378650f624f463643473581cc959540934de3440c62035c4538cf41829067",
             ),
             (
                 "iso9660",

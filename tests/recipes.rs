@@ -495,7 +495,7 @@ fn build_id_golden() {
 // 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1); then the merged
 // recipe gained `persist` (issue 18: the role's persistent paths) and
 // FORMAT_GENERATION became 2 (every image carries /usr/lib/kiln/persist.list).
-const GOLDEN_ID: &str = "06be56d25f4bca9b796ac0a5227ab4a90a64afa42fd9556e1259682cb82943de";
+const GOLDEN_ID: &str = "d0737b8b2be1e93b8fd53989a556c27a2e78332f12c33a6092be173c2fb6514e";
 
 #[test]
 fn doctor_lists_tools() {

@@ -1667,7 +1667,8 @@ fn slow_state_storage_node_reboot_and_reflash() {
         );
     }
     let b = built();
-    let work = b.out.join("state-test");
+    // Outside out/: kiln flash refuses targets inside the output directory.
+    let work = b.out.parent().unwrap().join("state-test");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).unwrap();
     let flash = |out: &Path, args: &[&str]| {
@@ -1722,8 +1723,7 @@ fn slow_state_storage_node_reboot_and_reflash() {
 
     // Identity as kiln derived it (the seed's files).
     let seed_dir = b.out.join("nodes/storage-1").canonicalize().unwrap();
-    let seed_file = |f: &str| fs::read_to_string(seed_dir.join("kiln").join(f)).ok();
-    let want_mid = seed_file("machine-id").expect("the seed carries kiln/machine-id");
+    let seed_file = |f: &str| fs::read_to_string(seed_dir.join(format!("kiln-{f}"))).ok();
 
     // Boot 1: first boot.
     let s1 = boot_storage(&disk, &extra, &work.join("boot-1.log"));
@@ -1731,6 +1731,7 @@ fn slow_state_storage_node_reboot_and_reflash() {
     assert_eq!(s1["host"], "storage-1");
     assert_eq!(s1["count"], "0");
     assert!(s1["data"].starts_with("new("), "{s1:?}");
+    let want_mid = seed_file("machine-id").expect("the seed carries kiln/machine-id");
     assert_eq!(s1["mid"], want_mid.trim(), "machine-id is the derived one");
     assert_ne!(s1["ssh"], "none");
     assert_ne!(s1["pw"], "none");
@@ -1766,7 +1767,7 @@ fn slow_state_storage_node_reboot_and_reflash() {
             "{n} missing:\n{table}"
         );
     }
-    let mut model = kiln::testing::k3s::NodePasswords::default();
+    let mut model = kiln::testing::k3s::NodePasswords::new();
     model.verify("storage-1", &s1["pw"]).unwrap();
 
     // Boot 2: a reboot of the same disk.
@@ -1820,23 +1821,23 @@ fn slow_state_storage_node_reboot_and_reflash() {
         .unwrap();
     assert!(!stdout(&o).contains("kiln-data"), "{}", stdout(&o));
     let seed2 = out2.join("nodes/storage-1").canonicalize().unwrap();
-    for f in ["machine-id", "node-password", "ssh_host_ed25519_key.pub"] {
+    for f in ["machine-id", "node-password", "ssh-host-ed25519-key.pub"] {
         assert_eq!(
-            fs::read(seed2.join("kiln").join(f)).unwrap(),
-            fs::read(seed_dir.join("kiln").join(f)).unwrap(),
+            fs::read(seed2.join(format!("kiln-{f}"))).unwrap(),
+            fs::read(seed_dir.join(format!("kiln-{f}"))).unwrap(),
             "{f} differs between two builds"
         );
     }
     // Another node has another identity.
-    let other = b.out.join("nodes/worker-1/kiln");
-    for f in ["machine-id", "node-password", "ssh_host_ed25519_key.pub"] {
+    let other = b.out.join("nodes/worker-1");
+    for f in ["machine-id", "node-password", "ssh-host-ed25519-key.pub"] {
         assert_ne!(
-            fs::read(other.join(f)).unwrap(),
-            fs::read(seed_dir.join("kiln").join(f)).unwrap(),
+            fs::read(other.join(format!("kiln-{f}"))).unwrap(),
+            fs::read(seed_dir.join(format!("kiln-{f}"))).unwrap(),
             "{f} is the same on two nodes"
         );
     }
     // A password another node would present for storage-1 is refused by the server model.
-    let wrong = fs::read_to_string(other.join("node-password")).unwrap();
+    let wrong = fs::read_to_string(other.join("kiln-node-password")).unwrap();
     assert!(model.verify("storage-1", wrong.trim()).is_err());
 }

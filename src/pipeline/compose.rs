@@ -1018,8 +1018,8 @@ mod tests {
         let files = composed_files(&out);
         assert_eq!(
             files[crate::project::recipe::PERSIST_LIST],
-            (0o644, b"/var/lib/cloud\n/srv/gpu\n".to_vec()),
-            "a role without k3s: the common default, then the recipe's paths"
+            (0o644, b"/srv/gpu\n/var/lib/cloud\n".to_vec()),
+            "a role without k3s: no defaults, the recipe's paths in order"
         );
         let tsv = &files["etc/kiln/disks/g1.tsv"];
         assert_eq!(tsv.0, 0o644);

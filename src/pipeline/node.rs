@@ -237,6 +237,11 @@ fn write_node(
     names.extend(s.ordered().iter().map(|(n, _)| *n));
     names.retain(|n| *n != "node.json");
     let artifacts = crate::trust::sums::hash_artifacts(sd, &names)?;
+    // The fingerprint a first `ssh` to the node shows (its host key is derived: see seed.rs).
+    let secret = crate::pipeline::resolve::read_node_identity(project)?;
+    let ssh_host_key =
+        crate::trust::identity::derive(&secret, &project.cluster.section.name, &node.hostname)
+            .ssh_host_key_fingerprint();
     let node_json = serde_json::json!({
         "schema": "kiln.node/1",
         "hostname": node.hostname,
@@ -244,6 +249,7 @@ fn write_node(
         "cluster": project.cluster.section.name,
         "node_id": id,
         "instance_id": s.instance_id,
+        "ssh_host_key": ssh_host_key,
         "role_build_id": rep.build_id,
         "role_disk_sha256": disk_sha,
         "kiln_version": env!("CARGO_PKG_VERSION"),

@@ -22,6 +22,17 @@ pub const MAX_SEED_FILE: usize = 1 << 20;
 /// The NoCloud file names, in the order they are written.
 pub const FILES: [&str; 4] = ["meta-data", "user-data", "network-config", "vendor-data"];
 
+/// The node's identity beside the NoCloud files (cloud-init ignores them; kiln's initramfs
+/// script reads them, see pipeline::state): derived from keys/node-identity.key by
+/// [`crate::trust::identity::derive`]. Flat names, so the FAT volume, the ISO and `kiln serve`
+/// carry them as they carry user-data.
+pub const IDENTITY_FILES: [&str; 4] = [
+    "kiln-machine-id",
+    "kiln-node-password",
+    "kiln-ssh-host-ed25519-key",
+    "kiln-ssh-host-ed25519-key.pub",
+];
+
 const DEFAULT_META_DATA: &str = include_str!("assets/seed/meta-data.tera");
 const DEFAULT_USER_DATA: &str = include_str!("assets/seed/user-data.tera");
 const DEFAULT_NETWORK_CONFIG: &str = include_str!("assets/seed/network-config.tera");
@@ -42,6 +53,7 @@ impl Seed {
     pub fn ordered(&self) -> Vec<(&str, &[u8])> {
         FILES
             .iter()
+            .chain(IDENTITY_FILES.iter())
             .filter_map(|n| self.files.get(*n).map(|c| (*n, c.as_bytes())))
             .collect()
     }
@@ -242,11 +254,37 @@ pub fn render(
             .into());
         }
     }
+    // The node's identity: the same on every build and reflash, another on every node.
+    let secret = crate::pipeline::resolve::read_node_identity(project)?;
+    let id = crate::trust::identity::derive(&secret, &project.cluster.section.name, &node.hostname);
+    let mut identity = vec![
+        (IDENTITY_FILES[0], format!("{}\n", id.machine_id)),
+        (
+            IDENTITY_FILES[2],
+            format!("{}\n", id.ssh_host_key.trim_end()),
+        ),
+        (IDENTITY_FILES[3], format!("{}\n", id.ssh_host_key_pub)),
+    ];
+    if k3s {
+        identity.push((
+            IDENTITY_FILES[1],
+            format!("{}\n", id.node_password.as_str()),
+        ));
+    }
+    for (name, text) in identity {
+        files.insert(name.to_string(), text);
+        sources.insert(
+            name.to_string(),
+            "kiln (derived from keys/node-identity.key)".to_string(),
+        );
+    }
     Ok(Seed {
         instance_id: iid,
         files,
         sources,
-        contains_secrets: token.is_some(),
+        // The node password and the SSH host key are secrets of this node (the token too,
+        // when the seed carries it).
+        contains_secrets: true,
     })
 }
 

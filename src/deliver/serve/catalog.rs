@@ -27,8 +27,18 @@ use std::sync::{Arc, Mutex};
 
 /// The files of a role build that a diskless boot needs.
 pub const BOOT_FILES: [&str; 3] = ["vmlinuz", "initrd.img", "root.squashfs"];
-/// Seed files a node directory may hold, in the order cloud-init reads them.
-pub const SEED_FILES: [&str; 4] = ["meta-data", "user-data", "network-config", "vendor-data"];
+/// Seed files a node directory may hold, in the order cloud-init reads them, then the node's
+/// identity files (read over HTTP by the initramfs of a PXE boot).
+pub const SEED_FILES: [&str; 8] = [
+    "meta-data",
+    "user-data",
+    "network-config",
+    "vendor-data",
+    "kiln-machine-id",
+    "kiln-node-password",
+    "kiln-ssh-host-ed25519-key",
+    "kiln-ssh-host-ed25519-key.pub",
+];
 /// Bytes per verified piece (the unit of checking, caching and of an HTTP body chunk).
 pub const PIECE: u64 = 256 * 1024;
 /// Default size of the verified-piece cache.

@@ -52,12 +52,18 @@ disk_of() {
   [ -e "/sys/class/block/$p/partition" ] || { echo "/dev/$p"; return; }
   echo "/dev/$(basename "$(readlink -f "/sys/class/block/$p/..")")"
 }
-# The partition of disk $1 whose GPT name is $2.
+# The partition of disk $1 whose GPT name is $2. The kernel's PARTNAME is there for a table it
+# parsed itself; a partition added to a disk in use (partx, BLKPG) has none, so the GPT entry
+# is probed directly then.
 part_named() {
   d=${1##*/}
   for p in /sys/class/block/"$d"/"$d"*; do
-    [ -f "$p/uevent" ] || continue
-    grep -qx "PARTNAME=$2" "$p/uevent" && { echo "/dev/${p##*/}"; return 0; }
+    [ -f "$p/partition" ] || continue
+    if grep -qx "PARTNAME=$2" "$p/uevent" 2>/dev/null ||
+      [ "$(blkid -p -s PART_ENTRY_NAME -o value "/dev/${p##*/}" 2>/dev/null)" = "$2" ]; then
+      echo "/dev/${p##*/}"
+      return 0
+    fi
   done
   return 1
 }
@@ -89,11 +95,15 @@ new_disk() {
   empty=require
   [ "$3" = 1 ] && empty=force
   seed=$(printf '%s %s' "$(cat /etc/machine-id)" "$1" | sha256sum | cut -c 1-32)
-  systemd-repart --dry-run=no --no-pager --empty="$empty" --seed="$seed" \
-    --definitions="$lib/repart-$2.d" "$1" >>/run/kiln/repart.log 2>&1 || return 1
+  log=/run/kiln/repart-${1##*/}.log
+  if ! systemd-repart --dry-run=no --no-pager --empty="$empty" --seed="$seed" \
+    --definitions="$lib/repart-$2.d" "$1" >"$log" 2>&1; then
+    say "systemd-repart failed on $1 ($log): $(tail -n 2 "$log" | tr '\n' ' ')" >&2
+    return 1
+  fi
   refresh "$1"
-  p=$(part_named "$1" "kiln-$2") || return 1
-  wait_dev "$p" 10 || return 1
+  p=$(part_named "$1" "kiln-$2") || { say "no kiln-$2 partition on $1 after systemd-repart" >&2; return 1; }
+  wait_dev "$p" 10 || { say "$p did not appear" >&2; return 1; }
   echo "$p"
 }
 
@@ -137,7 +147,10 @@ else
           else
             dev=""
           fi
-          [ -n "$dev" ] || status_data="failed($bdisk)"
+          if [ -z "$dev" ]; then
+            status_data="failed($bdisk)"
+            say "systemd-repart ran but the kernel shows no kiln-data partition on $bdisk: $(ls /sys/class/block/"${bdisk##*/}" | tr '\n' ' '); $(tail -n 3 /run/kiln/repart.log | tr '\n' ' ')"
+          fi
         else
           status_data="no-room($bdisk)"
           say "systemd-repart could not add the data partition to $bdisk (see /run/kiln/repart.log): $(tail -n 1 /run/kiln/repart.log)"
@@ -228,9 +241,9 @@ if [ -f "$ident/node-password" ]; then
   mkdir -p /etc/rancher/node
   install -m 0600 "$ident/node-password" /etc/rancher/node/password
 fi
-if [ -f "$ident/ssh_host_ed25519_key" ]; then
-  install -m 0600 "$ident/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key
-  install -m 0644 "$ident/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub
+if [ -f "$ident/ssh-host-ed25519-key" ]; then
+  install -m 0600 "$ident/ssh-host-ed25519-key" /etc/ssh/ssh_host_ed25519_key
+  install -m 0644 "$ident/ssh-host-ed25519-key.pub" /etc/ssh/ssh_host_ed25519_key.pub
 fi
 
 # --- Longhorn disks -------------------------------------------------------------------
