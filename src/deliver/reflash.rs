@@ -2,8 +2,9 @@
 //! its ESP, root slot a and seed (partitions 1–3) — and keeps everything after them: the
 //! second root slot and the data partition, with their partition entries.
 //!
-//! Refused (nothing written) unless the target's GPT has kiln's three partitions at exactly
-//! the new image's places (same ESP and root slot sizes), a `kiln-data` partition, and a seed
+//! Refused (nothing written) unless the target's GPT has kiln's three partitions at the new
+//! image's places (same starts, each at least as large: same ESP and root slot sizes), a
+//! `kiln-data` partition, and a seed
 //! whose `local-hostname` is this node. The new bytes are written in place (a file target is
 //! not replaced, so its data survives), then the GPT — the image's entries 1–3 with the
 //! target's entries from 4 on — primary and backup, then fsync, then the written range is read
@@ -114,7 +115,9 @@ pub fn plan(
         img.partitions.len()
     );
     for (i, (a, b)) in img.partitions.iter().zip(&old.partitions).enumerate() {
-        if (a.first_lba, a.last_lba) != (b.first_lba, b.last_lba) {
+        // Same start, and the new partition fits the old one (a node's systemd-repart may
+        // have grown its seed partition into a gap): the new one is written at the start.
+        if a.first_lba != b.first_lba || a.last_lba > b.last_lba {
             let mib = |p: &GptPartition| (p.last_lba - p.first_lba + 1) * SECTOR_SIZE / disk::MIB;
             return Err(refuse(
                 target_path,

@@ -77,7 +77,12 @@ pub fn boot_disk_repart(root_slot_mib: u64) -> BTreeMap<&'static str, String> {
         ),
         (
             "30-seed.conf",
-            format!("{head}Type=linux-generic\nLabel=kiln-seed\nWeight=0\n"),
+            // Weight 0 alone let repart grow the seed into the gap before the new partitions
+            // (seen: 4 → 10 MiB); its size is fixed.
+            format!(
+                "{head}Type=linux-generic\nLabel=kiln-seed\nWeight=0\nSizeMinBytes={seed}M\nSizeMaxBytes={seed}M\n",
+                seed = crate::pipeline::build::SEED_PARTITION_MIB
+            ),
         ),
         (
             "40-root-b.conf",
