@@ -357,41 +357,18 @@ pub fn write_fat_volume(
 /// [`write_disk`] and returns its `(first_lba, last_lba)` and GPT name, or
 /// `None` if the slot is empty. Checks the header signature and CRCs.
 pub fn read_partition(file: &mut File, index: u32) -> Result<Option<(u64, u64, String)>> {
+    let (_, entries) = read_gpt_checked(file)?;
     ensure!(
-        index < GPT_ENTRY_COUNT,
-        "GPT has only {GPT_ENTRY_COUNT} entries"
-    );
-    let hdr = read_at(file, SECTOR_SIZE, SECTOR_SIZE as usize).context("read GPT header")?;
-    ensure!(&hdr[0..8] == b"EFI PART", "no GPT header at LBA 1");
-    let mut check = hdr[..GPT_HEADER_SIZE as usize].to_vec();
-    check[16..20].fill(0);
-    ensure!(
-        crc32fast::hash(&check) == le32(&hdr, 16),
-        "GPT header CRC mismatch"
-    );
-    let entries_lba = u64::from_le_bytes(hdr[72..80].try_into().expect("8 bytes"));
-    let entries = read_at(
-        file,
-        entries_lba * SECTOR_SIZE,
-        (GPT_ENTRY_COUNT * GPT_ENTRY_SIZE) as usize,
-    )
-    .context("read GPT entries")?;
-    ensure!(
-        crc32fast::hash(&entries) == le32(&hdr, 88),
-        "GPT partition entries CRC mismatch"
+        (index as usize) < entries.len() / GPT_ENTRY_SIZE as usize,
+        "GPT has only {} entries",
+        entries.len() / GPT_ENTRY_SIZE as usize
     );
     let e = &entries[(index * GPT_ENTRY_SIZE) as usize..((index + 1) * GPT_ENTRY_SIZE) as usize];
     if e[0..16].iter().all(|b| *b == 0) {
         return Ok(None);
     }
-    let first = u64::from_le_bytes(e[32..40].try_into().expect("8 bytes"));
-    let last = u64::from_le_bytes(e[40..48].try_into().expect("8 bytes"));
-    let units: Vec<u16> = e[56..128]
-        .chunks(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|u| *u != 0)
-        .collect();
-    Ok(Some((first, last, String::from_utf16_lossy(&units))))
+    let p = gpt_partition_at(e);
+    Ok(Some((p.first_lba, p.last_lba, p.name_text())))
 }
 
 /// Rounds `value` up to a multiple of `unit`.
@@ -513,6 +490,23 @@ pub struct GptTable {
 
 /// Reads and checks (signature, header and entry CRCs) the primary GPT of a disk or image.
 pub fn read_gpt(file: &mut File) -> Result<GptTable> {
+    let (hdr, entries) = read_gpt_checked(file)?;
+    let mut disk_guid = [0u8; 16];
+    disk_guid.copy_from_slice(&hdr[56..72]);
+    let partitions = entries
+        .chunks(GPT_ENTRY_SIZE as usize)
+        .take_while(|e| e[0..16].iter().any(|b| *b != 0))
+        .map(gpt_partition_at)
+        .collect();
+    Ok(GptTable {
+        disk_guid,
+        partitions,
+    })
+}
+
+/// The primary GPT header sector and its entry array, both checked (signature, header size
+/// and CRC, entry size and count, entries CRC): what [`read_gpt`] and [`read_partition`] read.
+fn read_gpt_checked(file: &mut File) -> Result<(Vec<u8>, Vec<u8>)> {
     let hdr = read_at(file, SECTOR_SIZE, SECTOR_SIZE as usize).context("read GPT header")?;
     ensure!(&hdr[0..8] == b"EFI PART", "no GPT header at LBA 1");
     let hsize = le32(&hdr, 12) as usize;
@@ -543,28 +537,21 @@ pub fn read_gpt(file: &mut File) -> Result<GptTable> {
         crc32fast::hash(&entries) == le32(&hdr, 88),
         "GPT partition entries CRC mismatch"
     );
-    let mut disk_guid = [0u8; 16];
-    disk_guid.copy_from_slice(&hdr[56..72]);
-    let mut partitions = Vec::new();
-    for e in entries.chunks(GPT_ENTRY_SIZE as usize) {
-        if e[0..16].iter().all(|b| *b == 0) {
-            break;
-        }
-        let mut p = GptPartition {
-            type_guid: e[0..16].try_into().expect("16 bytes"),
-            unique_guid: e[16..32].try_into().expect("16 bytes"),
-            first_lba: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
-            last_lba: u64::from_le_bytes(e[40..48].try_into().expect("8 bytes")),
-            attributes: u64::from_le_bytes(e[48..56].try_into().expect("8 bytes")),
-            name: [0u8; 72],
-        };
-        p.name.copy_from_slice(&e[56..128]);
-        partitions.push(p);
-    }
-    Ok(GptTable {
-        disk_guid,
-        partitions,
-    })
+    Ok((hdr, entries))
+}
+
+/// One populated 128-byte GPT entry.
+fn gpt_partition_at(e: &[u8]) -> GptPartition {
+    let mut p = GptPartition {
+        type_guid: e[0..16].try_into().expect("16 bytes"),
+        unique_guid: e[16..32].try_into().expect("16 bytes"),
+        first_lba: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
+        last_lba: u64::from_le_bytes(e[40..48].try_into().expect("8 bytes")),
+        attributes: u64::from_le_bytes(e[48..56].try_into().expect("8 bytes")),
+        name: [0u8; 72],
+    };
+    p.name.copy_from_slice(&e[56..128]);
+    p
 }
 
 /// Writes a protective MBR and primary and backup GPT holding `partitions` (at most 128) for
