@@ -237,11 +237,12 @@ fn write_node(
     names.extend(s.ordered().iter().map(|(n, _)| *n));
     names.retain(|n| *n != "node.json");
     let artifacts = crate::trust::sums::hash_artifacts(sd, &names)?;
-    // The fingerprint a first `ssh` to the node shows (its host key is derived: see seed.rs).
-    let secret = crate::pipeline::resolve::read_node_identity(project)?;
-    let ssh_host_key =
-        crate::trust::identity::derive(&secret, &project.cluster.section.name, &node.hostname)
-            .ssh_host_key_fingerprint();
+    // The fingerprint a first `ssh` to the node shows, of the host key the seed carries.
+    let ssh_host_key = s
+        .files
+        .get(crate::pipeline::seed::IDENTITY_FILES[3])
+        .map(|k| crate::trust::identity::ssh_fingerprint(k))
+        .unwrap_or_default();
     let node_json = serde_json::json!({
         "schema": "kiln.node/1",
         "hostname": node.hostname,

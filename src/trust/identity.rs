@@ -58,13 +58,12 @@ impl std::fmt::Debug for NodeIdentity {
     }
 }
 
-impl NodeIdentity {
-    /// `SHA256:<base64>` of the SSH host key, as `ssh-keygen -l` prints it.
-    pub fn ssh_host_key_fingerprint(&self) -> String {
-        ssh_key::PublicKey::from_openssh(&self.ssh_host_key_pub)
-            .map(|k| k.fingerprint(ssh_key::HashAlg::Sha256).to_string())
-            .unwrap_or_default()
-    }
+/// `SHA256:<base64>` of an OpenSSH public key line, as `ssh-keygen -l` prints it (empty if it
+/// does not parse).
+pub fn ssh_fingerprint(public_line: &str) -> String {
+    ssh_key::PublicKey::from_openssh(public_line.trim_end())
+        .map(|k| k.fingerprint(ssh_key::HashAlg::Sha256).to_string())
+        .unwrap_or_default()
 }
 
 /// HMAC-SHA256 of `kiln/v1/<purpose>` and the NUL-separated `parts`, keyed with `secret`.
@@ -229,9 +228,9 @@ mod tests {
         assert_eq!(k.public_key().key_data(), p.key_data());
         assert_eq!(
             k.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
-            n.ssh_host_key_fingerprint()
+            ssh_fingerprint(&n.ssh_host_key_pub)
         );
-        assert!(n.ssh_host_key_fingerprint().starts_with("SHA256:"));
+        assert!(ssh_fingerprint(&n.ssh_host_key_pub).starts_with("SHA256:"));
         // Re-encoding the parsed key gives the same bytes (check integers included).
         assert_eq!(
             k.to_openssh(ssh_key::LineEnding::LF).unwrap().as_str(),
@@ -262,7 +261,7 @@ mod tests {
         let line = String::from_utf8_lossy(&o.stdout);
         // `256 SHA256:… root@worker-1 (ED25519)`
         assert!(
-            line.contains(&n.ssh_host_key_fingerprint()) && line.contains("(ED25519)"),
+            line.contains(&ssh_fingerprint(&n.ssh_host_key_pub)) && line.contains("(ED25519)"),
             "{line}"
         );
         // ssh-keygen derives the same public line from the private file.
