@@ -15,7 +15,6 @@
 use crate::formats::disk::{self, GptPartition, GptTable, SECTOR_SIZE};
 use crate::pipeline::build::{DATA_PARTITION_NAME, ROOT_A_PARTITION_NAME};
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -202,18 +201,18 @@ pub fn write(
     Ok(at)
 }
 
-/// sha256 of bytes `[start, end)` of a file.
-fn range_sha256(f: &mut File, start: u64, end: u64) -> Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; crate::trust::sign::BUF_SIZE];
-    let mut at = start;
-    while at < end {
-        let n = (end - at).min(buf.len() as u64) as usize;
-        f.read_exact_at(&mut buf[..n], at)?;
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(hex::encode(h.finalize()))
+/// sha256 of bytes `[start, end)` of a file (short reads are an error).
+fn range_sha256(f: &mut File, start: u64, end: u64, what: &Path) -> Result<String> {
+    f.seek(SeekFrom::Start(start))
+        .with_context(|| format!("seeking in {}", what.display()))?;
+    let bar = indicatif::ProgressBar::hidden();
+    let (sha, n) = crate::trust::sign::sha256_stream(f, Some(end - start), &bar, what)?;
+    anyhow::ensure!(
+        n == end - start,
+        "{} ends before byte {end}",
+        what.display()
+    );
+    Ok(sha)
 }
 
 /// Reads the written partitions back (after the GPT sectors: from the ESP's start) and
@@ -223,8 +222,8 @@ pub fn read_back(image: &mut File, target_path: &Path, plan: &KeepPlan) -> Resul
     let mut t = File::open(target_path)
         .with_context(|| format!("opening {} to read it back", target_path.display()))?;
     let _ = crate::sys::os::drop_cached_pages(&t);
-    let want = range_sha256(image, start, plan.write_end)?;
-    let got = range_sha256(&mut t, start, plan.write_end)?;
+    let want = range_sha256(image, start, plan.write_end, Path::new("the node image"))?;
+    let got = range_sha256(&mut t, start, plan.write_end, target_path)?;
     anyhow::ensure!(
         want == got,
         "read-back of {} does not match the image (partitions 1-3): the device may be failing or something else wrote to it — flash again",
