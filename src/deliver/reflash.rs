@@ -237,3 +237,134 @@ pub fn read_back(image: &mut File, target_path: &Path, plan: &KeepPlan) -> Resul
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::disk::{DiskLayout, EspFile, EspSource, MIB};
+    use std::fs::OpenOptions;
+
+    /// A node disk (ESP, root slot, seed with `meta-data` for `host`) with root bytes `fill`.
+    fn node_disk(path: &Path, host: &str, fill: u8, slot_mib: u64) {
+        let dir = path.parent().unwrap();
+        let root = dir.join(format!("root-{fill}.sqfs"));
+        std::fs::write(&root, vec![fill; 2 * MIB as usize]).unwrap();
+        let layout = DiskLayout {
+            disk_guid: disk::guid_from_seed(&[fill], "disk"),
+            esp_guid: disk::guid_from_seed(&[fill], "esp"),
+            root_guid: disk::guid_from_seed(&[fill], "root"),
+            esp_size_mib: 64,
+            esp_label: "KILN-ESP".into(),
+            esp_volume_id: 1,
+            root_partition_name: ROOT_A_PARTITION_NAME.into(),
+            root_slot_mib: slot_mib,
+            seed_size_mib: 4,
+            seed_guid: disk::guid_from_seed(&[fill], "seed"),
+        };
+        let esp = [EspFile {
+            path: "loader/loader.conf".into(),
+            source: EspSource::Bytes(b"timeout 0\n".to_vec()),
+        }];
+        let info = disk::write_disk(path, &layout, &esp, &root, 1_700_000_000).unwrap();
+        let (first, last) = info.seed.unwrap();
+        let meta = [EspFile {
+            path: "meta-data".into(),
+            source: EspSource::Bytes(
+                format!("instance-id: x\nlocal-hostname: {host}\n").into_bytes(),
+            ),
+        }];
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        disk::write_fat_volume(
+            &mut f,
+            first * SECTOR_SIZE,
+            (last - first + 1) * SECTOR_SIZE,
+            "CIDATA",
+            2,
+            &meta,
+            1_700_000_000,
+        )
+        .unwrap();
+    }
+
+    /// `target` grown by 64 MiB with a kiln-data partition after the seed holding `marker`.
+    fn add_data(target: &Path, marker: &[u8]) -> u64 {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(target)
+            .unwrap();
+        let t = disk::read_gpt(&mut f).unwrap();
+        let total = f.metadata().unwrap().len() / SECTOR_SIZE + 64 * 2048;
+        f.set_len(total * SECTOR_SIZE).unwrap();
+        let first = t.partitions[2].last_lba + 1;
+        let mut parts = t.partitions.clone();
+        let mut name = [0u8; 72];
+        for (i, u) in DATA_PARTITION_NAME.encode_utf16().enumerate() {
+            name[2 * i..2 * i + 2].copy_from_slice(&u.to_le_bytes());
+        }
+        parts.push(GptPartition {
+            type_guid: disk::LINUX_DATA_TYPE_GUID,
+            unique_guid: disk::guid_from_seed(b"data", "data"),
+            first_lba: first,
+            last_lba: total - 34,
+            attributes: 0,
+            name,
+        });
+        disk::write_gpt(&mut f, total, &t.disk_guid, &parts).unwrap();
+        f.write_all_at(marker, first * SECTOR_SIZE).unwrap();
+        first * SECTOR_SIZE
+    }
+
+    fn open_rw(p: &Path) -> File {
+        OpenOptions::new().read(true).write(true).open(p).unwrap()
+    }
+
+    #[test]
+    fn keep_data_rewrites_partitions_1_to_3_and_keeps_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let old = d.path().join("old.img");
+        let new = d.path().join("new.img");
+        node_disk(&old, "node-1", 1, 8);
+        node_disk(&new, "node-1", 2, 8);
+        // No data partition yet: refused.
+        let len = std::fs::metadata(&old).unwrap().len();
+        let e = plan(&mut open_rw(&new), &mut open_rw(&old), &old, len, "node-1").unwrap_err();
+        assert!(format!("{e:#}").contains("no kiln-data partition"), "{e:#}");
+        let at = add_data(&old, b"node state");
+        let len = std::fs::metadata(&old).unwrap().len();
+        // Another node's disk: refused.
+        let e = plan(&mut open_rw(&new), &mut open_rw(&old), &old, len, "node-2").unwrap_err();
+        assert!(format!("{e:#}").contains("disk of node node-1"), "{e:#}");
+        // Another root slot size: refused.
+        let other = d.path().join("other.img");
+        node_disk(&other, "node-1", 3, 16);
+        let e = plan(
+            &mut open_rw(&other),
+            &mut open_rw(&old),
+            &old,
+            len,
+            "node-1",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("root slot size changed"), "{e:#}");
+        // This node's disk: partitions 1-3 from the new image, kiln-data and its bytes kept.
+        let (mut img, mut t) = (open_rw(&new), open_rw(&old));
+        let p = plan(&mut img, &mut t, &old, len, "node-1").unwrap();
+        assert_eq!(p.kept, [DATA_PARTITION_NAME]);
+        write(&mut img, &mut t, &p, &old).unwrap();
+        drop(t);
+        read_back(&mut img, &old, &p).unwrap();
+        let bytes = std::fs::read(&old).unwrap();
+        let newb = std::fs::read(&new).unwrap();
+        let start = (p.partitions[0].first_lba * SECTOR_SIZE) as usize;
+        assert!(bytes[start..p.write_end as usize] == newb[start..p.write_end as usize]);
+        assert_eq!(&bytes[at as usize..at as usize + 10], b"node state");
+        let back = disk::read_gpt(&mut open_rw(&old)).unwrap();
+        assert_eq!(back.partitions.len(), 4);
+        assert_eq!(back.partitions[3].name_text(), DATA_PARTITION_NAME);
+    }
+}
