@@ -55,13 +55,14 @@ const PINS: &[(u32, &[(&str, &str)])] = &[
     ),
     // 2: every image carries /usr/lib/kiln/persist.list and the merged recipe gains `persist`
     // (issue 18); the disk layout gains an ESP for two kernels and a fixed root slot
-    // (kiln-root-a); the build id (and the disk that embeds it) moved.
+    // (kiln-root-a); the build id (and the disk that embeds it) moved. (Generation 2 never
+    // landed before its last change: kiln-data's and the initramfs script's bytes.)
     (
         2,
         &[
             (
                 "build-id",
-                "bbd3043f7374b5331e913372688f46244a63cd6ba07866d1543bf85fec936691",
+                "90995abe0eda60543ce3a922a78121bf4403d6078ea6a06b6a94bdbd0a2b07e9",
             ),
             (
                 "cidata.img",
@@ -73,7 +74,7 @@ const PINS: &[(u32, &[(&str, &str)])] = &[
             ),
             (
                 "disk.raw",
-                "cd7378650f624f463643473581cc959540934de3440c62035c4538cf41829067",
+                "11a6463ccb351f0ee8f452930dc9c8654f6828f152caa3209ffac698c81daf0a",
             ),
             (
                 "iso9660",
@@ -275,6 +276,7 @@ fn every_emitted_format_is_pinned_for_this_generation() {
         files,
         sources: BTreeMap::new(),
         contains_secrets: false,
+        cluster_secrets: false,
     };
     node::write_cidata(&dir.join("cidata.img"), &s, EPOCH).unwrap();
     got.insert("cidata.img", sha(&dir.join("cidata.img")));

@@ -956,3 +956,44 @@ fn longhorn_disks_config_is_longhorns_annotation_value() {
     assert_eq!(longhorn_disks_config(&p.cluster.nodes[0]), None);
     assert!(kiln::project::inventory::disks_file(&p.cluster.nodes[0]).is_some());
 }
+
+#[test]
+fn a_longhorn_mount_on_a_persistent_path_is_refused() {
+    // master's persistent paths include /var/lib/rancher (every k3s role's default).
+    for (mount, how) in [
+        ("/var/lib/rancher", "is the persistent path"),
+        ("/var/lib/rancher/longhorn", "is inside the persistent path"),
+        ("/var/lib", "holds the persistent path"),
+    ] {
+        let line = master_disks(&[(BY_ID, &format!("use = \"longhorn\"\nmount = \"{mount}\""))]);
+        refused(
+            &[(CLUSTER, MASTER_DNS, &format!("{MASTER_DNS}\n{line}"))],
+            "master",
+            CLUSTER,
+            "nodes[0].disks[0].mount",
+            how,
+        );
+    }
+}
+
+#[test]
+fn a_longhorn_disk_on_a_role_without_k3s_is_refused() {
+    let line = format!(
+        "role = \"worker\"\n{}",
+        master_disks(&[(BY_ID, "use = \"longhorn\"")])
+    );
+    refused(
+        &[
+            ("recipes/worker.toml", "mode = \"agent\"", "mode = \"none\""),
+            (
+                CLUSTER,
+                "mac = \"52:54:00:00:00:21\"\nrole = \"worker\"",
+                &format!("mac = \"52:54:00:00:00:21\"\n{line}"),
+            ),
+        ],
+        "worker",
+        CLUSTER,
+        "nodes[1].disks[0].use",
+        "does not run k3s",
+    );
+}

@@ -495,7 +495,7 @@ fn build_id_golden() {
 // 2026-12-02: the inputs gained `format_generation` (FORMAT_GENERATION 1); then the merged
 // recipe gained `persist` (issue 18: the role's persistent paths) and
 // FORMAT_GENERATION became 2 (every image carries /usr/lib/kiln/persist.list).
-const GOLDEN_ID: &str = "d0737b8b2be1e93b8fd53989a556c27a2e78332f12c33a6092be173c2fb6514e";
+const GOLDEN_ID: &str = "3265bf8e4bc4b5e52c1150b2654d2bd1bc1c73156a838fa955d0f760a88336a3";
 
 #[test]
 fn doctor_lists_tools() {

@@ -254,9 +254,14 @@ fn cidata_volume_reads_back_with_mtools_and_blkid() {
     let d = project();
     let project = kiln::project::recipe::load_project(d.path()).unwrap();
     let node = &project.cluster.nodes[0];
-    let s =
-        kiln::pipeline::seed::render(&project, node, "0123abcd", true, &[AUTHORIZED_KEY.into()])
-            .unwrap();
+    let s = kiln::pipeline::seed::render(
+        &project,
+        node,
+        "0123abcd",
+        kiln::project::recipe::K3sMode::Agent,
+        &[AUTHORIZED_KEY.into()],
+    )
+    .unwrap();
     let img = d.path().join("cidata.img");
     kiln::pipeline::node::write_cidata(&img, &s, 1_700_000_000).unwrap();
     let again = d.path().join("cidata2.img");
@@ -382,7 +387,12 @@ fn token_delivery_seed_moves_the_token_from_the_image_to_the_seed() {
     let wf = &ud["write_files"][0];
     assert_eq!(wf["path"], "/etc/rancher/k3s/token");
     assert_eq!(wf["permissions"], "0600");
-    assert_eq!(wf["content"], token2.as_str());
+    // k3s's secure form, pinning the cluster's server CA.
+    let ca = fs::read(d.path().join("keys/k3s-server-ca.crt")).unwrap();
+    assert_eq!(
+        wf["content"],
+        format!("K10{}::server:{token2}", kiln::sys::util::sha256_hex(&ca)).as_str()
+    );
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         fs::metadata(&p).unwrap().permissions().mode() & 0o777,
@@ -483,5 +493,50 @@ fn seed_templates_stay_inside_the_project_and_see_no_host_state() {
         d.path(),
         &["seed"],
         &["overlays/seed/user-data.tera", "renders more than"],
+    );
+}
+
+/// `kiln keys known-hosts` prints, per node, the public half of the host key its seed carries
+/// (what the node's sshd presents on every boot), and refuses a host that is not in the
+/// inventory.
+#[test]
+fn known_hosts_carry_the_host_keys_of_the_seeds() {
+    let d = project();
+    let seeds = render(d.path());
+    let o = kiln(d.path(), &["keys", "known-hosts"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert_eq!(text.lines().count(), seeds.len(), "{text}");
+    for (host, files) in &seeds {
+        let public = &files["kiln-ssh-host-ed25519-key.pub"];
+        let key: Vec<&str> = public.split_whitespace().take(2).collect();
+        let line = text
+            .lines()
+            .find(|l| l.split(' ').next().unwrap().split(',').any(|n| n == host))
+            .unwrap_or_else(|| panic!("no line for {host}: {text}"));
+        assert!(line.ends_with(&key.join(" ")), "{line} vs {public}");
+    }
+    // One node, into a file.
+    let out = d.path().join("kh");
+    let o = kiln(
+        d.path(),
+        &[
+            "keys",
+            "known-hosts",
+            "worker-1",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let one = fs::read_to_string(&out).unwrap();
+    assert!(
+        one.starts_with("worker-1") && one.lines().count() == 1,
+        "{one}"
+    );
+    expect_user_error(
+        d.path(),
+        &["keys", "known-hosts", "nosuch-9"],
+        &["nosuch-9", "cluster.toml"],
     );
 }

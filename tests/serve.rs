@@ -58,12 +58,17 @@ fn bytes(n: usize, seed: u8) -> Vec<u8> {
 
 /// A project copy with a signed stand-in worker build and worker-1's signed seed.
 fn fixture() -> (tempfile::TempDir, PathBuf) {
-    fixture_secrets(false, false)
+    fixture_secrets(false, false, Some(false))
 }
 
 /// [`fixture`] whose role build (`manifest.json`) and worker-1 seed (`node.json`) say
-/// `contains_secrets` as given.
-fn fixture_secrets(role_secrets: bool, seed_secrets: bool) -> (tempfile::TempDir, PathBuf) {
+/// `contains_secrets` as given; `seed_cluster` is the seed's `cluster_secrets` (`None`: absent,
+/// as in a node.json before schema kiln.node/2).
+fn fixture_secrets(
+    role_secrets: bool,
+    seed_secrets: bool,
+    seed_cluster: Option<bool>,
+) -> (tempfile::TempDir, PathBuf) {
     let project = common::project_copy();
     let out = project.path().join("out");
     let key = kiln::trust::sign::load_signing_key(&project.path().join("keys")).unwrap();
@@ -87,10 +92,13 @@ fn fixture_secrets(role_secrets: bool, seed_secrets: bool) -> (tempfile::TempDir
     );
     std::os::unix::fs::symlink(BUILD_ID, out.join("worker/latest")).unwrap();
     let node = out.join("nodes/by-id/worker-1-0123456789abcdef");
-    let node_json = serde_json::json!({
+    let mut node_json = serde_json::json!({
         "hostname": "worker-1", "role": "worker", "role_build_id": BUILD_ID,
         "instance_id": "worker-1-aaaaaaaaaaaa", "contains_secrets": seed_secrets,
     });
+    if let Some(c) = seed_cluster {
+        node_json["cluster_secrets"] = c.into();
+    }
     signing::make_signed_dir(
         &node,
         &[
@@ -1538,11 +1546,12 @@ fn json_stop_summary_has_integer_counters() {
     assert_eq!(v["tftp_transfers"].as_u64(), Some(0), "{line}");
 }
 
-/// Builds and seeds with `contains_secrets: true` are named in a warning at start and on
-/// reload; `--refuse-secret-builds` leaves them out, saying why.
+/// Builds and seeds that carry secrets of the cluster are named in a warning at start and on
+/// reload; `--refuse-secret-builds` leaves them out, saying why. A seed with only its node's
+/// identity is served either way, with a note.
 #[test]
 fn secret_bearing_builds_are_warned_about_or_refused() {
-    let (p, out) = fixture_secrets(false, true);
+    let (p, out) = fixture_secrets(false, true, Some(true));
     let s = start_with(p, out, &[]).unwrap_or_else(|e| panic!("{e:?}"));
     wait_stderr(&s, "carry secrets", 1);
     assert!(s.stderr.lock().unwrap().contains("the seed of worker-1"));
@@ -1550,37 +1559,49 @@ fn secret_bearing_builds_are_warned_about_or_refused() {
     wait_stderr(&s, "carry secrets", 2);
     s.stop();
 
-    // Refused: worker-1's seed carries the token; worker-2 (no seed) still boots.
-    let (p, out) = fixture_secrets(false, true);
+    // Refused: worker-1's seed carries the token (and so does a node.json that does not say
+    // which secrets it carries); worker-2 (no seed) still boots.
+    for cluster in [Some(true), None] {
+        let (p, out) = fixture_secrets(false, true, cluster);
+        let s = start_with(p, out, &["--refuse-secret-builds"]).unwrap_or_else(|e| panic!("{e:?}"));
+        let script = get(&format!("{}/boot.ipxe?mac={WORKER_1}", s.http()))
+            .text()
+            .unwrap();
+        assert!(
+            script.contains("not provisioned") && script.contains("carries secrets"),
+            "{script}"
+        );
+        assert_eq!(
+            get(&format!("{}/nocloud/{WORKER_1}/user-data", s.http())).status(),
+            404
+        );
+        let w2 = get(&format!("{}/boot.ipxe?mac=52:54:00:00:00:22", s.http()))
+            .text()
+            .unwrap();
+        assert!(w2.contains("kernel "), "{w2}");
+        let unprov = s.status["catalog"]["unprovisioned"].as_array().unwrap();
+        assert!(
+            unprov.iter().any(|u| u["hostname"] == "worker-1"
+                && u["reason"].as_str().unwrap().contains("secrets")),
+            "{unprov:?}"
+        );
+        wait_stderr(&s, "--refuse-secret-builds", 1);
+        s.stop();
+    }
+
+    // Served: worker-1's seed carries only its own identity.
+    let (p, out) = fixture_secrets(false, true, Some(false));
     let s = start_with(p, out, &["--refuse-secret-builds"]).unwrap_or_else(|e| panic!("{e:?}"));
-    let script = get(&format!("{}/boot.ipxe?mac={WORKER_1}", s.http()))
-        .text()
-        .unwrap();
-    assert!(
-        script.contains("not provisioned") && script.contains("carries secrets"),
-        "{script}"
-    );
     assert_eq!(
         get(&format!("{}/nocloud/{WORKER_1}/user-data", s.http())).status(),
-        404
+        200
     );
-    let w2 = get(&format!("{}/boot.ipxe?mac=52:54:00:00:00:22", s.http()))
-        .text()
-        .unwrap();
-    assert!(w2.contains("kernel "), "{w2}");
-    let unprov = s.status["catalog"]["unprovisioned"].as_array().unwrap();
-    assert!(
-        unprov
-            .iter()
-            .any(|u| u["hostname"] == "worker-1"
-                && u["reason"].as_str().unwrap().contains("secrets")),
-        "{unprov:?}"
-    );
-    wait_stderr(&s, "--refuse-secret-builds", 1);
+    wait_stderr(&s, "own identity", 1);
+    assert!(!s.stderr.lock().unwrap().contains("carry secrets"));
     s.stop();
 
     // A role build that carries secrets: nothing left to serve.
-    let (p, out) = fixture_secrets(true, false);
+    let (p, out) = fixture_secrets(true, false, Some(false));
     let (code, err) = start_with(p, out, &["--refuse-secret-builds"])
         .err()
         .expect("must refuse");

@@ -840,17 +840,27 @@ fn slow_secret_hygiene_scan() {
             "plaintext secret",
             b"kiln-test-plaintext-password-4711".to_vec(),
         ),
+        ("k3s-server-ca.key", body("k3s-server-ca.key")),
+        ("k3s-service.key", body("k3s-service.key")),
     ];
     let worker = scan_image(&b.role_dir("worker"), &needles);
     assert!(
         worker.is_empty(),
         "secret material in the worker image: {worker:?}"
     );
-    let master = scan_image(&b.role_dir("master"), &needles);
+    let mut master = scan_image(&b.role_dir("master"), &needles);
+    master.sort();
     assert_eq!(
         master,
-        vec!["sealed-secrets.key (base64) in var/lib/rancher/k3s/server/manifests/kiln-sealed-secrets-key.yaml".to_string()],
-        "the master holds the controller key only in its restored Secret, never the plaintext"
+        [
+            "k3s-server-ca.key in usr/lib/kiln/k3s-ca/server-ca.key",
+            "k3s-service.key in usr/lib/kiln/k3s-ca/service.key",
+            "sealed-secrets.key (base64) in var/lib/rancher/k3s/server/manifests/kiln-sealed-secrets-key.yaml",
+        ]
+        .map(String::from)
+        .to_vec(),
+        "the master holds the controller key only in its restored Secret, the cluster's CA \
+         keys only where kiln-k3s-ca takes them from, never the plaintext"
     );
 }
 
@@ -897,6 +907,9 @@ fn slow_node_outputs() {
             ]
             .map(String::from)
             .into_iter()
+            // The node's identity travels in its seed (all of these roles run k3s, so each
+            // has a node password).
+            .chain(kiln::pipeline::seed::IDENTITY_FILES.map(String::from))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect::<Vec<_>>(),
@@ -908,6 +921,16 @@ fn slow_node_outputs() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{host}: {}", stdout(&o));
+        // The seed holds the node's private host key and k3s password: owner-only.
+        use std::os::unix::fs::PermissionsExt;
+        for n in [
+            "kiln-ssh-host-ed25519-key",
+            "kiln-node-password",
+            "cidata.img",
+        ] {
+            let mode = fs::metadata(dir.join(n)).unwrap().permissions().mode() & 0o077;
+            assert_eq!(mode, 0, "{host}/{n} is readable by others");
+        }
         let node: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.join("node.json")).unwrap()).unwrap();
         assert_eq!(node["hostname"], host);
@@ -1357,13 +1380,15 @@ fn empty_disk(dir: &Path) -> PathBuf {
     p
 }
 
-/// The Done-when of PXE serving: a BIOS machine with an empty disk and worker-1's MAC, on a LAN
-/// whose addresses come from another DHCP server (dnsmasq), boots the worker role diskless from
-/// `kiln serve` alone (ProxyDHCP → iPXE script → kernel/initrd → live-boot fetches
-/// root.squashfs over HTTP) and comes up as worker-1 from its NoCloud seed over HTTP.
+/// The Done-when of PXE serving, and a PXE node's state: a BIOS machine with worker-3's MAC
+/// and one empty disk, on a LAN whose addresses come from another DHCP server (dnsmasq),
+/// boots the worker role diskless from `kiln serve` alone (ProxyDHCP → iPXE script →
+/// kernel/initrd → live-boot fetches root.squashfs over HTTP), comes up as worker-3 from its
+/// NoCloud seed over HTTP, and makes its `use = "data"` disk (the empty one) its data
+/// partition; a second PXE boot mounts it again and the state probe's file is still there.
 #[test]
-fn privileged_pxe_boot_worker_diskless() {
-    const T: &str = "privileged_pxe_boot_worker_diskless";
+fn privileged_pxe_boot_worker_state_on_data_disk() {
+    const T: &str = "privileged_pxe_boot_worker_state_on_data_disk";
     if let Some(r) = missing_pxe_capability() {
         return skip(T, &r);
     }
@@ -1409,46 +1434,89 @@ fn privileged_pxe_boot_worker_diskless() {
     assert_eq!(status["dhcp_mode"], "proxy");
     assert_eq!(status["base_url"], "http://10.231.0.1:8080");
 
-    let mut qemu = lan.exec(&lan.ns.clone());
-    qemu.args(kiln::testing::qemu::pxe_args(
-        kiln::testing::qemu::PxeFirmware::Bios,
-        &empty_disk(tmp.path()),
-        "tap0",
-        "52:54:00:00:00:21",
-    ));
-    let iid = kiln::pipeline::seed::instance_id(&b.ids["worker"], "worker-1");
+    const MAC: &str = "52:54:00:00:00:23";
+    let disk = empty_disk(tmp.path());
+    let iid = kiln::pipeline::seed::instance_id(&b.ids["worker"], "worker-3");
     let marker = format!("kiln: booted role=worker build={}", b.ids["worker"]);
-    let log = b.out.join("boot-pxe-worker-1.log");
-    let booted =
-        kiln::testing::qemu::wait_for_marker(qemu, &marker, Duration::from_secs(1500), &log)
-            .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
-    println!(
-        "PXE boot to the marker in {:.0}s: {}",
-        booted.elapsed.as_secs_f64(),
-        booted.line
+    let boot = |n: u32| {
+        let mut qemu = lan.exec(&lan.ns.clone());
+        qemu.args(kiln::testing::qemu::pxe_args(
+            kiln::testing::qemu::PxeFirmware::Bios,
+            &disk,
+            "tap0",
+            MAC,
+        ));
+        let log = b.out.join(format!("boot-pxe-worker-3-{n}.log"));
+        // The state probe runs after the boot marker (and after kiln-data).
+        let probed = kiln::testing::qemu::wait_for_marker(
+            qemu,
+            "kiln-test-state: written",
+            Duration::from_secs(1500),
+            &log,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n(serve log: {})", serve_log.display()));
+        let console = String::from_utf8_lossy(&fs::read(&log).unwrap()).into_owned();
+        let line = console
+            .lines()
+            .find(|l| l.contains(&marker))
+            .unwrap_or_else(|| panic!("no boot marker in {}", log.display()))
+            .to_string();
+        println!(
+            "PXE boot {n} to the state probe in {:.0}s: {line}",
+            probed.elapsed.as_secs_f64()
+        );
+        (line, console, state_line(&log))
+    };
+
+    let (line, console, s1) = boot(1);
+    assert!(
+        line.contains(&format!("hostname=worker-3 seed={iid}")),
+        "the seed over HTTP was not applied: {line}"
     );
     assert!(
-        booted
-            .line
-            .contains(&format!("hostname=worker-1 seed={iid}")),
-        "the seed over HTTP was not applied: {} (console: {})",
-        booted.line,
-        log.display()
-    );
-    let console = String::from_utf8_lossy(&fs::read(&log).unwrap()).into_owned();
-    assert!(
-        console.contains("Filename: http://10.231.0.1:8080/boot.ipxe?mac=52-54-00-00-00-21"),
+        console.contains("Filename: http://10.231.0.1:8080/boot.ipxe?mac=52-54-00-00-00-23"),
         "iPXE did not take the ProxyDHCP offer"
     );
     assert!(
         console.contains("root.squashfs' saved"),
         "live-boot did not fetch the squashfs"
     );
+    println!("PXE boot 1 state: {s1:?}");
+    assert!(s1["data"].starts_with("new(/dev/vda"), "{s1:?}");
+    assert_eq!(s1["count"], "0");
+    assert_eq!(
+        s1["mounts"], "rancher",
+        "/var/lib/rancher is not on the data disk"
+    );
+    let seed_dir = b.out.join("nodes/worker-3").canonicalize().unwrap();
+    let seed = |f: &str| fs::read_to_string(seed_dir.join(format!("kiln-{f}"))).unwrap();
+    assert_eq!(s1["mid"], seed("machine-id").trim());
+    assert_eq!(s1["pw"], seed("node-password").trim());
+    let table = stdout(
+        &Command::new("sfdisk")
+            .arg("--dump")
+            .arg(&disk)
+            .output()
+            .unwrap(),
+    );
+    assert!(table.contains("name=\"kiln-data\""), "{table}");
+
+    let (_, _, s2) = boot(2);
+    println!("PXE boot 2 state: {s2:?}");
+    assert!(s2["data"].starts_with("kept(/dev/vda"), "{s2:?}");
+    assert_eq!(
+        s2["count"], "1",
+        "the persistent file survived the PXE reboot"
+    );
+    assert_eq!(s2["eph"], "none", "the ephemeral file did not");
+    for k in ["mid", "ssh", "pw"] {
+        assert_eq!(s1[k], s2[k], "{k} changed across a PXE reboot");
+    }
     let slog = lan.finish(&serve_log);
     for needle in [
         "reply=\"offer\"",
-        "/nocloud/52-54-00-00-00-21/meta-data",
-        "/nocloud/52-54-00-00-00-21/user-data",
+        "/nocloud/52-54-00-00-00-23/meta-data",
+        "/nocloud/52-54-00-00-00-23/user-data",
         "root.squashfs",
         "complete=true",
     ] {
@@ -1573,8 +1641,10 @@ sync
 echo "kiln-test-state: written"
 "#;
 
-/// The inventory entry of the stand-in project's storage node: three extra disks named by
-/// virtio serial (`/dev/disk/by-id/virtio-<serial>`), two blank, one with a foreign file system.
+/// The inventory entries the stand-in project gains for the state tests: a storage node with
+/// three extra disks named by virtio serial (`/dev/disk/by-id/virtio-<serial>`), two blank, one
+/// with a foreign file system; a worker that PXE-boots and keeps its state on a data disk
+/// (the PXE guests' disk, serial `kiln-pxe-disk`).
 pub const STORAGE_NODE: &str = r#"
 [[nodes]]
 hostname = "storage-1"
@@ -1594,6 +1664,15 @@ tags = ["sas-ssd"]
 [[nodes.disks]]
 device = "/dev/disk/by-id/virtio-foreign"
 use = "longhorn"
+
+[[nodes]]
+hostname = "worker-3"
+mac = "52:54:00:00:00:23"
+role = "worker"
+
+[[nodes.disks]]
+device = "/dev/disk/by-id/virtio-kiln-pxe-disk"
+use = "data"
 "#;
 
 /// One `kiln-test-state:` line, as key → value.
@@ -1613,15 +1692,13 @@ fn state_line(log: &Path) -> BTreeMap<String, String> {
 /// Boots `disk` (written for real) as storage-1 with its three extra disks; returns the state
 /// line.
 fn boot_storage(disk: &Path, extra: &[(&Path, &str)], log: &Path) -> BTreeMap<String, String> {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cmd = kiln::testing::qemu::uefi_disk_command_with(
-        disk,
-        &tmp.path().join("vars.fd"),
-        2048,
-        Some("52:54:00:00:00:31"),
-        true,
-    )
-    .unwrap();
+    boot_state(disk, "52:54:00:00:00:31", extra, log)
+}
+
+/// A UEFI machine with `mac`, its writable boot `disk` and `extra` disks (image, virtio serial).
+fn state_machine(disk: &Path, mac: &str, extra: &[(&Path, &str)], vars: &Path) -> Command {
+    let mut cmd =
+        kiln::testing::qemu::uefi_disk_command_with(disk, vars, 2048, Some(mac), true).unwrap();
     for (i, (img, serial)) in extra.iter().enumerate() {
         cmd.args([
             "-drive",
@@ -1630,6 +1707,18 @@ fn boot_storage(disk: &Path, extra: &[(&Path, &str)], log: &Path) -> BTreeMap<St
             &format!("virtio-blk-pci,drive=x{i},serial={serial}"),
         ]);
     }
+    cmd
+}
+
+/// Boots [`state_machine`] until the state probe has written; returns its state line.
+fn boot_state(
+    disk: &Path,
+    mac: &str,
+    extra: &[(&Path, &str)],
+    log: &Path,
+) -> BTreeMap<String, String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let cmd = state_machine(disk, mac, extra, &tmp.path().join("vars.fd"));
     let booted = kiln::testing::qemu::wait_for_marker(
         cmd,
         "kiln-test-state: written",
@@ -1638,7 +1727,7 @@ fn boot_storage(disk: &Path, extra: &[(&Path, &str)], log: &Path) -> BTreeMap<St
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
-        "storage-1 booted in {:.0}s ({})",
+        "{mac} booted in {:.0}s ({})",
         booted.elapsed.as_secs_f64(),
         log.display()
     );
@@ -1841,4 +1930,181 @@ fn slow_state_storage_node_reboot_and_reflash() {
     // A password another node would present for storage-1 is refused by the server model.
     let wrong = fs::read_to_string(other.join("kiln-node-password")).unwrap();
     assert!(model.verify("storage-1", wrong.trim()).is_err());
+}
+
+/// A disk file's GPT partition named `name`: (first byte, length).
+fn gpt_partition(disk: &Path, name: &str) -> Option<(u64, u64)> {
+    let mut f = fs::File::open(disk).unwrap();
+    let t = kiln::formats::disk::read_gpt(&mut f).unwrap();
+    t.partitions
+        .iter()
+        .find(|p| p.name_text() == name)
+        .map(|p| (p.first_lba * 512, (p.last_lba + 1 - p.first_lba) * 512))
+}
+
+/// `e2fsck -fn` of the ext4 file system at `part` of `disk` (copied out sparsely): its exit
+/// status and output. 0 = clean.
+fn fsck_partition(disk: &Path, part: (u64, u64), scratch: &Path) -> (i32, String) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut src = fs::File::open(disk).unwrap();
+    src.seek(SeekFrom::Start(part.0)).unwrap();
+    let mut dst = fs::File::create(scratch).unwrap();
+    dst.set_len(part.1).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < part.1 {
+        let n = buf.len().min((part.1 - done) as usize);
+        src.read_exact(&mut buf[..n]).unwrap();
+        if buf[..n].iter().any(|b| *b != 0) {
+            dst.seek(SeekFrom::Start(done)).unwrap();
+            dst.write_all(&buf[..n]).unwrap();
+        }
+        done += n as u64;
+    }
+    drop(dst);
+    let o = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(scratch)
+        .output()
+        .unwrap();
+    let _ = fs::remove_file(scratch);
+    (o.status.code().unwrap_or(-1), stdout(&o) + &stderr(&o))
+}
+
+/// master-1's node disk on a larger disk file: the first boot is killed (a power cut) while
+/// systemd-repart adds kiln-root-b and kiln-data, the second just after repart finished; the
+/// next boot finishes the job (a new, clean data partition, the probe's file written) and a
+/// reboot keeps the file, the etcd directory on the data partition, and machine-id, SSH host
+/// key and k3s node password, which are the ones kiln derived for master-1 and not storage-1's.
+#[test]
+fn slow_state_master_power_cut_during_first_boot() {
+    let name = "slow_state_master_power_cut_during_first_boot";
+    if let Some(r) = missing_build_capability() {
+        return skip(name, &r);
+    }
+    if !which("qemu-system-x86_64") || !Path::new(kiln::sys::tools::OVMF_CODE).is_file() {
+        return skip(
+            name,
+            "qemu-system-x86_64 or OVMF not installed (apt-get install qemu-system-x86 ovmf)",
+        );
+    }
+    if !which("e2fsck") {
+        return skip(name, "e2fsck not installed (apt-get install e2fsprogs)");
+    }
+    let b = built();
+    let work = b.out.parent().unwrap().join("state-master");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).unwrap();
+    let disk = work.join("master-1.img");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--dir")
+        .arg(&b.project)
+        .arg("--out")
+        .arg(&b.out)
+        .args(["flash", "master-1"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    {
+        let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.set_len(f.metadata().unwrap().len() + 4 * 1024 * 1024 * 1024)
+            .unwrap();
+    }
+    const MAC: &str = "52:54:00:00:00:11";
+
+    // Boot 1: power cut one second after kiln-data starts systemd-repart.
+    let tmp = tempfile::tempdir().unwrap();
+    let log1 = work.join("boot-1.log");
+    let cut = kiln::testing::qemu::wait_for_marker_then_kill(
+        state_machine(&disk, MAC, &[], &tmp.path().join("vars.fd")),
+        "kiln-data: making kiln-root-b and kiln-data",
+        Duration::from_secs(1),
+        Duration::from_secs(1500),
+        &log1,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let after_cut = gpt_partition(&disk, "kiln-data");
+    println!(
+        "boot 1 cut {:.0}s in, 1 s after repart started; kiln-data afterwards: {after_cut:?}",
+        cut.elapsed.as_secs_f64()
+    );
+    assert!(
+        !fs::read_to_string(&log1)
+            .unwrap()
+            .contains("kiln-test-state: written"),
+        "the cut came too late: the boot had finished ({})",
+        log1.display()
+    );
+    // Boot 1b: repart finishes this time (or finds its partitions made); power cut one second
+    // after, while kiln-data checks, mounts and fills the new file system.
+    let log1b = work.join("boot-1b.log");
+    let cut = kiln::testing::qemu::wait_for_marker_then_kill(
+        state_machine(&disk, MAC, &[], &tmp.path().join("vars.fd")),
+        "kiln-data: systemd-repart took",
+        Duration::from_secs(1),
+        Duration::from_secs(1500),
+        &log1b,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "boot 1b cut {:.0}s in, 1 s after repart finished ({})",
+        cut.elapsed.as_secs_f64(),
+        cut.line
+    );
+    assert!(
+        gpt_partition(&disk, "kiln-data").is_some(),
+        "repart finished but the table has no kiln-data"
+    );
+
+    // Boot 2 finishes the job.
+    let s2 = boot_state(&disk, MAC, &[], &work.join("boot-2.log"));
+    println!("boot 2: {s2:?}");
+    assert_eq!(s2["host"], "master-1");
+    // "new" when the cut came before the owner tag was written, else "kept": either way the
+    // node's own, mounted data partition.
+    assert!(
+        s2["data"].starts_with("new(") || s2["data"].starts_with("kept("),
+        "{s2:?}"
+    );
+    assert_eq!(s2["count"], "0");
+    assert_eq!(
+        s2["mounts"], "rancher",
+        "/var/lib/rancher is not on kiln-data"
+    );
+    let part = gpt_partition(&disk, "kiln-data").expect("kiln-data after boot 2");
+    assert!(gpt_partition(&disk, "kiln-root-b").is_some());
+
+    // Boot 3: a reboot keeps the state and the identity.
+    let s3 = boot_state(&disk, MAC, &[], &work.join("boot-3.log"));
+    println!("boot 3: {s3:?}");
+    assert!(s3["data"].starts_with("kept("), "{s3:?}");
+    assert_eq!(s3["count"], "1", "the persistent file survived the reboot");
+    assert_eq!(s3["eph"], "none", "the ephemeral file did not");
+    for k in ["mid", "ssh", "pw"] {
+        assert_eq!(s2[k], s3[k], "{k} changed across a reboot");
+    }
+    assert_eq!(
+        gpt_partition(&disk, "kiln-data"),
+        Some(part),
+        "kiln-data moved"
+    );
+    let (rc, out) = fsck_partition(&disk, part, &work.join("data.ext4"));
+    assert_eq!(
+        rc, 0,
+        "kiln-data is not clean after the cut and two boots:\n{out}"
+    );
+
+    // master-1's identity is the one kiln derived for it, not another node's.
+    let seed = |host: &str, f: &str| {
+        let d = b.out.join("nodes").join(host).canonicalize().unwrap();
+        fs::read_to_string(d.join(format!("kiln-{f}"))).unwrap()
+    };
+    assert_eq!(s3["mid"], seed("master-1", "machine-id").trim());
+    assert_eq!(s3["pw"], seed("master-1", "node-password").trim());
+    let pubkey = seed("master-1", "ssh-host-ed25519-key.pub");
+    assert_eq!(s3["ssh"], pubkey.split_whitespace().nth(1).unwrap());
+    for f in ["machine-id", "node-password", "ssh-host-ed25519-key.pub"] {
+        assert_ne!(seed("master-1", f), seed("storage-1", f), "{f}");
+    }
 }

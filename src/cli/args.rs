@@ -47,6 +47,13 @@ pub enum Command {
     Unseal(UnsealArgs),
     /// Render inventory nodes' cloud-init seeds (what `build` puts in out/nodes/) without building.
     Seed(SeedArgs),
+    /// Make a kubeconfig for the cluster offline, from keys/: a client certificate signed by
+    /// the cluster's client CA (keys/k3s-client-ca.*), trusting its server CA.
+    ///
+    /// A cluster rebuilt from the same keys/ is reachable with it: the CAs come from keys/, not
+    /// from the first master. The server is `https://<api_endpoint>:6443` (or the first
+    /// master's static address). The file holds a private key: it is written 0600.
+    Kubeconfig(KubeconfigArgs),
     /// Check a signed output directory: SHA256SUMS.sig, then every file's sha256; or, with
     /// --rebuild, rebuild a role build from its recorded inputs and compare it byte for byte.
     ///
@@ -293,9 +300,10 @@ pub struct ServeArgs {
     /// Print a JSON status line when listening and a summary when stopped.
     #[arg(long)]
     pub json: bool,
-    /// Do not serve role builds or node seeds that carry secrets (`contains_secrets: true` in
-    /// manifest.json or node.json: the k3s token, a master's keys); their nodes are listed as
-    /// not provisioned, with the reason.
+    /// Do not serve role builds or node seeds that carry secrets of the cluster
+    /// (`contains_secrets: true` in manifest.json, `cluster_secrets: true` in node.json: the
+    /// k3s token, a master's keys); their nodes are listed as not provisioned, with the reason.
+    /// A seed's own node identity (SSH host key, k3s node password) is served either way.
     #[arg(long)]
     pub refuse_secret_builds: bool,
     /// MiB of memory for verified pieces of the served files (each piece is read and checked
@@ -337,6 +345,44 @@ pub struct SeedArgs {
     pub output: Option<PathBuf>,
 }
 
+/// `<n>h`, `<n>d` or `<n>y` (365 days) as a duration, 1 hour to 10 years.
+fn parse_validity(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not <number><h|d|y>, e.g. 365d"))?;
+    let hours = match unit {
+        "h" => n,
+        "d" => n.saturating_mul(24),
+        "y" => n.saturating_mul(365 * 24),
+        _ => return Err(format!("{s:?}: the unit is h, d or y, e.g. 365d")),
+    };
+    if !(1..=10 * 365 * 24).contains(&hours) {
+        return Err(format!("{s:?}: between 1h and 10y"));
+    }
+    Ok(std::time::Duration::from_secs(hours * 3600))
+}
+
+#[derive(Debug, Args)]
+pub struct KubeconfigArgs {
+    /// The user (the certificate's CN, what RBAC sees as the user name).
+    #[arg(long, default_value = "kiln-admin")]
+    pub user: String,
+    /// The group (the certificate's O, what RBAC sees as the user's group); `system:masters`
+    /// is cluster-admin. Bind other groups with a (Cluster)RoleBinding.
+    #[arg(long, default_value = "system:masters")]
+    pub group: String,
+    /// How long the certificate is valid: `<n>h`, `<n>d` or `<n>y` (at most 10y).
+    #[arg(long, default_value = "365d", value_parser = parse_validity)]
+    pub expires: std::time::Duration,
+    /// The API server URL [default: https://<api_endpoint>:6443].
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Write this file (replaced atomically, mode 0600) instead of printing.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Generate SSH, image-signing and sealed-secrets keys and the k3s token.
@@ -354,6 +400,19 @@ pub enum KeysCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// Print known_hosts lines for the inventory's nodes: the SSH host keys kiln derives from
+    /// keys/node-identity.key, the same on every boot, build and reflash of a node.
+    ///
+    /// One line per node: its hostname, its FQDN when the cluster has a `domain`, and its
+    /// address when it is static. Append them to ~/.ssh/known_hosts once; reflashing a node
+    /// never changes them.
+    KnownHosts {
+        /// Hostnames from the inventory [default: every node].
+        hostnames: Vec<String>,
+        /// Write this file (replaced atomically) instead of printing.
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
     },
 }
 

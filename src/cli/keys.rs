@@ -1,6 +1,6 @@
-//! `kiln keys init|show`, `kiln seal`, `kiln unseal`.
+//! `kiln keys init|show|known-hosts`, `kiln kubeconfig`, `kiln seal`, `kiln unseal`.
 
-use super::args::{KeysCommand, SealArgs, UnsealArgs};
+use super::args::{KeysCommand, KubeconfigArgs, SealArgs, UnsealArgs};
 use super::{print_json, read_input, Ctx};
 use crate::project::layout::key;
 use crate::sys::util;
@@ -44,7 +44,68 @@ pub(crate) fn keys(cx: &Ctx, k: &KeysCommand) -> Result<()> {
             }
             Ok(())
         }
+        KeysCommand::KnownHosts { hostnames, output } => {
+            let project = cx.project()?;
+            let nodes = project.nodes(hostnames)?;
+            let secret = crate::pipeline::resolve::read_node_identity(&project)?;
+            let text = crate::trust::identity::known_hosts(
+                &secret,
+                &project.cluster.section.name,
+                project.cluster.section.domain.as_deref(),
+                &nodes,
+            );
+            match output {
+                Some(p) => util::write_output(p, text.as_bytes(), 0o644)?,
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
     }
+}
+
+pub(crate) fn kubeconfig(cx: &Ctx, a: &KubeconfigArgs) -> Result<()> {
+    use crate::pipeline::resolve::read_key_file;
+    use crate::trust::k3s_ca;
+    let project = cx.project()?;
+    let server = match &a.server {
+        Some(s) => s.clone(),
+        None => project.cluster.server_url().ok_or_else(|| {
+            crate::project::recipe::RecipeError::new(
+                project.layout().cluster_file(),
+                "cluster.api_endpoint",
+                "no API endpoint: cluster.toml sets no api_endpoint and no master has a static address",
+                "set api_endpoint (the VIP or a master's address), or pass --server https://<host>:6443",
+            )
+        })?,
+    };
+    let fix = "run `kiln keys init --add-missing` to make the cluster's k3s CAs";
+    let read = |n: &str| read_key_file(&project, n, "(k3s CA)", fix);
+    let ca = read(k3s_ca::SERVER_CA_CRT)?;
+    let client_crt = String::from_utf8_lossy(&read(k3s_ca::CLIENT_CA_CRT)?).into_owned();
+    let client_key = zeroize::Zeroizing::new(
+        String::from_utf8_lossy(&read(k3s_ca::CLIENT_CA_KEY)?).into_owned(),
+    );
+    let (crt, key) = k3s_ca::client_certificate(
+        &client_crt,
+        &client_key,
+        &a.user,
+        &a.group,
+        std::time::SystemTime::now(),
+        a.expires,
+    )?;
+    let key = zeroize::Zeroizing::new(key);
+    let text = zeroize::Zeroizing::new(k3s_ca::kubeconfig(
+        &project.cluster.section.name,
+        &server,
+        &ca,
+        &crt,
+        &key,
+    ));
+    match &a.output {
+        Some(p) => util::write_output(p, text.as_bytes(), 0o600)?,
+        None => print!("{}", text.as_str()),
+    }
+    Ok(())
 }
 
 /// Prints [`keys::permission_warnings`] on stderr (stdout stays the report, also for --json).

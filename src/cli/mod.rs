@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Seal(a) => keys::seal(&cx, a),
         Command::Unseal(a) => keys::unseal(&cx, a),
         Command::Seed(a) => seed::seed(&cx, a),
+        Command::Kubeconfig(a) => keys::kubeconfig(&cx, a),
         Command::Verify(a) => verify::verify(&cx, a),
         Command::Bench(a) => bench::bench(&cx, a),
         Command::Cache(c) => cache::cache(&cx, c),

@@ -96,6 +96,8 @@ pub fn unit_dropin(mode: K3sMode) -> String {
     );
     if mode.is_server() {
         s.push_str("ConditionPathExists=/etc/rancher/k3s/config.yaml.d/50-kiln-node.yaml\n");
+        // The cluster's CAs before the first start (the script does nothing without them).
+        s.push_str(&format!("\n[Service]\nExecStartPre=/{CA_SCRIPT}\n"));
     }
     s
 }
@@ -295,6 +297,10 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
         add_registries(&mut l, project, r)?;
     }
     if mode.is_server() {
+        let image = k.token_delivery == crate::project::recipe::TokenDelivery::Image;
+        add_ca(&mut l, project, image)?;
+    }
+    if mode.is_server() {
         add_manifests(&mut l, project, recipe)?;
         if let Some(ss) = &project.cluster.sealed_secrets {
             add_sealed_secrets(&mut l, project, ss, fetched)?;
@@ -302,6 +308,42 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
         add_charts(&mut l, project, recipe, fetched)?;
     }
     Ok(l)
+}
+
+/// Where a master image keeps the cluster's CAs until [`CA_SCRIPT`] installs them.
+pub const CA_DIR: &str = "usr/lib/kiln/k3s-ca";
+/// The ExecStartPre of `k3s.service` that installs them before the cluster's first start.
+pub const CA_SCRIPT: &str = "usr/lib/kiln/kiln-k3s-ca";
+
+/// The script that hands the cluster's CAs to k3s before its first start, and with `in_image`
+/// the CAs themselves (a server image's secrets; else they come in the server's seed).
+fn add_ca(l: &mut Layer, project: &Project, in_image: bool) -> Result<()> {
+    let mut list = String::new();
+    for (f, seed_name) in crate::trust::k3s_ca::FILES
+        .iter()
+        .zip(crate::trust::k3s_ca::SEED_FILES)
+    {
+        let mode = if f.private { 0o600 } else { 0o644 };
+        // (The initramfs copies a seed's kiln-* files without the prefix.)
+        let from_seed = seed_name.trim_start_matches("kiln-");
+        list.push_str(&format!("{} {from_seed} {mode:04o}\n", f.tls_path));
+    }
+    let script = include_str!("assets/kiln-k3s-ca.sh").replace("@FILES@\n", &list);
+    l.entries
+        .insert(CA_SCRIPT.into(), Upper::file(script, 0o755, ORIGIN));
+    if in_image {
+        l.entries.insert(CA_DIR.into(), Upper::Dir);
+        l.entries.insert(format!("{CA_DIR}/etcd"), Upper::Dir);
+        for (f, bytes) in crate::pipeline::resolve::read_k3s_ca(project)? {
+            let mode = if f.private { 0o600 } else { 0o644 };
+            l.entries.insert(
+                format!("{CA_DIR}/{}", f.tls_path),
+                Upper::file(bytes, mode, &format!("keys/{}", f.key_name)),
+            );
+        }
+        l.contains_secrets = true;
+    }
+    Ok(())
 }
 
 /// Where the layer's own entries say they come from.

@@ -70,7 +70,7 @@ pub fn plan<'a>(project: &Project, roles: &'a [Resolved]) -> Result<Vec<PlannedN
     let mut out = Vec::new();
     for r in roles {
         for n in r.cluster.nodes.iter().filter(|n| n.role == r.role) {
-            let s = seed::render(project, n, &r.build_id, r.recipe.k3s.mode.runs_k3s(), &keys)?;
+            let s = seed::render(project, n, &r.build_id, r.recipe.k3s.mode, &keys)?;
             out.push(PlannedNode {
                 node: n,
                 role: &r.role,
@@ -122,9 +122,13 @@ fn prune_departed(project: &Project, out_dir: &Path) -> Result<()> {
 }
 
 /// Content address of a node build.
+/// node.json's `schema`; part of the node id, so a new node.json layout makes new node builds.
+/// 2: `cluster_secrets`, the identity files in the seed.
+const NODE_SCHEMA: &str = "kiln.node/2";
+
 fn node_id(node: &Node, rep: &BuildReport, disk_sha: &str, s: &Seed) -> Result<String> {
     let v = serde_json::json!({
-        "schema": "kiln.node/1",
+        "schema": NODE_SCHEMA,
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "hostname": node.hostname,
         "role": rep.role,
@@ -155,8 +159,9 @@ fn build_node(
         "manifest",
     )?)
     .context("parsing the role manifest")?;
-    let contains_secrets =
-        manifest["contains_secrets"].as_bool().unwrap_or(true) || s.contains_secrets;
+    let role_secrets = manifest["contains_secrets"].as_bool().unwrap_or(true);
+    let contains_secrets = role_secrets || s.contains_secrets;
+    let cluster_secrets = role_secrets || s.cluster_secrets;
 
     let _lock = build::lock_out(&opts.out_dir)?;
     let nodes = nodes_dir(&opts.out_dir);
@@ -173,6 +178,7 @@ fn build_node(
             id: &id,
             disk_sha: &disk_sha,
             contains_secrets,
+            cluster_secrets,
         };
         write_node(project, node, rep, s, &ident, &final_dir)?;
     }
@@ -195,7 +201,11 @@ fn build_node(
 struct Identity<'a> {
     id: &'a str,
     disk_sha: &'a str,
+    /// The outputs hold secrets (always: the node's identity): they are made private.
     contains_secrets: bool,
+    /// The role build or the seed holds a secret of the whole cluster (the k3s token, a
+    /// master's keys): `kiln serve --refuse-secret-builds` does not serve them.
+    cluster_secrets: bool,
 }
 
 /// Stages a node's outputs next to `final_dir` and publishes them there.
@@ -211,6 +221,7 @@ fn write_node(
         id,
         disk_sha,
         contains_secrets,
+        cluster_secrets,
     } = *ident;
     let by_id = final_dir.parent().context("node dir has no parent")?;
     let role_disk = rep.dir.join("disk.raw");
@@ -244,7 +255,7 @@ fn write_node(
         .map(|k| crate::trust::identity::ssh_fingerprint(k))
         .unwrap_or_default();
     let node_json = serde_json::json!({
-        "schema": "kiln.node/1",
+        "schema": NODE_SCHEMA,
         "hostname": node.hostname,
         "role": rep.role,
         "cluster": project.cluster.section.name,
@@ -255,6 +266,7 @@ fn write_node(
         "role_disk_sha256": disk_sha,
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "contains_secrets": contains_secrets,
+        "cluster_secrets": cluster_secrets,
         "inventory": node,
         "seed_templates": s.sources,
         "artifacts": &artifacts,

@@ -38,8 +38,53 @@ pub fn read_key_file(project: &Project, name: &str, key: &str, fix: &str) -> Res
         .map_err(|e| recipe::RecipeError::new(&p, key, format!("cannot read: {e:#}"), fix).into())
 }
 
-/// Reads the k3s token for a role that runs k3s.
+/// The k3s token every node of the cluster is given: k3s's secure form
+/// `K10<sha256 of keys/k3s-server-ca.crt>::server:<keys/k3s-token>`, so agents and joining
+/// servers pin the cluster's server CA (see [`crate::trust::k3s_ca`]).
 pub fn read_token(project: &Project) -> Result<String> {
+    let secret = read_token_secret(project)?;
+    let ca = read_key_file(
+        project,
+        crate::trust::k3s_ca::SERVER_CA_CRT,
+        "(k3s server CA)",
+        "run `kiln keys init --add-missing` to make the cluster's k3s CAs (before the cluster's first start: k3s takes custom CAs only then)",
+    )?;
+    Ok(crate::trust::k3s_ca::secure_token(&ca, &secret))
+}
+
+/// The cluster's k3s CA files from `keys/` (see [`crate::trust::k3s_ca::FILES`]), each
+/// checked to be PEM of the expected kind.
+pub fn read_k3s_ca(project: &Project) -> Result<Vec<(crate::trust::k3s_ca::CaFile, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for f in crate::trust::k3s_ca::FILES {
+        let b = read_key_file(
+            project,
+            f.key_name,
+            "(k3s CA)",
+            "run `kiln keys init --add-missing` to make the cluster's k3s CAs, or restore the file from your backup of keys/",
+        )?;
+        let text = String::from_utf8_lossy(&b);
+        let want = if f.private {
+            "PRIVATE KEY-----"
+        } else {
+            "-----BEGIN CERTIFICATE-----"
+        };
+        if !text.contains(want) {
+            return Err(recipe::RecipeError::new(
+                project.layout().key(f.key_name),
+                "(k3s CA)",
+                format!("not a PEM {}", if f.private { "private key" } else { "certificate" }),
+                "restore the file from your backup of keys/ (k3s takes its CAs only at the cluster's first start)",
+            )
+            .into());
+        }
+        out.push((f, b));
+    }
+    Ok(out)
+}
+
+/// The secret part of the k3s token (`keys/k3s-token`).
+fn read_token_secret(project: &Project) -> Result<String> {
     let p = token_path(project);
     let t = read_key_file(
         project,
@@ -267,6 +312,15 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
                 "k3s-token".to_string(),
                 secret_fingerprint("k3s-token", token.as_bytes()),
             );
+            if recipe.k3s.mode.is_server() {
+                let mut all = Vec::new();
+                for (f, bytes) in read_k3s_ca(project)? {
+                    all.extend_from_slice(f.key_name.as_bytes());
+                    all.push(0);
+                    all.extend_from_slice(&bytes);
+                }
+                secrets.insert("k3s-ca".to_string(), secret_fingerprint("k3s-ca", &all));
+            }
         }
     }
     for m in &recipe.k3s.manifests {

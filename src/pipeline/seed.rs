@@ -44,8 +44,12 @@ pub struct Seed {
     pub files: BTreeMap<String, String>,
     /// Where each file's template came from (`overlays/…` or `built-in`).
     pub sources: BTreeMap<String, String>,
-    /// The seed carries the k3s token (`token_delivery = "seed"`): keep it private.
+    /// The seed carries secrets: always, since every seed holds its node's identity (SSH host
+    /// key, k3s node password); its files are private (0600).
     pub contains_secrets: bool,
+    /// The seed also carries a secret of the whole cluster: the k3s token
+    /// (`token_delivery = "seed"`). `kiln serve --refuse-secret-builds` refuses such seeds.
+    pub cluster_secrets: bool,
 }
 
 impl Seed {
@@ -54,6 +58,7 @@ impl Seed {
         FILES
             .iter()
             .chain(IDENTITY_FILES.iter())
+            .chain(crate::trust::k3s_ca::SEED_FILES.iter())
             .filter_map(|n| self.files.get(*n).map(|c| (*n, c.as_bytes())))
             .collect()
     }
@@ -167,9 +172,10 @@ pub fn render(
     project: &Project,
     node: &Node,
     build_id: &str,
-    k3s: bool,
+    mode: crate::project::recipe::K3sMode,
     authorized_keys: &[String],
 ) -> Result<Seed> {
+    let k3s = mode.runs_k3s();
     let iid = instance_id(build_id, &node.hostname);
     let token = match &project.cluster.k3s {
         Some(kc) if k3s && kc.token_delivery == crate::project::recipe::TokenDelivery::Seed => {
@@ -278,13 +284,28 @@ pub fn render(
             "kiln (derived from keys/node-identity.key)".to_string(),
         );
     }
+    // A server whose token comes by seed gets the cluster's CAs the same way (its image
+    // carries none), for kiln-k3s-ca to hand to k3s before the first start.
+    if token.is_some() && mode.is_server() {
+        for ((f, bytes), name) in crate::pipeline::resolve::read_k3s_ca(project)?
+            .into_iter()
+            .zip(crate::trust::k3s_ca::SEED_FILES)
+        {
+            files.insert(
+                name.to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            );
+            sources.insert(name.to_string(), format!("keys/{}", f.key_name));
+        }
+    }
     Ok(Seed {
         instance_id: iid,
         files,
         sources,
-        // The node password and the SSH host key are secrets of this node (the token too,
-        // when the seed carries it).
+        // The node password and the SSH host key are secrets of this node; the token, when
+        // the seed carries it, is one of the cluster.
         contains_secrets: true,
+        cluster_secrets: token.is_some(),
     })
 }
 
@@ -581,14 +602,7 @@ pub fn render_nodes<'p>(
     project: &'p Project,
     hostnames: &[String],
 ) -> Result<Vec<(&'p Node, Seed)>> {
-    let nodes: Vec<&Node> = if hostnames.is_empty() {
-        project.cluster.nodes.iter().collect()
-    } else {
-        hostnames
-            .iter()
-            .map(|h| project.node(h))
-            .collect::<Result<_, _>>()?
-    };
+    let nodes = project.nodes(hostnames)?;
     let keys = authorized_keys(project)?;
     let mut by_role = BTreeMap::new();
     let mut seeds = Vec::new();
@@ -600,7 +614,7 @@ pub fn render_nodes<'p>(
             );
         }
         let r = &by_role[&n.role];
-        let s = render(project, n, &r.build_id, r.recipe.k3s.mode.runs_k3s(), &keys)?;
+        let s = render(project, n, &r.build_id, r.recipe.k3s.mode, &keys)?;
         seeds.push((n, s));
     }
     Ok(seeds)

@@ -36,7 +36,16 @@ WantedBy=multi-user.target
 
 /// The initramfs-tools init-bottom script: identity from the seed into /run/kiln/identity and
 /// /etc/machine-id, before PID 1.
-pub const INITRAMFS_SCRIPT: &str = include_str!("assets/initramfs/init-bottom-kiln-identity");
+const INITRAMFS_SCRIPT_TEMPLATE: &str = include_str!("assets/initramfs/init-bottom-kiln-identity");
+
+/// The initramfs script: the template with the names of a server seed's CA files.
+pub fn initramfs_script() -> String {
+    let ca: Vec<&str> = crate::trust::k3s_ca::SEED_FILES
+        .iter()
+        .map(|n| n.trim_start_matches("kiln-"))
+        .collect();
+    INITRAMFS_SCRIPT_TEMPLATE.replace("@CA_FILES@", &ca.join(" "))
+}
 
 /// The initramfs-tools hook adding what that script needs (FAT/ISO modules, blkid).
 pub const INITRAMFS_HOOK: &str = include_str!("assets/initramfs/hook-kiln-identity");
@@ -171,7 +180,7 @@ pub fn initramfs_customize_hook() -> String {
     let q = crate::sys::util::shell_quote;
     format!(
         "if [ -d \"$1/etc/initramfs-tools\" ]; then install -d \"$1/etc/initramfs-tools/scripts/init-bottom\" \"$1/etc/initramfs-tools/hooks\" && printf %s {} > \"$1/etc/initramfs-tools/scripts/init-bottom/kiln-identity\" && printf %s {} > \"$1/etc/initramfs-tools/hooks/kiln-identity\" && chmod 0755 \"$1/etc/initramfs-tools/scripts/init-bottom/kiln-identity\" \"$1/etc/initramfs-tools/hooks/kiln-identity\"; fi",
-        q(INITRAMFS_SCRIPT),
+        q(&initramfs_script()),
         q(INITRAMFS_HOOK)
     )
 }
@@ -197,7 +206,7 @@ mod tests {
     fn shell_scripts_parse() {
         for (name, s) in [
             ("kiln-data", DATA_SCRIPT),
-            ("init-bottom", INITRAMFS_SCRIPT),
+            ("init-bottom", initramfs_script().as_str()),
             ("hook", INITRAMFS_HOOK),
             ("longhorn", LONGHORN_SCRIPT),
         ] {
@@ -234,10 +243,11 @@ mod tests {
         );
         std::fs::create_dir_all(d.path().join("etc/initramfs-tools")).unwrap();
         run();
+        let script = initramfs_script();
         for (rel, text) in [
             (
                 "etc/initramfs-tools/scripts/init-bottom/kiln-identity",
-                INITRAMFS_SCRIPT,
+                script.as_str(),
             ),
             ("etc/initramfs-tools/hooks/kiln-identity", INITRAMFS_HOOK),
         ] {

@@ -5,7 +5,7 @@
 use super::error::{RecipeError, Result};
 use super::files::{parse_toml, validate_pinned, Pinned};
 use super::layout::Layout;
-use super::names::is_dns_label;
+use super::names::{self, is_dns_label};
 use super::names::{disk_path_problem, domain_problem, MAX_DNS_NAME};
 use super::net::{dns_server_problem, host_address_problem, parse_cidr, Cidr4};
 use serde::{Deserialize, Serialize};
@@ -384,6 +384,14 @@ impl Project {
             })
     }
 
+    /// The nodes named `hostnames` (in that order), or every node when it is empty.
+    pub fn nodes(&self, hostnames: &[String]) -> Result<Vec<&Node>> {
+        if hostnames.is_empty() {
+            return Ok(self.cluster.nodes.iter().collect());
+        }
+        hostnames.iter().map(|h| self.node(h)).collect()
+    }
+
     /// `roles`, or when empty every role that has a recipe file.
     pub fn roles_or_all(&self, roles: &[String]) -> Vec<String> {
         if !roles.is_empty() {
@@ -738,6 +746,57 @@ fn check_disks(path: &Path, i: usize, n: &mut Node) -> Result<()> {
     }
     for (d, m) in n.disks.iter_mut().zip(mounts) {
         d.mount = m;
+    }
+    Ok(())
+}
+
+/// The checks of `[[nodes.disks]]` that need the role's recipe, for every node of `role`:
+/// Longhorn disks only on a role that runs k3s (Longhorn runs on k3s nodes), and no Longhorn
+/// mount point equal to, inside, or holding one of the role's persistent paths (a bind mount
+/// from the data partition and a disk mount on one path would hide one another).
+pub fn check_disks_for_role(
+    project: &Project,
+    role: &str,
+    runs_k3s: bool,
+    persist: &[String],
+) -> Result<()> {
+    let path = project.layout().cluster_file();
+    for (i, n) in project.cluster.nodes.iter().enumerate() {
+        if n.role != role {
+            continue;
+        }
+        for (j, (d, m)) in n.disks.iter().zip(disk_mounts(n)).enumerate() {
+            if d.use_ != DiskUse::Longhorn {
+                continue;
+            }
+            let host = &n.hostname;
+            if !runs_k3s {
+                return Err(RecipeError::new(
+                    &path,
+                    node_key(i, &format!("disks[{j}].use")),
+                    format!("node {host:?}: a Longhorn disk on role {role:?}, which does not run k3s (Longhorn runs on k3s nodes)"),
+                    format!("make the disk `use = \"data\"`, give the node a role that runs k3s, or set [k3s] mode in recipes/{role}.toml"),
+                ));
+            }
+            let m = m.as_deref().unwrap_or_default();
+            for p in persist {
+                let clash = if p == m {
+                    "is"
+                } else if names::path_is_within(m, p) {
+                    "is inside"
+                } else if names::path_is_within(p, m) {
+                    "holds"
+                } else {
+                    continue;
+                };
+                return Err(RecipeError::new(
+                    &path,
+                    node_key(i, &format!("disks[{j}].mount")),
+                    format!("node {host:?}: the Longhorn disk's mount {m:?} {clash} the persistent path {p:?} of role {role:?} ([persist] paths)"),
+                    "mount Longhorn disks outside the persistent paths, e.g. under /var/lib/longhorn-disks (the default); Longhorn's own /var/lib/longhorn lives on the data partition",
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -379,6 +379,7 @@ pub fn load_role(project: &Project, role: &str) -> Result<Recipe> {
     }
     let mode = check_k3s_role(project, role, &cluster_file, &role_path, &merged)?;
     let persist = merged.persist_paths(mode, &role_path)?;
+    crate::project::inventory::check_disks_for_role(project, role, mode.runs_k3s(), &persist)?;
     let chain = chain.into_iter().map(|l| l.name).collect();
     let mut recipe = merged.into_recipe(role, chain, &project.cluster.section.suite, variant, mode);
     recipe.persist.paths = persist;

@@ -106,9 +106,12 @@ pub enum PxeFirmware<'a> {
     Uefi { vars: &'a Path },
 }
 
+/// The virtio serial of the PXE guests' disk: `/dev/disk/by-id/virtio-kiln-pxe-disk` in the guest.
+pub const PXE_DISK_SERIAL: &str = "kiln-pxe-disk";
+
 /// qemu's arguments (without the program: the caller may run it inside a network namespace)
-/// for a diskless PXE boot under TCG: 2 GiB, the serial console on stdout, an empty `disk`, one
-/// e1000 NIC with `mac` on the tap device `tap`.
+/// for a diskless PXE boot under TCG: 2 GiB, the serial console on stdout, an empty `disk`
+/// (virtio, serial [`PXE_DISK_SERIAL`]), one e1000 NIC with `mac` on the tap device `tap`.
 pub fn pxe_args(firmware: PxeFirmware, disk: &Path, tap: &str, mac: &str) -> Vec<String> {
     let mut a: Vec<String> = [
         "qemu-system-x86_64",
@@ -147,7 +150,9 @@ pub fn pxe_args(firmware: PxeFirmware, disk: &Path, tap: &str, mac: &str) -> Vec
     };
     a.extend([
         "-drive".into(),
-        format!("file={},if=virtio,format=raw", disk.display()),
+        format!("file={},if=none,id=d0,format=raw", disk.display()),
+        "-device".into(),
+        format!("virtio-blk-pci,drive=d0,serial={PXE_DISK_SERIAL}"),
         "-netdev".into(),
         format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
         "-device".into(),
@@ -160,8 +165,20 @@ pub fn pxe_args(firmware: PxeFirmware, disk: &Path, tap: &str, mac: &str) -> Vec
 /// `marker` appears; kills the process then. Fails (with the console tail) if the process exits
 /// or `timeout` passes first.
 pub fn wait_for_marker(
+    cmd: Command,
+    marker: &str,
+    timeout: Duration,
+    log: &Path,
+) -> Result<Booted> {
+    wait_for_marker_then_kill(cmd, marker, Duration::ZERO, timeout, log)
+}
+
+/// [`wait_for_marker`] that lets the machine run on for `after` once the marker appeared
+/// (its console still copied to `log`), then kills it: a power cut at a chosen moment.
+pub fn wait_for_marker_then_kill(
     mut cmd: Command,
     marker: &str,
+    after: Duration,
     timeout: Duration,
     log: &Path,
 ) -> Result<Booted> {
@@ -223,10 +240,21 @@ pub fn wait_for_marker(
             Ok(Some(line)) => {
                 let _ = logf.write_all(line.as_bytes());
                 if line.contains(marker) {
-                    break Ok(Booted {
+                    let booted = Booted {
                         elapsed: start.elapsed(),
                         line: line.trim().to_string(),
-                    });
+                    };
+                    let until = Instant::now() + after;
+                    while let Some(left) = until.checked_duration_since(Instant::now()) {
+                        match rx.recv_timeout(left) {
+                            Ok(Some(l)) => {
+                                let _ = logf.write_all(l.as_bytes());
+                            }
+                            Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        }
+                    }
+                    break Ok(booted);
                 }
                 tail.push_back(line);
                 if tail.len() > 40 {
@@ -276,7 +304,8 @@ mod tests {
         assert_eq!(
             bios.join(" "),
             "qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -nographic -no-reboot -serial stdio \
-             -monitor none -boot n -drive file=/t/d.raw,if=virtio,format=raw -netdev \
+             -monitor none -boot n -drive file=/t/d.raw,if=none,id=d0,format=raw -device \
+             virtio-blk-pci,drive=d0,serial=kiln-pxe-disk -netdev \
              tap,id=n0,ifname=tap0,script=no,downscript=no -device \
              e1000,netdev=n0,mac=52:54:00:00:00:21,romfile=/usr/lib/ipxe/qemu/pxe-e1000.rom"
         );
@@ -293,7 +322,8 @@ mod tests {
                 "qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -nographic -no-reboot -serial stdio \
                  -monitor none -drive if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE} \
                  -drive if=pflash,format=raw,unit=1,file=/t/vars.fd \
-                 -drive file=/t/d.raw,if=virtio,format=raw -netdev \
+                 -drive file=/t/d.raw,if=none,id=d0,format=raw -device \
+                 virtio-blk-pci,drive=d0,serial=kiln-pxe-disk -netdev \
                  tap,id=n0,ifname=tap0,script=no,downscript=no -device \
                  e1000,netdev=n0,mac=52:54:00:77:00:01,romfile=/usr/lib/ipxe/qemu/efi-e1000.rom,bootindex=1"
             )

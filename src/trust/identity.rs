@@ -2,8 +2,8 @@
 //!
 //! A node keeps the same identity on every boot, every build and after every reflash because
 //! nothing about it is random on the node: kiln derives it from the secret, the cluster name and
-//! the hostname, and delivers it in the node's seed (`kiln/` in the NoCloud volume, see
-//! `pipeline::seed`). Each value is HMAC-SHA256 keyed with the 32-byte secret over a message
+//! the hostname, and delivers it in the node's seed (the `kiln-*` files of the NoCloud volume,
+//! see `pipeline::seed::IDENTITY_FILES`). Each value is HMAC-SHA256 keyed with the 32-byte secret over a message
 //! that names its purpose, the cluster and the host:
 //!
 //! ```text
@@ -118,6 +118,32 @@ pub fn derive(secret: &[u8; 32], cluster: &str, hostname: &str) -> NodeIdentity 
 /// secret) is recognised and refused. Public: it reveals neither the secret nor any node's values.
 pub fn data_owner(secret: &[u8; 32], cluster: &str) -> String {
     hex::encode(*prf(secret, "data-owner", &[cluster]))
+}
+
+/// `known_hosts` lines (sshd(8) "SSH_KNOWN_HOSTS FILE FORMAT") for `nodes` of `cluster`: per
+/// node its hostname, `<hostname>.<domain>` when the cluster has a domain, and its address
+/// when static, then its derived Ed25519 host key, in inventory order.
+pub fn known_hosts(
+    secret: &[u8; 32],
+    cluster: &str,
+    domain: Option<&str>,
+    nodes: &[&crate::project::inventory::Node],
+) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        let mut names = vec![n.hostname.clone()];
+        if let Some(d) = domain.filter(|d| !d.is_empty()) {
+            names.push(format!("{}.{d}", n.hostname));
+        }
+        if let Some((ip, _)) = n.address.split_once('/') {
+            names.push(ip.to_string());
+        }
+        let key = derive(secret, cluster, &n.hostname).ssh_host_key_pub;
+        // The key type and base64 blob, without the comment.
+        let key: Vec<&str> = key.split_whitespace().take(2).collect();
+        out.push_str(&format!("{} {}\n", names.join(","), key.join(" ")));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -276,5 +302,70 @@ mod tests {
         let out = String::from_utf8_lossy(&o.stdout);
         let key = |l: &str| l.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
         assert_eq!(key(&out), key(&n.ssh_host_key_pub));
+    }
+
+    #[test]
+    fn known_hosts_lines_are_found_by_ssh_keygen() {
+        let node = |h: &str, address: &str| crate::project::inventory::Node {
+            hostname: h.into(),
+            mac: "52:54:00:00:00:01".into(),
+            role: "worker".into(),
+            address: address.into(),
+            gateway: None,
+            dns: vec![],
+            disk: None,
+            disks: vec![],
+        };
+        let (a, b) = (node("master-1", "10.0.0.11/24"), node("worker-1", "dhcp"));
+        let text = known_hosts(&SECRET, "homelab", Some("lab.example"), &[&a, &b]);
+        let key = |h: &str| {
+            derive(&SECRET, "homelab", h)
+                .ssh_host_key_pub
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            text,
+            format!(
+                "master-1,master-1.lab.example,10.0.0.11 {}\nworker-1,worker-1.lab.example {}\n",
+                key("master-1"),
+                key("worker-1")
+            )
+        );
+        if std::process::Command::new("ssh-keygen")
+            .arg("-?")
+            .output()
+            .is_err()
+        {
+            println!("SKIP: ssh-keygen is not installed (apt-get install openssh-client)");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("known_hosts");
+        std::fs::write(&p, &text).unwrap();
+        for (host, want) in [
+            ("master-1", "master-1"),
+            ("10.0.0.11", "master-1"),
+            ("worker-1.lab.example", "worker-1"),
+        ] {
+            let o = std::process::Command::new("ssh-keygen")
+                .args(["-F", host, "-f"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{host} not found: {text}");
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains(&key(want)),
+                "{host}"
+            );
+        }
+        let o = std::process::Command::new("ssh-keygen")
+            .args(["-F", "worker-2", "-f"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "an unknown host was found");
     }
 }

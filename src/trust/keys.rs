@@ -145,6 +145,9 @@ pub struct KeyPaths {
     pub module_signing_cert: PathBuf,
     /// The node-identity secret, hex (0600).
     pub node_identity: PathBuf,
+    /// The cluster's k3s CAs and service-account key, in [`crate::trust::k3s_ca::FILES`]
+    /// order (keys 0600, certificates 0644).
+    pub k3s_ca: Vec<PathBuf>,
     /// `.gitignore` keeping private files out of git.
     pub gitignore: PathBuf,
 }
@@ -165,36 +168,53 @@ impl KeyPaths {
             module_signing_key: dir.join(key::MODULE_SIGNING_KEY),
             module_signing_cert: dir.join(key::MODULE_SIGNING_CRT),
             node_identity: dir.join(key::NODE_IDENTITY_KEY),
+            k3s_ca: crate::trust::k3s_ca::FILES
+                .iter()
+                .map(|f| dir.join(f.key_name))
+                .collect(),
             gitignore: dir.join(key::GITIGNORE),
         }
     }
 
+    /// The k3s CA files that are private (`private`) or public.
+    fn k3s_ca_files(&self, private: bool) -> impl Iterator<Item = &Path> {
+        crate::trust::k3s_ca::FILES
+            .iter()
+            .zip(&self.k3s_ca)
+            .filter(move |(f, _)| f.private == private)
+            .map(|(_, p)| p.as_path())
+    }
+
     /// Files that must be mode 0600 and never enter git.
-    pub fn private_files(&self) -> [&Path; 6] {
-        [
+    pub fn private_files(&self) -> Vec<&Path> {
+        let mut v: Vec<&Path> = vec![
             &self.ssh_private,
             &self.signing_private,
             &self.sealed_secrets_key,
             &self.k3s_token,
             &self.module_signing_key,
             &self.node_identity,
-        ]
+        ];
+        v.extend(self.k3s_ca_files(true));
+        v
     }
 
     /// Public files (mode 0644, safe to commit), `.gitignore` excluded.
-    pub fn public_files(&self) -> [&Path; 5] {
-        [
+    pub fn public_files(&self) -> Vec<&Path> {
+        let mut v: Vec<&Path> = vec![
             &self.ssh_public,
             &self.authorized_keys,
             &self.signing_public,
             &self.sealed_secrets_cert,
             &self.module_signing_cert,
-        ]
+        ];
+        v.extend(self.k3s_ca_files(false));
+        v
     }
 
     /// The generated files by key: each group is written together or not at all (see
     /// [`add_missing`]).
-    fn groups(&self) -> [(&'static str, Vec<&Path>); 6] {
+    fn groups(&self) -> [(&'static str, Vec<&Path>); 7] {
         [
             (
                 "ssh",
@@ -211,12 +231,13 @@ impl KeyPaths {
                 vec![&self.module_signing_key, &self.module_signing_cert],
             ),
             ("node-identity", vec![&self.node_identity]),
+            ("k3s-ca", self.k3s_ca.iter().map(PathBuf::as_path).collect()),
         ]
     }
 
     /// Every file `init` generates (`.gitignore` excluded: it is only written when missing).
     pub fn generated_files(&self) -> Vec<&Path> {
-        let mut v: Vec<&Path> = self.private_files().to_vec();
+        let mut v: Vec<&Path> = self.private_files();
         v.extend(self.public_files());
         v
     }
@@ -256,6 +277,8 @@ struct Material {
     module_key: String,
     module_cert_pem: String,
     node_identity: String,
+    /// `keys/` name → PEM, in [`crate::trust::k3s_ca::FILES`] order.
+    k3s_ca: Vec<(&'static str, String)>,
 }
 
 /// Creates every key file in `keys_dir` (created if missing) for cluster `cluster_name`.
@@ -360,7 +383,18 @@ fn write_material(
         (&paths.module_signing_cert, &m.module_cert_pem, 0o644),
         (&paths.node_identity, &m.node_identity, 0o600),
     ];
-    for (path, content, mode) in files {
+    let ca = crate::trust::k3s_ca::FILES
+        .iter()
+        .zip(&paths.k3s_ca)
+        .zip(&m.k3s_ca)
+        .map(|((f, p), (_, pem))| {
+            (
+                p.as_path(),
+                pem.as_str(),
+                if f.private { 0o600 } else { 0o644 },
+            )
+        });
+    for (path, content, mode) in files.into_iter().chain(ca) {
         if !select(path) {
             continue;
         }
@@ -440,6 +474,7 @@ fn generate(cluster_name: &str, rsa_bits: usize) -> Result<Material> {
         module_key,
         module_cert_pem,
         node_identity: format!("{}\n", hex::encode(identity.as_ref())),
+        k3s_ca: crate::trust::k3s_ca::generate(SystemTime::now())?,
     })
 }
 
@@ -613,7 +648,7 @@ pub fn permission_warnings(keys_dir: &Path) -> Vec<String> {
 pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
     let paths = KeyPaths::new(keys_dir);
     let mut out = Vec::new();
-    let entries: [(&Path, Describe); 11] = [
+    let mut entries: Vec<(&Path, Describe)> = vec![
         (&paths.ssh_private, describe_ssh_private),
         (&paths.ssh_public, describe_ssh_public),
         (&paths.authorized_keys, describe_authorized_keys),
@@ -626,6 +661,16 @@ pub fn show(keys_dir: &Path) -> Result<Vec<KeyInfo>> {
         (&paths.module_signing_cert, describe_cert),
         (&paths.node_identity, describe_node_identity),
     ];
+    for (f, p) in crate::trust::k3s_ca::FILES.iter().zip(&paths.k3s_ca) {
+        let d: Describe = if !f.private {
+            describe_cert
+        } else if f.key_name == "k3s-service.key" {
+            describe_service_key
+        } else {
+            describe_ca_key
+        };
+        entries.push((p.as_path(), d));
+    }
     for (path, describe) in entries {
         let name = path
             .file_name()
@@ -883,15 +928,43 @@ fn describe_rsa_private(bytes: &[u8]) -> Result<(String, String)> {
     ))
 }
 
+/// A k3s CA's private key (ECDSA P-256, PKCS#8 PEM): its kind and the sha256 of its public key.
+fn describe_ca_key(bytes: &[u8]) -> Result<(String, String)> {
+    let k = rcgen::KeyPair::from_pem(utf8(bytes)?).context("not a PEM private key")?;
+    Ok((
+        "k3s CA private key (PEM)".to_string(),
+        format!(
+            "SHA256:{}",
+            crate::sys::util::sha256_hex(&k.public_key_der())
+        ),
+    ))
+}
+
+/// k3s's service-account signing key (RSA, PKCS#1 PEM).
+fn describe_service_key(bytes: &[u8]) -> Result<(String, String)> {
+    let k = parse_rsa_private(utf8(bytes)?)?;
+    let public = RsaPublicKey::from(&k);
+    Ok((
+        format!(
+            "RSA-{} k3s service-account signing key (PEM)",
+            public.n().bits()
+        ),
+        rsa_ssh_fingerprint(&public)?,
+    ))
+}
+
 fn describe_cert(bytes: &[u8]) -> Result<(String, String)> {
     let pem = utf8(bytes)?;
     let der = pem::first_cert_der(pem)?;
     let cert = x509_cert::Certificate::from_der(&der).context("invalid X.509 certificate")?;
-    let public = pem::parse_cert(pem)?;
+    let algorithm = match pem::parse_cert(pem) {
+        Ok(public) => format!("RSA-{}", public.n().bits()),
+        Err(_) => "ECDSA".to_string(),
+    };
     let not_after = cert.tbs_certificate.validity.not_after.to_date_time();
     let kind = format!(
-        "X.509 certificate RSA-{}, subject {}, valid until {:04}-{:02}-{:02}",
-        public.n().bits(),
+        "X.509 certificate {}, subject {}, valid until {:04}-{:02}-{:02}",
+        algorithm,
         cert.tbs_certificate.subject,
         not_after.year(),
         not_after.month(),
@@ -949,7 +1022,7 @@ mod tests {
         let keys = d.path().join("keys");
         let written = init_with_rsa_bits(&keys, "lab", false, BITS).unwrap();
         let p = KeyPaths::new(&keys);
-        assert_eq!(written.len(), 12);
+        assert_eq!(written.len(), 12 + crate::trust::k3s_ca::FILES.len());
         for f in p.private_files() {
             assert_eq!(mode(f), 0o600, "{}", f.display());
         }
@@ -1100,7 +1173,7 @@ mod tests {
         assert!(msg.contains("--force"), "{msg}");
         assert!(matches!(
             err.downcast_ref::<KeysError>(),
-            Some(KeysError::AlreadyExists(v)) if v.len() == 11
+            Some(KeysError::AlreadyExists(v)) if v.len() == 11 + crate::trust::k3s_ca::FILES.len()
         ));
         assert_eq!(fs::read(&p.ssh_private).unwrap(), before);
 
@@ -1163,7 +1236,7 @@ mod tests {
         init_with_rsa_bits(d.path(), "lab", false, BITS).unwrap();
         let p = KeyPaths::new(d.path());
         let infos = show(d.path()).unwrap();
-        assert_eq!(infos.len(), 11);
+        assert_eq!(infos.len(), 11 + crate::trust::k3s_ca::FILES.len());
         assert!(infos.iter().all(|i| i.present));
         let get = |n: &str| infos.iter().find(|i| i.name == n).unwrap().clone();
 

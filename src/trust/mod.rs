@@ -1,6 +1,7 @@
 //! Keys, per-node identity, PEM/X.509, SHA256SUMS + SSHSIG signatures, sealed secrets.
 
 pub mod identity;
+pub mod k3s_ca;
 pub mod keys;
 pub mod pem;
 pub mod seal;

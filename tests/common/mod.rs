@@ -41,9 +41,11 @@ pub fn test_keys() -> &'static Path {
         let cache = shared_cache();
         let keys = cache.join("test-keys-v2");
         if keys.join("module-signing.crt").is_file() {
-            // Made before keys/node-identity.key existed: add just that one (the others, the
-            // module-signing pair above all, stay as they are).
-            if !keys.join("node-identity.key").is_file() {
+            // Made before keys/node-identity.key or the k3s CAs existed: add just those (the
+            // others, the module-signing pair above all, stay as they are).
+            if !keys.join("node-identity.key").is_file()
+                || !keys.join("k3s-server-ca.crt").is_file()
+            {
                 kiln::trust::keys::add_missing(&keys, "homelab", 2048).unwrap();
             }
             return keys;

@@ -28,17 +28,20 @@ use std::sync::{Arc, Mutex};
 /// The files of a role build that a diskless boot needs.
 pub const BOOT_FILES: [&str; 3] = ["vmlinuz", "initrd.img", "root.squashfs"];
 /// Seed files a node directory may hold, in the order cloud-init reads them, then the node's
-/// identity files (read over HTTP by the initramfs of a PXE boot).
-pub const SEED_FILES: [&str; 8] = [
-    "meta-data",
-    "user-data",
-    "network-config",
-    "vendor-data",
-    "kiln-machine-id",
-    "kiln-node-password",
-    "kiln-ssh-host-ed25519-key",
-    "kiln-ssh-host-ed25519-key.pub",
-];
+/// identity files and (a server's seed with `token_delivery = "seed"`) the cluster's CAs, read
+/// over HTTP by the initramfs of a PXE boot.
+pub fn is_seed_file(name: &str) -> bool {
+    seed_files().any(|n| n == name)
+}
+
+/// Every name [`is_seed_file`] accepts, in that order.
+fn seed_files() -> impl Iterator<Item = &'static str> {
+    crate::pipeline::seed::FILES
+        .iter()
+        .chain(crate::pipeline::seed::IDENTITY_FILES.iter())
+        .chain(crate::trust::k3s_ca::SEED_FILES.iter())
+        .copied()
+}
 /// Bytes per verified piece (the unit of checking, caching and of an HTTP body chunk).
 pub const PIECE: u64 = 256 * 1024;
 /// Default size of the verified-piece cache.
@@ -382,8 +385,13 @@ pub struct Catalog {
     pub default: Option<(String, String)>,
     /// Things the operator should know (printed at start).
     pub warnings: Vec<String>,
-    /// Role builds and node seeds that carry secrets (`contains_secrets`) and are served.
+    /// Role builds and node seeds that carry secrets of the cluster (`contains_secrets` of a
+    /// role build, `cluster_secrets` of a seed) and are served.
     pub secret_bearing: Vec<String>,
+    /// Nodes whose served seeds carry only their own identity (SSH host key, k3s node
+    /// password): served also with `--refuse-secret-builds`, since a PXE node comes back as
+    /// itself only with them.
+    pub identities: Vec<String>,
     /// The iPXE directory's files, pinned at load, by canonical path.
     pub pinned: BTreeMap<PathBuf, Blob>,
 }
@@ -456,16 +464,18 @@ impl Catalog {
                     cat.refuse_secret(&n.hostname, &mac, &n.role, &role_dir, false);
                     continue;
                 }
-                if nd.contains_secrets && lo.refuse_secrets {
+                if nd.cluster_secrets && lo.refuse_secrets {
                     cat.refuse_secret(&n.hostname, &mac, &n.role, &node_dir, true);
                     continue;
                 }
-                if nd.contains_secrets {
+                if nd.cluster_secrets {
                     cat.secret_bearing.push(format!(
                         "the seed of {} ({})",
                         n.hostname,
                         node_dir.display()
                     ));
+                } else if nd.contains_secrets {
+                    cat.identities.push(n.hostname.clone());
                 }
                 cat.nodes.insert(
                     mac.clone(),
@@ -556,9 +566,16 @@ impl Catalog {
 
     /// Marks an inventory node unbootable because what it boots carries secrets.
     fn refuse_secret(&mut self, host: &str, mac: &str, role: &str, dir: &Path, seed: bool) {
-        let what = if seed { "its seed" } else { "its role build" };
+        let (what, field) = if seed {
+            (
+                "its seed",
+                "cluster_secrets: true in node.json: the k3s token",
+            )
+        } else {
+            ("its role build", "contains_secrets: true in manifest.json")
+        };
         let reason = format!(
-            "{what} in {} carries secrets (contains_secrets: true) and kiln serve runs with \
+            "{what} in {} carries secrets of the cluster ({field}) and kiln serve runs with \
              --refuse-secret-builds: deliver the token by seed to a trusted network, or serve \
              without the flag",
             dir.display()
@@ -756,6 +773,9 @@ struct NodeDir {
     instance_id: String,
     seed: BTreeMap<String, Vec<u8>>,
     contains_secrets: bool,
+    /// Secrets of the cluster (the token) in the seed or its role build; node.json before
+    /// schema kiln.node/2 does not say: taken as `contains_secrets` then.
+    cluster_secrets: bool,
 }
 
 /// Reads a verified node directory.
@@ -783,7 +803,7 @@ fn load_node_dir(
         dir.display()
     );
     let mut seed = BTreeMap::new();
-    for name in SEED_FILES {
+    for name in seed_files() {
         if sums.sha256_of(name).is_some() {
             seed.insert(
                 name.to_string(),
@@ -791,14 +811,19 @@ fn load_node_dir(
             );
         }
     }
+    let contains_secrets = v
+        .get("contains_secrets")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(true);
     Ok(NodeDir {
         build_id: field("role_build_id")?,
         instance_id: field("instance_id")?,
         seed,
-        contains_secrets: v
-            .get("contains_secrets")
+        contains_secrets,
+        cluster_secrets: v
+            .get("cluster_secrets")
             .and_then(|x| x.as_bool())
-            .unwrap_or(true),
+            .unwrap_or(contains_secrets),
     })
 }
 

@@ -1,7 +1,7 @@
 //! HTTP: per-MAC iPXE scripts, role build files (Content-Length, Range, ETag = sha256), NoCloud
 //! seeds, iPXE binaries for UEFI HTTP boot, `/metrics` and `/status`.
 
-use super::catalog::{Blob, Lookup, PIECE, SEED_FILES};
+use super::catalog::{is_seed_file, Blob, Lookup, PIECE};
 use super::{ipxe, State};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -539,7 +539,7 @@ fn route_request(
             ),
         },
         ["nocloud", m, name] => {
-            if !SEED_FILES.contains(name) {
+            if !is_seed_file(name) {
                 return text(StatusCode::NOT_FOUND, "not a NoCloud seed file\n");
             }
             match cat.seed(m) {

@@ -63,7 +63,8 @@ pub struct ServeOptions {
     pub key: PathBuf,
     pub json: bool,
     pub grace: Duration,
-    /// Leave builds and seeds with `contains_secrets: true` out of what is served.
+    /// Leave role builds with `contains_secrets: true` and seeds with `cluster_secrets: true`
+    /// out of what is served.
     pub refuse_secret_builds: bool,
     /// Budget of the verified-piece cache, bytes.
     pub cache_bytes: u64,
@@ -99,6 +100,15 @@ fn warn_catalog(c: &Catalog) {
             c.secret_bearing.join(", ")
         );
         tracing::warn!(target: "kiln::serve", builds = %c.secret_bearing.join(", "), "serving secret-bearing builds");
+    }
+    if !c.identities.is_empty() {
+        eprintln!(
+            "note: the seeds of {} carry each node's own identity (its SSH host key and k3s node \
+             password, from keys/node-identity.key), served to a client that presents the node's \
+             MAC: that is how a PXE node comes back as itself; they reveal nothing about other \
+             nodes or the cluster's keys (see docs/guide/pxe.md#secrets)",
+            c.identities.join(", ")
+        );
     }
 }
 

@@ -107,31 +107,39 @@ new_disk() {
   echo "$p"
 }
 
+# The kiln-$2 partition of the inventory's disk $1 (wipe flag $3), made when the disk is blank
+# (or wipe is set): prints the partition, or why there is none (missing, foreign, failed).
+claim_disk() {
+  if ! wait_dev "$1" 30; then
+    echo missing
+    return
+  fi
+  real=$(readlink -f "$1")
+  if p=$(part_named "$real" "kiln-$2"); then
+    echo "$p"
+  elif is_blank "$real" || [ "$3" = 1 ]; then
+    [ "$3" = 1 ] && ! is_blank "$real" && say "wiping $1 (wipe = true in the inventory)" >&2
+    new_disk "$real" "$2" "$3" || echo failed
+  else
+    say "$1 holds a partition table or file system kiln did not make: left alone (set wipe = true for it in the inventory to let kiln format it)" >&2
+    echo foreign
+  fi
+}
+
 # --- the data partition ---------------------------------------------------------------
 data_line=$(grep -v '^#' "$disks" 2>/dev/null | awk -F '\t' '$1 == "data"' | head -n 1)
 dev=""
 if [ -n "$data_line" ]; then
   ddisk=$(echo "$data_line" | cut -f 2)
   wipe=$(echo "$data_line" | cut -f 3)
-  if ! wait_dev "$ddisk" 30; then
-    status_data="missing($ddisk)"
-    say "the inventory's data disk $ddisk is not there; state stays in memory this boot"
-  else
-    ddisk=$(readlink -f "$ddisk")
-    if dev=$(part_named "$ddisk" kiln-data); then
-      :
-    elif is_blank "$ddisk" || [ "$wipe" = 1 ]; then
-      [ "$wipe" = 1 ] && ! is_blank "$ddisk" && say "wiping $ddisk (wipe = true in the inventory)"
-      dev=$(new_disk "$ddisk" data "$wipe") || {
-        dev=""
-        status_data="failed($ddisk)"
-        say "could not make a data partition on $ddisk"
-      }
-    else
-      status_data="foreign($ddisk)"
-      say "$ddisk holds a partition table or file system kiln did not make: left alone (set wipe = true for it in the inventory to let kiln format it)"
-    fi
-  fi
+  r=$(claim_disk "$ddisk" data "$wipe")
+  case "$r" in
+    /dev/*) dev=$r ;;
+    *)
+      status_data="$r($ddisk)"
+      say "no data partition on the inventory's data disk $ddisk ($r): state stays in memory this boot"
+      ;;
+  esac
 else
   root_arg=$(sed -n 's/.*\broot=\([^ ]*\).*/\1/p' /proc/cmdline)
   if [ -n "$root_arg" ] && [ -e "$root_arg" ]; then
@@ -140,7 +148,9 @@ else
       dev=""
       if part_named "$bdisk" kiln-root-a >/dev/null && part_named "$bdisk" kiln-seed >/dev/null; then
         say "making kiln-root-b and kiln-data on $bdisk"
+        t0=$(date +%s)
         if systemd-repart --dry-run=no --no-pager --definitions="$lib/repart.d" "$bdisk" >/run/kiln/repart.log 2>&1; then
+          say "systemd-repart took $(($(date +%s) - t0))s"
           refresh "$bdisk"
           if dev=$(part_named "$bdisk" kiln-data); then
             wait_dev "$dev" 10 || dev=""
@@ -185,10 +195,14 @@ if [ -n "$mounted" ]; then
   have_owner=$(cat "$data/.kiln/owner" 2>/dev/null)
   have_node=$(cat "$data/.kiln/node" 2>/dev/null)
   if [ -z "$have_owner" ] && [ -z "$(ls -A "$data" | grep -vx 'lost+found' | grep -vx '.kiln')" ]; then
-    mkdir -p "$data/.kiln" "$data/persist"
-    echo "$owner" >"$data/.kiln/owner.tmp" && mv "$data/.kiln/owner.tmp" "$data/.kiln/owner"
+    # The owner tag goes last: a power cut before it leaves a file system that is still
+    # "new" at the next boot, never one that looks like another node's.
+    mkdir -p "$data/.kiln"
     echo "$host" >"$data/.kiln/node.tmp" && mv "$data/.kiln/node.tmp" "$data/.kiln/node"
     sync
+    echo "$owner" >"$data/.kiln/owner.tmp" && mv "$data/.kiln/owner.tmp" "$data/.kiln/owner"
+    sync
+    mkdir -p "$data/persist"
     status_data="new($dev)"
     say "new data partition $dev for $host"
   elif [ "$have_owner" != "$owner" ]; then
@@ -252,24 +266,15 @@ i=0
 grep -v '^#' "$disks" 2>/dev/null | awk -F '\t' '$1 == "longhorn"' >/run/kiln/longhorn.lines
 while IFS='	' read -r use ldisk wipe mnt tags; do
   i=$((i + 1))
-  if ! wait_dev "$ldisk" 30; then
-    status_disks="$status_disks missing($ldisk)"
-    say "Longhorn disk $ldisk is not there"
-    continue
-  fi
-  real=$(readlink -f "$ldisk")
-  if p=$(part_named "$real" kiln-longhorn); then
-    :
-  elif is_blank "$real" || [ "$wipe" = 1 ]; then
-    p=$(new_disk "$real" longhorn "$wipe") || {
-      status_disks="$status_disks failed($ldisk)"
+  p=$(claim_disk "$ldisk" longhorn "$wipe")
+  case "$p" in
+    /dev/*) ;;
+    *)
+      status_disks="$status_disks $p($ldisk)"
+      say "Longhorn disk $ldisk not used ($p)"
       continue
-    }
-  else
-    status_disks="$status_disks foreign($ldisk)"
-    say "$ldisk holds a partition table or file system kiln did not make: left alone (set wipe = true for it in the inventory to let kiln format it)"
-    continue
-  fi
+      ;;
+  esac
   mkdir -p "$mnt"
   if ! mount -t ext4 -o noatime "$p" "$mnt"; then
     status_disks="$status_disks mount-failed($ldisk)"
