@@ -385,3 +385,337 @@ fn a_node_with_longhorn_disks_asks_longhorn_for_its_config_once() {
     );
     assert_eq!(node_labels(&wn["worker-1"]), None);
 }
+
+// --- the API VIP (issue 19) ---------------------------------------------------------------------
+
+fn master_layer(d: &std::path::Path) -> kiln::pipeline::k3s::Layer {
+    let p = kiln::project::recipe::load_project(d).unwrap();
+    let master = kiln::project::recipe::load_role(&p, "master").unwrap();
+    let fetched = kiln::pipeline::k3s::Fetched {
+        binary: repo_root().join("tests/standin/k3s"),
+        ..Default::default()
+    };
+    let token = kiln::pipeline::resolve::read_token(&p).unwrap();
+    kiln::pipeline::k3s::layer(&p, &master, &fetched, &token).unwrap()
+}
+
+fn file_text(l: &kiln::pipeline::k3s::Layer, path: &str) -> String {
+    match l.entries.get(path) {
+        Some(kiln::pipeline::compose::Upper::File { data, .. }) => {
+            String::from_utf8_lossy(data).into_owned()
+        }
+        other => panic!("{path}: {other:?}"),
+    }
+}
+
+/// The default inventory's api_endpoint (10.0.0.10) is no node's address: a VIP. Masters carry
+/// keepalived's configuration for each master (unicast to the others, the VIP in the masters'
+/// subnet, the track script), the renderer, and a drop-in; every master of the inventory has
+/// the same VRRP router id and password.
+#[test]
+fn a_vip_endpoint_gives_masters_keepalived_configs() {
+    let d = project_copy();
+    add_master2(d.path());
+    let l = master_layer(d.path());
+    let c1 = file_text(&l, "etc/kiln/keepalived/master-1.conf");
+    let c2 = file_text(&l, "etc/kiln/keepalived/master-2.conf");
+    for (c, own, peer, prio) in [
+        (&c1, "10.0.0.11", "10.0.0.12", "priority 200"),
+        (&c2, "10.0.0.12", "10.0.0.11", "priority 190"),
+    ] {
+        assert!(c.contains(&format!("unicast_src_ip {own}\n")), "{c}");
+        assert!(
+            c.contains(&format!("unicast_peer {{\n    {peer}\n  }}")),
+            "{c}"
+        );
+        assert!(c.contains(prio), "{c}");
+        assert!(c.contains("10.0.0.10/24 dev @INTERFACE@"), "{c}");
+        assert!(c.contains("nopreempt") && c.contains("state BACKUP"), "{c}");
+        assert!(
+            c.contains("script \"/usr/lib/kiln/kiln-apiserver-check\""),
+            "{c}"
+        );
+    }
+    let line = |c: &str, k: &str| {
+        c.lines()
+            .find(|l| l.trim_start().starts_with(k))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        line(&c1, "virtual_router_id"),
+        line(&c2, "virtual_router_id")
+    );
+    assert_eq!(line(&c1, "auth_pass"), line(&c2, "auth_pass"));
+    assert_eq!(
+        line(&c1, "auth_pass")
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .len(),
+        8
+    );
+    let dropin = file_text(&l, kiln::pipeline::vip::DROPIN);
+    assert!(
+        dropin.contains("ExecStartPre=/usr/lib/kiln/kiln-keepalived %H"),
+        "{dropin}"
+    );
+    assert!(
+        dropin.contains("--use-file=/run/kiln/keepalived.conf"),
+        "{dropin}"
+    );
+    assert!(l.enable.iter().any(|u| u == "keepalived.service"));
+}
+
+#[test]
+fn an_endpoint_that_is_a_node_or_a_name_is_not_a_vip() {
+    for ep in ["10.0.0.11", "k3s.lab.internal"] {
+        let d = project_copy();
+        edit(
+            d.path(),
+            "recipes/cluster.toml",
+            "api_endpoint = \"10.0.0.10\"",
+            &format!("api_endpoint = \"{ep}\""),
+        );
+        let l = master_layer(d.path());
+        assert!(
+            !l.entries.keys().any(|k| k.contains("keepalived")),
+            "{ep}: keepalived files"
+        );
+    }
+}
+
+/// A VIP needs keepalived in the master role and a static address on every master.
+#[test]
+fn a_vip_without_keepalived_or_static_masters_is_refused() {
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/master.toml",
+        "packages = [\"keepalived\"]",
+        "packages = []",
+    );
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("master.toml") && e.contains("debian.packages") && e.contains("keepalived"),
+        "{e}"
+    );
+
+    let d = project_copy();
+    let p = d.path().join("recipes/cluster.toml");
+    let mut s = fs::read_to_string(&p).unwrap();
+    s.push_str(
+        "\n[[nodes]]\nhostname = \"master-2\"\nmac = \"52:54:00:00:00:12\"\nrole = \"master\"\n",
+    );
+    fs::write(&p, s).unwrap();
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("nodes[3].address") && e.contains("master-2") && e.contains("static"),
+        "{e}"
+    );
+
+    let d = project_copy();
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "api_endpoint = \"10.0.0.10\"",
+        "api_endpoint = \"10.9.0.10\"",
+    );
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("cluster.api_endpoint") && e.contains("not in the subnet"),
+        "{e}"
+    );
+}
+
+// --- etcd snapshots (issue 19) ----------------------------------------------------------------
+
+const SNAPSHOTS: &str = "\n[k3s.etcd_snapshots]\nschedule = \"0 */6 * * *\"\nretention = 12\ncompress = true\n\n[k3s.etcd_snapshots.s3]\nendpoint = \"minio.lab.internal:9000\"\nbucket = \"k3s-etcd\"\nfolder = \"homelab\"\nregion = \"eu-west-1\"\ninsecure = true\ncredentials = \"etcd-s3.credentials\"\n";
+
+/// cluster.toml with `[k3s.etcd_snapshots]` (`extra` replacing the S3 table's lines when given)
+/// and the credentials file.
+fn with_snapshots(d: &std::path::Path, snapshots: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    // The [k3s] table ends where [sealed_secrets] begins.
+    edit(
+        d,
+        "recipes/cluster.toml",
+        "\n[sealed_secrets]",
+        &format!("{snapshots}\n[sealed_secrets]"),
+    );
+    let c = d.join("keys/etcd-s3.credentials");
+    fs::write(
+        &c,
+        "# minio\naccess_key = AKIAKILNTEST\nsecret_key = s3cr3t-kiln-test\n",
+    )
+    .unwrap();
+    fs::set_permissions(&c, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Every key kiln writes is one of k3s's server flags (`pkg/cli/cmds/server.go`), with the
+/// values the recipe gave; the credentials are in their own 0600 file, only on servers.
+#[test]
+fn etcd_snapshot_settings_use_k3s_flag_names() {
+    let d = project_copy();
+    assert!(fs::read_to_string(d.path().join("recipes/cluster.toml"))
+        .unwrap()
+        .contains("\n[sealed_secrets]"));
+    with_snapshots(d.path(), SNAPSHOTS);
+    let p = kiln::project::recipe::load_project(d.path()).unwrap();
+    let master = kiln::project::recipe::load_role(&p, "master").unwrap();
+    let k = p.cluster.k3s.clone().unwrap();
+    let cfg = kiln::pipeline::k3s::role_config(&p.cluster, &k, &master);
+    let want = "etcd-snapshot-schedule-cron: \"0 */6 * * *\"\n\
+                etcd-snapshot-retention: 12\n\
+                etcd-snapshot-compress: true\n\
+                etcd-s3: true\n\
+                etcd-s3-endpoint: \"minio.lab.internal:9000\"\n\
+                etcd-s3-bucket: \"k3s-etcd\"\n\
+                etcd-s3-folder: \"homelab\"\n\
+                etcd-s3-region: \"eu-west-1\"\n\
+                etcd-s3-insecure: true\n";
+    assert!(cfg.contains(want), "{cfg}");
+    // k3s v1.34's server flags for snapshots (golden: the names as k3s spells them).
+    const K3S_FLAGS: &[&str] = &[
+        "etcd-snapshot-schedule-cron",
+        "etcd-snapshot-retention",
+        "etcd-snapshot-dir",
+        "etcd-snapshot-compress",
+        "etcd-s3",
+        "etcd-s3-endpoint",
+        "etcd-s3-endpoint-ca",
+        "etcd-s3-skip-ssl-verify",
+        "etcd-s3-access-key",
+        "etcd-s3-secret-key",
+        "etcd-s3-bucket",
+        "etcd-s3-region",
+        "etcd-s3-folder",
+        "etcd-s3-insecure",
+        "etcd-s3-timeout",
+    ];
+    let l = master_layer(d.path());
+    let creds = file_text(&l, kiln::pipeline::k3s::ETCD_S3_CREDENTIALS);
+    assert_eq!(
+        creds
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>(),
+        [
+            "etcd-s3-access-key: \"AKIAKILNTEST\"",
+            "etcd-s3-secret-key: \"s3cr3t-kiln-test\""
+        ]
+    );
+    for line in want
+        .lines()
+        .chain(creds.lines().filter(|l| !l.starts_with('#')))
+    {
+        let key = line.split(':').next().unwrap();
+        assert!(K3S_FLAGS.contains(&key), "{key} is not a k3s server flag");
+    }
+    match l.entries.get(kiln::pipeline::k3s::ETCD_S3_CREDENTIALS) {
+        Some(kiln::pipeline::compose::Upper::File { mode, .. }) => assert_eq!(*mode, 0o600),
+        other => panic!("{other:?}"),
+    }
+    assert!(!cfg.contains("AKIAKILNTEST"), "credentials in config.yaml");
+    // Agents get none of it.
+    let worker = kiln::project::recipe::load_role(&p, "worker").unwrap();
+    assert!(!kiln::pipeline::k3s::role_config(&p.cluster, &k, &worker).contains("etcd-"));
+    // The credentials are a secret input: another key, another master build.
+    let id = |d: &std::path::Path| {
+        let p = kiln::project::recipe::load_project(d).unwrap();
+        kiln::pipeline::resolve::resolve(&p, "master")
+            .unwrap()
+            .build_id
+    };
+    let before = id(d.path());
+    fs::write(
+        d.path().join("keys/etcd-s3.credentials"),
+        "access_key = AKIAOTHER\nsecret_key = x\n",
+    )
+    .unwrap();
+    assert_ne!(before, id(d.path()));
+}
+
+#[test]
+fn bad_etcd_snapshot_settings_are_refused() {
+    for (from, to, key, needle) in [
+        (
+            "schedule = \"0 */6 * * *\"",
+            "schedule = \"every day\"",
+            "k3s.etcd_snapshots.schedule",
+            "cron",
+        ),
+        (
+            "retention = 12",
+            "retention = 0",
+            "k3s.etcd_snapshots.retention",
+            "between 1 and 1000",
+        ),
+        (
+            "endpoint = \"minio.lab.internal:9000\"",
+            "endpoint = \"https://minio:9000\"",
+            "k3s.etcd_snapshots.s3.endpoint",
+            "host[:port]",
+        ),
+        (
+            "bucket = \"k3s-etcd\"",
+            "bucket = \"Bad_Bucket\"",
+            "k3s.etcd_snapshots.s3.bucket",
+            "bucket name",
+        ),
+        (
+            "credentials = \"etcd-s3.credentials\"",
+            "credentials = \"../etc/shadow\"",
+            "k3s.etcd_snapshots.s3.credentials",
+            "keys/",
+        ),
+        (
+            "compress = true",
+            "compress = true\nlocation = \"x\"",
+            "",
+            "unknown field",
+        ),
+    ] {
+        let d = project_copy();
+        with_snapshots(d.path(), &SNAPSHOTS.replace(from, to));
+        let o = kiln(d.path(), &["build", "--role", "master"]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{to}: {e}");
+        assert!(e.contains(key) && e.contains(needle), "{to}: {e}");
+    }
+    // The credentials file: missing, loose, or malformed.
+    use std::os::unix::fs::PermissionsExt;
+    let d = project_copy();
+    with_snapshots(d.path(), SNAPSHOTS);
+    let c = d.path().join("keys/etcd-s3.credentials");
+    fs::set_permissions(&c, fs::Permissions::from_mode(0o644)).unwrap();
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
+    fs::set_permissions(&c, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&c, "user = x\n").unwrap();
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    fs::remove_file(&c).unwrap();
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("etcd-s3.credentials"), "{}", stderr(&o));
+    // S3 credentials with token_delivery = "seed": refused (images stay secret-free).
+    let d = project_copy();
+    with_snapshots(d.path(), SNAPSHOTS);
+    edit(
+        d.path(),
+        "recipes/cluster.toml",
+        "bootstrapped = false",
+        "bootstrapped = false\ntoken_delivery = \"seed\"",
+    );
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("token_delivery"), "{}", stderr(&o));
+}

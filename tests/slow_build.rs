@@ -529,9 +529,14 @@ fn kiln_layer_dump(dir: &Path) -> String {
                 &sha256_hex(&data)[..16]
             ));
             let private = h.mode().unwrap() & 0o077 == 0;
-            if private || p.contains("/sealed-") || p == "usr/lib/kiln/data-owner" {
+            if private
+                || p.contains("/sealed-")
+                || p == "usr/lib/kiln/data-owner"
+                || p.starts_with("usr/lib/kiln/k3s-ca/")
+            {
                 // Key material, ciphertext and what derives from the test keys (the data
-                // owner tag) vary per test cache: placement and mode only.
+                // owner tag, the cluster's CA certificates) vary per test cache: placement and
+                // mode only.
                 out.insert(
                     p,
                     format!(

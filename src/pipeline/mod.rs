@@ -16,3 +16,4 @@ pub mod reproduce;
 pub mod resolve;
 pub mod seed;
 pub mod state;
+pub mod vip;

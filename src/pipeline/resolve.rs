@@ -83,6 +83,120 @@ pub fn read_k3s_ca(project: &Project) -> Result<Vec<(crate::trust::k3s_ca::CaFil
     Ok(out)
 }
 
+/// A master of a cluster whose API endpoint is a VIP runs keepalived: its role's packages must
+/// have it, and every master needs a static address (the VRRP peers are unicast).
+fn check_vip(project: &Project, recipe: &recipe::Recipe) -> Result<()> {
+    use crate::pipeline::vip;
+    if !recipe.k3s.mode.is_server() {
+        return Ok(());
+    }
+    let Some(v) = vip::vip(&project.cluster) else {
+        return Ok(());
+    };
+    let ep = &v.address.addr;
+    let cluster_file = project.layout().cluster_file();
+    for (i, n) in project.cluster.nodes.iter().enumerate() {
+        if n.role == "master" && !v.masters.iter().any(|(h, _)| *h == n.hostname) {
+            return Err(recipe::RecipeError::new(
+                &cluster_file,
+                format!("nodes[{i}].address"),
+                format!("api_endpoint {ep} is a VIP the masters hold with keepalived (VRRP between their addresses), but master {} has no static address", n.hostname),
+                "give every master a static `address` (e.g. \"10.0.0.12/24\"), or set api_endpoint to a DNS name or to a master's address",
+            )
+            .into());
+        }
+    }
+    if let Some((h, c)) = v.masters.iter().find(|(_, c)| !c.contains(*ep)) {
+        return Err(recipe::RecipeError::new(
+            &cluster_file,
+            "cluster.api_endpoint",
+            format!("the VIP {ep} is not in the subnet of master {h} ({c})"),
+            "choose a free address in the masters' subnet",
+        )
+        .into());
+    }
+    if !recipe.debian.packages.iter().any(|p| p == vip::PACKAGE) {
+        return Err(recipe::RecipeError::new(
+            project.layout().role_recipe(&recipe.role),
+            "debian.packages",
+            format!("api_endpoint {ep} is a VIP: the masters hold it with keepalived, which this role does not install"),
+            "add \"keepalived\" to [debian] packages of the master role (Debian's package; kiln writes its configuration)",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The S3 access and secret keys of `[k3s.etcd_snapshots.s3]` (the `credentials` file in
+/// keys/: `access_key = …` and `secret_key = …` lines, `#` comments), or `None` without S3.
+pub fn read_s3_credentials(
+    project: &Project,
+) -> Result<Option<(String, zeroize::Zeroizing<String>)>> {
+    let Some(s3) = project
+        .cluster
+        .k3s
+        .as_ref()
+        .and_then(|k| k.etcd_snapshots.as_ref())
+        .and_then(|e| e.s3.as_ref())
+    else {
+        return Ok(None);
+    };
+    let key = "k3s.etcd_snapshots.s3.credentials";
+    let fix = "write `access_key = …` and `secret_key = …` lines to that file in keys/ (mode 0600)";
+    let b = zeroize::Zeroizing::new(read_key_file(project, &s3.credentials, key, fix)?);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let p = project.layout().key(&s3.credentials);
+        let mode = std::fs::metadata(&p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        if mode & 0o077 != 0 {
+            return Err(recipe::RecipeError::new(
+                &p,
+                key,
+                format!(
+                    "the S3 credentials are readable by group or others (mode {:04o})",
+                    mode & 0o7777
+                ),
+                format!("chmod 600 {}", p.display()),
+            )
+            .into());
+        }
+    }
+    let text = String::from_utf8_lossy(&b);
+    let (mut access, mut secret) = (None, None);
+    for l in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match l.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+            Some(("access_key", v)) => access = Some(v.to_string()),
+            Some(("secret_key", v)) => secret = Some(zeroize::Zeroizing::new(v.to_string())),
+            _ => {
+                return Err(recipe::RecipeError::new(
+                    project.layout().key(&s3.credentials),
+                    key,
+                    "a line that is not `access_key = …` or `secret_key = …`",
+                    fix,
+                )
+                .into())
+            }
+        }
+    }
+    let ok = |v: &str| !v.is_empty() && !v.chars().any(|c| c.is_control() || c == '"' || c == '\\');
+    match (access, secret) {
+        (Some(a), Some(s)) if ok(&a) && ok(&s) => Ok(Some((a, s))),
+        _ => Err(recipe::RecipeError::new(
+            project.layout().key(&s3.credentials),
+            key,
+            "no access_key or secret_key (or one is empty or has quotes or control characters)",
+            fix,
+        )
+        .into()),
+    }
+}
+
 /// The secret part of the k3s token (`keys/k3s-token`).
 fn read_token_secret(project: &Project) -> Result<String> {
     let p = token_path(project);
@@ -242,6 +356,7 @@ impl Resolved {
 /// Loads the role's recipe and computes its build id.
 pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let recipe = recipe::load_role(project, role)?;
+    check_vip(project, &recipe)?;
     let overlays = scan_overlays(project, role)?;
     check_templates(project, &overlays)?;
     // Both halves of the module-signing pair are read and cross-checked here (a bad pair is a
@@ -312,6 +427,14 @@ pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
                 "k3s-token".to_string(),
                 secret_fingerprint("k3s-token", token.as_bytes()),
             );
+            if let Some((a, s)) =
+                read_s3_credentials(project)?.filter(|_| recipe.k3s.mode.is_server())
+            {
+                secrets.insert(
+                    "etcd-s3".to_string(),
+                    secret_fingerprint("etcd-s3", format!("{a}\0{}", s.as_str()).as_bytes()),
+                );
+            }
             if recipe.k3s.mode.is_server() {
                 let mut all = Vec::new();
                 for (f, bytes) in read_k3s_ca(project)? {

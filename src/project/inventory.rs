@@ -128,6 +128,50 @@ pub struct K3sCluster {
     /// `write-kubeconfig-mode` on servers (default "0600").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_kubeconfig_mode: Option<String>,
+    /// etcd snapshots of the servers (`[k3s.etcd_snapshots]`); absent: k3s's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_snapshots: Option<EtcdSnapshots>,
+}
+
+/// `[k3s.etcd_snapshots]`: when the servers snapshot etcd, how many they keep, and an optional
+/// S3 copy off the node. Snapshots stay in k3s's default directory,
+/// `/var/lib/rancher/k3s/server/db/snapshots`, on the data partition.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSnapshots {
+    /// `etcd-snapshot-schedule-cron` (k3s default "0 */12 * * *").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// `etcd-snapshot-retention` (k3s default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<u32>,
+    /// `etcd-snapshot-compress`.
+    #[serde(default)]
+    pub compress: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<EtcdS3>,
+}
+
+/// `[k3s.etcd_snapshots.s3]`: k3s's `etcd-s3*` settings; the access and secret keys come from
+/// a file in keys/ (a secret of the master images, like the token).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdS3 {
+    /// `etcd-s3-endpoint`: host[:port], no scheme.
+    pub endpoint: String,
+    /// `etcd-s3-bucket`.
+    pub bucket: String,
+    /// `etcd-s3-folder`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<String>,
+    /// `etcd-s3-region` (k3s default us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `etcd-s3-insecure`: plain HTTP.
+    #[serde(default)]
+    pub insecure: bool,
+    /// The credentials file in keys/: `access_key = …` and `secret_key = …` lines.
+    pub credentials: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1064,6 +1108,9 @@ fn check_k3s(layout: &Layout, path: &Path, k: &K3sCluster, nodes: &[Node]) -> Re
     }
     check_k3s_networks(path, k, nodes)?;
     check_k3s_names(path, k)?;
+    if let Some(e) = &k.etcd_snapshots {
+        check_etcd_snapshots(path, k, e)?;
+    }
     if let Some(m) = &k.write_kubeconfig_mode {
         if m.len() != 4 || !m.starts_with('0') || !m.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
             return Err(RecipeError::new(
@@ -1081,6 +1128,98 @@ fn check_k3s(layout: &Layout, path: &Path, k: &K3sCluster, nodes: &[Node]) -> Re
     if masters > 1 && masters % 2 == 0 {
         // The log target this warning has always had (it was in recipe.rs).
         tracing::warn!(target: "kiln::project::recipe", "{}: {masters} masters: embedded etcd wants an odd number of servers to keep quorum", path.display());
+    }
+    Ok(())
+}
+
+/// `[k3s.etcd_snapshots]`: a five-field cron schedule, a retention of 1-1000, an S3 endpoint
+/// without scheme or path, an S3 bucket name, a credentials file name in keys/.
+fn check_etcd_snapshots(path: &Path, k: &K3sCluster, e: &EtcdSnapshots) -> Result<()> {
+    let err = |key: &str, problem: String, fix: &str| {
+        Err(RecipeError::new(
+            path,
+            format!("k3s.etcd_snapshots.{key}"),
+            problem,
+            fix,
+        ))
+    };
+    if let Some(c) = &e.schedule {
+        let fields: Vec<&str> = c.split_whitespace().collect();
+        let ok = fields.len() == 5
+            && fields.iter().all(|f| {
+                f.bytes()
+                    .all(|b| b.is_ascii_digit() || b"*/,-".contains(&b))
+            });
+        if !ok {
+            return err(
+                "schedule",
+                format!("{c:?} is not a five-field cron schedule"),
+                "write minute hour day-of-month month day-of-week, e.g. \"0 */6 * * *\" (every 6 hours)",
+            );
+        }
+    }
+    if let Some(r) = e.retention {
+        if !(1..=1000).contains(&r) {
+            return err(
+                "retention",
+                format!("{r} snapshots"),
+                "keep between 1 and 1000",
+            );
+        }
+    }
+    if let Some(s3) = &e.s3 {
+        let ep = &s3.endpoint;
+        let host = ep
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty())
+            .map(|(h, _)| h)
+            .unwrap_or(ep);
+        if ep.contains("://") || ep.contains('/') || host_or_ip_problem(host).is_some() {
+            return err(
+                "s3.endpoint",
+                format!("{ep:?} is not host[:port]"),
+                "write the S3 server's host and port without scheme or path, e.g. \"minio.lab.internal:9000\" (plain HTTP: insecure = true)",
+            );
+        }
+        let b = &s3.bucket;
+        let bucket_ok = (3..=63).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+            && b.as_bytes()[0].is_ascii_alphanumeric()
+            && b.as_bytes()[b.len() - 1].is_ascii_alphanumeric();
+        if !bucket_ok {
+            return err(
+                "s3.bucket",
+                format!("{b:?} is not an S3 bucket name"),
+                "3-63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit",
+            );
+        }
+        for (key, v) in [("s3.folder", &s3.folder), ("s3.region", &s3.region)] {
+            if let Some(v) = v {
+                if v.is_empty() || v.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+                    return err(
+                        key,
+                        format!("{v:?} is empty or has control characters or quotes"),
+                        "write a plain name, e.g. \"homelab\"",
+                    );
+                }
+            }
+        }
+        let c = &s3.credentials;
+        if c.is_empty() || c.contains('/') || c.starts_with('.') {
+            return err(
+                "s3.credentials",
+                format!("{c:?} is not a file name in keys/"),
+                "name a file in keys/ (e.g. \"etcd-s3.credentials\", mode 0600) holding `access_key = …` and `secret_key = …` lines",
+            );
+        }
+        if k.token_delivery == TokenDelivery::Seed {
+            return err(
+                "s3.credentials",
+                "S3 credentials are baked into master images, but token_delivery = \"seed\" keeps images free of secrets".into(),
+                "deliver the token by image, or remove [k3s.etcd_snapshots.s3] (snapshots then stay on the masters' data partitions)",
+            );
+        }
     }
     Ok(())
 }

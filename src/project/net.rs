@@ -42,6 +42,14 @@ impl std::fmt::Display for Cidr4 {
     }
 }
 
+/// `a.b.c.d/len` as a [`Cidr4`] (`None` for IPv6, `dhcp` or anything malformed).
+pub fn parse_cidr4(s: &str) -> Option<Cidr4> {
+    match parse_cidr(s)? {
+        (IpAddr::V4(addr), prefix) => Some(Cidr4 { addr, prefix }),
+        _ => None,
+    }
+}
+
 /// `a.b.c.d/len` or `v6/len` with a length the family allows.
 pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (ip, len) = s.split_once('/')?;

@@ -16,6 +16,7 @@
 //! | `k3s-node-password` | first 16 bytes, 32 lowercase hex: what k3s's agent writes to `/etc/rancher/node/password` itself (`ensureNodePassword` in `pkg/agent/config/config.go`: 16 random bytes, `hex.EncodeToString`) |
 //! | `ssh-host-ed25519` | the 32-byte Ed25519 seed of the SSH host key |
 //! | `data-owner` | (no hostname) all 32 bytes, 64 hex: the tag a node writes on its data partition to recognise its own cluster ([`data_owner`]) |
+//! | `vrrp-password` | (no hostname) 6 bytes as 8 base64url characters: the masters' keepalived `auth_pass` ([`vrrp_password`]) |
 //!
 //! Neither a cluster name (see `keys::validate_cluster_name`: no control characters) nor a
 //! hostname (an RFC 1123 label) contains a NUL, so the message is unambiguous. HMAC-SHA256 is a
@@ -144,6 +145,16 @@ pub fn known_hosts(
         out.push_str(&format!("{} {}\n", names.join(","), key.join(" ")));
     }
     out
+}
+
+/// The VRRP password the masters of cluster `cluster` share for the API VIP (keepalived's
+/// `auth_pass`; VRRPv2 PASS authentication keeps 8 characters): 8 characters of base64url.
+/// Derived like the node identity, so no new key file; it only keeps other VRRP speakers on
+/// the LAN out by mistake (the password travels in clear, as VRRPv2 defines).
+pub fn vrrp_password(secret: &[u8; 32], cluster: &str) -> String {
+    use base64::Engine as _;
+    let b = prf(secret, "vrrp-password", &[cluster]);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&b[..6])
 }
 
 #[cfg(test)]
