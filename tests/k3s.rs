@@ -464,6 +464,11 @@ fn a_vip_endpoint_gives_masters_keepalived_configs() {
         dropin.contains("--use-file=/run/kiln/keepalived.conf"),
         "{dropin}"
     );
+    // Debian's unit runs only with /etc/keepalived/keepalived.conf: that condition is reset.
+    assert!(
+        dropin.contains("[Unit]\nConditionFileNotEmpty=\n"),
+        "{dropin}"
+    );
     assert!(l.enable.iter().any(|u| u == "keepalived.service"));
 }
 

@@ -1639,7 +1639,24 @@ eph=$(cat /var/tmp/kiln-test 2>/dev/null || echo none)
 ssh=$(cut -d ' ' -f 2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null || echo none)
 pw=$(cat /etc/rancher/node/password 2>/dev/null || echo none)
 lh=$(tr -d '\n ' </run/kiln/longhorn-disks.json 2>/dev/null || echo none)
-echo "kiln-test-state: host=$(cat /proc/sys/kernel/hostname) count=$n eph=$eph mid=$(cat /etc/machine-id) ssh=$ssh pw=$pw $(cat /run/kiln/data.state 2>/dev/null || echo data=unknown) longhorn=$lh mounts=$(findmnt -n -o TARGET /var/lib/rancher >/dev/null && echo rancher)"
+# Masters: the cluster CA kiln-k3s-ca put in k3s's tls directory before k3s started, and the
+# interface kiln-keepalived found for the VIP (each waited for up to 60 s: they run beside
+# this probe).
+ca=none
+vrrp=none
+if [ -e /etc/systemd/system/k3s.service ]; then
+  i=0
+  while [ ! -f /var/lib/rancher/k3s/server/tls/server-ca.crt ] && [ "$i" -lt 60 ]; do sleep 1; i=$((i + 1)); done
+  ca=$(sha256sum /var/lib/rancher/k3s/server/tls/server-ca.crt 2>/dev/null | cut -c 1-16)
+  [ -n "$ca" ] || ca=none
+fi
+if [ -d /etc/kiln/keepalived ]; then
+  i=0
+  while [ ! -f /run/kiln/keepalived.conf ] && [ "$i" -lt 60 ]; do sleep 1; i=$((i + 1)); done
+  vrrp=$(sed -n 's/^ *interface //p' /run/kiln/keepalived.conf 2>/dev/null | head -n 1)
+  [ -n "$vrrp" ] || vrrp=none
+fi
+echo "kiln-test-state: host=$(cat /proc/sys/kernel/hostname) count=$n eph=$eph mid=$(cat /etc/machine-id) ssh=$ssh pw=$pw $(cat /run/kiln/data.state 2>/dev/null || echo data=unknown) longhorn=$lh mounts=$(findmnt -n -o TARGET /var/lib/rancher >/dev/null && echo rancher) ca=$ca vrrp=$vrrp"
 echo $((n + 1)) >/var/lib/rancher/kiln-test-count
 echo here >/var/tmp/kiln-test
 sync
@@ -2094,6 +2111,14 @@ fn slow_state_master_power_cut_during_first_boot() {
         Some(part),
         "kiln-data moved"
     );
+    // kiln-k3s-ca gave k3s the cluster's server CA from keys/ (kept on kiln-data), and
+    // kiln-keepalived found the interface with master-1's address for the VIP.
+    let ca = fs::read(b.project.join("keys/k3s-server-ca.crt")).unwrap();
+    let want = &kiln::sys::util::sha256_hex(&ca)[..16];
+    for s in [&s2, &s3] {
+        assert_eq!(s["ca"], want, "k3s's server CA is not keys/': {s:?}");
+        assert_ne!(s["vrrp"], "none", "keepalived got no configuration: {s:?}");
+    }
     let (rc, out) = fsck_partition(&disk, part, &work.join("data.ext4"));
     assert_eq!(
         rc, 0,
