@@ -26,6 +26,8 @@ fn prune_removes_only_what_nothing_uses() {
     }
     let d = project_copy();
     let dir = d.path();
+    // A base two roles use: the master's is the worker's without the VIP's keepalived.
+    without_vip(dir);
     let project = kiln::project::recipe::load_project(dir).unwrap();
     let worker = kiln::pipeline::resolve::resolve(&project, "worker").unwrap();
     let gpu = kiln::pipeline::resolve::resolve(&project, "gpu").unwrap();

@@ -457,7 +457,7 @@ fn a_vip_endpoint_gives_masters_keepalived_configs() {
     );
     let dropin = file_text(&l, kiln::pipeline::vip::DROPIN);
     assert!(
-        dropin.contains("ExecStartPre=/usr/lib/kiln/kiln-keepalived %H"),
+        dropin.contains("ExecStartPre=/usr/lib/kiln/kiln-keepalived\n"),
         "{dropin}"
     );
     assert!(

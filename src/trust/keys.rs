@@ -1189,7 +1189,7 @@ mod tests {
         // A custom .gitignore is kept, even with --force.
         fs::write(&p.gitignore, "custom\n").unwrap();
         let written = init_with_rsa_bits(keys, "lab", true, BITS).unwrap();
-        assert_eq!(written.len(), 11);
+        assert_eq!(written.len(), 11 + crate::trust::k3s_ca::FILES.len());
         assert_ne!(fs::read(&p.ssh_private).unwrap(), before);
         assert_eq!(fs::read_to_string(&p.gitignore).unwrap(), "custom\n");
         assert_eq!(mode(&p.ssh_private), 0o600);

@@ -295,3 +295,22 @@ pub fn ack(b: u16) -> [u8; 4] {
     let x = b.to_be_bytes();
     [0, 4, x[0], x[1]]
 }
+
+/// The project at `dir` without the API VIP: `api_endpoint` is master-1's own address, so the
+/// master role needs no keepalived and shares the worker's base again (what the tests of shared
+/// bases build on).
+#[allow(dead_code)]
+pub fn without_vip(dir: &Path) {
+    edit(
+        dir,
+        "recipes/cluster.toml",
+        "api_endpoint = \"10.0.0.10\"",
+        "api_endpoint = \"10.0.0.11\"",
+    );
+    edit(
+        dir,
+        "recipes/master.toml",
+        "packages = [\"keepalived\"]",
+        "packages = []",
+    );
+}
