@@ -21,6 +21,17 @@ fn have_openssl() -> bool {
     false
 }
 
+/// The k3s layer of `role` (with the stand-in binary and the project's token).
+fn k3s_layer(p: &kiln::project::recipe::Project, role: &str) -> kiln::pipeline::k3s::Layer {
+    let recipe = kiln::project::recipe::load_role(p, role).unwrap();
+    let fetched = kiln::pipeline::k3s::Fetched {
+        binary: repo_root().join("tests/standin/k3s"),
+        ..Default::default()
+    };
+    let token = kiln::pipeline::resolve::read_token(p).unwrap();
+    kiln::pipeline::k3s::layer(p, &recipe, &fetched, &token).unwrap()
+}
+
 #[test]
 fn keys_init_makes_the_k3s_ca_set_with_modes_and_valid_cas() {
     let d = tempfile::tempdir().unwrap();
@@ -135,13 +146,8 @@ fn masters_carry_the_cas_and_agents_do_not() {
     let d = project_copy();
     let p = kiln::project::recipe::load_project(d.path()).unwrap();
     let master = kiln::project::recipe::load_role(&p, "master").unwrap();
-    let worker = kiln::project::recipe::load_role(&p, "worker").unwrap();
-    let fetched = kiln::pipeline::k3s::Fetched {
-        binary: repo_root().join("tests/standin/k3s"),
-        ..Default::default()
-    };
     let token = kiln::pipeline::resolve::read_token(&p).unwrap();
-    let m = kiln::pipeline::k3s::layer(&p, &master, &fetched, &token).unwrap();
+    let m = k3s_layer(&p, "master");
     for f in kiln::trust::k3s_ca::FILES {
         let path = format!("{}/{}", kiln::pipeline::k3s::CA_DIR, f.tls_path);
         let e = m
@@ -165,7 +171,7 @@ fn masters_carry_the_cas_and_agents_do_not() {
         dropin.contains("ExecStartPre=/usr/lib/kiln/kiln-k3s-ca"),
         "{dropin}"
     );
-    let w = kiln::pipeline::k3s::layer(&p, &worker, &fetched, &token).unwrap();
+    let w = k3s_layer(&p, "worker");
     assert!(!w.entries.keys().any(|k| k.contains("k3s-ca")));
     assert_eq!(
         w.entries.get(kiln::pipeline::k3s::TOKEN).map(|e| match e {
@@ -185,13 +191,7 @@ fn masters_carry_the_cas_and_agents_do_not() {
 fn the_ca_installer_fills_only_an_empty_tls_directory() {
     let d = project_copy();
     let p = kiln::project::recipe::load_project(d.path()).unwrap();
-    let master = kiln::project::recipe::load_role(&p, "master").unwrap();
-    let fetched = kiln::pipeline::k3s::Fetched {
-        binary: repo_root().join("tests/standin/k3s"),
-        ..Default::default()
-    };
-    let token = kiln::pipeline::resolve::read_token(&p).unwrap();
-    let m = kiln::pipeline::k3s::layer(&p, &master, &fetched, &token).unwrap();
+    let m = k3s_layer(&p, "master");
     let root = tempfile::tempdir().unwrap();
     for (path, e) in &m.entries {
         if let kiln::pipeline::compose::Upper::File { data, mode, .. } = e {
@@ -409,13 +409,7 @@ fn with_seed_delivery_the_cas_travel_in_the_masters_seeds() {
         "bootstrapped = false\ntoken_delivery = \"seed\"",
     );
     let p = kiln::project::recipe::load_project(d.path()).unwrap();
-    let master = kiln::project::recipe::load_role(&p, "master").unwrap();
-    let fetched = kiln::pipeline::k3s::Fetched {
-        binary: repo_root().join("tests/standin/k3s"),
-        ..Default::default()
-    };
-    let token = kiln::pipeline::resolve::read_token(&p).unwrap();
-    let m = kiln::pipeline::k3s::layer(&p, &master, &fetched, &token).unwrap();
+    let m = k3s_layer(&p, "master");
     assert!(m.entries.contains_key(kiln::pipeline::k3s::CA_SCRIPT));
     assert!(
         !m.entries

@@ -250,7 +250,7 @@ fn privileged_vip_moves_once_per_failure_and_never_flaps() {
             })
             .collect(),
     };
-    let auth = vip::auth_pass(&[7u8; 32], "homelab");
+    let auth = kiln::trust::identity::vrrp_password(&[7u8; 32], "homelab");
     assert_eq!(auth.len(), 8);
     let mut lab = Lab::new();
     // The track script: the stand-in API of this namespace.

@@ -368,14 +368,10 @@ pub const CA_SCRIPT: &str = "usr/lib/kiln/kiln-k3s-ca";
 /// the CAs themselves (a server image's secrets; else they come in the server's seed).
 fn add_ca(l: &mut Layer, project: &Project, in_image: bool) -> Result<()> {
     let mut list = String::new();
-    for (f, seed_name) in crate::trust::k3s_ca::FILES
-        .iter()
-        .zip(crate::trust::k3s_ca::SEED_FILES)
-    {
+    for f in crate::trust::k3s_ca::FILES {
         let mode = if f.private { 0o600 } else { 0o644 };
-        // (The initramfs copies a seed's kiln-* files without the prefix.)
-        let from_seed = seed_name.trim_start_matches("kiln-");
-        list.push_str(&format!("{} {from_seed} {mode:04o}\n", f.tls_path));
+        // (The initramfs copies a seed's kiln-<keys/ name> files without the prefix.)
+        list.push_str(&format!("{} {} {mode:04o}\n", f.tls_path, f.key_name));
     }
     let script = include_str!("assets/kiln-k3s-ca.sh").replace("@FILES@\n", &list);
     l.entries
@@ -404,7 +400,7 @@ fn add_vip(l: &mut Layer, project: &Project) -> Result<()> {
     };
     let secret = crate::pipeline::resolve::read_node_identity(project)?;
     let name = &project.cluster.section.name;
-    let auth = vip::auth_pass(&secret, name);
+    let auth = crate::trust::identity::vrrp_password(&secret, name);
     l.entries.insert(vip::CONF_DIR.into(), Upper::Dir);
     for (host, _) in &v.masters {
         let conf = vip::config(&v, name, host, &auth, &format!("/{}", vip::CHECK_SCRIPT))

@@ -40,9 +40,10 @@ const INITRAMFS_SCRIPT_TEMPLATE: &str = include_str!("assets/initramfs/init-bott
 
 /// The initramfs script: the template with the names of a server seed's CA files.
 pub fn initramfs_script() -> String {
-    let ca: Vec<&str> = crate::trust::k3s_ca::SEED_FILES
+    // The seed carries them as `kiln-<keys/ name>`; the script adds the prefix itself.
+    let ca: Vec<&str> = crate::trust::k3s_ca::FILES
         .iter()
-        .map(|n| n.trim_start_matches("kiln-"))
+        .map(|f| f.key_name)
         .collect();
     INITRAMFS_SCRIPT_TEMPLATE.replace("@CA_FILES@", &ca.join(" "))
 }

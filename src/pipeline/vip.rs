@@ -109,11 +109,6 @@ pub fn config(
     ))
 }
 
-/// The VRRP password of cluster `cluster` (8 characters of its derived secret).
-pub fn auth_pass(secret: &[u8; 32], cluster: &str) -> String {
-    crate::trust::identity::vrrp_password(secret, cluster)
-}
-
 /// `kiln-keepalived`: this node's configuration with its interface filled in.
 pub const RENDER: &str = include_str!("assets/kiln-keepalived.sh");
 /// `kiln-apiserver-check`.

@@ -163,6 +163,18 @@ mod tests {
 
     const SECRET: [u8; 32] = [7u8; 32];
 
+    /// Whether ssh-keygen runs here; prints the SKIP line when it does not.
+    fn have_ssh_keygen() -> bool {
+        let ok = std::process::Command::new("ssh-keygen")
+            .arg("-?")
+            .output()
+            .is_ok();
+        if !ok {
+            println!("SKIP: ssh-keygen is not installed (apt-get install openssh-client)");
+        }
+        ok
+    }
+
     #[test]
     fn hmac_matches_rfc4231_case_2() {
         // Guards the primitive: RFC 4231 test case 2 (key "Jefe").
@@ -277,12 +289,7 @@ mod tests {
 
     #[test]
     fn ssh_keygen_accepts_the_host_key() {
-        if std::process::Command::new("ssh-keygen")
-            .arg("-?")
-            .output()
-            .is_err()
-        {
-            println!("SKIP: ssh-keygen is not installed (apt-get install openssh-client)");
+        if !have_ssh_keygen() {
             return;
         }
         let n = derive(&SECRET, "homelab", "worker-1");
@@ -345,12 +352,7 @@ mod tests {
                 key("worker-1")
             )
         );
-        if std::process::Command::new("ssh-keygen")
-            .arg("-?")
-            .output()
-            .is_err()
-        {
-            println!("SKIP: ssh-keygen is not installed (apt-get install openssh-client)");
+        if !have_ssh_keygen() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
