@@ -19,20 +19,15 @@ fn two_masters_one_worker_get_distinct_configs() {
     let k = project.cluster.k3s.clone().unwrap();
     let master = kiln::project::recipe::load_role(&project, "master").unwrap();
     let worker = kiln::project::recipe::load_role(&project, "worker").unwrap();
-    let m = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &master);
+    let m = kiln::pipeline::k3s::node_configs(&project.cluster, &master);
     assert_eq!(m.keys().collect::<Vec<_>>(), ["master-1", "master-2"]);
-    assert!(
-        m["master-1"].contains("cluster-init: true\n"),
-        "{}",
-        m["master-1"]
-    );
-    assert!(!m["master-1"].contains("server:"));
-    assert!(
-        m["master-2"].contains("server: \"https://10.0.0.10:6443\"\n"),
-        "{}",
-        m["master-2"]
-    );
-    assert!(!m["master-2"].contains("cluster-init"));
+    // Founding or joining is decided at boot by kiln-k3s-bootstrap, not baked per node.
+    for (host, c) in &m {
+        assert!(
+            !c.contains("cluster-init") && !c.contains("server:"),
+            "{host}: {c}"
+        );
+    }
     assert!(m["master-2"].contains("node-ip: \"10.0.0.12\"\n"));
     let rc = kiln::pipeline::k3s::role_config(&project.cluster, &k, &master);
     for want in [
@@ -54,7 +49,7 @@ fn two_masters_one_worker_get_distinct_configs() {
         !wc.contains("tls-san") && !wc.contains("disable"),
         "server-only keys on an agent:\n{wc}"
     );
-    let w = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &worker);
+    let w = kiln::pipeline::k3s::node_configs(&project.cluster, &worker);
     assert_eq!(w.keys().collect::<Vec<_>>(), ["worker-1", "worker-2"]);
     assert!(
         w["worker-1"].contains("node-name: \"worker-1\"") && !w["worker-1"].contains("node-ip")
@@ -65,12 +60,31 @@ fn two_masters_one_worker_get_distinct_configs() {
         assert!(v.as_mapping().is_some());
     }
 
-    // Once bootstrapped, the first master joins too (reflashing it must not found a new cluster).
+    // What the masters' bootstrap decides from: founder, probed hosts, join URL, wait.
+    let b = kiln::pipeline::k3s::bootstrap_script(&project.cluster, &k);
+    for want in [
+        "founder=\"master-1\"\n",
+        "probe=\"10.0.0.10 10.0.0.11 10.0.0.12\"\n",
+        "endpoint=\"https://10.0.0.10:6443\"\n",
+        "founding_wait=120\n",
+        "restore=\"\"\n",
+    ] {
+        assert!(b.contains(want), "bootstrap lacks {want:?}");
+    }
+    for p in ["@FOUNDER@", "@PROBE@", "@ENDPOINT@", "@WAIT@", "@RESTORE@"] {
+        assert!(!b.contains(p), "{p} not filled in");
+    }
+    // bootstrapped = true: an explicit override, no master founds.
     let mut k2 = k.clone();
     k2.bootstrapped = true;
-    let m2 = kiln::pipeline::k3s::node_configs(&project.cluster, &k2, &master);
-    assert!(m2["master-1"].contains("server: \"https://10.0.0.10:6443\""));
-    assert!(!m2["master-1"].contains("cluster-init"));
+    k2.founding_wait = Some(30);
+    let b2 = kiln::pipeline::k3s::bootstrap_script(&project.cluster, &k2);
+    assert!(b2.contains("founder=\"\"\n") && b2.contains("founding_wait=30\n"));
+    let u = kiln::pipeline::k3s::unit_dropin(kiln::project::recipe::K3sMode::Server);
+    assert!(
+        u.contains("ExecStartPre=/usr/lib/kiln/kiln-k3s-ca\nExecStartPre=/usr/lib/kiln/kiln-k3s-bootstrap\n"),
+        "{u}"
+    );
 }
 
 #[test]
@@ -359,7 +373,7 @@ fn a_node_with_longhorn_disks_asks_longhorn_for_its_config_once() {
         ],
         "the role's nodes without Longhorn disks get Longhorn's default disk"
     );
-    let nodes = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &st);
+    let nodes = kiln::pipeline::k3s::node_configs(&project.cluster, &st);
     // storage-1 names a Longhorn disk: its drop-in replaces the list, with one value of the key.
     assert_eq!(
         node_labels(&nodes["storage-1"]).unwrap(),
@@ -375,7 +389,7 @@ fn a_node_with_longhorn_disks_asks_longhorn_for_its_config_once() {
     assert_eq!(node_labels(&nodes["storage-2"]), None);
     // Any k3s role's node with Longhorn disks gets the label; the role's own labels stay.
     let w = kiln::project::recipe::load_role(&project, "worker").unwrap();
-    let wn = kiln::pipeline::k3s::node_configs(&project.cluster, &k, &w);
+    let wn = kiln::pipeline::k3s::node_configs(&project.cluster, &w);
     assert_eq!(
         node_labels(&wn["worker-3"]).unwrap(),
         [
@@ -497,7 +511,7 @@ fn a_vip_without_keepalived_or_static_masters_is_refused() {
     edit(
         d.path(),
         "recipes/master.toml",
-        "packages = [\"keepalived\"]",
+        "packages = [\"keepalived\", \"curl\", \"openssl\"]",
         "packages = []",
     );
     let o = kiln(d.path(), &["build", "--role", "master"]);
@@ -723,4 +737,57 @@ fn bad_etcd_snapshot_settings_are_refused() {
     let o = kiln(d.path(), &["build", "--role", "master"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("token_delivery"), "{}", stderr(&o));
+}
+
+#[test]
+fn masters_need_the_bootstrap_tools_and_sane_founding_settings() {
+    // Several masters: kiln-k3s-bootstrap needs curl in the master role.
+    let d = project_copy();
+    add_master2(d.path());
+    edit(
+        d.path(),
+        "recipes/master.toml",
+        "packages = [\"keepalived\", \"curl\", \"openssl\"]",
+        "packages = [\"keepalived\"]",
+    );
+    let o = kiln(d.path(), &["build", "--role", "master"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("master.toml") && e.contains("debian.packages") && e.contains("add \"curl\""),
+        "{e}"
+    );
+    for (from, to, key, fix) in [
+        (
+            "founding_wait = 120",
+            "founding_wait = 7200",
+            "k3s.founding_wait",
+            "at most 3600",
+        ),
+        (
+            "bootstrapped = false",
+            "bootstrapped = false\n[k3s.restore]\nsnapshot = \"../../etc/shadow\"",
+            "k3s.restore.snapshot",
+            "absolute path",
+        ),
+        (
+            "bootstrapped = false",
+            "bootstrapped = false\n[k3s.restore]\nsnapshot = \"etcd-snapshot-master-1-1733000000\"",
+            "k3s.restore.snapshot",
+            "[k3s.etcd_snapshots.s3]",
+        ),
+        (
+            "bootstrapped = false",
+            "bootstrapped = true\n[k3s.restore]\nsnapshot = \"/var/lib/rancher/k3s/server/db/snapshots/x\"",
+            "k3s.restore",
+            "remove bootstrapped = true",
+        ),
+    ] {
+        let d = project_copy();
+        edit(d.path(), "recipes/cluster.toml", from, to);
+        let o = kiln(d.path(), &["build", "--role", "master"]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{to}: {e}");
+        assert!(e.contains("cluster.toml") && e.contains(key) && e.contains(fix), "{to}: {e}");
+    }
 }

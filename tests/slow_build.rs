@@ -63,6 +63,14 @@ fn standin_project(root: &Path) -> PathBuf {
         "secrets = []",
         "secrets = [\"secrets/db.yaml\"]",
     );
+    // A master-1 that finds no other master founds after 10 s, not the default 2 min (every
+    // master boot here is one).
+    edit(
+        &project,
+        "recipes/cluster.toml",
+        "founding_wait = 120",
+        "founding_wait = 10",
+    );
     // The state probe in every image, and a storage node with extra disks (issue 18's test).
     let unit = project.join("overlays/common/etc/systemd/system/kiln-test-state.service");
     fs::create_dir_all(unit.parent().unwrap()).unwrap();
@@ -604,10 +612,11 @@ fn slow_k3s_layout_golden() {
     assert!(m.contains("usr/local/bin/kubectl: 777 0:0 Symlink -> /usr/local/bin/k3s"));
     assert!(m.contains("etc/rancher/k3s/token: 600 0:0 Regular"));
     assert!(m.contains("etc/systemd/system/multi-user.target.wants/k3s.service: 777 0:0 Symlink -> /etc/systemd/system/k3s.service"));
-    assert!(
-        m.contains("| cluster-init: true"),
-        "first master founds the cluster"
-    );
+    // Founding or joining is decided at boot: no node config carries cluster-init, the
+    // bootstrap runs before k3s.
+    assert!(!m.contains("| cluster-init: true"), "founding baked in");
+    assert!(m.contains("usr/lib/kiln/kiln-k3s-bootstrap: 755 0:0 Regular"));
+    assert!(m.contains("ExecStartPre=/usr/lib/kiln/kiln-k3s-bootstrap"));
     assert!(m.contains("etc/kiln/k3s-nodes/master-1.yaml"));
     assert!(m.contains("var/lib/rancher/k3s/server/manifests/nvidia-runtimeclass.yaml"));
     let w = kiln_layer_dump(&b.role_dir("worker"));
@@ -1650,13 +1659,21 @@ if [ -e /etc/systemd/system/k3s.service ]; then
   ca=$(sha256sum /var/lib/rancher/k3s/server/tls/server-ca.crt 2>/dev/null | cut -c 1-16)
   [ -n "$ca" ] || ca=none
 fi
+# Masters: what kiln-k3s-bootstrap decided before k3s started (found, join, restart, ...).
+k3s=none
+if [ -e /usr/lib/kiln/kiln-k3s-bootstrap ]; then
+  i=0
+  while [ ! -f /run/kiln/k3s-bootstrap ] && [ "$i" -lt 90 ]; do sleep 1; i=$((i + 1)); done
+  k3s=$(cut -d ' ' -f 1 /run/kiln/k3s-bootstrap 2>/dev/null)
+  [ -n "$k3s" ] || k3s=none
+fi
 if [ -d /etc/kiln/keepalived ]; then
   i=0
   while [ ! -f /run/kiln/keepalived.conf ] && [ "$i" -lt 60 ]; do sleep 1; i=$((i + 1)); done
   vrrp=$(sed -n 's/^ *interface //p' /run/kiln/keepalived.conf 2>/dev/null | head -n 1)
   [ -n "$vrrp" ] || vrrp=none
 fi
-echo "kiln-test-state: host=$(cat /proc/sys/kernel/hostname) count=$n eph=$eph mid=$(cat /etc/machine-id) ssh=$ssh pw=$pw $(cat /run/kiln/data.state 2>/dev/null || echo data=unknown) longhorn=$lh mounts=$(findmnt -n -o TARGET /var/lib/rancher >/dev/null && echo rancher) ca=$ca vrrp=$vrrp"
+echo "kiln-test-state: host=$(cat /proc/sys/kernel/hostname) count=$n eph=$eph mid=$(cat /etc/machine-id) ssh=$ssh pw=$pw $(cat /run/kiln/data.state 2>/dev/null || echo data=unknown) longhorn=$lh mounts=$(findmnt -n -o TARGET /var/lib/rancher >/dev/null && echo rancher) ca=$ca vrrp=$vrrp k3s=$k3s"
 echo $((n + 1)) >/var/lib/rancher/kiln-test-count
 echo here >/var/tmp/kiln-test
 sync
@@ -2115,6 +2132,10 @@ fn slow_state_master_power_cut_during_first_boot() {
     // kiln-keepalived found the interface with master-1's address for the VIP.
     let ca = fs::read(b.project.join("keys/k3s-server-ca.crt")).unwrap();
     let want = &kiln::sys::util::sha256_hex(&ca)[..16];
+    // kiln-k3s-bootstrap: boot 2 (empty etcd, no other master answers) founds after the
+    // founding wait; boot 3 restarts from the etcd data the stand-in k3s left on kiln-data.
+    assert_eq!(s2["k3s"], "found", "{s2:?}");
+    assert_eq!(s3["k3s"], "restart", "{s3:?}");
     for s in [&s2, &s3] {
         assert_eq!(s["ca"], want, "k3s's server CA is not keys/': {s:?}");
         assert_ne!(s["vrrp"], "none", "keepalived got no configuration: {s:?}");

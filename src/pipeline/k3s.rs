@@ -96,8 +96,11 @@ pub fn unit_dropin(mode: K3sMode) -> String {
     );
     if mode.is_server() {
         s.push_str("ConditionPathExists=/etc/rancher/k3s/config.yaml.d/50-kiln-node.yaml\n");
-        // The cluster's CAs before the first start (the script does nothing without them).
-        s.push_str(&format!("\n[Service]\nExecStartPre=/{CA_SCRIPT}\n"));
+        // The cluster's CAs before the first start (the script does nothing without them),
+        // then found, join or restart (see bootstrap_script).
+        s.push_str(&format!(
+            "\n[Service]\nExecStartPre=/{CA_SCRIPT}\nExecStartPre=/{BOOTSTRAP_SCRIPT}\n"
+        ));
     }
     s
 }
@@ -215,16 +218,7 @@ pub fn role_config(cluster: &Cluster, k: &K3sCluster, recipe: &Recipe) -> String
 }
 
 /// Per-node drop-in for each inventory node of the role.
-pub fn node_configs(
-    cluster: &Cluster,
-    k: &K3sCluster,
-    recipe: &Recipe,
-) -> BTreeMap<String, String> {
-    let first_master = cluster
-        .nodes
-        .iter()
-        .find(|n| n.role == "master")
-        .map(|n| n.hostname.clone());
+pub fn node_configs(cluster: &Cluster, recipe: &Recipe) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for n in cluster.nodes.iter().filter(|n| n.role == recipe.role) {
         let mut s = format!(
@@ -235,13 +229,8 @@ pub fn node_configs(
         if let Some((ip, _)) = n.address.split_once('/') {
             s.push_str(&format!("node-ip: {}\n", q(ip)));
         }
-        if recipe.k3s.mode.is_server() {
-            if !k.bootstrapped && first_master.as_deref() == Some(n.hostname.as_str()) {
-                s.push_str("cluster-init: true\n");
-            } else if let Some(url) = cluster.server_url() {
-                s.push_str(&format!("server: {}\n", q(&url)));
-            }
-        }
+        // (A server's cluster-init or server URL is decided at every start by
+        // kiln-k3s-bootstrap, see [`bootstrap_script`].)
         if crate::project::inventory::has_longhorn_disks(n) {
             // Replaces (no `+`) the role config's list: k3s reads a drop-in's key as the
             // whole value, so the node carries exactly one create-default-disk value.
@@ -335,6 +324,10 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
     if mode.is_server() {
         let image = k.token_delivery == crate::project::recipe::TokenDelivery::Image;
         add_ca(&mut l, project, image)?;
+        l.entries.insert(
+            BOOTSTRAP_SCRIPT.into(),
+            Upper::file(bootstrap_script(&project.cluster, k), 0o755, ORIGIN),
+        );
         add_vip(&mut l, project)?;
         if let Some((access, secret)) = crate::pipeline::resolve::read_s3_credentials(project)? {
             let text = format!(
@@ -357,6 +350,57 @@ pub fn layer(project: &Project, recipe: &Recipe, fetched: &Fetched, token: &str)
         add_charts(&mut l, project, recipe, fetched)?;
     }
     Ok(l)
+}
+
+/// The ExecStartPre of `k3s.service` (after [`CA_SCRIPT`]) that decides at every start
+/// whether the server restarts from its etcd data, joins, or founds the cluster.
+pub const BOOTSTRAP_SCRIPT: &str = "usr/lib/kiln/kiln-k3s-bootstrap";
+
+/// `kiln-k3s-bootstrap` for the masters of `cluster`: the founder (the inventory's first
+/// master, none with `bootstrapped = true`), the hosts it probes (the API endpoint, then every
+/// master's static address, in inventory order), the URL non-founders join when nothing
+/// answers, the founding wait and the snapshot of `[k3s.restore]`.
+pub fn bootstrap_script(cluster: &Cluster, k: &K3sCluster) -> String {
+    let masters: Vec<_> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.role == "master")
+        .collect();
+    let founder = if k.bootstrapped {
+        String::new()
+    } else {
+        masters
+            .first()
+            .map(|n| n.hostname.clone())
+            .unwrap_or_default()
+    };
+    let mut probe: Vec<String> = cluster.section.api_endpoint.iter().cloned().collect();
+    for n in &masters {
+        if let Some((ip, _)) = n.address.split_once('/') {
+            if !probe.iter().any(|p| p == ip) {
+                probe.push(ip.to_string());
+            }
+        }
+    }
+    // Every value was validated (hostnames, addresses, the snapshot's characters), so none
+    // holds a quote, `$`, backquote or backslash.
+    include_str!("assets/kiln-k3s-bootstrap.sh")
+        .replace("@FOUNDER@", &founder)
+        .replace("@PROBE@", &probe.join(" "))
+        .replace("@ENDPOINT@", &cluster.server_url().unwrap_or_default())
+        .replace(
+            "@WAIT@",
+            &k.founding_wait
+                .unwrap_or(crate::project::inventory::DEFAULT_FOUNDING_WAIT)
+                .to_string(),
+        )
+        .replace(
+            "@RESTORE@",
+            k.restore
+                .as_ref()
+                .map(|r| r.snapshot.as_str())
+                .unwrap_or(""),
+        )
 }
 
 /// Where a master image keeps the cluster's CAs until [`CA_SCRIPT`] installs them.
@@ -478,7 +522,7 @@ fn add_units_and_config(l: &mut Layer, project: &Project, k: &K3sCluster, recipe
     );
     l.entries
         .insert("etc/rancher/k3s/config.yaml.d".into(), Upper::Dir);
-    for (host, cfg) in node_configs(&project.cluster, k, recipe) {
+    for (host, cfg) in node_configs(&project.cluster, recipe) {
         l.entries.insert(
             format!("{NODES_DIR}/{host}.yaml"),
             Upper::file(cfg, 0o644, o),

@@ -83,6 +83,36 @@ pub fn read_k3s_ca(project: &Project) -> Result<Vec<(crate::trust::k3s_ca::CaFil
     Ok(out)
 }
 
+/// A server of a cluster with more than one master runs kiln-k3s-bootstrap, which probes the
+/// others' `/cacerts` and removes a stale member with curl and openssl.
+fn check_bootstrap_tools(project: &Project, recipe: &recipe::Recipe) -> Result<()> {
+    let masters = project
+        .cluster
+        .nodes
+        .iter()
+        .filter(|n| n.role == "master")
+        .count();
+    if !recipe.k3s.mode.is_server() || masters < 2 {
+        return Ok(());
+    }
+    let has = |p: &str| recipe.debian.packages.iter().any(|q| q == p);
+    for (tool, ok) in [
+        ("curl", has("curl")),
+        ("openssl", has("openssl") || has("ca-certificates")),
+    ] {
+        if !ok {
+            return Err(recipe::RecipeError::new(
+                project.layout().role_recipe(&recipe.role),
+                "debian.packages",
+                format!("the cluster has {masters} masters: at boot each one looks for the running cluster and removes its own stale etcd member with {tool}, which this role does not install"),
+                format!("add \"{tool}\" to [debian] packages of the master role"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// A master of a cluster whose API endpoint is a VIP runs keepalived: its role's packages must
 /// have it, and every master needs a static address (the VRRP peers are unicast).
 fn check_vip(project: &Project, recipe: &recipe::Recipe) -> Result<()> {
@@ -357,6 +387,7 @@ impl Resolved {
 pub fn resolve(project: &Project, role: &str) -> Result<Resolved> {
     let recipe = recipe::load_role(project, role)?;
     check_vip(project, &recipe)?;
+    check_bootstrap_tools(project, &recipe)?;
     let overlays = scan_overlays(project, role)?;
     check_templates(project, &overlays)?;
     // Both halves of the module-signing pair are read and cross-checked here (a bad pair is a

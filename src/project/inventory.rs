@@ -115,11 +115,21 @@ pub struct K3sCluster {
     /// `registries.yaml` (path relative to recipes/), installed as /etc/rancher/k3s/registries.yaml.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registries: Option<String>,
-    /// The cluster already exists: no server uses `cluster-init`; all join the API endpoint.
-    /// Set this once the first master is up, so that reflashing it rejoins instead of founding
-    /// a new cluster.
+    /// An override of the decision masters make at boot (docs/guide/ha.md): `true` means the
+    /// cluster exists, so no master ever founds one, not even the first master with an empty
+    /// etcd after [`K3sCluster::founding_wait`] (for a rebuild while the network may be split).
+    /// Not needed otherwise: a master with etcd data restarts from it, one with an empty etcd
+    /// joins a master that answers, and only the first master founds, after the wait.
     #[serde(default)]
     pub bootstrapped: bool,
+    /// Seconds the first master, with an empty etcd and no earlier membership on its data
+    /// partition, keeps probing the API endpoint and the other masters before it founds the
+    /// cluster (default [`DEFAULT_FOUNDING_WAIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub founding_wait: Option<u32>,
+    /// `[k3s.restore]`: the recovery drill for "all masters lost" (docs/guide/ha.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Restore>,
     /// Where nodes get the cluster token: `image` (baked into every role image, 0600) or
     /// `seed` (only in each node's cloud-init seed: role images then carry no token and can be
     /// shared; a node booted without its seed cannot join).
@@ -131,6 +141,21 @@ pub struct K3sCluster {
     /// etcd snapshots of the servers (`[k3s.etcd_snapshots]`); absent: k3s's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd_snapshots: Option<EtcdSnapshots>,
+}
+
+/// How long the first master probes for a running cluster before it founds one.
+pub const DEFAULT_FOUNDING_WAIT: u32 = 120;
+
+/// `[k3s.restore]`: the first master, at its first start with this build, restores etcd from
+/// a snapshot (`k3s server --cluster-reset --cluster-reset-restore-path`) before it starts;
+/// the other masters, reflashed with an empty etcd, join it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Restore {
+    /// A snapshot file on the first master (e.g. on its kept data partition,
+    /// `/var/lib/rancher/k3s/server/db/snapshots/<name>`), or with
+    /// `[k3s.etcd_snapshots.s3]` the name of a snapshot in the bucket.
+    pub snapshot: String,
 }
 
 /// `[k3s.etcd_snapshots]`: when the servers snapshot etcd, how many they keep, and an optional
@@ -1110,6 +1135,62 @@ fn check_k3s(layout: &Layout, path: &Path, k: &K3sCluster, nodes: &[Node]) -> Re
     check_k3s_names(path, k)?;
     if let Some(e) = &k.etcd_snapshots {
         check_etcd_snapshots(path, k, e)?;
+    }
+    if let Some(w) = k.founding_wait {
+        if w > 3600 {
+            return Err(RecipeError::new(
+                path,
+                "k3s.founding_wait",
+                format!("{w} seconds"),
+                "wait at most 3600 seconds (default 120): the first master founds the cluster only after no other master answered for this long",
+            ));
+        }
+    }
+    if let Some(r) = &k.restore {
+        let s = &r.snapshot;
+        let ok = !s.is_empty()
+            && s.len() <= 255
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/:+".contains(&b))
+            && !s.split('/').any(|c| c == "..");
+        if !ok {
+            return Err(RecipeError::new(
+                path,
+                "k3s.restore.snapshot",
+                format!("{s:?} is not a snapshot name or an absolute path on the node"),
+                "name the snapshot as `k3s etcd-snapshot ls` lists it (letters, digits, '.', '_', '-', ':', '+'), or give its absolute path on the first master, e.g. \"/var/lib/rancher/k3s/server/db/snapshots/etcd-snapshot-master-1-1733000000\"",
+            ));
+        }
+        if s.contains('/') && !s.starts_with('/') {
+            return Err(RecipeError::new(
+                path,
+                "k3s.restore.snapshot",
+                format!("{s:?} is a relative path"),
+                "give the snapshot file's absolute path on the first master, or a snapshot name in the S3 bucket of [k3s.etcd_snapshots.s3]",
+            ));
+        }
+        if !s.starts_with('/')
+            && k.etcd_snapshots
+                .as_ref()
+                .and_then(|e| e.s3.as_ref())
+                .is_none()
+        {
+            return Err(RecipeError::new(
+                path,
+                "k3s.restore.snapshot",
+                format!("{s:?} is a snapshot name, but there is no [k3s.etcd_snapshots.s3] to fetch it from"),
+                "give the snapshot file's absolute path on the first master, or configure [k3s.etcd_snapshots.s3]",
+            ));
+        }
+        if k.bootstrapped {
+            return Err(RecipeError::new(
+                path,
+                "k3s.restore",
+                "a restore makes the first master found the cluster again from the snapshot, but bootstrapped = true forbids founding",
+                "remove bootstrapped = true while restoring",
+            ));
+        }
     }
     if let Some(m) = &k.write_kubeconfig_mode {
         if m.len() != 4 || !m.starts_with('0') || !m.bytes().all(|b| (b'0'..=b'7').contains(&b)) {

@@ -310,7 +310,7 @@ pub fn without_vip(dir: &Path) {
     edit(
         dir,
         "recipes/master.toml",
-        "packages = [\"keepalived\"]",
+        "packages = [\"keepalived\", \"curl\", \"openssl\"]",
         "packages = []",
     );
 }
