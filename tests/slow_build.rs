@@ -1666,6 +1666,11 @@ if [ -e /usr/lib/kiln/kiln-k3s-bootstrap ]; then
   while [ ! -f /run/kiln/k3s-bootstrap ] && [ "$i" -lt 90 ]; do sleep 1; i=$((i + 1)); done
   k3s=$(cut -d ' ' -f 1 /run/kiln/k3s-bootstrap 2>/dev/null)
   [ -n "$k3s" ] || k3s=none
+  # The (stand-in) k3s that starts after the decision leaves etcd data: wait for it, so the
+  # test's power-off does not come before it.
+  i=0
+  while [ ! -d /var/lib/rancher/k3s/server/db/etcd/member/wal ] && [ "$i" -lt 60 ]; do sleep 1; i=$((i + 1)); done
+  sync
 fi
 if [ -d /etc/kiln/keepalived ]; then
   i=0
