@@ -1044,3 +1044,55 @@ fn the_persist_list_changes_the_build_id() {
         .canonical_json()
         .contains("\"persist\":{\"paths\":[\"/var/lib/rancher\""));
 }
+
+/// The repository's own inventory (what `kiln build` builds out of the box) is the seeds'
+/// cluster: three masters behind the VIP, workers, a storage and a gpu node; it validates,
+/// every master gets a keepalived configuration and the same bootstrap (master-1 founds), and
+/// every node's seed renders.
+#[test]
+fn default_inventory_is_the_seeds_ha_cluster() {
+    let d = project_copy();
+    fs::copy(
+        repo_root().join("recipes/cluster.toml"),
+        d.path().join("recipes/cluster.toml"),
+    )
+    .unwrap();
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
+    let roles = |r: &str| -> Vec<String> {
+        project
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| n.role == r)
+            .map(|n| n.hostname.clone())
+            .collect()
+    };
+    assert_eq!(roles("master"), ["master-1", "master-2", "master-3"]);
+    assert!(roles("worker").len() >= 2, "{:?}", roles("worker"));
+    assert_eq!(roles("storage").len(), 1);
+    assert_eq!(roles("gpu").len(), 1);
+    let vip = kiln::pipeline::vip::vip(&project.cluster).expect("api_endpoint is a VIP");
+    assert_eq!(vip.masters.len(), 3);
+    let k = project.cluster.k3s.clone().unwrap();
+    assert!(!k.bootstrapped, "the default must found the cluster once");
+    let b = kiln::pipeline::k3s::bootstrap_script(&project.cluster, &k);
+    assert!(b.contains("founder=\"master-1\"\n"));
+    assert!(b.contains("probe=\"10.0.0.10 10.0.0.11 10.0.0.12 10.0.0.13\"\n"));
+    for role in ["master", "worker", "storage", "gpu"] {
+        kiln::project::recipe::load_role(&project, role)
+            .unwrap_or_else(|e| panic!("{role}: {e:#}"));
+    }
+    let o = kiln(d.path(), &["seed"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for n in project.cluster.nodes.iter() {
+        assert!(
+            out.contains(&format!("### {} user-data", n.hostname)),
+            "no seed for {}",
+            n.hostname
+        );
+    }
+    let o = kiln(d.path(), &["doctor"]);
+    let e = stderr(&o);
+    assert!(!e.contains("error"), "{e}");
+}

@@ -21,9 +21,42 @@ pub fn project_copy() -> tempfile::TempDir {
     d
 }
 
-/// Fills `dir` with the repository's recipes/ and overlays/ and a test k3s token.
+/// The inventory the tests build and boot: one master (founding at once: nothing else to
+/// probe but the VIP) and two workers, so node indices, MACs and golden seeds stay small; the
+/// tests that need more masters or nodes append them. The repository's default inventory (the
+/// seeds' HA cluster) is checked by `tests/recipes.rs`.
+pub const TEST_INVENTORY: &str = r#"[[nodes]]
+hostname = "master-1"
+mac = "52:54:00:00:00:11"
+role = "master"
+address = "10.0.0.11/24"
+gateway = "10.0.0.1"
+dns = ["10.0.0.1"]
+
+[[nodes]]
+hostname = "worker-1"
+mac = "52:54:00:00:00:21"
+role = "worker"
+
+[[nodes]]
+hostname = "worker-2"
+mac = "52:54:00:00:00:22"
+role = "worker"
+"#;
+
+/// Fills `dir` with the repository's recipes/ (its inventory replaced by [`TEST_INVENTORY`])
+/// and overlays/ and a test k3s token.
 pub fn populate(dir: &Path) {
     copy_tree(&repo_root().join("recipes"), &dir.join("recipes"));
+    let c = dir.join("recipes/cluster.toml");
+    let text = fs::read_to_string(&c).unwrap();
+    // The inventory, with the comment block above it, is the end of the file.
+    let cut = text
+        .find("\n# The inventory")
+        .or_else(|| text.find("\n[[nodes]]"))
+        .expect("cluster.toml has [[nodes]]");
+    let head = text[..cut].trim_end();
+    fs::write(&c, format!("{head}\n\n{TEST_INVENTORY}")).unwrap();
     copy_tree(&repo_root().join("overlays"), &dir.join("overlays"));
     copy_tree(test_keys(), &dir.join("keys"));
     let t = dir.join("keys/k3s-token");
