@@ -106,11 +106,7 @@ fn bootstrap(w: &World, root: &Path, script: &Path) -> Run {
         .output()
         .unwrap();
     let took = t.elapsed();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let log = combined(&o);
     let decision =
         fs::read_to_string(root.join("etc/rancher/k3s/config.yaml.d/60-kiln-bootstrap.yaml"))
             .unwrap_or_default();
@@ -137,14 +133,7 @@ fn k3s(w: &World, root: &Path) -> (bool, String) {
         .env("KILN_K3S_PORT", w.port.to_string())
         .output()
         .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    (o.status.success(), combined(&o))
 }
 
 struct Server(Child);

@@ -327,7 +327,7 @@ fn cidata_volume_reads_back_with_mtools_and_blkid() {
             .arg(&img)
             .output()
             .unwrap();
-        assert!(o.status.success(), "fsck.fat: {}{}", stdout(&o), stderr(&o));
+        assert!(o.status.success(), "fsck.fat: {}", combined(&o));
     }
     if !checked {
         skip("cidata_volume_reads_back", "mtools and blkid not installed");

@@ -283,7 +283,7 @@ fn privileged_vip_moves_once_per_failure_and_never_flaps() {
             )
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        assert!(o.status.success(), "{}", combined(&o));
         let run = fs::read_to_string(lab.dir.join(format!("m{i}.run.conf"))).unwrap();
         assert!(run.contains(&format!("interface eth{i}\n")), "{run}");
         assert!(!run.contains("@INTERFACE@"));

@@ -361,11 +361,7 @@ pub const BOOTSTRAP_SCRIPT: &str = "usr/lib/kiln/kiln-k3s-bootstrap";
 /// master's static address, in inventory order), the URL non-founders join when nothing
 /// answers, the founding wait and the snapshot of `[k3s.restore]`.
 pub fn bootstrap_script(cluster: &Cluster, k: &K3sCluster) -> String {
-    let masters: Vec<_> = cluster
-        .nodes
-        .iter()
-        .filter(|n| n.role == "master")
-        .collect();
+    let masters: Vec<_> = cluster.masters().collect();
     let founder = if k.bootstrapped {
         String::new()
     } else {

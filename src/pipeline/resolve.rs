@@ -86,12 +86,7 @@ pub fn read_k3s_ca(project: &Project) -> Result<Vec<(crate::trust::k3s_ca::CaFil
 /// A server of a cluster with more than one master runs kiln-k3s-bootstrap, which probes the
 /// others' `/cacerts` and removes a stale member with curl and openssl.
 fn check_bootstrap_tools(project: &Project, recipe: &recipe::Recipe) -> Result<()> {
-    let masters = project
-        .cluster
-        .nodes
-        .iter()
-        .filter(|n| n.role == "master")
-        .count();
+    let masters = project.cluster.masters().count();
     if !recipe.k3s.mode.is_server() || masters < 2 {
         return Ok(());
     }

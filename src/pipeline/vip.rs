@@ -55,9 +55,7 @@ pub fn vip(cluster: &Cluster) -> Option<Vip> {
         return None;
     }
     let masters: Vec<(String, Cidr4)> = cluster
-        .nodes
-        .iter()
-        .filter(|n| n.role == "master")
+        .masters()
         .filter_map(|n| addr(&n.address).map(|c| (n.hostname.clone(), c)))
         .collect();
     let prefix = masters.first().map(|(_, c)| c.prefix).unwrap_or(24);

@@ -394,13 +394,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The inventory's masters, in inventory order (the first one founds the cluster).
+    pub fn masters(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| n.role == "master")
+    }
+
     /// `https://host:6443` that agents and joining servers talk to: the API endpoint, or the
     /// first master's static address.
     pub fn server_url(&self) -> Option<String> {
         let host = self.section.api_endpoint.clone().or_else(|| {
-            self.nodes
-                .iter()
-                .find(|n| n.role == "master")
+            self.masters()
+                .next()
                 .and_then(|n| n.address.split_once('/').map(|(ip, _)| ip.to_string()))
         })?;
         let host = if host.contains(':') {

@@ -826,12 +826,7 @@ fn check_k3s_role(
                 "add [k3s] with version and the pinned binary (see docs/guide/recipes.md)",
             ));
         }
-        let masters = project
-            .cluster
-            .nodes
-            .iter()
-            .filter(|n| n.role == "master")
-            .count();
+        let masters = project.cluster.masters().count();
         let needs_url = mode.is_agent()
             || masters > 1
             || project.cluster.k3s.as_ref().is_some_and(|k| k.bootstrapped);

@@ -228,6 +228,11 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// stdout, then stderr.
+pub fn combined(o: &Output) -> String {
+    format!("{}{}", stdout(o), stderr(o))
+}
+
 /// Replaces `from` with `to` in a project file (panics if `from` is absent).
 pub fn edit(dir: &Path, file: &str, from: &str, to: &str) {
     let p = dir.join(file);
