@@ -90,6 +90,43 @@ const PINS: &[(u32, &[(&str, &str)])] = &[
             ),
         ],
     ),
+    (
+        3,
+        &[
+            (
+                "build-id",
+                "a4b52a6b50e3e8aa8b12b3373bfc96f51f548ac286afbdba1ed39b7d892b3ff2",
+            ),
+            (
+                "cidata.img",
+                "59cc50ef64efcc3ec95cccb22e9b170a698d5d972885a9350ccd6314346c14f4",
+            ),
+            (
+                "cidata.iso",
+                "a552e2cdab3153f6424841476b589a53763d260b18a0ee65214a10aae371de07",
+            ),
+            (
+                "disk.raw",
+                "daad35490137e6c3fe57623387556eba9f2ddb43afc1509fdd1f3b508b7742e7",
+            ),
+            (
+                "iso9660",
+                "9f99e1636af0be1a47e2b3aaf76135cd63475ab242c75850a8c2ff222fe114be",
+            ),
+            (
+                "root.pieces",
+                "45b6e9c455d268d9240be84794f2f753f1690184bb81e7e218e7fc99c484f861",
+            ),
+            (
+                "root.squashfs",
+                "d377f1c7c0ee61806d9ead78135f477ee4cdf4ef14917912bf3f50dc7ae60e1e",
+            ),
+            (
+                "rootfs.tar.zst",
+                "13e1928eb29081ca3bf2eaf9ad68c7f342970506d4eaea234f12b646a2d0dec6",
+            ),
+        ],
+    ),
 ];
 
 const EPOCH: i64 = 1_700_000_000;
@@ -170,6 +207,24 @@ fn synthetic_tar(path: &Path) {
         &noise(5000, 2),
         None,
     );
+    // Many small files (tails only): enough fragment data (more than a quarter of a 1 MiB
+    // block several times over) for content-defined fragment cuts.
+    add("usr/share/many/", T::Directory, 0o755, 0, b"", None);
+    for i in 0..600u64 {
+        let len = 500 + (i as usize * 7919) % 3000;
+        let body: Vec<u8> = noise(len, 100 + i)
+            .into_iter()
+            .map(|c| b"abcdefgh ijk\n"[c as usize % 13])
+            .collect();
+        add(
+            &format!("usr/share/many/f{i:04}"),
+            T::Regular,
+            0o644,
+            0,
+            &body,
+            None,
+        );
+    }
     add("var/lib/app/", T::Directory, 0o700, 1000, b"", None);
     add(
         "var/lib/app/data",
@@ -228,8 +283,16 @@ fn every_emitted_format_is_pinned_for_this_generation() {
     synthetic_tar(&tar);
     emit::compress_tar(&tar, &dir.join("rootfs.tar.zst"), None).unwrap();
     got.insert("rootfs.tar.zst", sha(&dir.join("rootfs.tar.zst")));
-    emit::squashfs_from_tar(&tar, &dir.join("root.squashfs"), EPOCH, None).unwrap();
+    let w = emit::squashfs_from_tar(&tar, &dir.join("root.squashfs"), EPOCH, None).unwrap();
     got.insert("root.squashfs", sha(&dir.join("root.squashfs")));
+    // root.pieces: where root.squashfs's pieces are.
+    let pieces =
+        kiln::formats::pieces::of_image(&dir.join("root.squashfs"), &w.index.spans()).unwrap();
+    assert!(pieces.pieces.len() > 8, "{} pieces", pieces.pieces.len());
+    got.insert(
+        "root.pieces",
+        common::sha256_hex(pieces.to_text().as_bytes()),
+    );
 
     // GPT disk with the FAT ESP, the squashfs root and a seed partition, laid out as builds do.
     let layout: DiskLayout = kiln::pipeline::build::disk_layout(&r);
@@ -239,12 +302,12 @@ fn every_emitted_format_is_pinned_for_this_generation() {
             source: EspSource::Bytes(b"MZ golden".to_vec()),
         },
         EspFile {
-            path: "kiln/vmlinuz".into(),
+            path: "kiln/a/vmlinuz".into(),
             source: EspSource::Bytes(vec![0x5a; 200_000]),
         },
         EspFile {
-            path: "loader/entries/kiln.conf".into(),
-            source: EspSource::Bytes(b"title kiln\nlinux /kiln/vmlinuz\n".to_vec()),
+            path: "loader/entries/kiln-1.conf".into(),
+            source: EspSource::Bytes(b"title kiln\nlinux /kiln/a/vmlinuz\n".to_vec()),
         },
     ];
     disk::write_disk(

@@ -511,7 +511,7 @@ fn a_vip_without_keepalived_or_static_masters_is_refused() {
     edit(
         d.path(),
         "recipes/master.toml",
-        "packages = [\"keepalived\", \"curl\", \"openssl\"]",
+        "packages = [\"keepalived\", \"openssl\"]",
         "packages = []",
     );
     let o = kiln(d.path(), &["build", "--role", "master"]);
@@ -741,14 +741,14 @@ fn bad_etcd_snapshot_settings_are_refused() {
 
 #[test]
 fn masters_need_the_bootstrap_tools_and_sane_founding_settings() {
-    // Several masters: kiln-k3s-bootstrap needs curl in the master role.
+    // Several masters: kiln-k3s-bootstrap needs curl in the master role (base.toml has it).
     let d = project_copy();
     add_master2(d.path());
     edit(
         d.path(),
-        "recipes/master.toml",
-        "packages = [\"keepalived\", \"curl\", \"openssl\"]",
-        "packages = [\"keepalived\"]",
+        "recipes/base.toml",
+        "  \"curl\",               # kiln-update fetches a new build's pieces from kiln serve\n",
+        "",
     );
     let o = kiln(d.path(), &["build", "--role", "master"]);
     let e = stderr(&o);

@@ -11,6 +11,7 @@
 
 mod common;
 use common::*;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -366,16 +367,37 @@ fn slow_build_image_contents() {
     if which("mtype") && which("sfdisk") {
         let img = format!("{}@@1048576", b.dir.join("disk.raw").display());
         let o = Command::new("mtype")
-            .args(["-i", &img, "::/loader/entries/kiln.conf"])
+            .args(["-i", &img, "::/loader/entries/kiln-1.conf"])
             .env("MTOOLS_SKIP_CHECK", "1")
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         let entry = stdout(&o);
         assert!(
-            entry.contains("linux /kiln/vmlinuz")
+            entry.contains("linux /kiln/a/vmlinuz\ninitrd /kiln/a/initrd.img\n")
                 && entry.contains("boot=live plainroot root=/dev/disk/by-partuuid/"),
             "{entry}"
+        );
+        // The loader picks the newest good kiln-* entry; slot A's root.pieces is the build's.
+        let o = Command::new("mtype")
+            .args(["-i", &img, "::/loader/loader.conf", "::/kiln/a/root.pieces"])
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let pieces = fs::read_to_string(b.dir.join("root.pieces")).unwrap();
+        // root.pieces describes root.squashfs exactly: every piece's digest is of those bytes.
+        let p = kiln::formats::pieces::Pieces::parse(&pieces, "root.pieces").unwrap();
+        let sq = fs::read(b.dir.join("root.squashfs")).unwrap();
+        assert_eq!(p.size, sq.len() as u64);
+        for piece in &p.pieces {
+            let bytes = &sq[piece.offset as usize..(piece.offset + piece.len) as usize];
+            assert_eq!(<[u8; 32]>::from(Sha256::digest(bytes)), piece.sha256);
+        }
+        assert!(p.pieces.len() > 100, "{} pieces", p.pieces.len());
+        assert_eq!(
+            stdout(&o),
+            format!("default kiln-*\ntimeout 0\neditor no\n{pieces}")
         );
         let o = Command::new("mdir")
             .args(["-i", &img, "-b", "::/EFI/BOOT"])
@@ -1497,6 +1519,8 @@ fn privileged_pxe_boot_worker_state_on_data_disk() {
     );
     println!("PXE boot 1 state: {s1:?}");
     assert!(s1["data"].starts_with("new(/dev/vda"), "{s1:?}");
+    // PXE: no systemd-boot, so no LoaderDevicePartUUID and no /efi.
+    assert_eq!(s1["efi"], "none", "{s1:?}");
     assert_eq!(s1["count"], "0");
     assert_eq!(
         s1["mounts"], "rancher",
@@ -1678,7 +1702,7 @@ if [ -d /etc/kiln/keepalived ]; then
   vrrp=$(sed -n 's/^ *interface //p' /run/kiln/keepalived.conf 2>/dev/null | head -n 1)
   [ -n "$vrrp" ] || vrrp=none
 fi
-echo "kiln-test-state: host=$(cat /proc/sys/kernel/hostname) count=$n eph=$eph mid=$(cat /etc/machine-id) ssh=$ssh pw=$pw $(cat /run/kiln/data.state 2>/dev/null || echo data=unknown) longhorn=$lh mounts=$(findmnt -n -o TARGET /var/lib/rancher >/dev/null && echo rancher) ca=$ca vrrp=$vrrp k3s=$k3s"
+echo "kiln-test-state: host=$(cat /proc/sys/kernel/hostname) count=$n eph=$eph mid=$(cat /etc/machine-id) ssh=$ssh pw=$pw $(cat /run/kiln/data.state 2>/dev/null || echo data=unknown) longhorn=$lh mounts=$(findmnt -n -o TARGET /var/lib/rancher >/dev/null && echo rancher) ca=$ca vrrp=$vrrp k3s=$k3s efi=$(findmnt -n -o FSTYPE /efi 2>/dev/null || echo none)"
 echo $((n + 1)) >/var/lib/rancher/kiln-test-count
 echo here >/var/tmp/kiln-test
 sync
@@ -1865,6 +1889,8 @@ fn slow_state_storage_node_reboot_and_reflash() {
     assert_eq!(s1["host"], "storage-1");
     assert_eq!(s1["count"], "0");
     assert!(s1["data"].starts_with("new("), "{s1:?}");
+    // The ESP systemd-boot started from is at /efi (kiln-esp-generator).
+    assert_eq!(s1["efi"], "vfat", "{s1:?}");
     let want_mid = seed_file("machine-id").expect("the seed carries kiln/machine-id");
     assert_eq!(s1["mid"], want_mid.trim(), "machine-id is the derived one");
     assert_ne!(s1["ssh"], "none");

@@ -687,3 +687,85 @@ fn squashfs_bad_input_is_refused() {
         assert!(msg.contains(want), "case {i}: {msg}");
     }
 }
+
+/// A tar of `n` small files (a root's /etc and /usr/share: tails only) and one big file, with
+/// file `edit` (if any) grown by more than the largest tail (so that greedy packing would move
+/// a tail out of every later fragment block).
+fn small_files_tar(n: usize, edit: Option<usize>) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: String, data: Vec<u8>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append_data(&mut h, path, &data[..]).unwrap();
+    };
+    add("big".into(), pseudo_random(64 * 1024 + 100, 1));
+    for i in 0..n {
+        // Compressible text-like tails of 200..2200 bytes.
+        let len = 200 + (i * 7919) % 2000;
+        let mut data: Vec<u8> = pseudo_random(len, i as u64 + 10)
+            .into_iter()
+            .map(|c| b"abcdefgh ijk\n"[c as usize % 13])
+            .collect();
+        if edit == Some(i) {
+            data.extend(std::iter::repeat_n(b'#', 3000));
+        }
+        add(format!("f/{i:05}"), data);
+    }
+    b.into_inner().unwrap()
+}
+
+/// Editing one small file changes its own fragment block and the metadata tables, not every
+/// later fragment block: `root.pieces` of the edited image shares all but a few pieces with the
+/// original (what lets an update fetch only the changed pieces), and the image still reads back.
+#[test]
+fn squashfs_small_edit_changes_few_pieces() {
+    use kiln::formats::pieces;
+    let d = tempfile::tempdir().unwrap();
+    let o = Options {
+        block_size: 64 * 1024,
+        ..opts()
+    };
+    let mut images = Vec::new();
+    for (name, edit) in [("a", None), ("b", Some(40))] {
+        let t = d.path().join(format!("{name}.tar"));
+        fs::write(&t, small_files_tar(3000, edit)).unwrap();
+        let img = d.path().join(name);
+        let w = squashfs::write_from_tar(&t, &img, &o, &mut Reuse::default()).unwrap();
+        images.push(pieces::of_image(&img, &w.index.spans()).unwrap());
+    }
+    let (a, b) = (&images[0], &images[1]);
+    let fragments = b.pieces.len();
+    assert!(fragments > 40, "{fragments} pieces");
+    let plan = b.plan_from(a);
+    // The edited fragment block, the superblock, and the tables after the blocks.
+    assert!(
+        plan.fetched_pieces <= 6,
+        "{plan:?} of {fragments} pieces (sizes {} → {})",
+        a.size,
+        b.size
+    );
+    assert!(
+        plan.fetched_bytes * 10 < b.size,
+        "{plan:?}, image {}",
+        b.size
+    );
+    if which("unsquashfs") {
+        let out = Command::new("unsquashfs")
+            .args(["-lc", "-n"])
+            .arg(d.path().join("b"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("f/00040"));
+    }
+}

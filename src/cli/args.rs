@@ -99,6 +99,14 @@ pub enum Command {
     /// flags. See docs/guide/proxmox.md.
     #[command(subcommand)]
     Proxmox(ProxmoxCommand),
+    /// Move a role's nodes to a new build in place, one healthy node at a time (A/B slots,
+    /// automatic rollback); `kiln serve` carries it out.
+    ///
+    /// Needs `[updates]` in cluster.toml (the nodes' updater asks kiln serve at that address).
+    /// The rollout is kept in <out>/rollouts/<role>.json, which `kiln serve` reads and updates:
+    /// a restarted server resumes it. See docs/guide/updates.md.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Print a shell completion script on stdout.
     ///
     /// bash: `kiln completions bash > /etc/bash_completion.d/kiln`; zsh: into a directory on
@@ -381,6 +389,55 @@ pub struct KubeconfigArgs {
     /// Write this file (replaced atomically, mode 0600) instead of printing.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start moving the role's nodes to a build (its `latest` unless --build).
+    Start {
+        #[arg(long)]
+        role: String,
+        /// Build id (a directory of <out>/<role>/); default: <out>/<role>/latest.
+        #[arg(long)]
+        build: Option<String>,
+        /// Nodes updating at once.
+        #[arg(long, default_value_t = 1)]
+        max_unavailable: u32,
+        /// Pause after the first N nodes are healthy on the new build (resume to go on).
+        #[arg(long, default_value_t = 0)]
+        canary: u32,
+        /// Pause again after every N further healthy nodes.
+        #[arg(long, default_value_t = 0)]
+        pause_after: u32,
+    },
+    /// Show each rollout: node, from → to, step, health, elapsed.
+    Status {
+        /// Only this role's rollout.
+        #[arg(long)]
+        role: Option<String>,
+        /// JSON output (the rollout files, events included).
+        #[arg(long)]
+        json: bool,
+        /// Redraw every second until the rollouts are no longer active.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Stop assigning new nodes; nodes updating now finish.
+    Pause {
+        #[arg(long)]
+        role: String,
+    },
+    /// Go on with a paused rollout, or with a stopped one (skipping the nodes that rolled
+    /// back or failed).
+    Resume {
+        #[arg(long)]
+        role: String,
+    },
+    /// Send every node the rollout reached back to the build it ran before.
+    Abort {
+        #[arg(long)]
+        role: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ mod doctor;
 mod flash;
 mod keys;
 mod proxmox;
+mod rollout;
 mod seed;
 mod serve;
 mod verify;
@@ -46,6 +47,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Flash(a) => flash::flash_cmd(&cx, a),
         Command::Serve(a) => serve::serve(&cx, a),
         Command::Proxmox(p) => proxmox::proxmox(&cx, p),
+        Command::Rollout(c) => rollout::rollout(&cx, c),
         Command::Completions(a) => docs::completions(a),
         Command::Docs(a) => docs::docs(a),
     }

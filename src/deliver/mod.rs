@@ -4,4 +4,5 @@
 pub mod flash;
 pub mod proxmox;
 pub mod reflash;
+pub mod rollout;
 pub mod serve;

@@ -3,6 +3,7 @@
 
 pub mod disk;
 pub mod iso9660;
+pub mod pieces;
 pub mod reuse;
 pub mod squashfs;
 pub mod zstd_frames;

@@ -51,6 +51,11 @@ impl Index {
         self.pieces.len()
     }
 
+    /// Offset and length of every piece, in the order written.
+    pub fn spans(&self) -> Vec<(u64, u64)> {
+        self.pieces.iter().map(|p| (p.2, p.3)).collect()
+    }
+
     /// Records that `stored` (a piece whose uncompressed content has `key`) is at `offset`.
     pub fn push(&mut self, key: [u8; 32], stored: &Stored, offset: u64) {
         self.pieces.push((

@@ -16,4 +16,5 @@ pub mod reproduce;
 pub mod resolve;
 pub mod seed;
 pub mod state;
+pub mod update;
 pub mod vip;

@@ -284,7 +284,7 @@ pub const SCHEMA: &str = "kiln.build-id/1";
 /// the build id changes with the bytes — the version string alone does not (two kiln binaries
 /// of one version may differ). tests/formats_golden.rs pins every emitted format's sha256 per
 /// generation and fails until this is raised and a new row is added there.
-pub const FORMAT_GENERATION: u32 = 2;
+pub const FORMAT_GENERATION: u32 = 3;
 
 /// A build id: the sha256 (64 lowercase hex digits) of a role build's canonical inputs
 /// ([`Resolved::canonical_json`]). It names the build's directory in full; names and tags that

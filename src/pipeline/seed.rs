@@ -26,11 +26,12 @@ pub const FILES: [&str; 4] = ["meta-data", "user-data", "network-config", "vendo
 /// script reads them, see pipeline::state): derived from keys/node-identity.key by
 /// [`crate::trust::identity::derive`]. Flat names, so the FAT volume, the ISO and `kiln serve`
 /// carry them as they carry user-data.
-pub const IDENTITY_FILES: [&str; 4] = [
+pub const IDENTITY_FILES: [&str; 5] = [
     "kiln-machine-id",
     "kiln-node-password",
     "kiln-ssh-host-ed25519-key",
     "kiln-ssh-host-ed25519-key.pub",
+    "kiln-update-key",
 ];
 
 const DEFAULT_META_DATA: &str = include_str!("assets/seed/meta-data.tera");
@@ -276,6 +277,10 @@ pub fn render(
             IDENTITY_FILES[1],
             format!("{}\n", id.node_password.as_str()),
         ));
+    }
+    // With [updates]: the key of the node's signed reports to kiln serve.
+    if project.cluster.updates.is_some() {
+        identity.push((IDENTITY_FILES[4], format!("{}\n", id.update_key.as_str())));
     }
     for (name, text) in identity {
         files.insert(name.to_string(), text);

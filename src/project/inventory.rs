@@ -49,7 +49,38 @@ struct ClusterFile {
     #[serde(default)]
     sealed_secrets: Option<SealedSecretsConfig>,
     #[serde(default)]
+    updates: Option<Updates>,
+    #[serde(default)]
     nodes: Vec<Node>,
+}
+
+/// `[updates]` of cluster.toml: in-place A/B updates (docs/guide/updates.md). Without it,
+/// nodes never ask for a new build: they change build only when reflashed (or PXE-booted).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Updates {
+    /// `http://<address>:<port>` of `kiln serve` as the nodes reach it.
+    pub server: String,
+    /// Seconds between two questions of a node's updater (default [`DEFAULT_UPDATE_POLL`]).
+    #[serde(default = "default_update_poll")]
+    pub poll_seconds: u32,
+    /// Boots a new build gets to pass its health check before systemd-boot falls back to the
+    /// previous one (the `+N` boot counter of its entry; default [`DEFAULT_BOOT_TRIES`]).
+    #[serde(default = "default_boot_tries")]
+    pub boot_tries: u32,
+}
+
+/// Default of `updates.poll_seconds`.
+pub const DEFAULT_UPDATE_POLL: u32 = 60;
+/// Default of `updates.boot_tries`.
+pub const DEFAULT_BOOT_TRIES: u32 = 3;
+
+fn default_update_poll() -> u32 {
+    DEFAULT_UPDATE_POLL
+}
+
+fn default_boot_tries() -> u32 {
+    DEFAULT_BOOT_TRIES
 }
 
 /// `[sealed_secrets]` of cluster.toml: the controller masters deploy, its restored key
@@ -390,6 +421,8 @@ pub struct Cluster {
     pub k3s: Option<K3sCluster>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sealed_secrets: Option<SealedSecretsConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updates: Option<Updates>,
     pub nodes: Vec<Node>,
 }
 
@@ -535,12 +568,56 @@ fn validate_cluster(layout: &Layout, path: &Path, file: ClusterFile) -> Result<C
     if let Some(ss) = &file.sealed_secrets {
         check_sealed_secrets(layout, path, ss)?;
     }
+    if let Some(u) = &file.updates {
+        check_updates(path, u)?;
+    }
     Ok(Cluster {
         section: file.cluster,
         k3s: file.k3s,
         sealed_secrets: file.sealed_secrets,
+        updates: file.updates,
         nodes,
     })
+}
+
+/// `[updates]`: an `http://host:port` server URL (the node's updater puts it in a shell
+/// variable and a curl command line, so only URL-safe characters) and ranges.
+fn check_updates(path: &Path, u: &Updates) -> Result<()> {
+    let rest = u.server.strip_prefix("http://");
+    let (host, port) = rest
+        .map(|r| r.trim_end_matches('/'))
+        .and_then(|r| r.rsplit_once(':'))
+        .unwrap_or(("", ""));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ok = !host.is_empty()
+        && host_or_ip_problem(host).is_none()
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+        && !rest.is_some_and(|r| r.trim_end_matches('/').contains('/'));
+    if !ok {
+        return Err(RecipeError::new(
+            path,
+            "updates.server",
+            format!("{:?} is not http://<host>:<port>", u.server),
+            "give kiln serve's address as the nodes reach it, e.g. server = \"http://10.0.0.2:8080\" (the port of `kiln serve --http`)",
+        ));
+    }
+    if !(5..=86_400).contains(&u.poll_seconds) {
+        return Err(RecipeError::new(
+            path,
+            "updates.poll_seconds",
+            format!("{} seconds is out of range", u.poll_seconds),
+            "use 5..86400 (default 60)",
+        ));
+    }
+    if !(1..=10).contains(&u.boot_tries) {
+        return Err(RecipeError::new(
+            path,
+            "updates.boot_tries",
+            format!("{} is out of range", u.boot_tries),
+            "use 1..10 (default 3): the boots a new build gets before the node falls back",
+        ));
+    }
+    Ok(())
 }
 
 /// `[cluster]`: name, SOURCE_DATE_EPOCH, suite, API endpoint.

@@ -130,6 +130,11 @@ impl Out {
     pub fn node(&self, hostname: &str) -> PathBuf {
         self.nodes().join(hostname)
     }
+    /// `<out>/rollouts`: one `<role>.json` per rollout, `nodes.json` (the nodes' last
+    /// reports) and the lock both kiln serve and kiln rollout take.
+    pub fn rollouts(&self) -> PathBuf {
+        self.dir.join("rollouts")
+    }
     /// `<out>/cache`, the cache when none is given.
     pub fn default_cache(&self) -> PathBuf {
         self.dir.join("cache")

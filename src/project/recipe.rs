@@ -42,7 +42,38 @@ pub struct RecipeFile {
     pub k3s: K3sRoleFile,
     #[serde(default)]
     pub persist: PersistFile,
+    #[serde(default)]
+    pub health: HealthFile,
 }
+
+/// `[health]` of a recipe: what a healthy node of the role is, beyond kiln's own checks (k3s
+/// active, the boot marker). A new build's boot entry is blessed only when every check passes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// Seconds k3s has to become active (default [`DEFAULT_K3S_HEALTH_TIMEOUT`]).
+    pub k3s_timeout: Option<u32>,
+    /// Checks, merged along `inherits` (a later check of the same name replaces an earlier).
+    #[serde(default)]
+    pub checks: Vec<HealthCheck>,
+}
+
+/// One `[[health.checks]]`: `command` (run by `sh -c` on the node) must exit 0 within `timeout`
+/// seconds; it is run again every few seconds until then.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub name: String,
+    pub command: String,
+    pub timeout: u32,
+}
+
+/// Default of `health.k3s_timeout`: k3s's first start (images imported, etcd) takes minutes.
+pub const DEFAULT_K3S_HEALTH_TIMEOUT: u32 = 600;
+/// Longest `timeout` of a check (and of `k3s_timeout`).
+pub const MAX_HEALTH_TIMEOUT: u32 = 3600;
+/// Most `[[health.checks]]` after merging.
+pub const MAX_HEALTH_CHECKS: usize = 32;
 
 /// `[persist]` of a recipe: directories that live on the node's data partition.
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +194,14 @@ pub struct Recipe {
     pub systemd: Systemd,
     pub k3s: K3sRole,
     pub persist: Persist,
+    pub health: Health,
+}
+
+/// `[health]`, merged.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub k3s_timeout: u32,
+    pub checks: Vec<HealthCheck>,
 }
 
 /// `[persist]`, merged: what lives on the node's data partition.
@@ -477,6 +516,8 @@ struct Merged {
     persist: Vec<(String, PathBuf)>,
     /// The last `persist.defaults`.
     persist_defaults: Option<bool>,
+    k3s_health_timeout: Option<u32>,
+    health_checks: Vec<HealthCheck>,
 }
 
 impl Merged {
@@ -518,6 +559,7 @@ impl Merged {
         }
         self.add_debian(path, &f.debian)?;
         self.add_persist(path, &f.persist)?;
+        self.add_health(path, &f.health)?;
         merge_list(&mut self.cmdline, &f.boot.cmdline);
         merge_list(&mut self.enable, &f.systemd.enable);
         merge_list(&mut self.mask, &f.systemd.mask);
@@ -558,6 +600,56 @@ impl Merged {
         check_labels_and_taints(path, k)?;
         merge_list(&mut self.node_labels, &k.node_labels);
         merge_list(&mut self.node_taints, &k.node_taints);
+        Ok(())
+    }
+
+    /// `[health]`: timeouts in range; names and commands one line each (the node reads them
+    /// from a tab-separated file), a later check of the same name replaces an earlier one.
+    fn add_health(&mut self, path: &Path, h: &HealthFile) -> Result<()> {
+        let range = |key: &str, t: u32| {
+            if (1..=MAX_HEALTH_TIMEOUT).contains(&t) {
+                Ok(())
+            } else {
+                Err(RecipeError::new(
+                    path,
+                    key,
+                    format!("{t} seconds is out of range"),
+                    format!("use 1..{MAX_HEALTH_TIMEOUT} (seconds)"),
+                ))
+            }
+        };
+        if let Some(t) = h.k3s_timeout {
+            range("health.k3s_timeout", t)?;
+            self.k3s_health_timeout = Some(t);
+        }
+        for (i, c) in h.checks.iter().enumerate() {
+            let key = |k: &str| format!("health.checks[{i}].{k}");
+            range(&key("timeout"), c.timeout)?;
+            for (k, v, max) in [("name", &c.name, 64), ("command", &c.command, 4096)] {
+                let bad = v.trim().is_empty() || v.len() > max || v.chars().any(|c| c.is_control());
+                if bad {
+                    return Err(RecipeError::new(
+                        path,
+                        key(k),
+                        format!("{v:?} is empty, longer than {max} bytes or has a control character (tab, newline)"),
+                        "write it on one line, e.g. command = \"curl -fsS http://127.0.0.1:8080/healthz\"",
+                    ));
+                }
+            }
+            self.health_checks.retain(|o| o.name != c.name);
+            self.health_checks.push(c.clone());
+        }
+        if self.health_checks.len() > MAX_HEALTH_CHECKS {
+            return Err(RecipeError::new(
+                path,
+                "health.checks",
+                format!(
+                    "{} checks; at most {MAX_HEALTH_CHECKS}",
+                    self.health_checks.len()
+                ),
+                "combine checks into one script",
+            ));
+        }
         Ok(())
     }
 
@@ -791,6 +883,12 @@ impl Merged {
                 charts: self.charts,
             },
             persist: Persist { paths: Vec::new() },
+            health: Health {
+                k3s_timeout: self
+                    .k3s_health_timeout
+                    .unwrap_or(DEFAULT_K3S_HEALTH_TIMEOUT),
+                checks: self.health_checks,
+            },
         }
     }
 }

@@ -15,6 +15,7 @@
 //! | `machine-id` | first 16 bytes with the UUID v4 version and variant bits set, 32 lowercase hex (machine-id(5); what systemd itself generates since v30, never all zeros) |
 //! | `k3s-node-password` | first 16 bytes, 32 lowercase hex: what k3s's agent writes to `/etc/rancher/node/password` itself (`ensureNodePassword` in `pkg/agent/config/config.go`: 16 random bytes, `hex.EncodeToString`) |
 //! | `ssh-host-ed25519` | the 32-byte Ed25519 seed of the SSH host key |
+//! | `update-report` | all 32 bytes, 64 lowercase hex: the key of the HMAC-SHA256 with which the node's updater signs its reports to `kiln serve` (which derives the same key), so nobody else can mark the node healthy |
 //! | `data-owner` | (no hostname) all 32 bytes, 64 hex: the tag a node writes on its data partition to recognise its own cluster ([`data_owner`]) |
 //! | `vrrp-password` | (no hostname) 6 bytes as 8 base64url characters: the masters' keepalived `auth_pass` ([`vrrp_password`]) |
 //!
@@ -46,6 +47,8 @@ pub struct NodeIdentity {
     /// `/etc/ssh/ssh_host_ed25519_key.pub` without its newline:
     /// `ssh-ed25519 AAAA… root@<hostname>`.
     pub ssh_host_key_pub: String,
+    /// The key of the node's update reports: 64 lowercase hex digits.
+    pub update_key: Zeroizing<String>,
 }
 
 impl std::fmt::Debug for NodeIdentity {
@@ -55,6 +58,7 @@ impl std::fmt::Debug for NodeIdentity {
             .field("node_password", &"<secret>")
             .field("ssh_host_key", &"<secret>")
             .field("ssh_host_key_pub", &self.ssh_host_key_pub)
+            .field("update_key", &"<secret>")
             .finish()
     }
 }
@@ -106,12 +110,21 @@ pub fn derive(secret: &[u8; 32], cluster: &str, hostname: &str) -> NodeIdentity 
         .to_openssh()
         .expect("encoding an Ed25519 public key in memory cannot fail");
 
+    let update_key = Zeroizing::new(hex::encode(*update_key(secret, cluster, hostname)));
+
     NodeIdentity {
         machine_id,
         node_password,
         ssh_host_key: Zeroizing::new(ssh_host_key.to_string()),
         ssh_host_key_pub,
+        update_key,
     }
+}
+
+/// The key of node `hostname`'s signed update reports (HMAC-SHA256 over the report body):
+/// what its seed carries as `kiln-update-key` (hex) and what `kiln serve` checks with.
+pub fn update_key(secret: &[u8; 32], cluster: &str, hostname: &str) -> Zeroizing<[u8; 32]> {
+    prf(secret, "update-report", &[cluster, hostname])
 }
 
 /// The data-owner tag of cluster `cluster`: 64 lowercase hex digits a node writes on its data

@@ -126,6 +126,10 @@ pub struct SignedSums {
     pub hash_alg: String,
     /// Listed files in file order: (name, lowercase sha256 hex).
     pub entries: Vec<(String, String)>,
+    /// The exact bytes of `SHA256SUMS` and of its signature that were verified (what
+    /// `kiln serve` hands to a node's updater, which checks them again itself).
+    #[serde(skip)]
+    pub raw: (Vec<u8>, Vec<u8>),
 }
 
 impl SignedSums {
@@ -402,6 +406,7 @@ pub fn verify_signature(dir: &Path, key: &VerifyingKey) -> Result<SignedSums> {
         signer: fingerprint(key),
         hash_alg,
         entries,
+        raw: (sums, sig_text),
     })
 }
 

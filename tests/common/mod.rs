@@ -348,7 +348,7 @@ pub fn without_vip(dir: &Path) {
     edit(
         dir,
         "recipes/master.toml",
-        "packages = [\"keepalived\", \"curl\", \"openssl\"]",
+        "packages = [\"keepalived\", \"openssl\"]",
         "packages = []",
     );
 }

@@ -27,6 +27,9 @@ use std::sync::{Arc, Mutex};
 
 /// The files of a role build that a diskless boot needs.
 pub const BOOT_FILES: [&str; 3] = ["vmlinuz", "initrd.img", "root.squashfs"];
+/// What a node's updater fetches besides [`BOOT_FILES`], served when the build's signed
+/// `SHA256SUMS` lists them (builds made before in-place updates do not).
+pub const UPDATE_FILES: [&str; 2] = ["root.pieces", "update.txt"];
 /// Seed files a node directory may hold, in the order cloud-init reads them, then the node's
 /// identity files and (a server's seed with `token_delivery = "seed"`) the cluster's CAs, read
 /// over HTTP by the initramfs of a PXE boot.
@@ -162,6 +165,21 @@ impl Blob {
             .into());
         }
         Ok(blob)
+    }
+
+    /// Bytes already read and verified (a build's `SHA256SUMS` and its signature), served from
+    /// memory under `path`'s name.
+    pub fn from_verified_bytes(path: PathBuf, v: Vec<u8>, cache: &Arc<PieceCache>) -> Blob {
+        Blob {
+            file: None,
+            len: v.len() as u64,
+            sha256: hex::encode(Sha256::digest(&v)),
+            path,
+            mem: Some(Bytes::from(v)),
+            pieces: Arc::new([]),
+            cache: cache.clone(),
+            changed: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Reads `path` (at most `max` bytes) into memory, where it is served from: no descriptor
@@ -373,7 +391,7 @@ pub struct Unprovisioned {
 }
 
 /// Everything the server answers from.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Catalog {
     /// Role builds by build id.
     pub builds: BTreeMap<String, Arc<RoleBuild>>,
@@ -651,6 +669,24 @@ impl Catalog {
         self.pinned.get(path)
     }
 
+    /// Adds one role build (verified) to what is served: a rollout's build.
+    pub fn add_build(
+        &mut self,
+        role: &str,
+        id: &str,
+        dir: &Path,
+        key: &VerifyingKey,
+        lo: &LoadOptions,
+    ) -> Result<()> {
+        if self.load_build(role, id, dir, key, lo)? {
+            anyhow::bail!(
+                "{} carries secrets (contains_secrets in its manifest.json) and kiln serve runs with --refuse-secret-builds",
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Loads a role build once; `Ok(true)` when it carries secrets and `lo` refuses those
     /// (then it is not in the catalog).
     fn load_build(
@@ -686,6 +722,21 @@ impl Catalog {
             files.insert(
                 name.to_string(),
                 Blob::open_verified(dir, name, &sums, cache)?,
+            );
+        }
+        for name in UPDATE_FILES {
+            if sums.sha256_of(name).is_some() {
+                files.insert(
+                    name.to_string(),
+                    Blob::open_verified(dir, name, &sums, cache)?,
+                );
+            }
+        }
+        let (raw_sums, raw_sig) = sums.raw.clone();
+        for (name, bytes) in [(sign::SUMS, raw_sums), (sign::SIG, raw_sig)] {
+            files.insert(
+                name.to_string(),
+                Blob::from_verified_bytes(dir.join(name), bytes, cache),
             );
         }
         let cmdline = manifest

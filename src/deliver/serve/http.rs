@@ -315,6 +315,15 @@ pub async fn serve(
     }
 }
 
+/// A whole response with a body in memory (for the updates API).
+pub fn full_response(
+    status: StatusCode,
+    ctype: &str,
+    body: impl Into<Bytes>,
+) -> Response<RespBody> {
+    full(status, ctype, body)
+}
+
 fn full(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<RespBody> {
     let body: Bytes = body.into();
     let mut r = Response::new(Full::new(body.clone()).map_err(|n| match n {}).boxed());
@@ -433,7 +442,26 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, st: &Arc<State>) -> Re
     let path = req.uri().path().to_string();
     let route = route_of(&path);
     let mut mac = st.mac_of(peer.ip());
-    let resp = if req.method() != Method::GET && req.method() != Method::HEAD {
+    let method = req.method().clone();
+    let uri = req.uri().to_string();
+    let resp = if super::api::is_api(&path) {
+        let r = super::api::handle(req, st).await;
+        let code = r.status().as_u16().to_string();
+        st.metrics.inc(
+            "kiln_http_requests_total",
+            &[("route", "api"), ("code", &code)],
+        );
+        tracing::info!(
+            target: "kiln::serve::http",
+            client = %peer.ip(),
+            method = %method,
+            path = %log_safe(&uri),
+            status = r.status().as_u16(),
+            ms = start.elapsed().as_millis() as u64,
+            "http"
+        );
+        return r;
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

@@ -2,6 +2,7 @@
 //! for the iPXE binaries, and HTTP for per-MAC iPXE scripts, kernel, initrd, the role's
 //! squashfs and NoCloud seeds. Only builds whose signature and files verify are served.
 
+pub mod api;
 pub mod catalog;
 pub mod dhcp;
 pub mod http;
@@ -127,6 +128,8 @@ pub struct State {
     clients: Mutex<BTreeMap<IpAddr, String>>,
     /// Verified pieces of the served files (shared by reloads: it is content-addressed).
     pub cache: Arc<catalog::PieceCache>,
+    /// The updates API (`[updates]` in cluster.toml), if configured.
+    pub updates: Option<Arc<api::Updates>>,
 }
 
 impl State {
@@ -144,6 +147,7 @@ impl State {
             ipxe_files,
             clients: Mutex::new(BTreeMap::new()),
             cache: Arc::new(catalog::PieceCache::new(catalog::DEFAULT_CACHE_MIB << 20)),
+            updates: None,
         };
         st.count_catalog();
         st
@@ -154,6 +158,11 @@ impl State {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Serves `c` from now on (a rollout's build added).
+    pub fn replace_catalog(&self, c: Catalog) {
+        self.set_catalog(c)
     }
 
     fn set_catalog(&self, c: Catalog) {
@@ -360,8 +369,22 @@ async fn run(
     let http_listener = bind_http(o).await?;
     let http_bound = http_listener.local_addr()?;
     let base_url = format!("http://{advertise}:{}", http_bound.port());
+    let updates = match &project.cluster.updates {
+        Some(_) => Some(Arc::new(api::Updates::new(
+            project,
+            out_dir,
+            key,
+            o.load_options(cache.clone()),
+        )?)),
+        None => None,
+    };
+    let mut cat = cat;
+    if let Some(u) = &updates {
+        api::add_rollout_builds(&mut cat, u);
+    }
     let mut state = State::new(cat, base_url.clone(), o.ipxe_dir.clone());
     state.cache = cache;
+    state.updates = updates;
     let state = Arc::new(state);
     warn_missing_ipxe(&state, o);
     let tftp_sock = bind_tftp(o)?;
@@ -671,7 +694,15 @@ async fn reload(
         key,
         o.load_options(state.cache.clone()),
     );
-    match tokio::task::spawn_blocking(move || Catalog::load(&p, &out, &k, &lo)).await {
+    let u = state.updates.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let mut c = Catalog::load(&p, &out, &k, &lo)?;
+        if let Some(u) = &u {
+            api::add_rollout_builds(&mut c, u);
+        }
+        Ok::<_, anyhow::Error>(c)
+    });
+    match loaded.await {
         Ok(Ok(c)) => {
             warn_catalog(&c);
             eprintln!(

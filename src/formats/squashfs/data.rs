@@ -15,6 +15,12 @@ use std::io::{BufWriter, Read, Write};
 pub(super) const BLOCK_UNCOMPRESSED: u32 = 1 << 24;
 /// Blocks compressed together (in parallel) before they are written in order.
 const BATCH_BLOCKS: usize = 32;
+/// A fragment block is cut after a tail whose key has this many low zero bits (one tail in 32)
+/// once it holds a quarter of a block, not only when the next tail does not fit: where blocks
+/// end depends on the tails themselves, so an edit to one small file changes its own fragment
+/// block and the blocks after it come out byte-identical (what `root.pieces` lets an update
+/// skip) instead of every later tail moving by the size difference.
+const FRAGMENT_CUT_MASK: u8 = 0x1f;
 
 /// Where a regular file's data is.
 #[derive(Debug, Clone)]
@@ -180,6 +186,11 @@ impl<'a> DataWriter<'a> {
         let at = (self.fragments.len() as u32 - 1, self.frag_buf.len() as u32);
         self.frag_buf.extend_from_slice(tail);
         self.tails_seen.insert(key, at);
+        if self.frag_buf.len() >= self.opts.block_size as usize / 4
+            && key[0] & FRAGMENT_CUT_MASK == 0
+        {
+            self.flush_fragment()?;
+        }
         Ok(at)
     }
 

@@ -76,26 +76,57 @@ pub fn kernel_cmdline(r: &Resolved, root_partuuid: &str) -> String {
     args.join(" ")
 }
 
-pub(super) fn esp_files(r: &Resolved, c: &compose::Composed, cmdline: &str) -> Vec<disk::EspFile> {
+/// The ESP directory of a root slot's kernel, initrd and `root.pieces` (`kiln/a`, `kiln/b`).
+pub fn slot_dir(slot: char) -> String {
+    format!("kiln/{slot}")
+}
+
+/// systemd-boot's `default`: the newest good `kiln-<generation>` entry. Entries sort newest
+/// first by file name (version order) and entries whose boot counter ran out (`+0-N`) after
+/// every good one, so a build that never passed its health check is only picked when nothing
+/// else is left.
+pub const LOADER_CONF: &str = "default kiln-*\ntimeout 0\neditor no\n";
+
+/// The flashed build's entry: generation 1, slot A, no boot counter (there is nothing to fall
+/// back to). Updates write `kiln-<generation+1>+<tries>.conf` for the other slot.
+pub const FIRST_ENTRY: &str = "loader/entries/kiln-1.conf";
+
+/// A boot entry for the kernel and initrd in `slot`'s ESP directory.
+pub fn boot_entry(title: &str, slot: char, options: &str) -> String {
+    let d = slot_dir(slot);
+    format!("title {title}\nlinux /{d}/vmlinuz\ninitrd /{d}/initrd.img\noptions {options}\n")
+}
+
+/// The entry's title: cluster, role and short build id.
+pub fn entry_title(r: &Resolved) -> String {
+    format!(
+        "kiln {} {} ({})",
+        r.cluster.section.name,
+        r.role,
+        r.build_id.short()
+    )
+}
+
+pub(super) fn esp_files(
+    r: &Resolved,
+    c: &compose::Composed,
+    cmdline: &str,
+    root_pieces: Vec<u8>,
+) -> Vec<disk::EspFile> {
     let b = |path: &str, data: Vec<u8>| disk::EspFile {
         path: path.into(),
         source: disk::EspSource::Bytes(data),
     };
-    let entry = format!(
-        "title kiln {} {} ({})\nlinux /kiln/vmlinuz\ninitrd /kiln/initrd.img\noptions {}\n",
-        r.cluster.section.name,
-        r.role,
-        r.build_id.short(),
-        cmdline
-    );
+    let d = slot_dir('a');
     vec![
         b("EFI/BOOT/BOOTX64.EFI", c.bootloader_efi.clone()),
-        b("kiln/initrd.img", c.initrd.clone()),
-        b("kiln/vmlinuz", c.vmlinuz.clone()),
-        b("loader/entries/kiln.conf", entry.into_bytes()),
+        b(&format!("{d}/initrd.img"), c.initrd.clone()),
+        b(&format!("{d}/root.pieces"), root_pieces),
+        b(&format!("{d}/vmlinuz"), c.vmlinuz.clone()),
         b(
-            "loader/loader.conf",
-            b"default kiln.conf\ntimeout 0\neditor no\n".to_vec(),
+            FIRST_ENTRY,
+            boot_entry(&entry_title(r), 'a', cmdline).into_bytes(),
         ),
+        b("loader/loader.conf", LOADER_CONF.as_bytes().to_vec()),
     ]
 }

@@ -62,8 +62,10 @@ pub const ARTIFACTS: &[&str] = &[
     "manifest.json",
     "packages.json",
     "packages.txt",
+    "root.pieces",
     "root.squashfs",
     "rootfs.tar.zst",
+    "update.txt",
     "vmlinuz",
 ];
 
@@ -167,14 +169,27 @@ fn build_role_inner(
     record_lock(project, resolved, locked_artifacts, &package_lines, opts)?;
     let sde = project.cluster.section.source_date_epoch;
     let pieces = st.stage("rootfs.tar.zst+root.squashfs", || {
-        compress_root(&tar_path, sd, sde, &opts.cache_dir)
+        let images = compress_root(&tar_path, sd, sde, &opts.cache_dir)?;
+        let p = write_root_pieces(sd, &images)?;
+        if let Some((from, plan)) = update_from_latest(&role_dir, &p) {
+            tracing::info!(
+                role,
+                from = %from,
+                fetched = %util::human_bytes(plan.fetched_bytes),
+                copied = %util::human_bytes(plan.copied_bytes),
+                "an update from the latest build fetches {} of root.squashfs's pieces",
+                plan.fetched_pieces
+            );
+        }
+        Ok(images)
     })?;
     fs::remove_file(&tar_path).with_context(|| format!("removing {}", tar_path.display()))?;
 
     let layout = disk_layout(resolved);
     let cmdline = kernel_cmdline(resolved, &disk::guid_to_string(&layout.root_guid));
     st.stage("kernel", || {
-        write_kernel_and_packages(sd, resolved, &composed, &packages, &package_lines)
+        write_kernel_and_packages(sd, resolved, &composed, &packages, &package_lines)?;
+        write_update_txt(project, sd, resolved)
     })?;
     let disk_info = st.stage("disk.raw", || {
         write_disk_raw(sd, resolved, &composed, &layout, &cmdline, sde)

@@ -2,6 +2,7 @@
 //! kernel and packages, disk image.
 
 use super::*;
+use crate::formats::pieces::{self, Pieces};
 
 /// The base stage: the role's base from the cache, or built (`base_checked`: see
 /// [`build_role_inner`]).
@@ -38,7 +39,11 @@ pub(super) fn compose_root(
         &owner,
         k3s,
     ));
+    let (update_files, update_units) =
+        crate::pipeline::update::image_entries(project, &resolved.recipe)?;
+    extra.extend(update_files);
     let mut extra_enable = k3s_layer.enable;
+    extra_enable.extend(update_units);
     extra_enable.push("kiln-data.service".into());
     if k3s {
         extra_enable.push("kiln-longhorn-disks.service".into());
@@ -118,6 +123,40 @@ pub(super) fn compress_root(
     })
 }
 
+/// `root.pieces` of the root.squashfs in `sd` (see [`crate::formats::pieces`]): its blocks as
+/// the writer recorded them.
+pub(super) fn write_root_pieces(sd: &Path, images: &RootImages) -> Result<Pieces> {
+    let p = pieces::of_image(&sd.join("root.squashfs"), &images.0.index.spans())?;
+    fs::write(sd.join("root.pieces"), p.to_text()).context("writing root.pieces")?;
+    Ok(p)
+}
+
+/// What a node running the role's `latest` build would move to update to this one (pieces
+/// copied from its active slot, pieces fetched), when that build has a `root.pieces`.
+pub(super) fn update_from_latest(role_dir: &Path, new: &Pieces) -> Option<(String, pieces::Plan)> {
+    let latest = role_dir.join(crate::project::layout::LATEST);
+    let id = fs::read_link(&latest).ok()?.to_string_lossy().into_owned();
+    let text =
+        util::read_small_string(&latest.join("root.pieces"), pieces::MAX_FILE, "root.pieces")
+            .ok()?;
+    let old = Pieces::parse(&text, "root.pieces").ok()?;
+    Some((id, new.plan_from(&old)))
+}
+
+/// `update.txt` in `sd` (see [`crate::pipeline::update::update_txt`]).
+pub(super) fn write_update_txt(project: &Project, sd: &Path, resolved: &Resolved) -> Result<()> {
+    let options = kernel_cmdline(resolved, crate::pipeline::update::PARTUUID_PLACEHOLDER);
+    let text = crate::pipeline::update::update_txt(
+        &resolved.role,
+        &resolved.build_id,
+        &project.cluster.section.name,
+        project.cluster.section.source_date_epoch,
+        &entry_title(resolved),
+        &options,
+    );
+    fs::write(sd.join("update.txt"), text).context("writing update.txt")
+}
+
 /// The kernel stage: vmlinuz, initrd.img, packages.txt and packages.json in `sd`.
 pub(super) fn write_kernel_and_packages(
     sd: &Path,
@@ -149,7 +188,8 @@ pub(super) fn write_disk_raw(
     cmdline: &str,
     sde: i64,
 ) -> Result<disk::DiskInfo> {
-    let files = esp_files(resolved, composed, cmdline);
+    let pieces = fs::read(sd.join("root.pieces"))?;
+    let files = esp_files(resolved, composed, cmdline, pieces);
     let squashfs = sd.join("root.squashfs");
     check_root_slot(resolved, fs::metadata(&squashfs)?.len())?;
     disk::write_disk(
