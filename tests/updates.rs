@@ -393,11 +393,6 @@ impl Node {
             format!("{}\n", hex::encode(&key[..])),
         )
         .unwrap();
-        fs::write(
-            root.join("update.conf"),
-            format!("server={server}\nrole=worker\ntries=3\n"),
-        )
-        .unwrap();
         let signing = kiln::trust::sign::load_signing_key(&project.join("keys")).unwrap();
         fs::write(
             root.join("allowed_signers"),
@@ -412,8 +407,18 @@ impl Node {
             dir: d,
             host: host.into(),
         };
+        n.set_server(server);
         n.boot(build, 'a', Some("healthy"));
         n
+    }
+
+    /// Points the node's updater at another server URL.
+    fn set_server(&self, server: &str) {
+        fs::write(
+            self.path("update.conf"),
+            format!("server={server}\nrole=worker\ntries=3\n"),
+        )
+        .unwrap();
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -588,12 +593,36 @@ fn node_rolls_to_a_new_build_fetching_only_changed_pieces_then_rolls_back() {
     );
     let r = rollout_file(p.path());
     assert_eq!(node_of(&r, "worker-1")["step"], "rebooting", "{r:#}");
+    // Booted over the network instead, worker-1 would get build 2 now; worker-2 still build 1.
+    let script = |mac: &str| {
+        reqwest::blocking::get(format!("{}/boot.ipxe?mac={mac}", s.http))
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+    assert!(
+        script("52:54:00:00:00:21").contains(&format!("/roles/worker/{NEW}/")),
+        "{}",
+        script("52:54:00:00:00:21")
+    );
+    assert!(
+        script("52:54:00:00:00:22").contains(&format!("/roles/worker/{OLD}/")),
+        "{}",
+        script("52:54:00:00:00:22")
+    );
     // Only the changed pieces went over HTTP: the server's log has the Range requests.
     let log = s.stderr.lock().unwrap().clone();
     assert!(
         log.contains("/roles/worker/") && log.contains("root.squashfs"),
         "{log}"
     );
+
+    // kiln serve restarts mid-rollout (on another port here): it resumes from out/rollouts/.
+    drop(s);
+    let s = serve(p.path());
+    for w in [&w1, &w2] {
+        w.set_server(&s.http);
+    }
 
     // Booted into slot B (systemd-boot counted the entry), healthy: done; worker-2 is next.
     fs::rename(

@@ -220,6 +220,20 @@ fn target(st: &State, u: &Updates, host: &str) -> Result<Resp> {
     ))
 }
 
+/// The build a rollout assigns `host` (a PXE boot's build), if it is served already (the node's
+/// updater asked for its target, which added it, before it rebooted).
+pub fn rollout_build<'a>(
+    st: &State,
+    cat: &'a Catalog,
+    host: &str,
+    role: &str,
+) -> Option<&'a super::catalog::RoleBuild> {
+    let u = st.updates.as_ref()?;
+    let r = u.store.load(role).ok()??;
+    let t = r.target(host)?;
+    cat.build(role, &t.build)
+}
+
 /// Adds build `id` of `role` to the served catalog if it is not there yet (verified first).
 pub fn ensure_build(st: &State, u: &Updates, role: &str, id: &str) -> Result<()> {
     let cat = st.catalog();

@@ -546,6 +546,8 @@ fn route_request(
             *mac = Some(norm.clone());
             match cat.lookup(&norm) {
                 Lookup::Node(n, b) => {
+                    // A rollout that reached this node boots it into the rollout's build.
+                    let b = super::api::rollout_build(st, &cat, &n.hostname, &n.role).unwrap_or(b);
                     tracing::info!(target: "kiln::serve", mac = %n.mac, host = %n.hostname, role = %b.role, build = %super::catalog::short(&b.build_id), "boot script");
                     script(ipxe::boot_script(&st.base_url, b, Some(n), &n.mac))
                 }
