@@ -448,9 +448,15 @@ impl Node {
 
     /// Runs `kiln-update <args>`; (success, output).
     fn update(&self, args: &[&str]) -> (bool, String) {
+        let o = self.update_cmd(args).output().unwrap();
+        (o.status.success(), common::combined(&o))
+    }
+
+    /// The `kiln-update <args>` command with this node's state.
+    fn update_cmd(&self, args: &[&str]) -> Command {
         let active = fs::read_to_string(self.path("active")).unwrap();
-        let o = Command::new("sh")
-            .arg(self.path("kiln-update"))
+        let mut c = Command::new("sh");
+        c.arg(self.path("kiln-update"))
             .args(args)
             .env("KILN_UPDATE_CONF", self.path("update.conf"))
             .env("KILN_ALLOWED_SIGNERS", self.path("allowed_signers"))
@@ -465,10 +471,8 @@ impl Node {
             .env("KILN_PARTUUID_A", "aaaaaaaa-0000-4000-8000-000000000001")
             .env("KILN_PARTUUID_B", "bbbbbbbb-0000-4000-8000-000000000002")
             .env("KILN_HOST", &self.host)
-            .env("KILN_UPDATE_NO_REBOOT", "1")
-            .output()
-            .unwrap();
-        (o.status.success(), common::combined(&o))
+            .env("KILN_UPDATE_NO_REBOOT", "1");
+        c
     }
 
     fn esp(&self, p: &str) -> PathBuf {
@@ -806,6 +810,15 @@ struct Rogue {
 }
 
 fn rogue(files: std::collections::BTreeMap<String, Vec<u8>>, target: String) -> Rogue {
+    rogue_slow(files, target, std::time::Duration::ZERO)
+}
+
+/// [`rogue`], answering every Range request for root.squashfs after `delay`.
+fn rogue_slow(
+    files: std::collections::BTreeMap<String, Vec<u8>>,
+    target: String,
+    delay: std::time::Duration,
+) -> Rogue {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", l.local_addr().unwrap());
     let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -855,10 +868,13 @@ fn rogue(files: std::collections::BTreeMap<String, Vec<u8>>, target: String) -> 
                 continue;
             };
             let (code, part) = match range {
-                Some((a, b)) => (
-                    "206 Partial Content",
-                    body[a..=b.min(body.len() - 1)].to_vec(),
-                ),
+                Some((a, b)) => {
+                    std::thread::sleep(delay);
+                    (
+                        "206 Partial Content",
+                        body[a..=b.min(body.len() - 1)].to_vec(),
+                    )
+                }
                 None => ("200 OK", body),
             };
             let _ = c.write_all(
@@ -1020,4 +1036,72 @@ fn node_refuses_tampered_sums_foreign_signatures_and_tampered_pieces() {
         let (ok, out) = n.update(&["check"]);
         assert!(!ok && out.contains(want), "{want}: {out}");
     }
+}
+
+/// A power cut (the updater and its children killed) while the slot is written leaves no entry
+/// for it: the node boots its running build; the next check starts the update over and
+/// finishes it.
+#[test]
+fn updater_killed_during_the_slot_write_leaves_the_old_build_bootable_and_resumes() {
+    if signing::ssh_keygen("updater_killed_during_the_slot_write").is_none() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (p, old, new) = project();
+    let ndir = p.path().join("out/worker").join(NEW);
+    let mut files = std::collections::BTreeMap::new();
+    for n in [
+        "SHA256SUMS",
+        "SHA256SUMS.sig",
+        "update.txt",
+        "root.pieces",
+        "root.squashfs",
+        "vmlinuz",
+        "initrd.img",
+    ] {
+        files.insert(n.to_string(), fs::read(ndir.join(n)).unwrap());
+    }
+    let target = format!("kiln-target/1\nbuild {NEW}\nrole worker\nrollback 0\nseq 0\n");
+    let r = rogue_slow(files, target, std::time::Duration::from_millis(1500));
+    let n = Node::flashed(p.path(), &r.addr, "worker-1", OLD, &old);
+    let mut child = n
+        .update_cmd(&["check"])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        seen.push_str(&l);
+        seen.push('\n');
+        if l.contains("kiln-update: writing: slot b") {
+            break;
+        }
+    }
+    assert!(seen.contains("writing: slot b"), "{seen}");
+    // Mid-write (the first fetch waits on the server): the whole process group dies.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill(2) on the child's own process group.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    child.wait().unwrap();
+    assert_eq!(
+        n.entries(),
+        ["kiln-1.conf"],
+        "no entry for the half-written slot"
+    );
+    assert!(!n.esp("kiln/b/build").exists());
+    let b = fs::read(n.path("slot-b")).unwrap();
+    assert!(
+        b[..new.squashfs.len()] != new.squashfs[..],
+        "the slot was not complete"
+    );
+    // Run again: the update is done from the start.
+    let (ok, out) = n.update(&["check"]);
+    assert!(ok && out.contains("rebooting: into build bbbb"), "{out}");
+    assert_eq!(n.entries(), ["kiln-1.conf", "kiln-2+3.conf"]);
+    let b = fs::read(n.path("slot-b")).unwrap();
+    assert!(b[..new.squashfs.len()] == new.squashfs[..]);
 }

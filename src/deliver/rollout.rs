@@ -208,7 +208,11 @@ impl Rollout {
             max_unavailable: s.max_unavailable,
             canary: s.canary,
             pause_after: s.pause_after,
-            pause_at: s.canary,
+            pause_at: if s.canary > 0 {
+                s.canary
+            } else {
+                s.pause_after
+            },
             reason: String::new(),
             started_at: now,
             nodes,
@@ -785,6 +789,18 @@ mod tests {
         r.resume(6).unwrap();
         r.apply(&rep("w4", NEW, "healthy"), 7);
         r.apply(&rep("w5", NEW, "healthy"), 8);
+        assert_eq!(r.state, State::Done);
+    }
+
+    #[test]
+    fn pause_after_without_a_canary() {
+        let mut r = start(&["w1", "w2", "w3"], 1, 0, 2);
+        r.apply(&rep("w1", NEW, "healthy"), 1);
+        assert_eq!(r.state, State::Running);
+        r.apply(&rep("w2", NEW, "healthy"), 2);
+        assert_eq!((r.state, r.pause_at), (State::Paused, 4));
+        r.resume(3).unwrap();
+        r.apply(&rep("w3", NEW, "healthy"), 4);
         assert_eq!(r.state, State::Done);
     }
 
