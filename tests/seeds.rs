@@ -540,3 +540,29 @@ fn known_hosts_carry_the_host_keys_of_the_seeds() {
         &["nosuch-9", "cluster.toml"],
     );
 }
+
+/// With `[updates]`, every seed carries the node's report key — the same key `kiln serve`
+/// derives to check its reports, another on every node; without it, none.
+#[test]
+fn seeds_carry_the_update_key_only_with_updates() {
+    let d = project();
+    let seeds = render(d.path());
+    assert!(seeds.values().all(|f| !f.contains_key("kiln-update-key")));
+    let c = d.path().join("recipes/cluster.toml");
+    let mut t = fs::read_to_string(&c).unwrap();
+    t.push_str("\n[updates]\nserver = \"http://10.0.0.2:8080\"\n");
+    fs::write(&c, t).unwrap();
+    let _ = fs::remove_dir_all(d.path().join("seeds-out"));
+    let seeds = render(d.path());
+    let project = kiln::project::recipe::load_project(d.path()).unwrap();
+    let secret = kiln::pipeline::resolve::read_node_identity(&project).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    for (host, files) in &seeds {
+        let got = files
+            .get("kiln-update-key")
+            .unwrap_or_else(|| panic!("{host}: no kiln-update-key"));
+        let want = kiln::trust::identity::update_key(&secret, "homelab", host);
+        assert_eq!(got.trim(), hex::encode(&want[..]), "{host}");
+        assert!(keys.insert(got.clone()), "{host}: the same key as another node");
+    }
+}
