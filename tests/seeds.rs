@@ -563,6 +563,9 @@ fn seeds_carry_the_update_key_only_with_updates() {
             .unwrap_or_else(|| panic!("{host}: no kiln-update-key"));
         let want = kiln::trust::identity::update_key(&secret, "homelab", host);
         assert_eq!(got.trim(), hex::encode(&want[..]), "{host}");
-        assert!(keys.insert(got.clone()), "{host}: the same key as another node");
+        assert!(
+            keys.insert(got.clone()),
+            "{host}: the same key as another node"
+        );
     }
 }

@@ -283,6 +283,10 @@ impl Drop for Serve {
 }
 
 fn serve(project: &Path) -> Serve {
+    serve_with(project, &[])
+}
+
+fn serve_with(project: &Path, extra: &[&str]) -> Serve {
     let ipxe = project.join("ipxe");
     fs::create_dir_all(&ipxe).unwrap();
     fs::write(ipxe.join("ipxe.efi"), b"stand-in").unwrap();
@@ -307,6 +311,7 @@ fn serve(project: &Path) -> Serve {
             "--ipxe-dir",
         ])
         .arg(&ipxe)
+        .args(extra)
         .env("KILN_LOG", "kiln=info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -344,7 +349,9 @@ fn project() -> (tempfile::TempDir, StandIn, StandIn) {
     let p = common::project_copy();
     let c = p.path().join("recipes/cluster.toml");
     let mut t = fs::read_to_string(&c).unwrap();
-    t.push_str("\n[updates]\nserver = \"http://10.0.0.2:8080\"\npoll_seconds = 30\n");
+    t.push_str(
+        "\n[updates]\nserver = \"http://10.0.0.2:8080\"\npoll_seconds = 30\ndrain_timeout = 10\n",
+    );
     fs::write(&c, t).unwrap();
     let key = kiln::trust::sign::load_signing_key(&p.path().join("keys")).unwrap();
     let out = p.path().join("out");
@@ -471,6 +478,7 @@ impl Node {
             .env("KILN_PARTUUID_A", "aaaaaaaa-0000-4000-8000-000000000001")
             .env("KILN_PARTUUID_B", "bbbbbbbb-0000-4000-8000-000000000002")
             .env("KILN_HOST", &self.host)
+            .env("KILN_UPDATE_WAIT_EVERY", "1")
             .env("KILN_UPDATE_NO_REBOOT", "1");
         c
     }
@@ -486,6 +494,111 @@ impl Node {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// The server side of a k3s cluster (tests/standin/k3s_cluster.py, serve mode) with agent
+/// Nodes `workers` and `pods` (`ns/name@node[:ds|:mirror|:pdb]`), TLS from the project's keys.
+struct K8s {
+    child: Child,
+    url: String,
+}
+
+impl Drop for K8s {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl K8s {
+    fn state(&self) -> serde_json::Value {
+        let o = Command::new("curl")
+            .args(["-sk", "--max-time", "5"])
+            .arg(format!("{}/kiln-standin/state", self.url))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.state()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Waits (up to 20 s) for an event.
+    fn wait_event(&self, e: &str) {
+        let t = std::time::Instant::now();
+        while !self.events().iter().any(|x| x == e) {
+            assert!(
+                t.elapsed().as_secs() < 20,
+                "no {e:?} in {:?}",
+                self.events()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+/// `None` (with a SKIP line) when Python's `cryptography` is missing.
+fn k8s(project: &Path, workers: &[&str], pods: &[&str], test: &str) -> Option<K8s> {
+    let ok = Command::new("python3")
+        .args(["-c", "import cryptography, yaml"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        common::skip(
+            test,
+            "python3 with cryptography and yaml not installed (pip install cryptography pyyaml)",
+        );
+        return None;
+    }
+    let tls = project.join("k8s-tls");
+    fs::create_dir_all(&tls).unwrap();
+    for (f, k) in [
+        ("server-ca.crt", "k3s-server-ca.crt"),
+        ("server-ca.key", "k3s-server-ca.key"),
+        ("client-ca.crt", "k3s-client-ca.crt"),
+    ] {
+        fs::copy(project.join("keys").join(k), tls.join(f)).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("python3")
+        .arg(common::repo_root().join("tests/standin/k3s_cluster.py"))
+        .arg("serve")
+        .arg(format!("--tls={}", tls.display()))
+        .arg("--addr=127.0.0.1")
+        .arg(format!("--port={port}"))
+        .arg("--secret=x")
+        .arg(format!("--workers={}", workers.join(",")))
+        .arg(format!("--pods={}", pods.join(",")))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let k = K8s {
+        child,
+        url: format!("https://127.0.0.1:{port}"),
+    };
+    let t = std::time::Instant::now();
+    loop {
+        let o = Command::new("curl")
+            .args(["-sk", "--max-time", "2"])
+            .arg(format!("{}/ping", k.url))
+            .output()
+            .unwrap();
+        if o.stdout == b"pong" {
+            return Some(k);
+        }
+        assert!(t.elapsed().as_secs() < 20, "the k3s stand-in did not start");
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
@@ -536,7 +649,20 @@ fn node_rolls_to_a_new_build_fetching_only_changed_pieces_then_rolls_back() {
         }
     }
     let (p, old, new) = project();
-    let s = serve(p.path());
+    let Some(kube) = k8s(
+        p.path(),
+        &["worker-1", "worker-2"],
+        &[
+            "apps/web-1@worker-1",
+            "kube-system/svclb-x1@worker-1:ds",
+            "apps/web-2@worker-2",
+        ],
+        "node_rolls_to_a_new_build",
+    ) else {
+        return;
+    };
+    let kube_args = ["--kube-api", kube.url.as_str()];
+    let s = serve_with(p.path(), &kube_args);
     let w1 = Node::flashed(p.path(), &s.http, "worker-1", OLD, &old);
     let w2 = Node::flashed(p.path(), &s.http, "worker-2", OLD, &old);
 
@@ -621,9 +747,23 @@ fn node_rolls_to_a_new_build_fetching_only_changed_pieces_then_rolls_back() {
         "{log}"
     );
 
+    // Before its reboot worker-1 was cordoned and drained: its pod evicted, the DaemonSet's
+    // pod left; worker-2 untouched.
+    let ev = kube.events();
+    assert!(
+        ev.contains(&"cordon worker-1".to_string()) && ev.contains(&"evict apps/web-1".to_string()),
+        "{ev:?}"
+    );
+    assert!(
+        !ev.iter()
+            .any(|e| e.contains("svclb") || e.contains("worker-2") || e.contains("web-2")),
+        "{ev:?}"
+    );
+    assert!(out.contains("kiln-update: ready: slot b written"), "{out}");
+
     // kiln serve restarts mid-rollout (on another port here): it resumes from out/rollouts/.
     drop(s);
-    let s = serve(p.path());
+    let s = serve_with(p.path(), &kube_args);
     for w in [&w1, &w2] {
         w.set_server(&s.http);
     }
@@ -637,6 +777,8 @@ fn node_rolls_to_a_new_build_fetching_only_changed_pieces_then_rolls_back() {
     w1.boot(NEW, 'b', Some("healthy"));
     let (ok, out) = w1.update(&["check"]);
     assert!(ok && out.contains("kiln-update: healthy: slot b"), "{out}");
+    // Healthy on the new build: uncordoned.
+    kube.wait_event("uncordon worker-1");
     let r = rollout_file(p.path());
     assert_eq!(node_of(&r, "worker-1")["phase"], "done", "{r:#}");
     assert_eq!(node_of(&r, "worker-2")["phase"], "in-flight", "{r:#}");
@@ -929,7 +1071,7 @@ fn node_refuses_tampered_sums_foreign_signatures_and_tampered_pieces() {
         }
         m
     };
-    let target = format!("kiln-target/1\nbuild {NEW}\nrole worker\nrollback 0\nseq 0\n");
+    let target = format!("kiln-target/1\nbuild {NEW}\nrole worker\nrollback 0\nreboot 1\nseq 0\n");
     type Tamper = Box<dyn Fn(&str, Vec<u8>) -> Vec<u8>>;
     let cases: Vec<(&str, Tamper, &str)> = vec![
         (
@@ -1061,7 +1203,7 @@ fn updater_killed_during_the_slot_write_leaves_the_old_build_bootable_and_resume
     ] {
         files.insert(n.to_string(), fs::read(ndir.join(n)).unwrap());
     }
-    let target = format!("kiln-target/1\nbuild {NEW}\nrole worker\nrollback 0\nseq 0\n");
+    let target = format!("kiln-target/1\nbuild {NEW}\nrole worker\nrollback 0\nreboot 1\nseq 0\n");
     let r = rogue_slow(files, target, std::time::Duration::from_millis(1500));
     let n = Node::flashed(p.path(), &r.addr, "worker-1", OLD, &old);
     let mut child = n
@@ -1104,4 +1246,49 @@ fn updater_killed_during_the_slot_write_leaves_the_old_build_bootable_and_resume
     assert_eq!(n.entries(), ["kiln-1.conf", "kiln-2+3.conf"]);
     let b = fs::read(n.path("slot-b")).unwrap();
     assert!(b[..new.squashfs.len()] == new.squashfs[..]);
+}
+
+/// A pod whose disruption budget allows no eviction: the drain gives up after drain_timeout,
+/// the node is uncordoned, the rollout stops naming the pod, and the node writes no entry.
+#[test]
+fn a_drain_that_cannot_finish_stops_the_rollout() {
+    if signing::ssh_keygen("a_drain_that_cannot_finish").is_none() {
+        return;
+    }
+    let (p, old, _new) = project();
+    let Some(kube) = k8s(
+        p.path(),
+        &["worker-1", "worker-2"],
+        &["apps/db-0@worker-1:pdb"],
+        "a_drain_that_cannot_finish_stops_the_rollout",
+    ) else {
+        return;
+    };
+    let s = serve_with(p.path(), &["--kube-api", kube.url.as_str()]);
+    let w1 = Node::flashed(p.path(), &s.http, "worker-1", OLD, &old);
+    let (code, o, e) = rollout(p.path(), &["start", "--role", "worker", "--build", NEW]);
+    assert_eq!(code, 0, "{o}{e}");
+    let (ok, out) = w1.update(&["check"]);
+    assert!(!ok && out.contains("withdrew build bbbb"), "{out}");
+    assert_eq!(
+        w1.entries(),
+        ["kiln-1.conf"],
+        "no entry without the go-ahead"
+    );
+    let r = rollout_file(p.path());
+    assert_eq!(r["state"], "stopped", "{r:#}");
+    assert!(r["reason"].as_str().unwrap().contains("apps/db-0"), "{r:#}");
+    let ev = kube.events();
+    assert!(
+        ev.iter()
+            .filter(|e| *e == "evict-refused apps/db-0")
+            .count()
+            >= 2,
+        "{ev:?}"
+    );
+    assert_eq!(
+        ev.last().map(String::as_str),
+        Some("uncordon worker-1"),
+        "{ev:?}"
+    );
 }

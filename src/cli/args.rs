@@ -314,6 +314,10 @@ pub struct ServeArgs {
     /// A seed's own node identity (SSH host key, k3s node password) is served either way.
     #[arg(long)]
     pub refuse_secret_builds: bool,
+    /// The Kubernetes API kiln serve drains nodes through before a rollout reboots them
+    /// ([updates] drain) [default: https://<api_endpoint>:6443].
+    #[arg(long, value_name = "URL")]
+    pub kube_api: Option<String>,
     /// MiB of memory for verified pieces of the served files (each piece is read and checked
     /// against the digest taken at verification once, then sent from memory).
     #[arg(long, default_value_t = crate::deliver::serve::catalog::DEFAULT_CACHE_MIB)]

@@ -86,6 +86,11 @@ pub(crate) fn rollout(cx: &Ctx, c: &RolloutCommand) -> Result<()> {
                     max_unavailable: *max_unavailable,
                     canary: *canary,
                     pause_after: *pause_after,
+                    drain: project
+                        .cluster
+                        .updates
+                        .as_ref()
+                        .is_some_and(|u| u.drain.iter().any(|r| r == role)),
                     nodes,
                 },
                 now,

@@ -37,6 +37,7 @@ pub(crate) fn serve(cx: &Ctx, a: &ServeArgs) -> Result<()> {
         json: a.json,
         grace: Duration::from_secs(a.grace_secs),
         refuse_secret_builds: a.refuse_secret_builds,
+        kube_api: a.kube_api.clone(),
         cache_bytes: a.cache_mib.saturating_mul(1 << 20),
     };
     serve::serve_command(&project, cx.out.dir(), &opts, &line)

@@ -93,6 +93,13 @@ pub struct NodeProgress {
     /// When it was assigned (Unix seconds) and when it last reported.
     pub assigned_at: Option<u64>,
     pub reported_at: Option<u64>,
+    /// Before its reboot: `""` (not asked yet), `draining`, `drained`, `skip` (its role is not
+    /// drained), `failed`.
+    #[serde(default)]
+    pub drain: String,
+    /// kiln serve cordoned it and has not uncordoned it yet.
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 /// One line of the event log.
@@ -112,6 +119,9 @@ pub struct Rollout {
     pub build: String,
     pub state: State,
     pub max_unavailable: u32,
+    /// Nodes are cordoned and drained before they reboot.
+    #[serde(default)]
+    pub drain: bool,
     pub canary: u32,
     pub pause_after: u32,
     /// Done nodes at which the rollout pauses next (0: no pause pending).
@@ -142,6 +152,7 @@ pub struct Report {
 /// Steps a node's updater reports (`kiln-update report`).
 pub const STEPS: &[&str] = &[
     "booted",
+    "ready",
     "healthy",
     "unhealthy",
     "downloading",
@@ -153,11 +164,13 @@ pub const STEPS: &[&str] = &[
     "refused",
 ];
 
-/// What a node should run: `build`, with `rollback` when it is older than what it runs.
+/// What a node should run: `build`, with `rollback` when it is older than what it runs, and
+/// `reboot` once it may reboot into it (drained, or its role is not drained).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub build: String,
     pub rollback: bool,
+    pub reboot: bool,
 }
 
 /// How a rollout is started.
@@ -168,6 +181,8 @@ pub struct Start {
     pub max_unavailable: u32,
     pub canary: u32,
     pub pause_after: u32,
+    /// Cordon and drain each node before it reboots.
+    pub drain: bool,
     /// The role's nodes in inventory order, each with the build it runs, if known.
     pub nodes: Vec<(String, Option<String>)>,
 }
@@ -198,6 +213,8 @@ impl Rollout {
                 detail: String::new(),
                 assigned_at: None,
                 reported_at: None,
+                drain: String::new(),
+                cordoned: false,
             })
             .collect();
         let mut r = Rollout {
@@ -206,6 +223,7 @@ impl Rollout {
             build: s.build,
             state: State::Running,
             max_unavailable: s.max_unavailable,
+            drain: s.drain,
             canary: s.canary,
             pause_after: s.pause_after,
             pause_at: if s.canary > 0 {
@@ -314,17 +332,20 @@ impl Rollout {
     /// not in the rollout.
     pub fn target(&self, host: &str) -> Option<Target> {
         let n = self.nodes.iter().find(|n| n.host == host)?;
+        let reboot = matches!(n.drain.as_str(), "drained" | "skip");
         match (self.state, n.phase) {
             (State::Aborting | State::Aborted, Phase::InFlight | Phase::Reverted) => {
                 n.from.clone().map(|b| Target {
                     build: b,
                     rollback: true,
+                    reboot,
                 })
             }
             (State::Aborting | State::Aborted, _) => None,
             (_, Phase::InFlight | Phase::Done) => Some(Target {
                 build: self.build.clone(),
                 rollback: false,
+                reboot,
             }),
             _ => None,
         }
@@ -346,6 +367,17 @@ impl Rollout {
         n.reported_at = Some(now);
         let before = n.phase;
         let on_new = r.build == build;
+        // Its slot is written: it waits for the go-ahead to reboot.
+        if r.step == "ready"
+            && n.phase == Phase::InFlight
+            && !matches!(n.drain.as_str(), "draining" | "drained")
+        {
+            n.drain = if self.drain { "draining" } else { "skip" }.into();
+        }
+        // A new update attempt asks again.
+        if r.step == "downloading" && n.drain == "skip" {
+            n.drain.clear();
+        }
         let mut stop: Option<String> = None;
         if aborting {
             if n.phase == Phase::InFlight
@@ -410,6 +442,55 @@ impl Rollout {
         }
         self.tick(now);
         true
+    }
+
+    /// The drain of `host` ended: it may reboot, or the rollout stops (the node is failed).
+    pub fn drained(&mut self, host: &str, result: std::result::Result<(), String>, now: u64) {
+        let Some(n) = self.nodes.iter_mut().find(|n| n.host == host) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                n.drain = "drained".into();
+                n.cordoned = true;
+                self.event(now, host, "drained".into());
+            }
+            Err(e) => {
+                n.drain = "failed".into();
+                n.phase = Phase::Failed;
+                n.detail = e.clone();
+                self.event(now, host, format!("drain failed: {e}"));
+                if matches!(self.state, State::Running | State::Paused) {
+                    self.state = State::Stopped;
+                    self.reason = format!("{host}: {e}");
+                    self.event(now, host, format!("rollout stopped: {host}: {e}"));
+                }
+            }
+        }
+        self.tick(now);
+    }
+
+    /// `host` was cordoned by a drain and is healthy again (on any build): uncordon it.
+    pub fn wants_uncordon(&self, host: &str) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.host == host && n.cordoned && n.step == "healthy")
+    }
+
+    /// The uncordon of `host` went through.
+    pub fn uncordoned(&mut self, host: &str, now: u64) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.host == host) {
+            n.cordoned = false;
+            n.drain.clear();
+        }
+        self.event(now, host, "uncordoned".into());
+    }
+
+    /// `host` is to be drained now (its updater reported `ready`).
+    pub fn wants_drain(&self, host: &str) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.host == host && n.drain == "draining" && n.phase == Phase::InFlight)
     }
 
     /// `kiln rollout pause`.
@@ -632,6 +713,7 @@ mod tests {
                 max_unavailable: max,
                 canary,
                 pause_after,
+                drain: false,
                 nodes: nodes
                     .iter()
                     .map(|h| (h.to_string(), Some(OLD.to_string())))
@@ -670,7 +752,8 @@ mod tests {
             r.target("w1"),
             Some(Target {
                 build: NEW.into(),
-                rollback: false
+                rollback: false,
+                reboot: false
             })
         );
         assert_eq!(r.target("w2"), None);
@@ -713,6 +796,7 @@ mod tests {
                 max_unavailable: 2,
                 canary: 0,
                 pause_after: 0,
+                drain: false,
                 nodes: vec![
                     ("w1".into(), Some(NEW.into())),
                     ("w2".into(), None),
@@ -793,6 +877,35 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_role_reboots_only_after_the_drain() {
+        let mut r = start(&["w1", "w2"], 1, 0, 0);
+        r.drain = true;
+        assert!(
+            !r.target("w1").unwrap().reboot,
+            "not before its slot is written"
+        );
+        r.apply(&rep("w1", OLD, "ready"), 1);
+        assert!(r.wants_drain("w1"));
+        assert!(!r.target("w1").unwrap().reboot);
+        r.drained("w1", Ok(()), 2);
+        assert!(r.target("w1").unwrap().reboot && !r.wants_drain("w1"));
+        r.apply(&rep("w1", NEW, "healthy"), 3);
+        assert!(r.wants_uncordon("w1"));
+        r.uncordoned("w1", 4);
+        assert!(!r.wants_uncordon("w1"));
+        // A drain that fails stops the rollout; the node gets no target any more.
+        r.apply(&rep("w2", OLD, "ready"), 5);
+        r.drained("w2", Err("apps/db-0 still there".into()), 6);
+        assert_eq!(r.state, State::Stopped);
+        assert!(r.reason.contains("w2: apps/db-0"), "{}", r.reason);
+        assert_eq!(r.target("w2"), None);
+        // Without drain: the go-ahead comes with the ready report.
+        let mut r = start(&["w1"], 1, 0, 0);
+        r.apply(&rep("w1", OLD, "ready"), 1);
+        assert!(r.target("w1").unwrap().reboot && !r.wants_drain("w1"));
+    }
+
+    #[test]
     fn pause_after_without_a_canary() {
         let mut r = start(&["w1", "w2", "w3"], 1, 0, 2);
         r.apply(&rep("w1", NEW, "healthy"), 1);
@@ -832,7 +945,8 @@ mod tests {
             r.target("w1"),
             Some(Target {
                 build: OLD.into(),
-                rollback: true
+                rollback: true,
+                reboot: false
             })
         );
         assert_eq!(
@@ -843,7 +957,8 @@ mod tests {
             r.target("w2"),
             Some(Target {
                 build: OLD.into(),
-                rollback: true
+                rollback: true,
+                reboot: false
             })
         );
         assert_eq!(r.target("w3"), None);
@@ -862,6 +977,7 @@ mod tests {
                 max_unavailable: 1,
                 canary: 0,
                 pause_after: 0,
+                drain: false,
                 nodes: vec![],
             },
             1,

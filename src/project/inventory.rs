@@ -68,6 +68,24 @@ pub struct Updates {
     /// previous one (the `+N` boot counter of its entry; default [`DEFAULT_BOOT_TRIES`]).
     #[serde(default = "default_boot_tries")]
     pub boot_tries: u32,
+    /// Roles whose nodes `kiln serve` cordons and drains through the Kubernetes API before
+    /// they reboot into a new build (and uncordons once healthy); default `["worker"]`.
+    #[serde(default = "default_drain")]
+    pub drain: Vec<String>,
+    /// Seconds a drain may take before the rollout stops (default [`DEFAULT_DRAIN_TIMEOUT`]).
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: u32,
+}
+
+/// Default of `updates.drain_timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: u32 = 300;
+
+fn default_drain() -> Vec<String> {
+    vec!["worker".into()]
+}
+
+fn default_drain_timeout() -> u32 {
+    DEFAULT_DRAIN_TIMEOUT
 }
 
 /// Default of `updates.poll_seconds`.
@@ -607,6 +625,24 @@ fn check_updates(path: &Path, u: &Updates) -> Result<()> {
             "updates.poll_seconds",
             format!("{} seconds is out of range", u.poll_seconds),
             "use 5..86400 (default 60)",
+        ));
+    }
+    for (i, r) in u.drain.iter().enumerate() {
+        if !ROLES.contains(&r.as_str()) {
+            return Err(RecipeError::new(
+                path,
+                format!("updates.drain[{i}]"),
+                format!("{r:?} is not a role"),
+                format!("list roles among {}", ROLES.join(", ")),
+            ));
+        }
+    }
+    if !(10..=3600).contains(&u.drain_timeout) {
+        return Err(RecipeError::new(
+            path,
+            "updates.drain_timeout",
+            format!("{} seconds is out of range", u.drain_timeout),
+            "use 10..3600 (default 300)",
         ));
     }
     if !(1..=10).contains(&u.boot_tries) {

@@ -20,6 +20,15 @@ Modelled on k3s's source (k3s-io/k3s; file and function named at each piece):
   * POST /kiln-standin/member-add: what a joiner's etcd MemberAddAsLearner plus its kubelet's
     Node registration amount to (the test cannot speak etcd gRPC).
   * GET /kiln-standin/state: the members and nodes, for the test's assertions.
+  * Draining a node as `kubectl drain` does it (k8s.io/kubectl/pkg/drain: cordon by patching
+    spec.unschedulable, list the node's pods with fieldSelector spec.nodeName=<node>, skip
+    DaemonSet-owned and mirror pods (annotation kubernetes.io/config.mirror), evict the others
+    through policy/v1 Eviction): PATCH /api/v1/nodes/<name> (merge patch), GET /api/v1/pods,
+    POST /api/v1/namespaces/<ns>/pods/<name>/eviction — 429 TooManyRequests for a pod whose
+    PodDisruptionBudget allows no disruption (kube-apiserver's eviction REST,
+    pkg/registry/core/pod/storage/eviction.go), 404 for a pod that is gone. Same client
+    certificate rule as the nodes. --workers=a,b adds agent Nodes; --pods=ns/name@node[:ds|:mirror|:pdb],...
+    the pods.
 
 `server [--cluster-reset] [--cluster-reset-restore-path=P]`: a k3s server starting on the node
 whose root is $KILN_ROOT, reading config.yaml and config.yaml.d/*.yaml, then exiting:
@@ -51,6 +60,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 
 import yaml
 
@@ -74,7 +85,23 @@ class Cluster:
         self.lock = threading.Lock()
         self.members = {}  # member name -> peer address
         self.nodes = {}  # node name -> Node object (dict)
+        self.pods = {}  # (namespace, name) -> {"node": ..., "kind": "ds" | "mirror" | "pdb" | ""}
         self.events = []
+
+    def add_worker(self, node):
+        with self.lock:
+            self.nodes[node] = {"apiVersion": "v1", "kind": "Node",
+                                "metadata": {"name": node, "labels": {}}, "spec": {}}
+
+    def pod_json(self, ns, name, p):
+        meta = {"name": name, "namespace": ns, "annotations": {}}
+        if p["kind"] == "ds":
+            meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                        "name": name.rsplit("-", 1)[0], "controller": True}]
+        if p["kind"] == "mirror":
+            meta["annotations"]["kubernetes.io/config.mirror"] = "x"
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                "spec": {"nodeName": p["node"]}}
 
     def add_member(self, member, address):
         node = member[: member.rfind("-")] if member.rfind("-") > 1 else member
@@ -178,8 +205,48 @@ def make_handler(cluster, server_ca_pem):
                 return False
             return p[len(prefix):]
 
+        def masters(self):
+            groups = self.client_groups()
+            if groups is None:
+                self.status(401, "Unauthorized", "Unauthorized")
+                return False
+            if "system:masters" not in groups:
+                self.status(403, "Forbidden", "forbidden")
+                return False
+            return True
+
+        def body(self):
+            return json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+
+        def do_PATCH(self):
+            name = self.node_route()
+            if name is False:
+                return
+            if name is None:
+                return self.send(405, b"", "text/plain")
+            patch = self.body()
+            with cluster.lock:
+                n = cluster.nodes.get(name)
+                if n is None:
+                    return self.status(404, "NotFound", f'nodes "{name}" not found')
+                u = patch.get("spec", {}).get("unschedulable")
+                if u is not None:
+                    n.setdefault("spec", {})["unschedulable"] = bool(u)
+                    cluster.events.append(f"{'cordon' if u else 'uncordon'} {name}")
+            self.send(200, n)
+
         def do_GET(self):
             p = self.path.split("?")[0]
+            if p == "/api/v1/pods":
+                if not self.masters():
+                    return
+                q = urllib.parse.parse_qs(self.path.partition("?")[2])
+                sel = q.get("fieldSelector", [""])[0]
+                node = sel[len("spec.nodeName="):] if sel.startswith("spec.nodeName=") else None
+                with cluster.lock:
+                    items = [cluster.pod_json(ns, n, v) for (ns, n), v in sorted(cluster.pods.items())
+                             if node is None or v["node"] == node]
+                return self.send(200, {"apiVersion": "v1", "kind": "PodList", "items": items})
             if p == "/ping":
                 return self.send(200, b"pong", "text/plain")
             if p == "/cacerts":
@@ -196,6 +263,9 @@ def make_handler(cluster, server_ca_pem):
                 with cluster.lock:
                     return self.send(200, {"members": cluster.members,
                                            "nodes": sorted(cluster.nodes),
+                                           "unschedulable": sorted(k for k, v in cluster.nodes.items()
+                                                                   if v.get("spec", {}).get("unschedulable")),
+                                           "pods": sorted(f"{ns}/{n}" for ns, n in cluster.pods),
                                            "events": cluster.events})
             name = self.node_route()
             if name is False:
@@ -220,6 +290,24 @@ def make_handler(cluster, server_ca_pem):
             self.send(200, n)
 
         def do_POST(self):
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods" \
+                    and parts[6] == "eviction":
+                if not self.masters():
+                    return
+                ns, name = parts[3], parts[5]
+                self.body()
+                with cluster.lock:
+                    pod = cluster.pods.get((ns, name))
+                    if pod is None:
+                        return self.status(404, "NotFound", f'pods "{name}" not found')
+                    if pod["kind"] == "pdb":
+                        cluster.events.append(f"evict-refused {ns}/{name}")
+                        return self.status(429, "TooManyRequests",
+                                           "Cannot evict pod as it would violate the pod's disruption budget.")
+                    del cluster.pods[(ns, name)]
+                    cluster.events.append(f"evict {ns}/{name}")
+                return self.send(201, {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201})
             if self.path != "/kiln-standin/member-add":
                 return self.send(404, b"", "text/plain")
             if not self.basic_server():
@@ -281,6 +369,13 @@ def serve(args):
     for m in filter(None, opts.get("--members", "").split(",")):
         name, a = m.split("@")
         cluster.add_member(name, a)
+    for w in filter(None, opts.get("--workers", "").split(",")):
+        cluster.add_worker(w)
+    for spec in filter(None, opts.get("--pods", "").split(",")):
+        ref, _, rest = spec.partition("@")
+        node, _, kind = rest.partition(":")
+        ns, _, name = ref.partition("/")
+        cluster.pods[(ns, name)] = {"node": node, "kind": kind}
     work = tempfile.mkdtemp(prefix="k3s-standin-")
     c, k, ca_pem = server_cert(tls, addr, work, opts.get("--foreign") == "1")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -39,6 +39,18 @@ pub struct Updates {
     roles: BTreeMap<String, String>,
     key: ed25519_dalek::VerifyingKey,
     lo: LoadOptions,
+    /// How nodes are drained: the API URL and the cluster's CAs (from keys/), if it has them.
+    kube: Option<Kube>,
+    drain_timeout: std::time::Duration,
+    /// Hosts whose drain or uncordon is running now.
+    busy: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+struct Kube {
+    url: String,
+    server_ca: Vec<u8>,
+    client_ca_crt: String,
+    client_ca_key: Zeroizing<String>,
 }
 
 impl Updates {
@@ -47,8 +59,35 @@ impl Updates {
         out_dir: &std::path::Path,
         key: ed25519_dalek::VerifyingKey,
         lo: LoadOptions,
+        kube_api: Option<&str>,
     ) -> Result<Updates> {
         let secret = crate::pipeline::resolve::read_node_identity(project)?;
+        use crate::trust::k3s_ca;
+        let keys = project.layout().keys();
+        let read = |n: &str| std::fs::read(keys.join(n));
+        let url = kube_api
+            .map(str::to_string)
+            .or_else(|| project.cluster.server_url());
+        let kube = match (
+            url,
+            read(k3s_ca::SERVER_CA_CRT),
+            read(k3s_ca::CLIENT_CA_CRT),
+            read(k3s_ca::CLIENT_CA_KEY),
+        ) {
+            (Some(url), Ok(server_ca), Ok(c), Ok(k)) => Some(Kube {
+                url,
+                server_ca,
+                client_ca_crt: String::from_utf8_lossy(&c).into_owned(),
+                client_ca_key: Zeroizing::new(String::from_utf8_lossy(&k).into_owned()),
+            }),
+            _ => None,
+        };
+        let u = project.cluster.updates.as_ref();
+        let drain_timeout = std::time::Duration::from_secs(
+            u.map_or(crate::project::inventory::DEFAULT_DRAIN_TIMEOUT, |u| {
+                u.drain_timeout
+            }) as u64,
+        );
         Ok(Updates {
             store: Store::new(out_dir),
             out_dir: out_dir.to_path_buf(),
@@ -62,7 +101,17 @@ impl Updates {
                 .collect(),
             key,
             lo,
+            kube,
+            drain_timeout,
+            busy: Default::default(),
         })
+    }
+
+    fn api(&self) -> Result<crate::deliver::drain::Api> {
+        let k = self.kube.as_ref().context(
+            "no Kubernetes API to drain through: cluster.toml has no api_endpoint and no master a static address, or keys/ lacks the k3s CAs (pass --kube-api, run `kiln keys init --add-missing`)",
+        )?;
+        crate::deliver::drain::Api::new(&k.url, &k.server_ca, &k.client_ca_crt, &k.client_ca_key)
     }
 
     fn role_of(&self, host: &str) -> Option<&str> {
@@ -213,9 +262,10 @@ fn target(st: &State, u: &Updates, host: &str) -> Result<Resp> {
     Ok(text(
         StatusCode::OK,
         format!(
-            "kiln-target/1\nbuild {}\nrole {role}\nrollback {}\nseq {seq}\n",
+            "kiln-target/1\nbuild {}\nrole {role}\nrollback {}\nreboot {}\nseq {seq}\n",
             t.build,
-            u8::from(t.rollback)
+            u8::from(t.rollback),
+            u8::from(t.reboot)
         ),
     ))
 }
@@ -250,7 +300,7 @@ pub fn ensure_build(st: &State, u: &Updates, role: &str, id: &str) -> Result<()>
 }
 
 /// `POST /v1/nodes/<host>/report`.
-fn report(st: &State, u: &Updates, host: &str, body: &Bytes, auth: &str) -> Result<Resp> {
+fn report(st: &State, u: &Arc<Updates>, host: &str, body: &Bytes, auth: &str) -> Result<Resp> {
     let Some(role) = u.role_of(host) else {
         return Ok(text(
             StatusCode::NOT_FOUND,
@@ -323,9 +373,61 @@ fn report(st: &State, u: &Updates, host: &str, body: &Bytes, auth: &str) -> Resu
                 tracing::info!(target: "kiln::serve::updates", role, state = ?ro.state, "rollout: {}", ro.reason);
             }
             log_assignments(&ro);
+            if ro.wants_drain(host) {
+                spawn_kube_job(u, role, host, true);
+            } else if ro.wants_uncordon(host) {
+                spawn_kube_job(u, role, host, false);
+            }
         }
     }
     Ok(empty())
+}
+
+/// Drains (`drain`) or uncordons `host` in a thread; the result goes into the rollout.
+fn spawn_kube_job(u: &Arc<Updates>, role: &str, host: &str, drain: bool) {
+    {
+        let mut busy = u.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if !busy.insert(host.to_string()) {
+            return;
+        }
+    }
+    let (u, role, host) = (u.clone(), role.to_string(), host.to_string());
+    std::thread::spawn(move || {
+        let r = u.api().and_then(|api| {
+            if drain {
+                tracing::info!(target: "kiln::serve::updates", host = %host, "cordoning and draining");
+                api.drain(&host, u.drain_timeout).inspect_err(|_| {
+                    // The rollout stops; the node goes back to taking pods.
+                    let _ = api.cordon(&host, false);
+                })
+            } else {
+                api.cordon(&host, false)
+            }
+        });
+        if let Err(e) = &r {
+            tracing::warn!(target: "kiln::serve::updates", host = %host, "{e:#}");
+        }
+        let saved = (|| -> Result<()> {
+            let _l = u.store.lock()?;
+            if let Some(mut ro) = u.store.load(&role)? {
+                let now = now();
+                if drain {
+                    ro.drained(&host, r.map_err(|e| format!("{e:#}")), now);
+                } else if r.is_ok() {
+                    ro.uncordoned(&host, now);
+                }
+                u.store.save(&ro)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = saved {
+            tracing::error!(target: "kiln::serve::updates", host = %host, "recording the drain: {e:#}");
+        }
+        u.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&host);
+    });
 }
 
 /// The rollout's latest assignment events, on the server's log.

@@ -67,6 +67,8 @@ pub struct ServeOptions {
     /// Leave role builds with `contains_secrets: true` and seeds with `cluster_secrets: true`
     /// out of what is served.
     pub refuse_secret_builds: bool,
+    /// `--kube-api`: where nodes are drained through (default: the cluster's API endpoint).
+    pub kube_api: Option<String>,
     /// Budget of the verified-piece cache, bytes.
     pub cache_bytes: u64,
 }
@@ -375,6 +377,7 @@ async fn run(
             out_dir,
             key,
             o.load_options(cache.clone()),
+            o.kube_api.as_deref(),
         )?)),
         None => None,
     };

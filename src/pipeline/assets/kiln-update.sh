@@ -30,7 +30,7 @@ guid=4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
 say() { echo "kiln-update: $*"; }
 
 [ -r "$conf" ] || { say "no $conf: updates are not configured ([updates] in cluster.toml)"; exit 0; }
-# server, role, tries (written by kiln, checked characters only)
+# server, role, tries, wait (written by kiln, checked characters only)
 . "$conf"
 host=${KILN_HOST:-$(cat "$run/identity/hostname" 2>/dev/null || cat /proc/sys/kernel/hostname)}
 mkdir -p "$work"
@@ -280,6 +280,7 @@ update() {
   cp "$d/root.pieces" "$esp/kiln/$t/root.pieces"
   echo "$target_id" >"$esp/kiln/$t/build"
   sync
+  go_ahead || return 1
   # The entry, last: a counted entry of the next generation, by rename.
   gen=0
   for e in $(entries); do
@@ -300,6 +301,34 @@ update() {
   report rebooting "into build $target_id, slot $t, entry kiln-$gen+$tries.conf ($fetched bytes fetched, $copied copied)"
   rm -rf "$d"
   [ -n "${KILN_UPDATE_NO_REBOOT:-}" ] || systemctl reboot
+}
+
+# The slot is written, its entry not yet: kiln serve may want to drain this node first. Waits
+# until the target says `reboot 1` for this build; a withdrawn build (another target, none)
+# ends the update without an entry.
+go_ahead() {
+  report ready "slot $t written; waiting for kiln serve's go-ahead to reboot (it drains the node first where [updates] drain says so)"
+  waited=0
+  while :; do
+    code=$(curl -sS --connect-timeout 10 --max-time 30 -o "$work/target" -w '%{http_code}' \
+      "$server/v1/nodes/$host/target" 2>"$work/curl.err") || code=000
+    if [ "$code" = 200 ]; then
+      if ! grep -qx "build $target_id" "$work/target"; then
+        fail "kiln serve withdrew build $target_id before the reboot"
+        return 1
+      fi
+      grep -qx 'reboot 1' "$work/target" && return 0
+    elif [ "$code" = 204 ]; then
+      fail "kiln serve withdrew build $target_id before the reboot"
+      return 1
+    fi
+    if [ "$waited" -ge "${wait:-900}" ]; then
+      fail "no go-ahead to reboot from kiln serve within ${wait:-900} s"
+      return 1
+    fi
+    sleep "${KILN_UPDATE_WAIT_EVERY:-5}"
+    waited=$((waited + ${KILN_UPDATE_WAIT_EVERY:-5}))
+  done
 }
 
 # --- the server's word -----------------------------------------------------------------------
