@@ -1292,3 +1292,53 @@ fn a_drain_that_cannot_finish_stops_the_rollout() {
         "{ev:?}"
     );
 }
+
+/// A PXE-booted node (no slots) in a rollout of a role that is not drained: it asks for the
+/// go-ahead like a disk node, reboots, and its next iPXE boot gets the rollout's build.
+#[test]
+fn pxe_node_reboots_into_the_rollouts_build() {
+    let (p, old, _new) = project();
+    let c = p.path().join("recipes/cluster.toml");
+    let t = fs::read_to_string(&c)
+        .unwrap()
+        .replace("drain_timeout = 10\n", "drain_timeout = 10\ndrain = []\n");
+    fs::write(&c, t).unwrap();
+    let s = serve(p.path());
+    let w1 = Node::flashed(p.path(), &s.http, "worker-1", OLD, &old);
+    fs::write(
+        w1.path("cmdline"),
+        format!(
+            "boot=live fetch={}/roles/worker/{OLD}/root.squashfs ip=dhcp\n",
+            s.http
+        ),
+    )
+    .unwrap();
+    let (code, o, e) = rollout(p.path(), &["start", "--role", "worker", "--build", NEW]);
+    assert_eq!(code, 0, "{o}{e}");
+    let (ok, out) = w1.update(&["check"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("kiln-update: ready: nothing to write (PXE boot)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kiln-update: rebooting: PXE boot: the next boot loads build bbbb"),
+        "{out}"
+    );
+    assert_eq!(
+        w1.entries(),
+        ["kiln-1.conf"],
+        "a PXE node's ESP is not touched"
+    );
+    let script = reqwest::blocking::get(format!("{}/boot.ipxe?mac=52:54:00:00:00:21", s.http))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        script.contains(&format!("/roles/worker/{NEW}/")),
+        "{script}"
+    );
+    let r = rollout_file(p.path());
+    assert_eq!(node_of(&r, "worker-1")["step"], "rebooting", "{r:#}");
+    assert_eq!(node_of(&r, "worker-1")["drain"], "skip", "{r:#}");
+}

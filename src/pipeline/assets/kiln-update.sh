@@ -221,6 +221,8 @@ update() {
   rm -rf "$d"
   mkdir -p "$d"
   if [ "$mode" = pxe ]; then
+    what="nothing to write (PXE boot)"
+    go_ahead || return 1
     report rebooting "PXE boot: the next boot loads build $target_id from the server"
     [ -n "${KILN_UPDATE_NO_REBOOT:-}" ] || systemctl reboot
     return 0
@@ -307,7 +309,7 @@ update() {
 # until the target says `reboot 1` for this build; a withdrawn build (another target, none)
 # ends the update without an entry.
 go_ahead() {
-  report ready "slot $t written; waiting for kiln serve's go-ahead to reboot (it drains the node first where [updates] drain says so)"
+  report ready "${what:-slot $t written}; waiting for kiln serve's go-ahead to reboot (it drains the node first where [updates] drain says so)"
   waited=0
   while :; do
     code=$(curl -sS --connect-timeout 10 --max-time 30 -o "$work/target" -w '%{http_code}' \
