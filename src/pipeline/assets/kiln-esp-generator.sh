@@ -10,8 +10,9 @@ set -eu
 out=${1:?usage: kiln-esp-generator NORMAL_DIR [EARLY_DIR LATE_DIR]}
 var=${KILN_EFIVARS:-/sys/firmware/efi/efivars}/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
 [ -r "$var" ] || exit 0
-# efivarfs: 4 attribute bytes, then the GUID as UTF-16LE text.
-uuid=$(tail -c +5 "$var" | tr -d '\000' | tr 'A-F' 'a-f')
+# efivarfs: 4 attribute bytes, then the GUID as UTF-16LE text. Read from the start (efivarfs
+# files cannot seek, so no `tail -c +5`); the attribute bytes and NULs are not GUID characters.
+uuid=$(tr -dc '0-9A-Fa-f-' <"$var" | tr 'A-F' 'a-f')
 case $uuid in
   ????????-????-????-????-????????????) ;;
   *) echo "kiln-esp-generator: LoaderDevicePartUUID is not a GUID: $uuid" >&2; exit 0 ;;

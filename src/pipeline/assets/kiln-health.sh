@@ -24,7 +24,8 @@ mkdir -p "$run"
 # The boot entry systemd-boot counted for this boot (\loader\entries\kiln-2+1-2.conf), if any.
 entry=""
 if [ -r "$counted" ]; then
-  entry=$(tail -c +5 "$counted" | tr -d '\000' | tr '\\' '/')
+  # efivarfs: attributes, then UTF-16LE; read from the start (it cannot seek).
+  entry=$(tr -d '\000-\037' <"$counted" | tr '\\' '/')
 fi
 
 failed=""

@@ -104,7 +104,9 @@ report() {
 }
 
 # --- ESP: entries, generations, rollback -----------------------------------------------------
-efivar() { [ -r "$efivars/$1-$guid" ] && tail -c +5 "$efivars/$1-$guid" | tr -d '\000'; }
+# efivarfs: 4 attribute bytes, then UTF-16LE text; read from the start (no seeking there),
+# NULs and control bytes (the attributes) dropped.
+efivar() { [ -r "$efivars/$1-$guid" ] && tr -d '\000-\037' <"$efivars/$1-$guid"; }
 gen_of() { n=${1##*/kiln-}; n=${n%%[!0-9]*}; echo "${n:-0}"; }
 entries() { ls "$esp"/loader/entries/kiln-*.conf 2>/dev/null; }
 slot_of_entry() { sed -n 's|^linux /kiln/\([ab]\)/vmlinuz$|\1|p' "$1"; }
