@@ -8,7 +8,7 @@ cargo test --release --locked --no-fail-fast --features slow -- --nocapture 2>&1
 status=${PIPESTATUS[0]}
 # Coverage-guided fuzzing of the PXE server's parsers, bounded (FUZZ_SECONDS per target).
 if [ "$status" -eq 0 ]; then
-  fuzz/run.sh "${FUZZ_SECONDS:-30}" 2>&1 | tee -a target/test.log
+  fuzz/run.sh "${FUZZ_SECONDS:-15}" 2>&1 | tee -a target/test.log
   status=${PIPESTATUS[0]}
 fi
 skips=$(grep -c '^SKIP: ' target/test.log || true)
